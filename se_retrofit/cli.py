@@ -1,0 +1,41 @@
+"""The ``se-retrofit`` command: one subcommand per module in ``se_retrofit.commands``.
+
+Each command module exposes ``register(subparsers)``, which adds its parser and sets ``func`` to the
+function that runs it; ``main`` only dispatches, so ``--help`` stays fast and each command owns its options.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+COMMANDS = ("sites", )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="se-retrofit",
+        description="Add Squeeze-and-Excitation blocks to the residual branches of a trained CNN.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"se_retrofit.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as exc:
+        print(f"se-retrofit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""``SEConfig``: every option of the retrofit in one validated dataclass.
+
+Validation happens once, in ``__post_init__``, so that a typo in an option fails before any tracing
+and names the option and the values it accepts (the PEFT ``LoraConfig`` pattern).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+INITS = ("identity", "paper")
+POSITIONS = ("standard", "pre", "post", "identity")
+
+
+def _as_patterns(name: str, value: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    try:
+        patterns = tuple(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a pattern string or a list of them, got {value!r}") from None
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(f"{name} must hold non-empty fnmatch pattern strings, got {value!r}")
+    return patterns
+
+
+@dataclass
+class SEConfig:
+    """Options of :func:`se_retrofit.apply`.
+
+    Attributes:
+        reduction: the excitation's reduction ratio r (hidden = channels / r); the paper uses 16.
+        init: ``"identity"`` keeps the model's function exactly (gain-2 gate, zero last layer);
+            ``"paper"`` is the paper's block (plain sigmoid, default initialisation).
+        position: where on the residual unit SE goes, the paper's Table 14: ``"standard"`` (end of
+            the residual branch), ``"pre"`` (start of the branch), ``"post"`` (after the addition
+            and its activation), ``"identity"`` (on the shortcut).
+        include: fnmatch patterns of block names (``"layer3.*"``); a pattern also matches every block
+            under a matching module, so ``"layer3"`` selects the whole stage.
+        exclude: the same, for blocks to leave alone; applied after ``include``.
+        min_hidden: floor on the hidden width.
+        divisor: the hidden width is rounded to a multiple of this (timm's convention, 8).
+    """
+
+    reduction: float = 16
+    init: str = "identity"
+    position: str = "standard"
+    include: str | Sequence[str] | None = None
+    exclude: str | Sequence[str] | None = None
+    min_hidden: int = 8
+    divisor: int = 8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.reduction, bool) or not isinstance(self.reduction, (int, float)) or self.reduction < 1:
+            raise ValueError(f"reduction must be a number >= 1, got {self.reduction!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}; got {self.init!r}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"position must be one of {', '.join(map(repr, POSITIONS))}; got {self.position!r}")
+        for name in ("min_hidden", "divisor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.include = _as_patterns("include", self.include)
+        self.exclude = _as_patterns("exclude", self.exclude)
+
+    @property
+    def gain(self) -> float:
+        """Gate gain: 2 for the identity init (so a zero last layer gives a gate of exactly 1)."""
+        return 2.0 if self.init == "identity" else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for key in ("include", "exclude"):
+            if data[key] is not None:
+                data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SEConfig option(s) {unknown}; known options are {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,124 @@
+"""Build a model from the command line's MODEL argument: a timm name, or ``torchvision:NAME``.
+
+Kept apart from the CLI so that every command (report, coverage, convert-and-finetune) resolves names
+the same way and gives the same hint for a misspelt one.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from torch import nn
+
+TORCHVISION_PREFIX = "torchvision:"
+TIMM_PREFIX = "timm:"
+
+
+def _suggest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def parse_model_spec(spec: str) -> tuple[str, str]:
+    """Split ``spec`` into ``(library, name)``; a bare name is a timm name."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"MODEL must be a timm name or 'torchvision:NAME', got {spec!r}")
+    spec = spec.strip()
+    if spec.startswith(TORCHVISION_PREFIX):
+        return "torchvision", spec[len(TORCHVISION_PREFIX):]
+    if spec.startswith(TIMM_PREFIX):
+        return "timm", spec[len(TIMM_PREFIX):]
+    return "timm", spec
+
+
+def create_model(spec: str, pretrained: bool = False, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
+    """Create the model named by ``spec``.
+
+    ``pretrained=True`` downloads the library's weights; without a network that fails, and the error
+    says how to pass a local file instead. ``num_classes`` replaces the classifier at creation time
+    (only meaningful without pretrained weights; with them, use :func:`reset_classifier`).
+    """
+    library, name = parse_model_spec(spec)
+    if library == "torchvision":
+        import torchvision
+
+        names = torchvision.models.list_models()
+        if name not in names:
+            raise ValueError(f"unknown torchvision model {name!r}.{_suggest(name, names)} "
+                             "List them with torchvision.models.list_models().")
+        if num_classes is not None and not pretrained:
+            kwargs["num_classes"] = num_classes
+        weights = "DEFAULT" if pretrained else None
+        try:
+            model = torchvision.models.get_model(name, weights=weights, **kwargs)
+        except (OSError, RuntimeError) as exc:
+            if pretrained:
+                raise RuntimeError(_offline_hint(spec, exc)) from exc
+            raise
+        if num_classes is not None and pretrained:
+            reset_classifier(model, num_classes)
+        return model
+
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}.{_suggest(name, timm.list_models())} "
+                         "List them with timm.list_models('pattern*').")
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError) as exc:
+        if pretrained:
+            raise RuntimeError(_offline_hint(spec, exc)) from exc
+        raise
+
+
+def _offline_hint(spec: str, exc: Exception) -> str:
+    return (f"could not fetch pretrained weights for {spec!r} ({type(exc).__name__}: {exc}). "
+            "Without a network, create the model with --no-pretrained and pass your weights with "
+            "--checkpoint FILE (a .safetensors or .pth state dict).")
+
+
+def num_classes_of(model: nn.Module) -> int | None:
+    """Number of outputs of the classifier head, or None when there is no recognisable one."""
+    head = classifier_of(model)
+    return None if head is None else head[1].out_features
+
+
+def classifier_of(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    """The classifier head: timm's ``get_classifier()``, else the last ``nn.Linear`` of the model."""
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        if isinstance(head, nn.Linear):
+            for name, module in model.named_modules():
+                if module is head:
+                    return name, head
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = (name, module)
+    return last
+
+
+def reset_classifier(model: nn.Module, num_classes: int) -> bool:
+    """Give ``model`` a fresh head with ``num_classes`` outputs; return whether it changed.
+
+    timm models do this themselves (``reset_classifier``); for torchvision the last ``nn.Linear`` is
+    replaced by a new one of the same input width.
+    """
+    if num_classes_of(model) == num_classes:
+        return False
+    if hasattr(model, "reset_classifier"):
+        model.reset_classifier(num_classes)
+        return True
+    found = classifier_of(model)
+    if found is None:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to resize to {num_classes} classes")
+    name, head = found
+    new = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
+    new.to(device=head.weight.device, dtype=head.weight.dtype)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+    return True

@@ -1,0 +1,77 @@
+"""The Squeeze-and-Excitation block that ``apply`` inserts.
+
+Paper: Hu et al., "Squeeze-and-Excitation Networks", https://arxiv.org/abs/1709.01507
+
+Its parameter names and shapes (``fc1``/``fc2`` 1x1 convolutions with bias) are those of timm's
+``SEModule``, so weights trained in a hand-written SE network load straight into a retrofitted one.
+The gate is ``gain * sigmoid``: with ``gain=2`` and a zero ``fc2`` the block is exactly the identity
+(the NFNet trick), which is how a pretrained network keeps its function when SE is added to it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class SEBlock(nn.Module):
+    """Squeeze (global average) -> excitation (C -> hidden -> C, ReLU between) -> gated rescale.
+
+    Args:
+        channels: channels of the feature map it gates.
+        hidden: width of the bottleneck of the excitation.
+        spatial_dims: 1, 2 or 3, for 1-D, 2-D and 3-D (video) feature maps; the squeeze averages
+            over every dimension after the channel one.
+        gain: the gate is ``gain * sigmoid(z)``; 2.0 makes a zero ``fc2`` an exact identity.
+    """
+
+    def __init__(self, channels: int, hidden: int, spatial_dims: int = 2, gain: float = 1.0) -> None:
+        super().__init__()
+        if spatial_dims not in _CONV_BY_DIMS:
+            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+        conv = _CONV_BY_DIMS[spatial_dims]
+        self.channels = channels
+        self.hidden = hidden
+        self.spatial_dims = spatial_dims
+        self.gain = float(gain)
+        self._dims = tuple(range(2, 2 + spatial_dims))
+        self.fc1 = conv(channels, hidden, kernel_size=1, bias=True)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = conv(hidden, channels, kernel_size=1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean(self._dims, keepdim=True)
+        s = self.fc2(self.act(self.fc1(s)))
+        gate = torch.sigmoid(s)
+        if self.gain != 1.0:
+            gate = gate * self.gain
+        return x * gate
+
+    def init_identity(self) -> None:
+        """Zero the last excitation layer: with ``gain=2`` the gate is exactly 1 everywhere.
+
+        ``fc2`` receives gradient on the first step (its input, the ReLU of ``fc1``, is non-zero);
+        ``fc1`` receives it from the second step on, once ``fc2`` has moved away from zero.
+        """
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, hidden={self.hidden}, spatial_dims={self.spatial_dims}, gain={self.gain:g}"
+
+
+def hidden_width(channels: int, reduction: float, divisor: int = 8, min_hidden: int = 8) -> int:
+    """Bottleneck width ``channels / reduction`` rounded to a multiple of ``divisor``, at least ``min_hidden``.
+
+    This is timm's ``make_divisible(channels / r, 8, round_limit=0)``, which gives seresnet50 its
+    28,088,024 parameters; the floor keeps narrow early stages from collapsing to one or two units.
+    """
+    value = channels / reduction
+    rounded = int(value + divisor / 2) // divisor * divisor
+    return max(min_hidden, rounded, 1)
+
+
+def se_blocks(model: nn.Module) -> list[tuple[str, SEBlock]]:
+    """Every SE block in ``model`` with its qualified name, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, SEBlock)]
