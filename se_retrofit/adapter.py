@@ -1,0 +1,217 @@
+"""Save and load only what fine-tuning added: the SE blocks (and, on request, a few named modules).
+
+An SE adapter for a ResNet-50 is a few megabytes instead of the 100 MB of the whole model, and the
+base weights stay the library's: ``load(dir, create_model("resnet50", pretrained=True))`` rebuilds the
+fine-tuned network by re-running :func:`se_retrofit.apply` with the stored config (which is
+deterministic, so it recreates the same SE module names) and filling in the saved weights.
+
+The adapter holds nothing else by default. A run that also trained the classifier head or the
+backbone must either name those modules in ``extra_modules`` (``("fc",)`` for ``--train se+head``) or
+ship the full ``model.safetensors``; otherwise the loaded model has the base model's head.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .checkpoint import _atomic_write, atomic_save_safetensors, load_weights
+from .config import SEConfig
+from .models import classifier_of, num_classes_of, reset_classifier
+from .se_block import se_blocks
+
+WEIGHTS_NAME = "se_adapter.safetensors"
+CONFIG_NAME = "se_adapter_config.json"
+FORMAT_VERSION = 1
+
+
+def _few(items: Iterable[str], n: int = 5) -> str:
+    items = list(items)
+    shown = ", ".join(items[:n])
+    return f"{shown}, ... ({len(items)} in all)" if len(items) > n else shown
+
+
+def se_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of every SE block, keyed by their full names in ``model``.
+
+    Full names (``layer1.0.se.fc1.weight``) rather than block-relative ones, so that the file reads
+    like a slice of ``model.state_dict()`` and loads with ``load_state_dict(strict=False)`` too.
+    """
+    return {f"{name}.{key}": value for name, block in se_blocks(model) for key, value in block.state_dict().items()}
+
+
+def _module_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"extra module names must be non-empty strings such as 'fc', got {name!r}; "
+                         "to keep the whole model, save model.state_dict() instead.")
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        head = classifier_of(model)
+        hint = f" (the classifier here is {head[0]!r})" if head else ""
+        raise ValueError(f"extra module {name!r} is not a submodule of {type(model).__name__}{hint}; "
+                         "pass names from model.named_modules().") from None
+    return {f"{name}.{key}": value for key, value in module.state_dict().items()}
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: str | None = None,
+                 extra_modules: Iterable[str] = (), config: SEConfig | None = None) -> Path:
+    """Write ``se_adapter.safetensors`` and ``se_adapter_config.json`` into ``directory``; return the folder.
+
+    Args:
+        model: a model returned by :func:`se_retrofit.apply`, fine-tuned or not.
+        directory: created if missing; existing adapter files in it are replaced atomically.
+        base_model: the name the base model is created from (``"resnet50"``, ``"torchvision:resnet50"``),
+            recorded so that whoever loads the adapter knows which base to build.
+        extra_modules: names of further modules whose weights to include, e.g. the classifier head
+            after ``--train se+head``; their names are stored and :func:`load` restores them too.
+        config: the SE config, when ``model`` was not built by ``se_retrofit.apply`` (which records it).
+
+    The weights are written before the config, so an interrupted save leaves either the old pair or a
+    new weights file that the old config's module list will reject, never a silent mix.
+    """
+    import se_retrofit
+
+    blocks = se_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no SE blocks, so there is no adapter to save; "
+                         "save the model returned by se_retrofit.apply(model).")
+    config = config or se_retrofit.get_config(model)
+    if config is None:
+        raise ValueError("the model has SE blocks but no recorded SEConfig, so load() could not rebuild it; "
+                         "pass config=SEConfig(...) with the options the blocks were made with.")
+    extra_modules = list(dict.fromkeys([extra_modules] if isinstance(extra_modules, str) else extra_modules))
+    tensors = se_state_dict(model)
+    for name in extra_modules:
+        tensors.update(_module_state(model, name))
+
+    head = classifier_of(model)
+    classifier = None
+    if head is not None and any(head[0] == name or head[0].startswith(f"{name}.") for name in extra_modules):
+        classifier = {"name": head[0], "num_classes": head[1].out_features}
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "se_retrofit_version": se_retrofit.__version__,
+        "base_model": base_model,
+        "se_config": config.to_dict(),
+        "se_modules": [name for name, _ in blocks],
+        "extra_modules": extra_modules,
+        "classifier": classifier,
+    }
+    directory = Path(directory)
+    atomic_save_safetensors(tensors, directory / WEIGHTS_NAME,
+                            metadata={"format": "pt", "se_retrofit_version": se_retrofit.__version__})
+    text = json.dumps(meta, indent=2) + "\n"
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return directory
+
+
+def _adapter_files(path: str | os.PathLike) -> tuple[Path, Path]:
+    path = Path(path)
+    if path.is_dir():
+        weights, config = path / WEIGHTS_NAME, path / CONFIG_NAME
+    elif path.suffix == ".safetensors" and path.exists():
+        weights, config = path, path.parent / CONFIG_NAME
+    else:
+        raise FileNotFoundError(f"no SE adapter at {str(path)!r}: pass the folder save_adapter wrote "
+                                f"(holding {WEIGHTS_NAME} and {CONFIG_NAME}) or its .safetensors file.")
+    for needed in (weights, config):
+        if not needed.is_file():
+            raise FileNotFoundError(f"SE adapter file {str(needed)!r} is missing; an adapter needs both "
+                                    f"{WEIGHTS_NAME} and {CONFIG_NAME}, as written by save_adapter.")
+    return weights, config
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); re-save the adapter with save_adapter.") from None
+    if not isinstance(meta, dict) or "se_config" not in meta or "se_modules" not in meta:
+        raise ValueError(f"{path} is not an SE adapter config (no 'se_config'/'se_modules'); "
+                         "re-save the adapter with save_adapter.")
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{path} has adapter format version {version!r}, newer than this se_retrofit reads "
+                         f"({FORMAT_VERSION}); upgrade se_retrofit.")
+    return meta
+
+
+def _names_mismatch(expected: list[str], found: list[str], meta: dict[str, Any]) -> str:
+    found_set, expected_set = set(found), set(expected)
+    only_adapter = [n for n in expected if n not in found_set]
+    only_model = [n for n in found if n not in expected_set]
+    base = meta.get("base_model")
+    trained_on = f" It was saved for base model {base!r}." if base else ""
+    lines = ["the adapter's SE blocks do not match those se_retrofit.apply made on this base model."]
+    if only_adapter:
+        lines.append(f"  in the adapter only: {_few(only_adapter)}")
+    if only_model:
+        lines.append(f"  in the model only: {_few(only_model)}")
+    lines.append(f"Is this the wrong base model?{trained_on} Pass the architecture the adapter was trained on, "
+                 "or strict=False to load the blocks whose names match.")
+    return "\n".join(lines)
+
+
+def load(path: str | os.PathLike, base_model: nn.Module, *, strict: bool = True) -> nn.Module:
+    """The fine-tuned model: ``se_retrofit.apply(base_model, saved config)`` with the saved weights loaded.
+
+    ``base_model`` is not modified (``apply`` works on a copy); pass the model without SE blocks,
+    created as the adapter's ``base_model`` entry says. The classifier is resized first when the
+    adapter carries one of a different width (a 10-class head for an ImageNet base).
+
+    With ``strict`` (the default) every SE block name and every saved key must match the rebuilt
+    model; ``strict=False`` loads what matches and warns about the rest. Shapes must always match.
+    """
+    import se_retrofit
+
+    weights_path, config_path = _adapter_files(path)
+    meta = _read_config(config_path)
+    if se_blocks(base_model):
+        raise ValueError(f"base_model already has SE blocks ({_few(n for n, _ in se_blocks(base_model))}); "
+                         "pass the model without SE, the one se_retrofit.apply was called on.")
+    config = SEConfig.from_dict(meta["se_config"])
+    model = se_retrofit.apply(base_model, config)
+
+    expected = list(meta["se_modules"])
+    found = [name for name, _ in se_blocks(model)]
+    problems = []
+    if expected != found:
+        message = _names_mismatch(expected, found, meta)
+        if strict:
+            raise ValueError(message)
+        problems.append(message)
+
+    classifier = meta.get("classifier")
+    if classifier and num_classes_of(model) != classifier["num_classes"]:
+        reset_classifier(model, int(classifier["num_classes"]))
+
+    weights = load_weights(weights_path)
+    own = model.state_dict()
+    unexpected = [k for k in weights if k not in own]
+    wanted = set(se_state_dict(model))
+    for name in meta.get("extra_modules") or []:
+        wanted.update(k for k in own if k.startswith(f"{name}."))
+    missing = sorted(wanted - set(weights))
+    mismatched = [f"{k} (adapter {list(v.shape)} vs model {list(own[k].shape)})"
+                  for k, v in weights.items() if k in own and v.shape != own[k].shape]
+    if mismatched:
+        raise ValueError(f"adapter {weights_path} does not fit this base model: shape mismatch for "
+                         f"{_few(mismatched, 3)}. Was it trained on a different variant or with another reduction? "
+                         "Pass the base model it was saved for.")
+    if unexpected or missing:
+        message = (f"adapter {weights_path} and the rebuilt model disagree: keys not in the model: "
+                   f"{_few(unexpected) or 'none'}; keys the adapter lacks: {_few(missing) or 'none'}. "
+                   "Re-save the adapter, or pass strict=False to load what matches.")
+        if strict:
+            raise ValueError(message)
+        problems.append(message)
+    model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
+    if problems:
+        warnings.warn("\n".join(problems), stacklevel=2)
+    return model

@@ -1,0 +1,330 @@
+"""``apply`` and ``find_sites``: the public pass, a thin layer over capture, tracing, analysis and rewrite."""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import catalog, layout
+from .capture import Call, capture_calls, preserved_modes
+from .config import SEConfig
+from .rewrite import Undo, free_name, rewrite_block
+from .se_block import SEBlock, hidden_width
+from .sites import Placement, analyze, tensor_adds
+from .tracing import TraceFailure, bind_call, propagate_shapes, trace_forward
+
+logger = logging.getLogger("se_retrofit")
+
+CONFIG_ATTR = "_se_retrofit_config"
+
+
+class SERetrofitWarning(UserWarning):
+    """Issued when ``apply`` leaves a model unchanged or partly unchanged for a reason worth knowing."""
+
+
+@dataclass
+class Site:
+    """One SE block that ``apply`` inserts (or would insert)."""
+
+    block: str
+    se_name: str
+    kind: str
+    shortcut: str
+    position: str
+    channels: int
+    hidden: int
+    spatial_dims: int
+    add: str
+
+    @property
+    def params(self) -> int:
+        return 2 * self.channels * self.hidden + self.channels + self.hidden
+
+
+@dataclass
+class Skipped:
+    """An addition (or a whole module, ``add=None``) left alone, and why."""
+
+    block: str
+    add: str | None
+    reason: str
+
+
+@dataclass
+class SitePlan:
+    """The result of the analysis: where SE goes and what was left alone, with reasons."""
+
+    model: str
+    config: SEConfig
+    sites: list[Site] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    example_input: str = ""
+
+    def reasons(self) -> Counter:
+        return Counter(s.reason for s in self.skipped)
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def __str__(self) -> str:
+        lines = [f"{self.model}: {len(self.sites)} SE site(s), {len(self.skipped)} skipped "
+                 f"(position={self.config.position!r}, reduction={self.config.reduction:g}, "
+                 f"example input {self.example_input})"]
+        for s in self.sites:
+            lines.append(f"  + {s.se_name:<40} {s.kind:<12} shortcut={s.shortcut:<10} C={s.channels:<5} "
+                         f"hidden={s.hidden}")
+        for s in self.skipped:
+            where = f"{s.block or '<root>'}" + (f" [{s.add}]" if s.add else "")
+            lines.append(f"  - {where:<40} {s.reason}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {"model": self.model, "config": self.config.to_dict(), "example_input": self.example_input,
+                "sites": [asdict(s) for s in self.sites], "skipped": [asdict(s) for s in self.skipped]}
+
+
+@dataclass
+class _BlockPlan:
+    name: str
+    module: nn.Module
+    call: Call
+    graphs: list[fx.Graph]
+    placements: list[list[Placement]]
+
+
+def _is_candidate(module: nn.Module) -> bool:
+    """Modules whose own forward could hold a residual addition: anything with children but plain containers."""
+    if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict, SEBlock)):
+        return False
+    if catalog.is_conv(module) or catalog.is_channel_attention(module):
+        return False
+    return next(module.children(), None) is not None
+
+
+def _resolve_config(config: SEConfig | None, options: dict[str, Any]) -> SEConfig:
+    if config is None:
+        return SEConfig(**options)
+    if not isinstance(config, SEConfig):
+        raise ValueError(f"config must be an SEConfig, got {type(config).__name__}")
+    defaults = SEConfig()
+    changed = {k: v for k, v in options.items() if v != getattr(defaults, k)}
+    if changed:
+        raise ValueError(f"pass options either in config or as keywords, not both (got config and {sorted(changed)})")
+    return config
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    """A pattern selects a block when it matches the block's name or the name of a module above it."""
+    parts = name.split(".") if name else [""]
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(fnmatch.fnmatchcase(p, pat) for p in prefixes for pat in patterns)
+
+
+def _trace_block(name: str, module: nn.Module, call: Call, position: str
+                 ) -> tuple[_BlockPlan | None, list[Skipped]]:
+    """Trace, check and analyse one module; a module whose forward cannot be trusted is skipped whole."""
+    try:
+        param_names, concrete = bind_call(module, call)
+        eval_graph = trace_forward(module, concrete, param_names, training=False)
+        if not tensor_adds(eval_graph):
+            return None, []
+        propagate_shapes(module, eval_graph, call, check_output=True)
+        train_graph = trace_forward(module, concrete, param_names, training=True)
+        graphs = [eval_graph]
+        if train_graph.python_code("self").src != eval_graph.python_code("self").src:
+            propagate_shapes(module, train_graph, call, check_output=False)
+            graphs.append(train_graph)
+    except TraceFailure as exc:
+        return None, [Skipped(name, None, f"module skipped: {exc}")]
+    all_placements = []
+    rejections = []
+    for graph in graphs:
+        layouts = layout.infer_layouts(graph, module)
+        placed, rejected = analyze(graph, module, layouts, position, param_names)
+        all_placements.append(placed)
+        rejections.append(rejected)
+    if len(graphs) == 2 and [p.signature() for p in all_placements[0]] != [p.signature() for p in all_placements[1]]:
+        return None, [Skipped(name, None, "module skipped: its residual structure differs between train and eval mode")]
+    skipped = [Skipped(name, r.add, r.reason) for r in rejections[0]]
+    if not all_placements[0]:
+        return None, skipped
+    return _BlockPlan(name, module, call, graphs, all_placements), skipped
+
+
+def _uncalled_with_adds(name: str, module: nn.Module) -> Skipped | None:
+    from .tracing import BlockTracer
+
+    try:
+        graph = BlockTracer().trace(module)
+    except Exception:  # it was not run and cannot be traced: nothing more to learn about it
+        return None
+    if tensor_adds(graph):
+        return Skipped(name, None, "module skipped: not run by the example forward, so its shapes are unknown")
+    return None
+
+
+def _plan(model: nn.Module, config: SEConfig, example_input: Any) -> tuple[SitePlan, list[_BlockPlan]]:
+    layout.clear_cache()
+    candidates = {name: m for name, m in model.named_modules() if _is_candidate(m)}
+    calls, used = capture_calls(model, candidates, example_input)
+    from .capture import describe
+
+    plan = SitePlan(type(model).__name__, config, example_input=describe(*used))
+    blocks: list[_BlockPlan] = []
+    try:
+        for name, module in candidates.items():
+            if name not in calls:
+                skipped = _uncalled_with_adds(name, module)
+                if skipped:
+                    plan.skipped.append(skipped)
+                continue
+            block, skipped = _trace_block(name, module, calls[name], config.position)
+            plan.skipped.extend(skipped)
+            if block is not None:
+                blocks.append(block)
+    finally:
+        layout.clear_cache()
+    _select(plan, blocks, config)
+    return plan, blocks
+
+
+def _select(plan: SitePlan, blocks: list[_BlockPlan], config: SEConfig) -> None:
+    """Apply include/exclude, name the new modules, and fill ``plan.sites``; drops excluded blocks."""
+    site_blocks = [b.name for b in blocks]
+    for option in ("include", "exclude"):
+        for pattern in getattr(config, option) or ():
+            if not any(_matches(n, [pattern]) for n in site_blocks):
+                examples = ", ".join(repr(n) for n in site_blocks[:5]) or "none"
+                raise ValueError(f"{option} pattern {pattern!r} matches no block with a residual site; "
+                                 f"blocks with sites are named like {examples}. Patterns are fnmatch patterns "
+                                 "on module names ('layer3.*' or 'layer3').")
+    kept = []
+    for block in blocks:
+        selected = (config.include is None or _matches(block.name, config.include)) and not (
+            config.exclude is not None and _matches(block.name, config.exclude))
+        if not selected:
+            plan.skipped.extend(Skipped(block.name, p.add, "excluded by include/exclude") for p in block.placements[0])
+            continue
+        kept.append(block)
+        taken: set[str] = set()
+        for p in block.placements[0]:
+            se_attr = free_name(block.module, taken)
+            taken.add(se_attr)
+            hidden = hidden_width(p.channels, config.reduction, config.divisor, config.min_hidden)
+            se_name = f"{block.name}.{se_attr}" if block.name else se_attr
+            plan.sites.append(Site(block.name, se_name, p.kind, p.shortcut, config.position, p.channels, hidden,
+                                   p.spatial_dims, p.add))
+    blocks[:] = kept
+
+
+def _make_se(site: Site, config: SEConfig, like: nn.Module) -> SEBlock:
+    se = SEBlock(site.channels, site.hidden, site.spatial_dims, gain=config.gain)
+    if config.init == "identity":
+        se.init_identity()
+    ref = next((t for t in list(like.parameters()) + list(like.buffers()) if t.is_floating_point()), None)
+    if ref is not None:
+        se.to(device=ref.device, dtype=ref.dtype)
+    return se
+
+
+def _verify(module: nn.Module, call: Call, identity: bool) -> str | None:
+    """Run the rewritten block on its recorded input; with the identity init its output must not change."""
+    from .tracing import _same
+
+    args, kwargs = call.fresh_args()
+    with preserved_modes(module), torch.no_grad():
+        module.eval()
+        try:
+            out = module(*args, **kwargs)
+        except Exception as exc:  # the rewrite broke the block: report it and undo
+            return f"rewritten block fails: {type(exc).__name__}: {exc}".splitlines()[0]
+    if identity and not _same(out, call.output):
+        return "rewritten block changes the output under the identity init"
+    if not identity:
+        ref = call.output
+        if not (isinstance(out, torch.Tensor) and isinstance(ref, torch.Tensor) and out.shape == ref.shape) \
+                and isinstance(ref, torch.Tensor):
+            return "rewritten block changes the output shape"
+    return None
+
+
+def find_sites(model: nn.Module, config: SEConfig | None = None, *, reduction: float = 16,
+               init: str = "identity", position: str = "standard", include: str | Sequence[str] | None = None,
+               exclude: str | Sequence[str] | None = None, example_input: Any = None) -> SitePlan:
+    """Dry run of :func:`apply`: where SE would go, and every addition left alone with the reason.
+
+    The model is not modified (the analysis runs on a copy, since fx may attach constants to what it traces).
+    """
+    config = _resolve_config(config, dict(reduction=reduction, init=init, position=position,
+                                          include=include, exclude=exclude))
+    work = copy.deepcopy(model)
+    plan, _ = _plan(work, config, example_input)
+    return plan
+
+
+def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float = 16, init: str = "identity",
+          position: str = "standard", include: str | Sequence[str] | None = None,
+          exclude: str | Sequence[str] | None = None, inplace: bool = False, example_input: Any = None
+          ) -> nn.Module:
+    """Insert an SE block on every residual branch of ``model``; return the retrofitted model.
+
+    The model keeps its class, methods and every original state_dict entry (bit-identical); new
+    parameters live under the blocks (``layer1.0.se.fc1.weight``). With ``init="identity"`` the
+    outputs are unchanged until training moves the new weights. ``example_input`` is only needed
+    when the model does not take a batch of images (it is found for timm, torchvision classifiers
+    and detectors). With ``inplace=False`` (default) ``model`` itself is never touched.
+
+    Raises:
+        ValueError: a bad option (naming it and the allowed values), an include/exclude pattern that
+            matches nothing, or no example input the model accepts.
+    """
+    config = _resolve_config(config, dict(reduction=reduction, init=init, position=position,
+                                          include=include, exclude=exclude))
+    target = model if inplace else copy.deepcopy(model)
+    plan, blocks = _plan(target, config, example_input)
+    sites = iter(plan.sites)
+    done: list[Site] = []
+    for block in blocks:
+        block_sites = [next(sites) for _ in block.placements[0]]
+        new = [(s.se_name.rsplit(".", 1)[-1], _make_se(s, config, block.module)) for s in block_sites]
+        try:
+            undo: Undo = rewrite_block(block.module, block.graphs, block.placements, new)
+        except Exception as exc:  # a failed splice leaves the block as it was; say why and go on
+            plan.skipped.extend(Skipped(block.name, s.add, f"rewrite failed: {exc}") for s in block_sites)
+            continue
+        problem = _verify(block.module, block.call, config.init == "identity")
+        if problem:
+            undo()
+            plan.skipped.extend(Skipped(block.name, s.add, problem) for s in block_sites)
+            continue
+        done.extend(block_sites)
+    plan.sites = done
+    setattr(target, CONFIG_ATTR, config)
+    target._se_retrofit_plan = plan
+    if not done:
+        reasons = "; ".join(f"{r} ({n}x)" for r, n in plan.reasons().most_common(4)) or "it has no additions"
+        warnings.warn(f"se_retrofit.apply: no SE block inserted into {type(model).__name__}: {reasons}. "
+                      "The model is returned unchanged.", SERetrofitWarning, stacklevel=2)
+    logger.info("se_retrofit: %d SE block(s) inserted into %s, %d addition(s) left alone",
+                len(done), type(model).__name__, len(plan.skipped))
+    return target
+
+
+def get_config(model: nn.Module) -> SEConfig | None:
+    """The :class:`SEConfig` that :func:`apply` used on ``model``, or None if it was not retrofitted."""
+    return getattr(model, CONFIG_ATTR, None)
+
+
+def get_plan(model: nn.Module) -> SitePlan | None:
+    """The :class:`SitePlan` of the :func:`apply` call that produced ``model`` (what went where, what not)."""
+    return getattr(model, "_se_retrofit_plan", None)

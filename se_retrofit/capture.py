@@ -1,0 +1,181 @@
+"""Run the model once on an example input and record how each module was really called.
+
+Tracing a block on its own needs the arguments its parent passes it (a DLA tree gets its shortcut
+from the caller, HRNet a list), and checking a rewrite needs the block's true output. Both are
+recorded here in one forward, in eval mode and without gradients so that no BatchNorm statistic moves.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+_DEFAULT_SIZES = (64, 224, 299)
+_BATCH = 2  # batch 2, so that a (1, C, H, W) parameter never looks like a feature map
+
+
+@dataclass
+class Call:
+    """The first call of a module: its arguments and its output, cloned so later in-place ops cannot alter them."""
+
+    args: tuple
+    kwargs: dict
+    output: Any
+
+    def fresh_args(self) -> tuple[tuple, dict]:
+        """Clones of the arguments, for a run that may modify its inputs in place."""
+        return _clone(self.args), _clone(self.kwargs)
+
+
+def _clone(value: Any) -> Any:
+    return tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
+
+
+@contextlib.contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[None]:
+    """Restore every submodule's train/eval flag on exit, whatever happened inside."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _first_conv(model: nn.Module) -> nn.Module | None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return m
+    return None
+
+
+def _reference_tensor(model: nn.Module) -> torch.Tensor:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t
+    return torch.zeros(())
+
+
+def _pretrained_size(model: nn.Module) -> tuple[tuple[int, ...] | None, bool]:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    fixed = bool(cfg.get("fixed_input_size")) if isinstance(cfg, dict) else False
+    return (tuple(size) if size else None), fixed
+
+
+def candidate_inputs(model: nn.Module) -> list[tuple[tuple, dict]]:
+    """Example inputs to try, smallest first: a shape-only analysis does not need full resolution.
+
+    Channels and the number of spatial dimensions come from the first convolution; a timm model with
+    ``fixed_input_size`` gets exactly its configured size. Detection models take a list of images, so
+    that form is tried after the batched tensor.
+    """
+    ref = _reference_tensor(model)
+    conv = _first_conv(model)
+    in_chans = conv.in_channels if conv is not None else 3
+    spatial = len(conv.kernel_size) if conv is not None else 2
+    cfg_size, fixed = _pretrained_size(model)
+    if cfg_size is not None and len(cfg_size) == spatial + 1:
+        in_chans = cfg_size[0]
+    shapes: list[tuple[int, ...]] = []
+    if fixed and cfg_size is not None:
+        shapes.append(tuple(cfg_size[1:]))
+    else:
+        sizes = list(_DEFAULT_SIZES)
+        if cfg_size is not None and cfg_size[-1] not in sizes:
+            sizes.insert(1, cfg_size[-1])
+        for s in sizes:
+            shapes.append((8,) * (spatial - 2) + (s, s) if spatial >= 2 else (s * 4,))
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for shape in shapes:
+        x = torch.rand((_BATCH, in_chans, *shape), generator=gen).to(device=ref.device, dtype=ref.dtype)
+        out.append(((x,), {}))
+    if spatial == 2:
+        for shape in shapes[:2]:
+            images = [torch.rand((in_chans, *shape), generator=gen).to(device=ref.device, dtype=ref.dtype)]
+            out.append(((images,), {}))
+    return out
+
+
+def normalize_example_input(example_input: Any) -> tuple[tuple, dict]:
+    """Accept a tensor, a tuple/list of positional arguments, or a dict of keyword arguments."""
+    if isinstance(example_input, dict):
+        return (), dict(example_input)
+    if isinstance(example_input, tuple):
+        return example_input, {}
+    return (example_input,), {}
+
+
+def describe(args: tuple, kwargs: dict) -> str:
+    def one(v: Any) -> str:
+        if isinstance(v, torch.Tensor):
+            return f"Tensor{tuple(v.shape)}"
+        if isinstance(v, (list, tuple)):
+            inner = ", ".join(one(x) for x in v)
+            return f"[{inner}]" if isinstance(v, list) else f"({inner})"
+        return repr(v)
+    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
+    return ", ".join(parts)
+
+
+def capture_calls(model: nn.Module, modules: dict[str, nn.Module], example_input: Any = None
+                  ) -> tuple[dict[str, Call], tuple[tuple, dict]]:
+    """Record the first call of every module in ``modules`` during one example forward.
+
+    Returns the calls by module name and the example arguments that worked. Raises ValueError
+    when no example input runs, with the shapes tried and the last error.
+    """
+    if example_input is not None:
+        candidates = [normalize_example_input(example_input)]
+    else:
+        candidates = candidate_inputs(model)
+    errors: list[str] = []
+    for args, kwargs in candidates:
+        calls: dict[str, Call] = {}
+        pending: dict[str, tuple[tuple, dict]] = {}
+        handles = []
+
+        def pre_hook(name: str):
+            def hook(module: nn.Module, a: tuple, kw: dict) -> None:
+                if name not in calls and name not in pending:
+                    pending[name] = (_clone(a), _clone(kw))
+            return hook
+
+        def post_hook(name: str):
+            def hook(module: nn.Module, a: tuple, kw: dict, output: Any) -> None:
+                if name in pending and name not in calls:
+                    a0, kw0 = pending.pop(name)
+                    calls[name] = Call(a0, kw0, _clone(output))
+            return hook
+
+        for name, module in modules.items():
+            handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
+            handles.append(module.register_forward_hook(post_hook(name), with_kwargs=True))
+        try:
+            with preserved_modes(model), torch.no_grad():
+                model.eval()
+                model(*args, **kwargs)
+        except Exception as exc:  # any failure means "try the next input"; all are reported below
+            errors.append(f"input {describe(args, kwargs)}: {type(exc).__name__}: {exc}".splitlines()[0][:300])
+            continue
+        finally:
+            for h in handles:
+                h.remove()
+        return calls, (args, kwargs)
+    tried = "\n  ".join(errors)
+    raise ValueError(
+        f"could not run an example forward through {type(model).__name__}; tried:\n  {tried}\n"
+        "Pass example_input= with an input the model accepts (a tensor, a tuple of arguments or a dict).")
+
+
+def example_call_repr(call: tuple[tuple, dict]) -> str:
+    return describe(*call)
+
+
+def all_names(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    return {n: model.get_submodule(n) if n else model for n in names}

@@ -1,0 +1,373 @@
+"""Checkpoint files that are never half-written and never run code when read.
+
+Writes go to a temporary file in the destination folder and are moved into place with ``os.replace``,
+so a crash or a full disk mid-save leaves the previous checkpoint intact rather than a truncated one
+that fails on resume. Reads go through safetensors or ``torch.load(weights_only=True)``: a ``.pth``
+found on the internet is a pickle, and a pickle may execute arbitrary code while it is loaded.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .se_block import se_blocks
+
+StrPath = str | os.PathLike
+
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema")
+
+_CONVERT_HINT = (
+    "If you trust the file, convert it once to safetensors: "
+    "python -c \"import torch, safetensors.torch as st; "
+    "sd = torch.load('IN.pth', map_location='cpu', weights_only=False); "
+    "sd = sd.get('state_dict', sd); "
+    "st.save_file({k: v.contiguous() for k, v in sd.items()}, 'OUT.safetensors')\""
+)
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint whose unpickling would import or call something other than tensors and containers."""
+
+
+class WeightsMismatchError(ValueError):
+    """A state dict that does not fit the model: keys missing, unexpected, or of the wrong shape."""
+
+    def __init__(self, message: str, missing: list[str], unexpected: list[str],
+                 mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> None:
+        super().__init__(message)
+        self.missing = missing
+        self.unexpected = unexpected
+        self.mismatched = mismatched
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable; not every platform can open a directory, hence best effort."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: StrPath, write: Callable[[Path], None], check: Callable[[Path], None] | None = None) -> Path:
+    """Run ``write(tmp)`` on a temporary sibling of ``path``, fsync it, optionally ``check(tmp)``, then rename.
+
+    The temporary file lives in the same folder so that ``os.replace`` is a rename on one file system,
+    which POSIX and Windows make atomic.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+_SAFE_LEAVES = (str, bytes, int, float, complex, bool, type(None))
+
+
+def _find_unsafe(obj: Any, where: str = "checkpoint", depth: int = 0) -> str | None:
+    """Where in ``obj`` the first value ``torch.load(weights_only=True)`` refuses sits, for the error message.
+
+    Exact types are compared on purpose: ``numpy.float64`` is a ``float`` subclass and a namedtuple a
+    ``tuple`` subclass, and the safe unpickler accepts neither.
+    """
+    if depth > 100 or type(obj) in _SAFE_LEAVES or isinstance(obj, (torch.Tensor, torch.dtype, torch.device, torch.Size)):
+        return None
+    if type(obj) in (dict, OrderedDict):
+        items = obj.items()
+    elif type(obj) in (list, tuple):
+        items = enumerate(obj)
+    else:
+        return f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}"
+    for key, value in items:
+        found = _find_unsafe(value, f"{where}[{key!r}]", depth + 1)
+        if found:
+            return found
+    return None
+
+
+def atomic_save(obj: Any, path: StrPath, *, check_weights_only: bool = True) -> Path:
+    """``torch.save(obj, path)`` that either fully replaces ``path`` or leaves it untouched.
+
+    With ``check_weights_only`` (the default) the written file is read back with
+    ``torch.load(weights_only=True, mmap=True)`` before it replaces ``path`` (mmap: the tensors are not
+    read, only the pickle is checked). A training state holding a numpy array, a dataclass or a numpy
+    float would otherwise save fine and only fail on resume, hours later, when :func:`load_checkpoint`
+    refuses it; here it fails at the first save and names the offending entry.
+    """
+    def check(tmp: Path) -> None:
+        try:
+            torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            culprit = _find_unsafe(obj) or _unpickler_reason(exc) or f"{type(exc).__name__}: {exc}"
+            raise TypeError(
+                f"refusing to write {path}: torch.load(weights_only=True) could not read it back ({culprit}). "
+                "Store only tensors, numbers, strings, None and lists/tuples/dicts of them "
+                "(e.g. config.to_dict(), float(metric), rng_state())."
+            ) from None
+
+    return _atomic_write(path, lambda tmp: torch.save(obj, tmp), check if check_weights_only else None)
+
+
+def _safetensors_ready(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, CPU, contiguous tensors, each owning its memory.
+
+    safetensors refuses tensors that share storage (tied weights, views of one buffer) because the file
+    format cannot express aliasing; cloning the second and later users of a storage writes each one
+    out in full, which is what a reader expects.
+    """
+    seen: set[tuple[str, int]] = set()
+    ready: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"safetensors needs a dict of str -> Tensor; entry {name!r} is a {type(tensor).__name__}. "
+                            "Pass model.state_dict() or se_state_dict(model).")
+        tensor = tensor.detach()
+        storage = (str(tensor.device), tensor.untyped_storage().data_ptr())
+        shared = storage in seen and tensor.numel() > 0
+        seen.add(storage)
+        tensor = tensor.to("cpu")
+        if shared or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        ready[name] = tensor.contiguous()
+    return ready
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: StrPath,
+                            metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` as a safetensors file, atomically; see :func:`atomic_save` for why."""
+    from safetensors.torch import save_file
+
+    if metadata is not None:
+        bad = {k: v for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))}
+        if bad:
+            raise TypeError(f"safetensors metadata must map str to str; got {bad!r}. Convert values with str() or json.dumps().")
+    ready = _safetensors_ready(tensors)
+    return _atomic_write(path, lambda tmp: save_file(ready, str(tmp), metadata=metadata))
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+def _require_file(path: StrPath) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist; check the path (absolute path: {path.absolute()}).")
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {str(path)!r} is a folder, not a file; pass the .safetensors or .pth file inside it.")
+    return path
+
+
+def _unpickler_reason(exc: BaseException) -> str | None:
+    match = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", str(exc))
+    return match.group(1).strip() if match else None
+
+
+def _torch_load_weights_only(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` whose failures say which file and what to do."""
+    import pickle
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
+            reason = _unpickler_reason(exc) or "it references Python objects other than tensors and containers"
+            raise UnsafeCheckpointError(
+                f"refusing to load {str(path)!r}: it is a pickle that would import or run code when loaded ({reason}). "
+                "Only safetensors files and weights-only PyTorch checkpoints are accepted, because unpickling an "
+                f"untrusted file can execute arbitrary code. {_CONVERT_HINT}"
+            ) from None
+        raise ValueError(f"{str(path)!r} is not a PyTorch checkpoint ({exc}); pass a .safetensors or .pth/.pt file.") from None
+    except (EOFError, KeyError, RuntimeError) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}); "
+                         "it may be truncated or another kind of file. Pass a .safetensors or .pth/.pt file.") from None
+
+
+def _unwrap(obj: Any, path: Path, prefer_ema: bool) -> Any:
+    """Dig the state dict out of a training checkpoint (timm, Lightning-less trainers, the ImageNet example)."""
+    keys = ("state_dict_ema",) + WRAPPER_KEYS if prefer_ema else WRAPPER_KEYS
+    for _ in range(3):
+        if not isinstance(obj, Mapping):
+            break
+        inner = next((obj[k] for k in keys if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{str(path)!r} holds a {type(obj).__name__}, not a state dict; save model.state_dict() instead.")
+    not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"{str(path)!r} does not look like a state dict: entries {not_tensors[:5]} are not tensors. "
+                         f"Save model.state_dict(), or a dict holding it under one of {list(WRAPPER_KEYS)}.")
+    return obj
+
+
+def _strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove the ``module.`` that DistributedDataParallel/DataParallel put before every key."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def load_weights(path: StrPath, *, prefer_ema: bool = False) -> dict[str, torch.Tensor]:
+    """A model state dict from a ``.safetensors`` file or a weights-only PyTorch checkpoint, on the CPU.
+
+    Training checkpoints that wrap the weights (``{"state_dict": ..., "epoch": ...}``) are unwrapped; with
+    ``prefer_ema`` an EMA copy (``state_dict_ema``) wins over the raw weights. A pickle that needs
+    anything beyond tensors and containers raises :class:`UnsafeCheckpointError` without running it.
+    """
+    path = _require_file(path)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path), device="cpu")
+        except SafetensorError as exc:
+            raise ValueError(f"{str(path)!r} is not a valid safetensors file ({exc}); it may be truncated. "
+                             "Re-export it, or pass the original checkpoint.") from None
+    else:
+        state = _unwrap(_torch_load_weights_only(path), path, prefer_ema)
+    return _strip_module_prefix(state)
+
+
+def load_checkpoint(path: StrPath) -> dict[str, Any]:
+    """A full training state written by :func:`atomic_save`, read with ``weights_only=True``.
+
+    The same refusal as :func:`load_weights` applies: a resume file is as much an attack surface as a
+    downloaded one, since run folders get shared and copied around.
+    """
+    path = _require_file(path)
+    state = _torch_load_weights_only(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a training checkpoint dict; "
+                         "pass a file written by the trainer (e.g. last.pt).")
+    return state
+
+
+# --------------------------------------------------------------------------------------------- RNG state
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG state, in types ``torch.load(weights_only=True)`` accepts.
+
+    numpy's state holds an ndarray and Python's a tuple of ints; both are turned into tensors and plain
+    lists here so that a resumed run can use the safe loader and still continue the same random stream.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss_next],
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured; generators it does not mention are left alone.
+
+    CUDA states are restored for as many devices as both the checkpoint and this machine have, so a
+    run resumed on fewer GPUs still starts.
+    """
+    if "python" in state:
+        version, internal, gauss_next = state["python"]
+        random.setstate((int(version), tuple(int(x) for x in internal), gauss_next))
+    if "numpy" in state:
+        np_state = state["numpy"]
+        keys = np.asarray(torch.as_tensor(np_state["keys"]).numpy(), dtype=np.uint32)
+        np.random.set_state((np_state["kind"], keys, int(np_state["pos"]),
+                             int(np_state["has_gauss"]), float(np_state["cached_gaussian"])))
+    if "torch" in state:
+        torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(torch.as_tensor(cuda_state, dtype=torch.uint8).cpu(), device)
+
+
+# --------------------------------------------------------------------------------------------- fitting
+
+def _few(items: list[str], n: int = 5) -> str:
+    shown = ", ".join(items[:n])
+    return f"{shown}, ... ({len(items)} in all)" if len(items) > n else shown
+
+
+def _mismatch_hint(model: nn.Module, missing: list[str], unexpected: list[str], model_keys: set[str]) -> str:
+    se_prefixes = tuple(f"{name}." for name, _ in se_blocks(model))
+    if missing and se_prefixes and all(k.startswith(se_prefixes) for k in missing) and not unexpected:
+        return ("Only SE-block weights are missing: load the base checkpoint before se_retrofit.apply(), "
+                "or pass strict=False (the identity-initialised SE blocks keep the model's function).")
+    prefixes = {k.split(".", 1)[0] for k in unexpected if "." in k}
+    if len(prefixes) == 1:
+        prefix = prefixes.pop() + "."
+        if all(k[len(prefix):] in model_keys for k in unexpected if k.startswith(prefix)):
+            return f"Every unexpected key starts with {prefix!r}: strip that prefix from the checkpoint's keys."
+    return ("Is this a checkpoint of a different architecture or variant? Check that the model name matches "
+            "the one the checkpoint was trained as.")
+
+
+def load_into(model: nn.Module, weights: Mapping[str, torch.Tensor], *, strict: bool = True):
+    """``model.load_state_dict(weights)`` with an error a user can act on.
+
+    PyTorch's own error lists every key, which for a wrong architecture is hundreds of lines; this one
+    lists a few of each kind and guesses the cause. Shape mismatches raise even with ``strict=False``
+    (as in PyTorch), because silently keeping random weights for a layer is worse than failing; load
+    before resizing the classifier, then call ``reset_classifier``.
+
+    Returns PyTorch's ``(missing_keys, unexpected_keys)`` named tuple.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    mismatched = [(k, tuple(weights[k].shape), tuple(own[k].shape)) for k in own
+                  if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if mismatched or (strict and (missing or unexpected)):
+        lines = [f"the weights do not fit {type(model).__name__}:"]
+        if missing and strict:
+            lines.append(f"  missing from the checkpoint: {_few(missing)}")
+        if unexpected and strict:
+            lines.append(f"  not in the model: {_few(unexpected)}")
+        if mismatched:
+            shown = [f"{k} (checkpoint {list(a)} vs model {list(b)})" for k, a, b in mismatched]
+            lines.append(f"  shape mismatch: {_few(shown, 3)}")
+        if mismatched and all(k.rsplit(".", 1)[0] == mismatched[0][0].rsplit(".", 1)[0] for k, _, _ in mismatched):
+            hint = ("Only one layer differs in shape (often the classifier): create the model with the "
+                    "checkpoint's number of classes, load, then reset the classifier.")
+        else:
+            hint = _mismatch_hint(model, missing, unexpected, set(own))
+        lines.append(hint)
+        raise WeightsMismatchError("\n".join(lines), missing, unexpected, mismatched)
+    return model.load_state_dict(dict(weights), strict=strict)

@@ -1,0 +1,54 @@
+"""The conversion options every command that converts a model shares (``--reduction``, ``--init``, ...).
+
+One definition keeps the flags, their help and their meaning identical across commands. Every flag
+defaults to None and :func:`conversion_kwargs` passes on only the flags the user gave, so
+:class:`~se_retrofit.config.SEConfig` stays the single place that holds the defaults and validates
+the values.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from ..config import INITS, POSITIONS, SEConfig
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SEConfig)}
+_OPTION_NAMES = ("reduction", "init", "position", "include", "exclude", "min_hidden", "divisor")
+
+
+def _number(text: str) -> int | float:
+    """A reduction ratio: ``16`` stays an int (so saved configs read ``16``), ``12.5`` a float."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    return int(value) if value.is_integer() else value
+
+
+def add_conversion_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Add the SEConfig options to ``parser`` as their own help group; return the group."""
+    group = parser.add_argument_group("conversion options", "where SE blocks go and how they are built "
+                                      "(se_retrofit.SEConfig)")
+    group.add_argument("--reduction", type=_number, metavar="R",
+                       help=f"reduction ratio r, hidden = channels / r (default {_DEFAULTS['reduction']})")
+    group.add_argument("--init", choices=INITS,
+                       help=f"'identity' keeps the model's function exactly, 'paper' is the paper's block "
+                            f"(default {_DEFAULTS['init']})")
+    group.add_argument("--position", choices=POSITIONS,
+                       help=f"where on the residual unit SE goes, the paper's Table 14 "
+                            f"(default {_DEFAULTS['position']})")
+    group.add_argument("--include", action="append", metavar="PATTERN",
+                       help="fnmatch pattern of blocks to convert ('layer3.*'); repeat for more (default: all)")
+    group.add_argument("--exclude", action="append", metavar="PATTERN",
+                       help="fnmatch pattern of blocks to leave alone, applied after --include; repeat for more")
+    group.add_argument("--min-hidden", type=int, metavar="N",
+                       help=f"floor on the hidden width (default {_DEFAULTS['min_hidden']})")
+    group.add_argument("--divisor", type=int, metavar="N",
+                       help=f"round the hidden width to a multiple of N (default {_DEFAULTS['divisor']})")
+    return group
+
+
+def conversion_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The SEConfig keyword arguments the user gave on the command line (and only those)."""
+    return {name: getattr(args, name) for name in _OPTION_NAMES if getattr(args, name, None) is not None}

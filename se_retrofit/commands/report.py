@@ -1,0 +1,63 @@
+"""``se-retrofit report MODEL``: what adding SE to MODEL costs, in parameters and MACs.
+
+The first question before shipping an SE model is its price; this command builds the model, applies
+the retrofit with the given conversion options and prints :func:`se_retrofit.report.report`'s answer.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+
+import se_retrofit
+
+from ..config import SEConfig
+from ..models import create_model
+from ..report import report
+from ._options import add_conversion_options, conversion_kwargs
+
+FORMATS = ("table", "markdown", "json")
+
+
+def parse_input_size(text: str) -> int | tuple[int, ...]:
+    """``224``, ``224x192`` (height x width) or a full shape ``1x3x224x224``, as :func:`report` takes it."""
+    parts = [p for p in re.split(r"[x,\s]+", text.strip().lower()) if p]
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(
+            f"input size must be S, HxW or a full shape like 1x3x224x224 of positive integers, got {text!r}")
+    return dims[0] if len(dims) == 1 else dims
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "report",
+        help="parameters and MACs before and after adding SE, per SE block",
+        description="Build MODEL, add SE blocks with se_retrofit.apply and report what they cost: parameters "
+                    "and MACs (fvcore; one fused multiply-add = 1) before and after, and per SE block.",
+    )
+    parser.add_argument("model", metavar="MODEL", help="a timm model name, or torchvision:NAME")
+    parser.add_argument("--input-size", type=parse_input_size, default=224, metavar="SIZE",
+                        help="S (an SxS image), HxW, or a full input shape such as 1x3x224x224 (default 224)")
+    parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="load the library's pretrained weights (needs a network; costs do not depend on them)")
+    add_conversion_options(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    config = SEConfig(**conversion_kwargs(args))
+    model = create_model(args.model, pretrained=args.pretrained)
+    se_model = se_retrofit.apply(model, config)
+    result = report(model, se_model, input_size=args.input_size, name=args.model)
+    if args.format == "json":
+        print(result.to_json())
+    elif args.format == "markdown":
+        print(result.to_markdown())
+    else:
+        print(result)
+    return 0

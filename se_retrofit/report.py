@@ -1,0 +1,439 @@
+"""What an SE retrofit costs: parameters and multiply-accumulates before and after, per SE block.
+
+The paper answers "what does SE cost?" for ResNet-50 with +~10% parameters and +0.26% GFLOPs; this
+module gives the same answer, measured, for any pair (original, retrofitted) of models.
+
+Counts come from fvcore (``FlopCountAnalysis``, ``parameter_count``) so that they agree with the
+numbers people already quote for these models. fvcore counts one fused multiply-add as one "flop";
+that unit is a multiply-accumulate, so every count here is called MACs (as timm's benchmark does),
+never FLOPs, which would be twice as many.
+
+fvcore has no handle for ``mean``, ``sigmoid`` and ``mul``, so by default it costs only the two 1x1
+convolutions of an SE block and silently leaves out its squeeze, gate and rescale, which at early
+stages cost more than the convolutions. Here those three ops are counted, one per element (fvcore's
+own convention for pooling), but only inside :class:`~se_retrofit.se_block.SEBlock` scopes: the rest
+of each model is counted exactly as fvcore does by default, so the "before" column is the number
+fvcore gives for the original model.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import json
+import math
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .se_block import se_blocks
+
+MACS_UNIT = "MACs: multiply-accumulates, one fused multiply-add = 1 (fvcore's 'flop'); FLOPs would be about 2x"
+
+
+@dataclass
+class BlockCost:
+    """The cost of one SE block.
+
+    Attributes:
+        name: qualified module name of the block (``layer1.0.se``).
+        channels: channels of the feature map it gates.
+        hidden: width of its excitation bottleneck.
+        params: its parameters (``fc1`` and ``fc2``, weights and biases).
+        macs: its MACs at the report's input size: the two 1x1 convolutions, plus the squeeze, gate
+            and rescale counted one per element.
+        param_share: fraction of the parameters added by all SE blocks that this block holds.
+        mac_share: fraction of the MACs added by all SE blocks that this block costs.
+        input_shape: shape of the feature map it saw, which is what makes early blocks expensive in
+            MACs and late blocks expensive in parameters; None if it was not called.
+    """
+
+    name: str
+    channels: int
+    hidden: int
+    params: int
+    macs: int
+    param_share: float
+    mac_share: float
+    input_shape: tuple[int, ...] | None = None
+
+
+@dataclass
+class Report:
+    """Parameters and MACs of a model before and after the SE retrofit.
+
+    Attributes:
+        input_size: the full input shape counted (batch first); MACs scale with it.
+        params_before / params_after: parameters of the original and of the SE model (shared
+            parameters counted once).
+        macs_before / macs_after: MACs of one forward pass in eval mode; see :data:`MACS_UNIT`.
+        trainable_params: parameters of the SE model with ``requires_grad``; the rest are frozen.
+        blocks: one :class:`BlockCost` per SE block of the SE model, in module order.
+        unsupported_ops: ops of the SE model that fvcore could not cost, with how often they ran;
+            neither MAC total includes them, so a large entry here means the totals undercount.
+        uncalled_blocks: SE blocks that never ran through their own ``__call__`` during the count;
+            their MACs read 0 and their convolutions, if run, are attributed to the caller.
+        name: what was measured, for the table's title.
+    """
+
+    input_size: tuple[int, ...]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    trainable_params: int
+    blocks: list[BlockCost] = field(default_factory=list)
+    unsupported_ops: dict[str, int] = field(default_factory=dict)
+    uncalled_blocks: list[str] = field(default_factory=list)
+    name: str | None = None
+
+    @property
+    def params_delta(self) -> int:
+        return self.params_after - self.params_before
+
+    @property
+    def macs_delta(self) -> int:
+        return self.macs_after - self.macs_before
+
+    @property
+    def params_delta_pct(self) -> float:
+        return _percent(self.params_delta, self.params_before)
+
+    @property
+    def macs_delta_pct(self) -> float:
+        return _percent(self.macs_delta, self.macs_before)
+
+    @property
+    def frozen_params(self) -> int:
+        return self.params_after - self.trainable_params
+
+    @property
+    def trainable_pct(self) -> float:
+        return _percent(self.trainable_params, self.params_after)
+
+    def trainable_summary(self) -> str:
+        """PEFT's ``print_trainable_parameters`` line, so the number reads like the one users know."""
+        return (f"trainable params: {self.trainable_params:,d} || all params: {self.params_after:,d} "
+                f"|| trainable%: {self.trainable_pct:.4f}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field plus the derived deltas, in plain JSON types."""
+        data = dataclasses.asdict(self)
+        data["input_size"] = list(self.input_size)
+        for block in data["blocks"]:
+            if block["input_shape"] is not None:
+                block["input_shape"] = list(block["input_shape"])
+        data.update(
+            params_delta=self.params_delta,
+            params_delta_pct=self.params_delta_pct,
+            macs_delta=self.macs_delta,
+            macs_delta_pct=self.macs_delta_pct,
+            frozen_params=self.frozen_params,
+            trainable_pct=self.trainable_pct,
+            macs_unit=MACS_UNIT,
+        )
+        return data
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_markdown(self) -> str:
+        return self._render(markdown=True)
+
+    def __str__(self) -> str:
+        return self._render(markdown=False)
+
+    def _render(self, markdown: bool) -> str:
+        title = f"SE retrofit cost{f' of {self.name}' if self.name else ''} at input {_shape_str(self.input_size)}"
+        totals = _table(
+            ["", "before", "after", "delta", "delta %"],
+            [
+                ["params", f"{self.params_before:,d}", f"{self.params_after:,d}", f"{self.params_delta:+,d}",
+                 f"{self.params_delta_pct:+.2f}%"],
+                ["MACs", f"{self.macs_before:,d}", f"{self.macs_after:,d}", f"{self.macs_delta:+,d}",
+                 f"{self.macs_delta_pct:+.2f}%"],
+                ["GMACs", f"{self.macs_before / 1e9:.4f}", f"{self.macs_after / 1e9:.4f}",
+                 f"{self.macs_delta / 1e9:+.4f}", ""],
+            ],
+            markdown,
+        )
+        blocks = _table(
+            ["SE block", "feature map", "channels", "hidden", "params", "MACs", "% added params", "% added MACs"],
+            [[b.name, _shape_str(b.input_shape[1:]) if b.input_shape else "not called", str(b.channels),
+              str(b.hidden), f"{b.params:,d}", f"{b.macs:,d}", f"{100 * b.param_share:.1f}%",
+              f"{100 * b.mac_share:.1f}%"] for b in self.blocks],
+            markdown,
+        )
+        parts = [f"## {title}" if markdown else title, "", totals, "", self.trainable_summary(), ""]
+        parts += [blocks] if self.blocks else ["No SE blocks in the SE model."]
+        notes = [MACS_UNIT + "; inside SE blocks the squeeze, gate and rescale count one per element."]
+        if self.unsupported_ops:
+            ops = ", ".join(f"{op} x{n}" for op, n in sorted(self.unsupported_ops.items()))
+            notes.append(f"fvcore could not cost these ops of the SE model, so no total includes them: {ops}.")
+        if self.uncalled_blocks:
+            notes.append(f"SE blocks never called during the count (MACs 0): {', '.join(self.uncalled_blocks)}.")
+        bullet = "- " if markdown else ""
+        return "\n".join(parts + [""] + [bullet + note for note in notes])
+
+
+def report(original: nn.Module, se_model: nn.Module, input_size: int | Sequence[int] = (1, 3, 224, 224), *,
+           name: str | None = None) -> Report:
+    """Measure what turning ``original`` into ``se_model`` costs, in parameters and MACs.
+
+    Both models run once in eval mode (the cost users ship is the inference cost, and batch norm
+    must not update its statistics) and are then put back in the train/eval mode each of their
+    modules had; nothing else about them changes.
+
+    Args:
+        original: the model before the retrofit.
+        se_model: the model after it (``se_retrofit.apply(original)``).
+        input_size: the full input shape, batch first (``(1, 3, 224, 224)``); an int ``s`` or a pair
+            ``(h, w)`` is shorthand for one 3-channel image of that size. MACs scale with it.
+        name: what to call the pair in the table's title.
+
+    Raises:
+        ValueError: the input size is malformed, or a model cannot run on it.
+        RuntimeError: fvcore's TorchScript tracer could not trace a model that runs eagerly.
+    """
+    for label, model in (("original", original), ("se_model", se_model)):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{label} must be a torch.nn.Module, got {type(model).__name__}")
+    shape = input_shape(input_size)
+    blocks = se_blocks(se_model)
+    seen: dict[str, tuple[int, ...]] = {}
+    with _eval_mode(original, se_model):
+        _check_runs(original, shape, "original")
+        with _recording_input_shapes(blocks, seen):
+            _check_runs(se_model, shape, "SE")
+        before = _count(original, shape)
+        after = _count(se_model, shape)
+    params_before = _parameter_count(original)
+    params_after = _parameter_count(se_model)
+    block_params = {n: _parameter_count(m) for n, m in blocks}
+    block_macs = {n: after.by_module.get(after.canonical(n), 0) for n, _ in blocks}
+    total_params, total_macs = sum(block_params.values()), sum(block_macs.values())
+    rows = [BlockCost(name=n, channels=m.channels, hidden=m.hidden, params=block_params[n], macs=block_macs[n],
+                      param_share=_fraction(block_params[n], total_params), mac_share=_fraction(block_macs[n], total_macs),
+                      input_shape=seen.get(n)) for n, m in blocks]
+    trainable = sum(p.numel() for p in se_model.parameters() if p.requires_grad)
+    return Report(
+        input_size=shape,
+        params_before=params_before,
+        params_after=params_after,
+        macs_before=before.macs,
+        macs_after=after.macs,
+        trainable_params=trainable,
+        blocks=rows,
+        unsupported_ops=dict(sorted(after.unsupported.items())),
+        uncalled_blocks=[n for n, _ in blocks if after.canonical(n) in after.uncalled],
+        name=name,
+    )
+
+
+def input_shape(input_size: int | Sequence[int]) -> tuple[int, ...]:
+    """The full input shape for ``input_size``: ``s`` and ``(h, w)`` mean one 3-channel image."""
+    if isinstance(input_size, int) and not isinstance(input_size, bool):
+        dims: tuple[Any, ...] = (1, 3, input_size, input_size)
+    elif isinstance(input_size, Sequence) and not isinstance(input_size, str):
+        dims = tuple(input_size)
+        if len(dims) == 2:
+            dims = (1, 3) + dims
+    else:
+        raise ValueError(f"input size must be an int, (height, width) or a full shape, got {input_size!r}")
+    if len(dims) < 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+        raise ValueError(f"input size {input_size!r} must be a positive int, (height, width) or a full input "
+                         "shape (batch, channels, ...) of positive ints")
+    return dims
+
+
+@dataclass
+class _Count:
+    macs: int
+    by_module: dict[str, int]
+    unsupported: Counter[str]
+    uncalled: set[str]
+    canonical: Callable[[str], str]
+
+
+def _elements(value: Any) -> int:
+    shape = value.type().sizes() if value.isCompleteTensor() else None
+    if shape is None:
+        raise RuntimeError(f"fvcore's trace has no complete shape for {value.debugName()}; cannot cost the SE gate")
+    return math.prod(shape)
+
+
+def _input_elements(inputs: list[Any], outputs: list[Any]) -> int:
+    return _elements(inputs[0])
+
+
+def _output_elements(inputs: list[Any], outputs: list[Any]) -> int:
+    return _elements(outputs[0])
+
+
+# The ops of SEBlock.forward that fvcore has no handle for. The squeeze costs one add per input
+# element and the gate and rescale one op per output element: fvcore's convention for pooling.
+_SE_GATE_OPS: dict[str, Callable[[list[Any], list[Any]], int]] = {
+    "aten::mean": _input_elements,
+    "aten::sigmoid": _output_elements,
+    "aten::sigmoid_": _output_elements,
+    "aten::mul": _output_elements,
+    "aten::mul_": _output_elements,
+}
+
+
+class _SEScopedHandles:
+    """fvcore op handles that cost the SE gate ops only inside SE block scopes.
+
+    fvcore handles see just an op's inputs and outputs, but the op's node carries the module scope
+    the tracer recorded (``/layer1/layer1.0/layer1.0.se``). Outside SE blocks the handles count
+    nothing and remember the op instead, so it is still reported as one fvcore could not cost and
+    the rest of the model's count stays fvcore's default.
+    """
+
+    def __init__(self, se_names: set[str]) -> None:
+        self.se_names = se_names
+        self.skipped: Counter[str] = Counter()
+
+    def handles(self) -> dict[str, Callable[[list[Any], list[Any]], int]]:
+        return {op: self._scoped(op, count) for op, count in _SE_GATE_OPS.items()}
+
+    def _in_se_block(self, outputs: list[Any]) -> bool:
+        if not outputs or not self.se_names:
+            return False
+        scopes = outputs[0].node().scopeName().split("/")
+        owner = scopes[-1].split(".")
+        owners = {".".join(owner[:k]) for k in range(1, len(owner) + 1)}
+        return not self.se_names.isdisjoint(scopes) or not self.se_names.isdisjoint(owners)
+
+    def _scoped(self, op: str, count: Callable[[list[Any], list[Any]], int]) -> Callable[[list[Any], list[Any]], int]:
+        def handle(inputs: list[Any], outputs: list[Any]) -> int:
+            if self._in_se_block(outputs):
+                return count(inputs, outputs)
+            self.skipped[op] += 1
+            return 0
+
+        return handle
+
+
+def _fvcore() -> Any:
+    """Import ``fvcore.nn`` without its import-time TorchScript deprecation warning reaching the user."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return importlib.import_module("fvcore.nn")
+
+
+def _count(model: nn.Module, shape: tuple[int, ...]) -> _Count:
+    fvcore = _fvcore()
+    se_names = {name for name, _ in se_blocks(model)}
+    scoped = _SEScopedHandles(se_names)
+    analysis = (fvcore.FlopCountAnalysis(model, (_example_input(model, shape),))
+                .unsupported_ops_warnings(False)
+                .uncalled_modules_warnings(False)
+                .tracer_warnings("none")
+                .set_op_handle(**scoped.handles()))
+    scoped.se_names = {analysis.canonical_module_name(name) for name in se_names}
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            total = analysis.total()
+    except RuntimeError as exc:
+        raise RuntimeError(f"fvcore's TorchScript tracer could not trace {type(model).__name__}: {exc}") from exc
+    unsupported = Counter(analysis.unsupported_ops()) + scoped.skipped
+    return _Count(macs=int(total), by_module={k: int(v) for k, v in analysis.by_module().items()},
+                  unsupported=unsupported, uncalled=set(analysis.uncalled_modules()),
+                  canonical=analysis.canonical_module_name)
+
+
+def _parameter_count(model: nn.Module) -> int:
+    return int(_fvcore().parameter_count(model)[""])
+
+
+def _example_input(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    """A fixed random input on the model's device and in its dtype; the caller's RNG is left alone."""
+    reference = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(shape, generator=generator)
+    if reference is not None:
+        example = example.to(device=reference.device, dtype=reference.dtype)
+    return example
+
+
+def _check_runs(model: nn.Module, shape: tuple[int, ...], which: str) -> None:
+    """Run once eagerly so that a size the model cannot take fails here, naming the size, not in the tracer."""
+    try:
+        with torch.no_grad():
+            model(_example_input(model, shape))
+    except (RuntimeError, ValueError, IndexError, AssertionError) as exc:
+        raise ValueError(f"the {which} model ({type(model).__name__}) cannot take an input of size "
+                         f"{_shape_str(shape)}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Eval mode for the count, then every module's own train/eval flag back, even a mixed one."""
+    saved = [(module, module.training) for model in models for module in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for module, training in saved:
+            module.training = training
+
+
+@contextlib.contextmanager
+def _recording_input_shapes(blocks: list[tuple[str, nn.Module]], seen: dict[str, tuple[int, ...]]) -> Iterator[None]:
+    def recorder(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                seen.setdefault(name, tuple(args[0].shape))
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(recorder(name)) for name, module in blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _percent(part: int, whole: int) -> float:
+    return 100.0 * part / whole if whole else 0.0
+
+
+def _fraction(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
+def _shape_str(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _table(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
+    """A plain aligned table, or a GitHub pipe table; text columns left-aligned, numbers right."""
+    numeric = [i > 0 and all(_looks_numeric(row[i]) for row in rows) for i in range(len(headers))]
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+
+    def line(cells: list[str]) -> str:
+        padded = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)]
+        return "| " + " | ".join(padded) + " |" if markdown else "  ".join(padded).rstrip()
+
+    out = [line(headers)]
+    if markdown:
+        out.append("|" + "|".join(("-" * (w + 1) + ":") if num else (":" + "-" * (w + 1))
+                                  for w, num in zip(widths, numeric)) + "|")
+    else:
+        out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out + [line(row) for row in rows])
+
+
+def _looks_numeric(text: str) -> bool:
+    stripped = text.strip().lstrip("+-").rstrip("%").replace(",", "").replace(".", "")
+    return stripped.isdigit() or not stripped

@@ -1,0 +1,416 @@
+"""Analysis: find the residual additions in one module's graph and decide where SE goes.
+
+This module only reads graphs; ``rewrite`` changes them. An addition is a residual when it sums a
+branch that does the block's work (at least two convolutions, or one with a non-linearity) with a
+shortcut that is the branch's own input, a light projection of it (conv + norm, pooling) or a
+tensor the caller handed in. A sum of several light parallel convolutions from one input (RepVGG,
+MobileOne) is a multi-branch block: it gets one SE after the sum. Everything else (token and
+channels-last adds, partial-channel adds, fusions of separate inputs) is reported with a reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch.fx as fx
+from torch import nn
+
+from . import catalog
+from .layout import Layout, expects_channel_first
+
+
+@dataclass
+class Placement:
+    """Where one SE block goes in one graph; node names refer to that graph."""
+
+    add: str
+    kind: str                 # "residual" or "multi-branch"
+    shortcut: str             # "identity", "projection", "argument" or "none"
+    channels: int
+    spatial_dims: int
+    after: str                # the SE block takes this node's value...
+    consumers: tuple[str, ...] | None  # ...and replaces it in these nodes (None: in every user)
+
+    def signature(self) -> tuple:
+        return (self.kind, self.shortcut, self.channels, self.spatial_dims)
+
+
+@dataclass
+class Rejection:
+    add: str
+    reason: str
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def is_add(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in catalog.ADD_FUNCTIONS
+    return node.op == "call_method" and node.target in catalog.ADD_METHODS
+
+
+def add_operands(node: fx.Node) -> list[fx.Node] | None:
+    """The two tensor operands of an addition, or None when one is a Python number."""
+    ops = list(node.args[:2])
+    if len(ops) < 2 and "other" in node.kwargs:
+        ops.append(node.kwargs["other"])
+    if len(ops) != 2 or not all(isinstance(o, fx.Node) and _shape(o) is not None for o in ops):
+        return None
+    return ops
+
+
+def tensor_adds(graph: fx.Graph) -> list[fx.Node]:
+    """Additions of two graph values (whatever their shapes); additions of constants are not listed."""
+    return [n for n in graph.nodes if is_add(n)
+            and sum(isinstance(a, fx.Node) for a in list(n.args[:2]) + [n.kwargs.get("other")]) == 2]
+
+
+class _Graph:
+    """Per-graph facts the classification needs, computed once."""
+
+    def __init__(self, graph: fx.Graph, owner: nn.Module, layouts: dict[fx.Node, Layout | None],
+                 param_names: Iterable[str]) -> None:
+        self.graph = graph
+        self.owner = owner
+        self.layouts = layouts
+        self.param_names = set(param_names)
+        self.ancestors: dict[fx.Node, frozenset[fx.Node]] = {}
+        self.input_dependent: dict[fx.Node, bool] = {}
+        for node in graph.nodes:
+            parents = node.all_input_nodes
+            anc = {node}
+            for p in parents:
+                anc |= self.ancestors[p]
+            self.ancestors[node] = frozenset(anc)
+            self.input_dependent[node] = node.op == "placeholder" or any(self.input_dependent[p] for p in parents)
+
+    def module(self, node: fx.Node) -> nn.Module | None:
+        return self.owner.get_submodule(node.target) if node.op == "call_module" else None
+
+    def name(self, node: fx.Node) -> str:
+        return catalog.target_name(node.target)
+
+    def is_constant(self, node: fx.Node) -> bool:
+        return not self.input_dependent[node]
+
+    def tensor_input(self, node: fx.Node) -> fx.Node | None:
+        """The one input-dependent operand of a unary-like op, or None if there is not exactly one."""
+        deps = [a for a in node.all_input_nodes if self.input_dependent[a]]
+        return deps[0] if len(deps) == 1 else None
+
+    def is_passthrough(self, node: fx.Node) -> bool:
+        """Ops that may trail a residual branch and that SE goes before: drop-path, dropout, layer scale."""
+        if node.op == "call_module":
+            m = self.module(node)
+            return catalog.is_path_drop(m) or catalog.is_layer_scale(m)
+        if node.op in ("call_function", "call_method"):
+            name = self.name(node)
+            if catalog.is_path_drop_function_name(name):
+                return self.tensor_input(node) is not None
+            if node.target in catalog.MUL_FUNCTIONS or (node.op == "call_method" and name in catalog.MUL_METHODS) \
+                    or name in ("div", "truediv"):
+                return self.tensor_input(node) is not None
+        return False
+
+    def is_sliced(self, node: fx.Node) -> bool:
+        """Is ``node`` (looked at through elementwise ops) a slice of a larger tensor along some axis?"""
+        seen = 0
+        while seen < 16:
+            seen += 1
+            name = self.name(node)
+            if node.op in ("call_function", "call_method"):
+                if name == "getitem" or name in catalog.SLICE_FUNCTION_NAMES:
+                    src = node.args[0] if node.args else None
+                    return isinstance(src, fx.Node) and (_shape(src) is not None or self.name(src) in
+                                                         catalog.SLICE_FUNCTION_NAMES)
+                if catalog.is_elementwise_function_name(name) or self.is_passthrough(node):
+                    nxt = self.tensor_input(node)
+                    if nxt is None:
+                        return False
+                    node = nxt
+                    continue
+            if node.op == "call_module" and catalog.is_elementwise_leaf(self.module(node)):
+                nxt = self.tensor_input(node)
+                if nxt is None:
+                    return False
+                node = nxt
+                continue
+            return False
+        return False
+
+    def convs(self, nodes: Iterable[fx.Node]) -> int:
+        total = 0
+        for n in nodes:
+            if n.op == "call_module":
+                total += catalog.count_convs(self.module(n))
+            elif n.op == "call_function" and n.target in catalog.CONV_FUNCTIONS:
+                total += 1
+        return total
+
+    def is_light(self, nodes: Iterable[fx.Node]) -> bool:
+        """No activation and no unknown op: a projection (conv + norm, pooling, identity, scaling)."""
+        for n in nodes:
+            if n.op in ("placeholder", "get_attr", "output") or self.is_constant(n):
+                continue
+            if n.op == "call_module":
+                if not catalog.is_light_module(self.module(n)):
+                    return False
+                continue
+            name = self.name(n)
+            if n.target in catalog.CONV_FUNCTIONS or is_add(n) or self.is_passthrough(n):
+                continue
+            if name in ("avg_pool2d", "avg_pool1d", "avg_pool3d", "max_pool2d", "adaptive_avg_pool2d",
+                        "interpolate", "pad", "getitem", "contiguous", "batch_norm", "cat", "to", "float"):
+                continue
+            return False
+        return True
+
+    def attention_in(self, nodes: Iterable[fx.Node]) -> str | None:
+        """A description of channel attention among ``nodes`` (a module, or a functional gate), if any."""
+        for n in nodes:
+            if n.op == "call_module":
+                m = self.module(n)
+                inner = catalog.find_channel_attention(m)
+                if inner is not None:
+                    where = f"{n.target}.{inner}" if inner else n.target
+                    return f"{type(m.get_submodule(inner) if inner else m).__name__} at '{where}'"
+            elif n.target in catalog.MUL_FUNCTIONS or (n.op == "call_method" and self.name(n) in catalog.MUL_METHODS):
+                shapes = [(_shape(a), a) for a in n.args[:2] if isinstance(a, fx.Node)]
+                if len(shapes) == 2 and all(s is not None for s, _ in shapes):
+                    (sa, a), (sb, b) = shapes
+                    for big, small, small_node in ((sa, sb, b), (sb, sa, a)):
+                        if len(big) >= 3 and len(small) == len(big) and small[:2] == big[:2] and \
+                                all(d == 1 for d in small[2:]) and any(d > 1 for d in big[2:]) and \
+                                not self.is_constant(small_node):
+                            return f"a channel gate (multiplication at node '{n.name}')"
+        return None
+
+
+def _group_terms(g: _Graph, add: fx.Node, adds: set[fx.Node], inner: set[fx.Node]) -> list[fx.Node] | None:
+    """The operands of a tree of additions rooted at ``add`` (``a + b + c``), or None if not all tensors."""
+    operands = add_operands(add)
+    if operands is None:
+        return None
+    terms: list[fx.Node] = []
+    for op in operands:
+        probe = op
+        while g.is_passthrough(probe) and len(probe.users) == 1 and g.tensor_input(probe) is not None:
+            probe = g.tensor_input(probe)
+        if probe in adds and len(probe.users) == 1:
+            sub = _group_terms(g, probe, adds, inner)
+            if sub is not None:
+                inner.add(probe)
+                terms.extend(sub)
+                continue
+        terms.append(op)
+    return terms
+
+
+def _consumer(term: fx.Node, group: list[fx.Node]) -> fx.Node:
+    """The node of the group that reads ``term`` (an addition, or a drop-path in front of one)."""
+    for user in term.users:
+        if user in group:
+            return user
+    return next(iter(term.users))
+
+
+def analyze(graph: fx.Graph, owner: nn.Module, layouts: dict[fx.Node, Layout | None], position: str,
+            param_names: Iterable[str]) -> tuple[list[Placement], list[Rejection]]:
+    """Placements for every residual or multi-branch sum of ``graph``, and the reasons for the other adds.
+
+    ``graph`` must carry ``tensor_meta`` (shape propagation) on its nodes.
+    """
+    g = _Graph(graph, owner, layouts, param_names)
+    adds = [n for n in graph.nodes if is_add(n) and add_operands(n) is not None]
+    add_set = set(adds)
+    inner: set[fx.Node] = set()
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for add in reversed(adds):
+        if add in inner:
+            continue
+        terms = _group_terms(g, add, add_set, inner)
+        if terms is not None:
+            groups[add] = terms
+    placements: list[Placement] = []
+    rejections: list[Rejection] = []
+    for add in adds:
+        if add in inner or add not in groups:
+            continue
+        result = _classify(g, add, groups[add], position)
+        (placements if isinstance(result, Placement) else rejections).append(result)
+    return placements, rejections
+
+
+def _group_nodes(g: _Graph, add: fx.Node, terms: list[fx.Node]) -> list[fx.Node]:
+    """The additions and pass-through ops between the terms and the group's final addition."""
+    anc_add = g.ancestors[add]
+    term_anc = frozenset().union(*(g.ancestors[t] for t in terms))
+    return [n for n in anc_add if n not in term_anc]
+
+
+def _classify(g: _Graph, add: fx.Node, terms: list[fx.Node], position: str) -> Placement | Rejection:
+    out_shape = _shape(add)
+    shapes = [_shape(t) for t in terms]
+    if out_shape is None or len(out_shape) < 3:
+        return Rejection(add.name, f"not a feature map (output shape {out_shape})")
+    if any(s != out_shape for s in shapes):
+        return Rejection(add.name, f"broadcasting add of shapes {', '.join(str(list(s)) for s in shapes)}")
+    group = _group_nodes(g, add, terms)
+    anc = [g.ancestors[t] for t in terms]
+    exclusive: list[set[fx.Node]] = []
+    identity: list[bool] = []
+    for i, t in enumerate(terms):
+        others = frozenset().union(*(a for j, a in enumerate(anc) if j != i))
+        excl = set(anc[i] - others)
+        exclusive.append(excl)
+        identity.append(t in others)
+    for i, t in enumerate(terms):
+        if t.op == "placeholder" and t.target not in g.param_names and not identity[i]:
+            return Rejection(add.name, "sums separate inputs of a list argument (multi-input fusion, not a residual)")
+    if any(g.is_sliced(t) for t in terms):
+        return Rejection(add.name, "partial-channel add (an operand is a slice of a larger tensor)")
+    convs = [g.convs(e) for e in exclusive]
+    light = [g.is_light(e) for e in exclusive]
+    heavy = [i for i in range(len(terms)) if convs[i] >= 2 or (convs[i] >= 1 and not light[i])]
+    light_conv = [i for i in range(len(terms)) if convs[i] == 1 and light[i]]
+    zero = [i for i in range(len(terms)) if convs[i] == 0]
+    if len(heavy) >= 2:
+        return Rejection(add.name, f"{len(heavy)} operands carry work (no single residual branch)")
+    if not heavy and not light_conv:
+        lay = g.layouts.get(add)
+        if lay is not None and lay.axis != 1:
+            return Rejection(add.name, f"channels-last layout (channel axis {lay.axis} of {lay.ndim})")
+        return Rejection(add.name, "no convolution on any operand (token or MLP residual)")
+    if heavy or (len(light_conv) == 1 and zero):
+        branch = heavy[0] if heavy else light_conv[0]
+        return _residual(g, add, terms, exclusive, identity, branch, group, position)
+    if len(light_conv) >= 2:
+        return _multi_branch(g, add, terms, exclusive, group, position)
+    return Rejection(add.name, "no branch with a convolution")
+
+
+def _layout_problem(lay: Layout | None) -> str | None:
+    if lay is None:
+        return "channel axis unknown (no convolution fixes it on the branch)"
+    if lay.axis != 1:
+        return f"channels-last layout (channel axis {lay.axis} of {lay.ndim})"
+    if not lay.from_conv:
+        return "channel axis not fixed by a convolution"
+    return None
+
+
+def _downstream(g: _Graph, node: fx.Node, limit: int = 3) -> list[fx.Node]:
+    out = []
+    while len(out) < limit and len(node.users) == 1:
+        node = next(iter(node.users))
+        if node.op == "output" or is_add(node):
+            break
+        out.append(node)
+    return out
+
+
+def _activation_after(g: _Graph, node: fx.Node) -> fx.Node | None:
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if user.op == "call_module" and catalog.is_activation(g.module(user)):
+        return user
+    if user.op in ("call_function", "call_method") and catalog.is_activation_function_name(g.name(user)):
+        return user
+    return None
+
+
+def _fork_of(g: _Graph, nodes: set[fx.Node]) -> tuple[fx.Node, tuple[str, ...]] | str:
+    """The one input value the given (branch) nodes read from outside themselves, and its readers."""
+    sources: dict[fx.Node, list[str]] = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in nodes and g.input_dependent[a] and _shape(a) is not None:
+                sources.setdefault(a, []).append(n.name)
+    if len(sources) != 1:
+        return f"the branch reads {len(sources)} outside values, not one input"
+    fork, readers = next(iter(sources.items()))
+    return fork, tuple(readers)
+
+
+def _residual(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list[set[fx.Node]],
+              identity: list[bool], b: int, group: list[fx.Node], position: str) -> Placement | Rejection:
+    branch = terms[b]
+    others = [i for i in range(len(terms)) if i != b]
+    shortcut = "projection"
+    if len(others) == 1 and identity[others[0]]:
+        shortcut = "identity"
+    elif len(others) == 1 and terms[others[0]].op == "placeholder":
+        shortcut = "argument"
+    problem = _layout_problem(g.layouts.get(branch))
+    if problem:
+        return Rejection(add.name, problem)
+    watched = set(exclusive[b]) | set(group) | set(_downstream(g, add))
+    for i in others:
+        watched |= exclusive[i]
+    attention = g.attention_in(watched)
+    if attention:
+        return Rejection(add.name, f"already has channel attention: {attention}")
+    shape = _shape(add)
+    spatial = len(shape) - 2
+    if position == "standard":
+        anchor, chain = branch, []
+        while g.is_passthrough(anchor) and g.tensor_input(anchor) is not None:
+            chain.append(anchor)
+            anchor = g.tensor_input(anchor)
+        consumer = chain[-1] if chain else _consumer(branch, group + [add])
+        return Placement(add.name, "residual", shortcut, _shape(anchor)[1], spatial, anchor.name, (consumer.name,))
+    if position == "post":
+        anchor = _activation_after(g, add) or add
+        return Placement(add.name, "residual", shortcut, shape[1], spatial, anchor.name, None)
+    if position == "identity":
+        if len(others) != 1:
+            return Rejection(add.name, "position='identity' needs a single shortcut operand")
+        s = terms[others[0]]
+        return Placement(add.name, "residual", shortcut, shape[1], spatial, s.name,
+                         (_consumer(s, group + [add]).name,))
+    found = _fork_of(g, exclusive[b])
+    if isinstance(found, str):
+        return Rejection(add.name, f"position='pre': {found}")
+    fork, readers = found
+    fshape = _shape(fork)
+    lay = g.layouts.get(fork)
+    reads_channel_first = any(
+        n.op == "call_module" and expects_channel_first(g.module(n)) for n in g.graph.nodes if n.name in readers)
+    if len(fshape) != len(shape) or not ((lay is not None and lay.axis == 1) or reads_channel_first):
+        return Rejection(add.name, "position='pre': the branch input's channel axis is not known")
+    return Placement(add.name, "residual", shortcut, fshape[1], spatial, fork.name, readers)
+
+
+def _multi_branch(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list[set[fx.Node]],
+                  group: list[fx.Node], position: str) -> Placement | Rejection:
+    merged = [g.layouts.get(t) for t in terms]
+    known = [lay for lay in merged if lay is not None]
+    lay = known[0] if known and all(k.axis == known[0].axis for k in known) else None
+    if lay is not None and any(k.from_conv for k in known):
+        lay = Layout(lay.axis, lay.ndim, True)
+    problem = _layout_problem(lay)
+    if problem:
+        return Rejection(add.name, problem)
+    watched = set(group) | set(_downstream(g, add))
+    for e in exclusive:
+        watched |= e
+    attention = g.attention_in(watched)
+    if attention:
+        return Rejection(add.name, f"already has channel attention: {attention}")
+    shape = _shape(add)
+    spatial = len(shape) - 2
+    if position == "identity":
+        return Rejection(add.name, "position='identity': a multi-branch sum has no single shortcut")
+    if position == "pre":
+        found = _fork_of(g, set().union(*exclusive))
+        if isinstance(found, str):
+            return Rejection(add.name, f"position='pre': {found}")
+        fork, readers = found
+        return Placement(add.name, "multi-branch", "none", _shape(fork)[1], spatial, fork.name, readers)
+    anchor = (_activation_after(g, add) or add) if position == "post" else add
+    return Placement(add.name, "multi-branch", "none", shape[1], spatial, anchor.name, None)

@@ -1,0 +1,179 @@
+"""Trace one module's own forward, with every submodule a leaf, and check the graph against reality.
+
+Tracing block by block (rather than the whole model) means code fx cannot follow in one place —
+timm's TF "same" padding, a shape check, a data-dependent loop — costs only the module that holds
+it. The arguments come from a real call (``capture.Call``): ``None`` and Python constants are
+specialised (fx inserts a check that they keep their value), tuples and lists of tensors become
+tuples and lists of proxies, so ``isinstance(x, tuple)`` and list mutation behave as at run time.
+Every trace is replayed on the recorded arguments and must reproduce the recorded output, because
+fx can silently take the wrong branch of Python control flow.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx._symbolic_trace import PH
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_flatten
+
+from .capture import Call, preserved_modes
+
+
+class TraceFailure(Exception):
+    """The module's own forward cannot be turned into a faithful graph; the message says why."""
+
+
+def _notrace_functions() -> list:
+    try:
+        from timm.layers import _fx as timm_fx
+    except ImportError:
+        return []
+    return list(timm_fx.get_notrace_functions())
+
+
+class BlockTracer(fx.Tracer):
+    """An ``fx.Tracer`` for one module: every submodule call stays a ``call_module`` leaf.
+
+    timm's registered no-trace functions stay opaque calls too, as they do in timm's own tracer.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=tuple(_notrace_functions()), param_shapes_constant=True)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+_CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def _as_concrete(value: Any, name: str) -> Any:
+    """What fx should see for one argument: a proxy (PH) for tensors, the value itself for constants."""
+    if isinstance(value, torch.Tensor):
+        return PH
+    if isinstance(value, _CONSTANT_TYPES):
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_as_concrete(v, name) for v in value)
+    raise TraceFailure(f"argument {name!r} of type {type(value).__name__} cannot be traced")
+
+
+def bind_call(module: nn.Module, call: Call) -> tuple[list[str], dict[str, Any]]:
+    """Match the recorded call to the forward signature: the parameter names, and the concrete args."""
+    sig = inspect.signature(type(module).forward)
+    params = list(sig.parameters.values())[1:]
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        raise TraceFailure("forward takes *args or **kwargs")
+    try:
+        bound = sig.bind(module, *call.args, **call.kwargs)
+    except TypeError as exc:
+        raise TraceFailure(f"recorded call does not match forward's signature: {exc}") from None
+    bound.apply_defaults()
+    names = [p.name for p in params]
+    concrete: dict[str, Any] = {}
+    for name in names:
+        value = bound.arguments[name]
+        spec = _as_concrete(value, name)
+        if spec is not PH:
+            concrete[name] = spec
+    return names, concrete
+
+
+@dataclass
+class TracedForward:
+    """A module's forward as a graph, in the mode it was traced in."""
+
+    graph: fx.Graph
+    training: bool
+
+
+def trace_forward(module: nn.Module, concrete_args: dict[str, Any], param_names: list[str],
+                  training: bool) -> fx.Graph:
+    """Trace ``module.forward`` as it runs with ``module.training == training``.
+
+    Only the module's own flag is set: its children are leaves, so their flags do not reach the graph.
+    """
+    was = module.training
+    module.training = training
+    try:
+        graph = BlockTracer().trace(module, concrete_args=concrete_args or None)
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError...): all mean "cannot trace"
+        first = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise TraceFailure(f"fx cannot trace its forward ({first[:240]})") from None
+    finally:
+        module.training = was
+    _restore_parameter_names(graph, param_names)
+    return graph
+
+
+def _restore_parameter_names(graph: fx.Graph, param_names: list[str]) -> None:
+    """fx may rename placeholders (``shortcut`` -> ``shortcut_1``); callers pass keywords by the real names."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(param_names):
+        return  # pytree-flattened arguments: the signature is written by fx's pytree codegen
+    for node, name in zip(placeholders, param_names):
+        node.target = name
+
+
+def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule sharing (not copying) ``module``'s submodules and parameters."""
+    return fx.GraphModule(module, graph, class_name=type(module).__name__)
+
+
+def _same(a: Any, b: Any) -> bool:
+    la, sa = tree_flatten(a)
+    lb, sb = tree_flatten(b)
+    if sa != sb or len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype:
+                return False
+            if x.is_floating_point():
+                if not torch.allclose(x, y, rtol=1e-5, atol=1e-6, equal_nan=True):
+                    return False
+            elif not torch.equal(x, y):
+                return False
+    return True
+
+
+def propagate_shapes(module: nn.Module, graph: fx.Graph, call: Call, check_output: bool) -> None:
+    """Run ``graph`` on the recorded arguments, storing ``tensor_meta`` on every node.
+
+    With ``check_output`` the result must equal the recorded output of the real forward; a graph
+    that does not is refused (TraceFailure), because rewriting it would change the model.
+    """
+    gm = _graph_module(module, graph)
+    args, kwargs = call.fresh_args()
+    flat = _flatten_for_graph(module, graph, args, kwargs)
+    with preserved_modes(module), torch.no_grad():
+        gm.eval()
+        try:
+            out = ShapeProp(gm).propagate(*flat)
+        except Exception as exc:  # the graph failed on real inputs: it does not describe this module
+            first = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            raise TraceFailure(f"the traced graph fails on the recorded input ({first[:240]})") from None
+    if check_output and not _same(out, call.output):
+        raise TraceFailure("the traced graph does not reproduce the module's output "
+                           "(Python control flow that fx cannot follow)")
+
+
+def _flatten_for_graph(module: nn.Module, graph: fx.Graph, args: tuple, kwargs: dict) -> list:
+    """The recorded call as the graph's placeholders expect it: bound to the signature, then flattened
+    in signature order (what fx's pytree codegen does for tuple and list arguments)."""
+    sig = inspect.signature(type(module).forward)
+    bound = sig.bind(module, *args, **kwargs)
+    bound.apply_defaults()
+    values = [bound.arguments[p] for p in list(sig.parameters)[1:]]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) == len(values):
+        return values
+    flat, _ = tree_flatten(values)
+    return flat
