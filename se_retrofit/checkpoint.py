@@ -93,6 +93,7 @@ def _atomic_write(path: StrPath, write: Callable[[Path], None], check: Callable[
 
 
 _SAFE_LEAVES = (str, bytes, int, float, complex, bool, type(None))
+_SAFE_TORCH = (torch.Tensor, torch.dtype, torch.device, torch.Size)
 
 
 def _find_unsafe(obj: Any, where: str = "checkpoint", depth: int = 0) -> str | None:
@@ -101,7 +102,7 @@ def _find_unsafe(obj: Any, where: str = "checkpoint", depth: int = 0) -> str | N
     Exact types are compared on purpose: ``numpy.float64`` is a ``float`` subclass and a namedtuple a
     ``tuple`` subclass, and the safe unpickler accepts neither.
     """
-    if depth > 100 or type(obj) in _SAFE_LEAVES or isinstance(obj, (torch.Tensor, torch.dtype, torch.device, torch.Size)):
+    if depth > 100 or type(obj) in _SAFE_LEAVES or isinstance(obj, _SAFE_TORCH):
         return None
     if type(obj) in (dict, OrderedDict):
         items = obj.items()
@@ -171,7 +172,8 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: StrPath,
     if metadata is not None:
         bad = {k: v for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))}
         if bad:
-            raise TypeError(f"safetensors metadata must map str to str; got {bad!r}. Convert values with str() or json.dumps().")
+            raise TypeError(f"safetensors metadata must map str to str; got {bad!r}. "
+                            "Convert values with str() or json.dumps().")
     ready = _safetensors_ready(tensors)
     return _atomic_write(path, lambda tmp: save_file(ready, str(tmp), metadata=metadata))
 
@@ -181,9 +183,11 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: StrPath,
 def _require_file(path: StrPath) -> Path:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist; check the path (absolute path: {path.absolute()}).")
+        raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist; "
+                                f"check the path (absolute path: {path.absolute()}).")
     if path.is_dir():
-        raise IsADirectoryError(f"checkpoint {str(path)!r} is a folder, not a file; pass the .safetensors or .pth file inside it.")
+        raise ValueError(f"checkpoint {str(path)!r} is a folder, not a file; "
+                         "pass the .safetensors or .pth file inside it.")
     return path
 
 
@@ -208,7 +212,8 @@ def _torch_load_weights_only(path: Path) -> Any:
                 "Only safetensors files and weights-only PyTorch checkpoints are accepted, because unpickling an "
                 f"untrusted file can execute arbitrary code. {_CONVERT_HINT}"
             ) from None
-        raise ValueError(f"{str(path)!r} is not a PyTorch checkpoint ({exc}); pass a .safetensors or .pth/.pt file.") from None
+        raise ValueError(f"{str(path)!r} is not a PyTorch checkpoint ({exc}); "
+                         "pass a .safetensors or .pth/.pt file.") from None
     except (EOFError, KeyError, RuntimeError) as exc:
         raise ValueError(f"{str(path)!r} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}); "
                          "it may be truncated or another kind of file. Pass a .safetensors or .pth/.pt file.") from None
@@ -225,7 +230,8 @@ def _unwrap(obj: Any, path: Path, prefer_ema: bool) -> Any:
             break
         obj = inner
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{str(path)!r} holds a {type(obj).__name__}, not a state dict; save model.state_dict() instead.")
+        raise ValueError(f"{str(path)!r} holds a {type(obj).__name__}, not a state dict; "
+                         "save model.state_dict() instead.")
     not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise ValueError(f"{str(path)!r} does not look like a state dict: entries {not_tensors[:5]} are not tensors. "

@@ -132,7 +132,8 @@ def _digits_size(model: nn.Module, image_size: int | None) -> int:
     return max(DIGITS_SIZE, int(minimum[-1])) if minimum else DIGITS_SIZE
 
 
-def _digits(model: nn.Module, val_split: float, seed: int, image_size: int | None) -> tuple[Dataset, Dataset, list[str]]:
+def _digits(model: nn.Module, val_split: float, seed: int,
+            image_size: int | None) -> tuple[Dataset, Dataset, list[str]]:
     from sklearn.datasets import load_digits
 
     _check_val_split(val_split)
@@ -257,6 +258,8 @@ def build_datasets(data: str, model: nn.Module, *, val_split: float = 0.1, seed:
     ``"digits"``: scikit-learn's 1,797 bundled 8x8 digits, upscaled to ``image_size`` pixels (default 32,
     or the model's minimum/fixed input size when its pretrained config declares one) and normalised
     with the model's mean and std; a stratified ``val_split`` split by ``seed``.
+
+    (A folder that happens to be called ``digits`` is reached as ``./digits``.)
 
     A folder: ``DIR/train`` and ``DIR/val`` of class sub-folders, used as they are; otherwise the class
     sub-folders of ``DIR`` (or of ``DIR/train`` alone), split per class by ``val_split`` and ``seed``.

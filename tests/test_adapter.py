@@ -1,0 +1,165 @@
+"""SE adapters: save only the SE weights (and named extras), rebuild the fine-tuned model on a base model."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import se_retrofit
+from se_retrofit.adapter import CONFIG_NAME, WEIGHTS_NAME, load, save_adapter, se_state_dict
+from se_retrofit.models import create_model, reset_classifier
+from se_retrofit.se_block import SEBlock, se_blocks
+
+SMALL = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def randomise(module: nn.Module, seed: int) -> None:
+    """Stand-in for fine-tuning: weights that differ from anything apply or the base model starts with."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+
+
+def outputs(model: nn.Module) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(SMALL)
+
+
+@pytest.fixture(scope="module")
+def base() -> nn.Module:
+    """A resnet10t whose residual branches are live: fresh timm ResNets zero each branch's last BN,
+    which would make every SE block multiply zeros and the output checks below pass vacuously."""
+    torch.manual_seed(0)
+    model = create_model("resnet10t", pretrained=False, num_classes=10)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=generator) + 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) + 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tuned(base) -> nn.Module:
+    model = se_retrofit.apply(base, reduction=8, example_input=SMALL)
+    assert se_blocks(model), "apply inserted no SE block into resnet10t; the adapter tests need some"
+    for i, (_, block) in enumerate(se_blocks(model)):
+        randomise(block, seed=i)
+    randomise(model.fc, seed=100)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tuned, tmp_path_factory):
+    se_only = save_adapter(tuned, tmp_path_factory.mktemp("se_only"), base_model="resnet10t")
+    with_head = save_adapter(tuned, tmp_path_factory.mktemp("with_head") / "adapter", base_model="resnet10t",
+                             extra_modules=("fc",))
+    return se_only, with_head
+
+
+def test_se_state_dict_holds_exactly_the_se_weights(tuned):
+    state = se_state_dict(tuned)
+    names = [name for name, _ in se_blocks(tuned)]
+    expected = {f"{n}.{k}" for n in names for k in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")}
+    assert set(state) == expected, f"unexpected keys {sorted(set(state) ^ expected)[:5]}"
+    full = tuned.state_dict()
+    assert all(torch.equal(state[k], full[k]) for k in state), "se_state_dict values differ from the model's"
+
+
+def test_adapter_files_hold_only_se_weights_and_the_config(saved, tuned):
+    directory, _ = saved
+    assert (directory / WEIGHTS_NAME).is_file() and (directory / CONFIG_NAME).is_file(), list(directory.iterdir())
+    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
+        keys = set(f.keys())
+    expected = set(se_state_dict(tuned))
+    assert keys == expected, f"adapter keys differ from the SE blocks': {sorted(keys ^ expected)[:5]}"
+    meta = json.loads((directory / CONFIG_NAME).read_text())
+    assert meta["se_config"] == se_retrofit.get_config(tuned).to_dict(), meta["se_config"]
+    assert meta["se_config"]["reduction"] == 8
+    assert meta["se_modules"] == [n for n, _ in se_blocks(tuned)], meta["se_modules"]
+    assert meta["base_model"] == "resnet10t" and meta["se_retrofit_version"] == se_retrofit.__version__
+    assert meta["format_version"] == 1 and meta["extra_modules"] == [] and meta["classifier"] is None, meta
+
+
+def test_load_rebuilds_the_fine_tuned_model_without_touching_the_base(saved, base, tuned):
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    se_only, with_head = saved
+    loaded = load(with_head, base, example_input=SMALL)
+    assert not se_blocks(base), "load must not add SE blocks to the base model"
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items()), "load changed the base weights"
+    assert [n for n, _ in se_blocks(loaded)] == [n for n, _ in se_blocks(tuned)]
+    assert se_retrofit.get_config(loaded) == se_retrofit.get_config(tuned), "the loaded model should carry its config"
+    assert torch.allclose(outputs(loaded), outputs(tuned), atol=1e-6), "loaded model computes something else"
+    assert not torch.allclose(outputs(base), outputs(tuned), atol=1e-3), "control: the SE weights must matter"
+
+
+def test_se_only_adapter_keeps_the_base_head(saved, base, tuned):
+    se_only, _ = saved
+    loaded = load(se_only / WEIGHTS_NAME, base, example_input=SMALL)
+    state = loaded.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in se_state_dict(tuned).items()), "SE weights not restored"
+    assert torch.equal(loaded.fc.weight, base.fc.weight), "without extra_modules the head must stay the base's"
+    assert not torch.allclose(outputs(loaded), outputs(base), atol=1e-3), \
+        "control: with the base head, only the loaded SE weights can change the output, and they should"
+
+
+def test_saved_head_resizes_an_imagenet_classifier(saved, base, tuned):
+    _, with_head = saved
+    meta = json.loads((with_head / CONFIG_NAME).read_text())
+    assert meta["extra_modules"] == ["fc"] and meta["classifier"] == {"name": "fc", "num_classes": 10}, meta
+    imagenet = copy.deepcopy(base)
+    reset_classifier(imagenet, 1000)
+    loaded = load(with_head, imagenet, example_input=SMALL)
+    assert loaded.fc.out_features == 10, f"head has {loaded.fc.out_features} outputs, the adapter's has 10"
+    assert torch.allclose(outputs(loaded), outputs(tuned), atol=1e-6), "head or SE weights not restored"
+
+
+def test_wrong_base_model_is_refused_with_the_differing_names(saved):
+    se_only, _ = saved
+    other = create_model("resnet18", pretrained=False, num_classes=10)
+    with pytest.raises(ValueError, match="wrong base model") as info:
+        load(se_only, other, example_input=SMALL)
+    message = str(info.value)
+    assert "layer1.1.se" in message and "resnet10t" in message, f"the error should list names and the base: {message}"
+    with pytest.warns(UserWarning, match="wrong base model"):
+        partial = load(se_only, other, strict=False, example_input=SMALL)
+    saved_weights = se_state_dict(load(se_only, create_model("resnet10t", num_classes=10), example_input=SMALL))
+    assert torch.equal(partial.get_submodule("layer1.0.se").fc1.weight, saved_weights["layer1.0.se.fc1.weight"]), \
+        "strict=False should still load the blocks whose names match"
+
+
+def test_save_errors(tmp_path, base):
+    with pytest.raises(ValueError, match="no SE blocks"):
+        save_adapter(base, tmp_path)
+    hand_built = nn.Sequential(nn.Conv2d(3, 8, 1))
+    hand_built.add_module("se", SEBlock(8, 8))
+    with pytest.raises(ValueError, match="config="):
+        save_adapter(hand_built, tmp_path)
+    assert not (tmp_path / WEIGHTS_NAME).exists(), "nothing may be written when saving fails"
+
+
+def test_unknown_extra_module_names_the_classifier(tmp_path, tuned):
+    with pytest.raises(ValueError, match=r"'head'.*'fc'"):
+        save_adapter(tuned, tmp_path, extra_modules=("head",))
+
+
+def test_load_errors(tmp_path, saved, base, tuned):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load(tmp_path / "nowhere", base)
+    se_only, _ = saved
+    (tmp_path / WEIGHTS_NAME).write_bytes((se_only / WEIGHTS_NAME).read_bytes())
+    with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
+        load(tmp_path, base)
+    meta = json.loads((se_only / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(ValueError, match="upgrade se_retrofit"):
+        load(tmp_path, base)
+    with pytest.raises(ValueError, match="already has SE blocks"):
+        load(se_only, tuned)

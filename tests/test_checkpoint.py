@@ -1,0 +1,254 @@
+"""Atomic saves, weights-only loads that refuse code-running pickles, RNG state, and load_into's errors."""
+from __future__ import annotations
+
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from se_retrofit.checkpoint import (
+    UnsafeCheckpointError,
+    WeightsMismatchError,
+    atomic_save,
+    atomic_save_safetensors,
+    load_checkpoint,
+    load_into,
+    load_weights,
+    rng_state,
+    set_rng_state,
+)
+from se_retrofit.se_block import SEBlock
+
+
+class CreatesMarker:
+    """A pickle payload: unpickling it calls ``open(marker, "w")``, i.e. runs code chosen by the file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+
+
+def leftovers(folder: Path, keep: set[str]) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name not in keep)
+
+
+# --------------------------------------------------------------------------------------------- atomic writes
+
+def test_atomic_save_round_trips_and_leaves_no_temp_file(tmp_path):
+    state = {"w": torch.arange(6.0).view(2, 3), "epoch": 3, "names": ["a", "b"], "best": None}
+    path = atomic_save(state, tmp_path / "sub" / "last.pt")
+    assert path == tmp_path / "sub" / "last.pt" and path.is_file(), f"saved to {path}"
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["w"], state["w"]) and loaded["epoch"] == 3 and loaded["names"] == ["a", "b"]
+    assert leftovers(path.parent, {"last.pt"}) == [], "the temporary file should have been renamed away"
+
+
+def test_failed_save_keeps_the_old_file_and_removes_the_temp_file(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_save({"epoch": 1}, path)
+    with pytest.raises(Exception):
+        atomic_save({"epoch": 2, "fn": lambda: None}, path)
+    assert torch.load(path, weights_only=True) == {"epoch": 1}, "a failed save must leave the previous checkpoint"
+    assert leftovers(tmp_path, {"last.pt"}) == [], "the temporary file must be removed on failure"
+
+
+@pytest.mark.parametrize("bad, where", [
+    ({"best": np.float64(0.5)}, "best"),
+    ({"rng": {"numpy": np.random.get_state()}}, "numpy"),
+])
+def test_atomic_save_refuses_what_weights_only_load_would_refuse(tmp_path, bad, where):
+    path = tmp_path / "last.pt"
+    with pytest.raises(TypeError, match=where) as info:
+        atomic_save(bad, path)
+    assert "weights_only" in str(info.value), str(info.value)
+    assert not path.exists() and leftovers(tmp_path, set()) == [], "nothing may be written for a refused state"
+    atomic_save(bad, path, check_weights_only=False)
+    assert path.exists(), "check_weights_only=False should save anything torch.save can"
+
+
+def test_safetensors_save_handles_shared_and_non_contiguous_tensors(tmp_path):
+    base = torch.arange(12.0).view(3, 4)
+    tensors = {"tied_a": base, "tied_b": base, "row": base[1], "t": base.t()}
+    path = atomic_save_safetensors(tensors, tmp_path / "w.safetensors", metadata={"format": "pt", "note": "x"})
+    loaded = load_weights(path)
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name], tensor), f"{name} did not round-trip"
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "x"}, f"metadata {f.metadata()}"
+    assert leftovers(tmp_path, {"w.safetensors"}) == []
+    assert torch.equal(base, torch.arange(12.0).view(3, 4)), "saving must not modify the caller's tensors"
+
+
+def test_safetensors_metadata_must_be_strings(tmp_path):
+    with pytest.raises(TypeError, match="metadata"):
+        atomic_save_safetensors({"w": torch.zeros(1)}, tmp_path / "w.safetensors", metadata={"epoch": 3})
+
+
+# --------------------------------------------------------------------------------------------- loading weights
+
+def test_load_weights_unwraps_training_checkpoints_and_strips_ddp_prefix(tmp_path):
+    net = tiny_net()
+    sd = net.state_dict()
+    ddp = {f"module.{k}": v for k, v in sd.items()}
+    ema = {k: v + 1 for k, v in sd.items()}
+    cases = {
+        "plain.pth": sd,
+        "wrapped.pth": {"state_dict": ddp, "epoch": 7, "arch": "tiny", "best_acc1": torch.tensor(0.5)},
+        "model.pt": {"model": sd, "optimizer": {"state": {}, "param_groups": []}},
+        "msd.pt": {"model_state_dict": sd},
+    }
+    for name, obj in cases.items():
+        torch.save(obj, tmp_path / name)
+        loaded = load_weights(tmp_path / name)
+        assert loaded.keys() == sd.keys(), f"{name}: keys {list(loaded)[:3]}"
+        assert all(torch.equal(loaded[k], sd[k]) for k in sd), f"{name}: values differ"
+    torch.save({"state_dict": sd, "state_dict_ema": ema}, tmp_path / "ema.pth")
+    assert torch.equal(load_weights(tmp_path / "ema.pth")["0.weight"], sd["0.weight"]), "raw weights by default"
+    assert torch.equal(load_weights(tmp_path / "ema.pth", prefer_ema=True)["0.weight"], ema["0.weight"]), \
+        "prefer_ema should pick the EMA weights"
+
+
+def test_the_marker_payload_really_runs_code_when_unpickled(tmp_path):
+    """Control: proves the refusal tests below would notice if the loader executed the pickle."""
+    marker = tmp_path / "pwned"
+    pickle.loads(pickle.dumps(CreatesMarker(marker)))
+    assert marker.exists(), "the payload should create the marker when unpickled without restrictions"
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+@pytest.mark.parametrize("loader", [load_weights, load_checkpoint])
+def test_code_running_pickle_is_refused_without_running_it(tmp_path, writer, loader):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    payload = {"state_dict": {"w": torch.zeros(2)}, "x": CreatesMarker(marker)}
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(UnsafeCheckpointError) as info:
+        loader(path)
+    message = str(info.value)
+    assert "evil.pth" in message and "safetensors" in message, f"the error should name the file and the fix: {message}"
+    assert "trust" in message, f"the error should say how to convert a trusted file: {message}"
+    assert isinstance(info.value, ValueError), "UnsafeCheckpointError must be a ValueError"
+    assert not marker.exists(), "loading executed code from the pickle"
+
+
+def test_missing_and_non_checkpoint_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_weights(tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "notes.pth").write_text("hello, not a checkpoint")
+    with pytest.raises(ValueError, match="notes.pth"):
+        load_weights(tmp_path / "notes.pth")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(ValueError, match="cut.safetensors"):
+        load_weights(tmp_path / "cut.safetensors")
+    torch.save({"epoch": 3, "w": [1, 2]}, tmp_path / "notweights.pt")
+    with pytest.raises(ValueError, match="not tensors"):
+        load_weights(tmp_path / "notweights.pt")
+
+
+# --------------------------------------------------------------------------------------------- training state
+
+def test_full_training_state_round_trips_weights_only(tmp_path):
+    net = tiny_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    net(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    sched.step()
+    state = {
+        "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(), "ema": net.state_dict(),
+        "rng": rng_state(), "epoch": 1, "step": 10, "best_metric": 0.25,
+        "config": {"model": "resnet18", "lr": 0.1, "se": {"reduction": 16, "include": ["layer3"]}},
+    }
+    atomic_save(state, tmp_path / "last.pt")
+    loaded = load_checkpoint(tmp_path / "last.pt")
+    assert loaded["epoch"] == 1 and loaded["best_metric"] == 0.25 and loaded["config"] == state["config"]
+    fresh = torch.optim.SGD(tiny_net().parameters(), lr=0.1, momentum=0.9)
+    fresh.load_state_dict(loaded["optimizer"])
+    momentum = fresh.state_dict()["state"][0]["momentum_buffer"]
+    assert torch.equal(momentum, opt.state_dict()["state"][0]["momentum_buffer"]), "optimizer momentum lost"
+
+
+def draw() -> tuple:
+    python = random.random(), random.gauss(0, 1)
+    return python, float(np.random.rand()), float(np.random.randn()), torch.rand(3).tolist()
+
+
+def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    random.gauss(0, 1)
+    np.random.randn()
+    atomic_save({"rng": rng_state()}, tmp_path / "rng.pt")
+    expected = draw()
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    assert draw() != expected, "reseeding should have changed the stream (else the test proves nothing)"
+    set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    assert draw() == expected, "restored RNG streams should continue exactly where they were saved"
+
+
+# --------------------------------------------------------------------------------------------- load_into
+
+def test_load_into_fits_and_reports_what_does_not(tmp_path):
+    source, target = tiny_net(), tiny_net()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1)
+    load_into(target, source.state_dict())
+    assert torch.equal(target[0].weight, source[0].weight), "weights should have been loaded"
+
+    other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5), nn.Linear(5, 5))
+    with pytest.raises(WeightsMismatchError) as info:
+        load_into(other, source.state_dict())
+    message = str(info.value)
+    assert "missing" in message and "4.weight" in message, message
+    assert "not in the model" in message and "1.running_mean" in message, message
+    assert "different architecture" in message, f"a hint is expected: {message}"
+    assert isinstance(info.value, ValueError)
+
+
+def test_load_into_shape_mismatch_points_at_the_classifier():
+    wide = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1000))
+    narrow = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 10))
+    for strict in (True, False):
+        with pytest.raises(WeightsMismatchError, match=r"1\.weight.*\[1000, 8\].*\[10, 8\]") as info:
+            load_into(narrow, wide.state_dict(), strict=strict)
+        assert "classifier" in str(info.value), str(info.value)
+
+
+def test_load_into_base_weights_into_se_model():
+    base = nn.Sequential(nn.Conv2d(3, 8, 1))
+    with_se = nn.Sequential(nn.Conv2d(3, 8, 1))
+    with_se.add_module("se", SEBlock(8, 4))
+    with pytest.raises(WeightsMismatchError, match="se_retrofit.apply"):
+        load_into(with_se, base.state_dict())
+    result = load_into(with_se, base.state_dict(), strict=False)
+    assert sorted(result.missing_keys) == ["se.fc1.bias", "se.fc1.weight", "se.fc2.bias", "se.fc2.weight"], result
+    assert torch.equal(with_se[0].weight, base[0].weight)
+
+
+def test_load_into_hints_at_a_key_prefix():
+    net = tiny_net()
+    prefixed = {f"backbone.{k}": v for k, v in net.state_dict().items()}
+    with pytest.raises(WeightsMismatchError, match="'backbone.'"):
+        load_into(tiny_net(), prefixed)

@@ -1,0 +1,212 @@
+"""build_datasets: the built-in digits and image folders, including the ways a folder can be wrong."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from se_retrofit.data import build_datasets
+from se_retrofit.models import create_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return create_model("resnet18", pretrained=False)
+
+
+def write_image(path: Path, seed: int = 0, size: int = 12) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def write_class_folders(root: Path, counts: dict[str, int], ext: str = ".png") -> Path:
+    for c, (name, n) in enumerate(counts.items()):
+        for i in range(n):
+            write_image(root / name / f"img{i}{ext}", seed=100 * c + i)
+    return root
+
+
+def labels_of(dataset) -> list[int]:
+    return list(dataset.targets)
+
+
+# --------------------------------------------------------------------------------------------- digits
+
+def test_digits_is_a_stratified_deterministic_split_of_all_1797_images(model):
+    train, val, classes = build_datasets("digits", model, val_split=0.1, seed=0)
+    assert classes == [str(d) for d in range(10)], f"digit class names: {classes}"
+    assert len(train) + len(val) == 1797, f"train {len(train)} + val {len(val)} should be all 1797 digits"
+    assert 150 <= len(val) <= 210, f"val_split=0.1 gave {len(val)} validation images"
+    per_class = np.bincount(labels_of(val), minlength=10)
+    assert per_class.min() >= 15, f"validation should hold every class about equally, got counts {per_class.tolist()}"
+
+    image, label = val[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32, f"digit image {image.shape} {image.dtype}"
+    assert isinstance(label, int) and 0 <= label < 10, f"label {label!r}"
+    assert image.std() > 0.1, "the upscaled digit should not be a blank image"
+    assert torch.allclose(image[0] * 0.229 + 0.485, image[1] * 0.224 + 0.456, atol=1e-5), \
+        "grey digits: the channels should be equal once the ImageNet normalisation is undone"
+
+    again_train, again_val, _ = build_datasets("digits", model, val_split=0.1, seed=0)
+    assert labels_of(again_val) == labels_of(val), "same seed must give the same split"
+    assert torch.equal(again_val[5][0], val[5][0]), "validation images must be deterministic (no augmentation)"
+    _, other_val, _ = build_datasets("digits", model, val_split=0.1, seed=1)
+    assert not torch.equal(torch.stack([other_val[i][0] for i in range(20)]),
+                           torch.stack([val[i][0] for i in range(20)])), "another seed should give another split"
+
+
+def test_digits_images_stay_aligned_with_their_labels(model):
+    _, val, _ = build_datasets("digits", model)
+    images = torch.stack([val[i][0][0] for i in range(len(val))]).flatten(1)
+    labels = torch.tensor(val.targets)
+    centroids = torch.stack([images[labels == k].mean(0) for k in range(10)])
+    accuracy = (torch.cdist(images, centroids).argmin(1) == labels).float().mean().item()
+    assert accuracy > 0.8, f"nearest-centroid accuracy {accuracy:.2f}: images and labels look shuffled apart"
+
+
+def test_digits_image_size_and_training_augmentation(model):
+    train, val, _ = build_datasets("digits", model, image_size=48, val_split=0.2)
+    assert train[0][0].shape == (3, 48, 48) and val[0][0].shape == (3, 48, 48), "image_size must set the size"
+    torch.manual_seed(0)
+    views = torch.stack([train[3][0] for _ in range(8)])
+    assert not all(torch.equal(views[0], v) for v in views[1:]), "training digits should be randomly shifted"
+    batch = next(iter(torch.utils.data.DataLoader(train, batch_size=16)))
+    images, labels = batch
+    assert images.shape == (16, 3, 48, 48) and labels.shape == (16,), f"batch shapes {images.shape} {labels.shape}"
+
+
+@pytest.mark.parametrize("val_split", [0, 1, -0.1, 1.5, True])
+def test_bad_val_split_is_refused(model, val_split):
+    with pytest.raises(ValueError, match="val_split"):
+        build_datasets("digits", model, val_split=val_split)
+
+
+# --------------------------------------------------------------------------------------------- folders
+
+def test_train_and_val_folders_are_used_as_they_are(tmp_path, model):
+    write_class_folders(tmp_path / "train", {"cat": 3, "dog": 4})
+    write_class_folders(tmp_path / "val", {"cat": 1, "dog": 2})
+    train, val, classes = build_datasets(str(tmp_path), model, image_size=16)
+    assert classes == ["cat", "dog"], f"classes {classes}"
+    assert (len(train), len(val)) == (7, 3), f"sizes {(len(train), len(val))}"
+    assert sorted(labels_of(val)) == [0, 1, 1], f"val labels {labels_of(val)}"
+    image, label = val[0]
+    assert tuple(image.shape) == (3, 16, 16), f"eval transform should give 16 px images, got {tuple(image.shape)}"
+    assert tuple(train[0][0].shape) == (3, 16, 16), "training transform should give 16 px images"
+
+
+def test_single_folder_is_split_per_class_deterministically(tmp_path, model):
+    write_class_folders(tmp_path, {"a": 10, "b": 10, "c": 2})
+    train, val, classes = build_datasets(tmp_path, model, val_split=0.3, seed=3, image_size=16)
+    assert classes == ["a", "b", "c"], f"classes {classes}"
+    train_files = {p for p, _ in train.samples}
+    val_files = {p for p, _ in val.samples}
+    assert not train_files & val_files, "a file must not be in both train and val"
+    assert len(train_files | val_files) == 22, "every image must land in train or val"
+    assert np.bincount(labels_of(val), minlength=3).tolist() == [3, 3, 1], f"stratified val counts {labels_of(val)}"
+
+    _, val_again, _ = build_datasets(tmp_path, model, val_split=0.3, seed=3, image_size=16)
+    assert [p for p, _ in val_again.samples] == [p for p, _ in val.samples], "same seed, same split"
+    _, val_other, _ = build_datasets(tmp_path, model, val_split=0.3, seed=4, image_size=16)
+    assert [p for p, _ in val_other.samples] != [p for p, _ in val.samples], "another seed, another split"
+
+
+def test_train_folder_alone_is_split(tmp_path, model):
+    write_class_folders(tmp_path / "train", {"x": 5, "y": 5})
+    train, val, classes = build_datasets(tmp_path, model, val_split=0.2, image_size=16)
+    assert classes == ["x", "y"] and (len(train), len(val)) == (8, 2), f"{classes} {(len(train), len(val))}"
+
+
+def test_non_image_and_hidden_files_are_ignored(tmp_path, model):
+    write_class_folders(tmp_path, {"a": 3, "b": 3})
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "a" / "._img0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    write_image(tmp_path / "b" / "nested" / "deep.JPG", seed=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train, val, _ = build_datasets(tmp_path, model, val_split=0.3, image_size=16)
+    names = sorted(p.name for p, _ in train.samples + val.samples)
+    assert names == sorted(["deep.JPG"] + [f"img{i}.png" for i in range(3)] * 2), f"scanned files {names}"
+
+
+def test_corrupt_files_are_skipped_with_one_warning(tmp_path, model):
+    write_class_folders(tmp_path / "train", {"a": 3, "b": 3})
+    write_class_folders(tmp_path / "val", {"a": 2, "b": 2})
+    (tmp_path / "train" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    good = write_image(tmp_path / "val" / "b" / "truncated.png", seed=7, size=64)
+    good.write_bytes(good.read_bytes()[:200])
+    with pytest.warns(UserWarning) as record:
+        train, val, _ = build_datasets(tmp_path, model, image_size=16)
+    messages = [str(w.message) for w in record if "unreadable" in str(w.message)]
+    assert len(messages) == 1, f"expected one warning for all corrupt files, got {messages}"
+    assert "skipped 2" in messages[0] and "broken.png" in messages[0] and "truncated.png" in messages[0], messages[0]
+    names = {p.name for p, _ in train.samples + val.samples}
+    assert not names & {"broken.png", "truncated.png"}, f"corrupt files were kept: {names}"
+    assert (len(train), len(val)) == (6, 4), f"sizes {(len(train), len(val))}"
+
+
+def test_a_file_broken_after_the_scan_fails_with_its_name(tmp_path, model):
+    write_class_folders(tmp_path, {"a": 3, "b": 3})
+    train, val, _ = build_datasets(tmp_path, model, val_split=0.3, image_size=16)
+    path, _ = val.samples[0]
+    path.write_bytes(b"garbage")
+    with pytest.raises(OSError, match=path.name):
+        val[0]
+
+
+def test_class_of_only_corrupt_files_is_an_error(tmp_path, model):
+    write_class_folders(tmp_path, {"a": 3})
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x.jpg").write_bytes(b"nope")
+    with pytest.raises(ValueError, match=r"b.*no readable images"):
+        build_datasets(tmp_path, model)
+
+
+def test_empty_class_folder_is_an_error_naming_it(tmp_path, model):
+    write_class_folders(tmp_path, {"a": 3})
+    (tmp_path / "empty_class").mkdir()
+    (tmp_path / "empty_class" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="empty_class") as info:
+        build_datasets(tmp_path, model)
+    assert "no images" in str(info.value), str(info.value)
+
+
+def test_missing_folder_is_file_not_found_naming_it(tmp_path, model):
+    missing = tmp_path / "no_such_dataset"
+    with pytest.raises(FileNotFoundError, match="no_such_dataset") as info:
+        build_datasets(str(missing), model)
+    assert "digits" in str(info.value), f"the error should point at the built-in dataset too: {info.value}"
+
+
+def test_folder_without_class_folders_is_an_error(tmp_path, model):
+    write_image(tmp_path / "loose.png")
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        build_datasets(tmp_path, model)
+
+
+def test_train_and_val_with_different_classes_is_an_error(tmp_path, model):
+    write_class_folders(tmp_path / "train", {"cat": 2, "dog": 2})
+    write_class_folders(tmp_path / "val", {"cat": 1, "bird": 1})
+    with pytest.raises(ValueError, match="different classes") as info:
+        build_datasets(tmp_path, model)
+    assert "dog" in str(info.value) and "bird" in str(info.value), str(info.value)
+
+
+def test_val_without_train_is_an_error(tmp_path, model):
+    write_class_folders(tmp_path / "val", {"cat": 2})
+    with pytest.raises(ValueError, match="no 'train' folder"):
+        build_datasets(tmp_path, model)
+
+
+def test_torchvision_model_gets_default_transforms(tmp_path):
+    write_class_folders(tmp_path, {"a": 2, "b": 2})
+    tv_model = create_model("torchvision:resnet18", pretrained=False)
+    train, val, classes = build_datasets(tmp_path, tv_model, val_split=0.5)
+    assert tuple(val[0][0].shape) == (3, 224, 224), f"default input size should be 224, got {tuple(val[0][0].shape)}"
+    assert len(classes) == 2
