@@ -327,6 +327,7 @@ def _activation_after(g: _Graph, node: fx.Node) -> fx.Node | None:
 def _fork_of(g: _Graph, nodes: set[fx.Node]) -> tuple[fx.Node, tuple[str, ...]] | str:
     """The one input value the given (branch) nodes read from outside themselves, and its readers."""
     sources: dict[fx.Node, list[str]] = {}
+    nodes = {n for n in nodes if n.op != "placeholder"}  # an input of the module is a branch input, not work
     for n in nodes:
         for a in n.all_input_nodes:
             if a not in nodes and g.input_dependent[a] and _shape(a) is not None:

@@ -1,0 +1,218 @@
+"""The pass on small hand-written networks: one feature of the analysis or the rewrite per test."""
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+
+import se_retrofit
+from se_retrofit import SEBlock, SERetrofitWarning
+
+from conftest import assert_original_state_kept, make_pretrained_like
+from models_custom import (AddSpelling, FunctionalDropoutBlock, Net, NotResidual, ParallelConvs, PlainNet,
+                           ShortcutArgNet)
+
+X = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+
+
+def retrofit(model, **kwargs):
+    make_pretrained_like(model).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SERetrofitWarning)
+        se_model = se_retrofit.apply(model, **kwargs)
+    return model, se_model
+
+
+def assert_same_outputs(a, b, what):
+    a.eval()
+    b.eval()
+    with torch.no_grad():
+        diff = (a(X) - b(X)).abs().max().item()
+    assert diff <= 1e-5, f"{what}: outputs changed by {diff}"
+
+
+@pytest.mark.parametrize("spelling", ["plus", "iadd", "torch.add", "Tensor.add", "reversed"])
+def test_every_spelling_of_the_addition_is_found(spelling):
+    model, se_model = retrofit(Net([AddSpelling(16, spelling)]))
+    blocks = se_retrofit.se_blocks(se_model)
+    assert [n for n, _ in blocks] == ["blocks.0.se"], f"{spelling}: SE blocks {blocks}"
+    assert_same_outputs(model, se_model, spelling)
+    assert_original_state_kept(model, se_model)
+
+
+def test_functional_dropout_and_training_branch_follow_the_mode():
+    model, se_model = retrofit(Net([FunctionalDropoutBlock(16, p=0.5)]))
+    assert len(se_retrofit.se_blocks(se_model)) == 1
+    assert_same_outputs(model, se_model, "functional dropout block")
+    se_model.train()
+    a, b = se_model(X), se_model(X)
+    assert not torch.equal(a, b), "functional dropout is off in train mode after the rewrite"
+    se_model.eval()
+    with torch.no_grad():
+        assert torch.equal(se_model(X), se_model(X)), "dropout still active in eval mode after the rewrite"
+
+
+def test_shortcut_handed_in_by_the_caller_counts_as_residual():
+    model, se_model = retrofit(ShortcutArgNet())
+    plan = se_retrofit.get_plan(se_model)
+    assert [(s.se_name, s.shortcut) for s in plan.sites] == [("a.se", "argument"), ("b.se", "identity")]
+    assert_same_outputs(model, se_model, "shortcut argument")
+    with pytest.raises(Exception, match="specialized to have value None"):
+        se_model.b(torch.rand(2, 16, 8, 8), torch.rand(2, 16, 8, 8))
+
+
+def test_non_residual_additions_are_left_alone_with_reasons():
+    model = NotResidual()
+    with pytest.warns(SERetrofitWarning, match="no SE block inserted"):
+        se_model = se_retrofit.apply(model, example_input=X)
+    reasons = [s.reason for s in se_retrofit.get_plan(se_model).skipped]
+    assert any("broadcasting" in r for r in reasons), reasons
+    assert any("channels-last" in r for r in reasons), reasons
+    assert any("no convolution" in r for r in reasons), reasons
+    assert not se_retrofit.se_blocks(se_model)
+
+
+def test_model_without_additions_comes_back_unchanged_with_a_warning():
+    model = PlainNet()
+    with pytest.warns(SERetrofitWarning, match="no additions"):
+        se_model = se_retrofit.apply(model)
+    assert se_model is not model
+    assert_original_state_kept(model, se_model)
+    assert set(se_model.state_dict()) == set(model.state_dict())
+
+
+def test_multi_branch_sum_gets_one_se_after_the_sum():
+    model, se_model = retrofit(Net([ParallelConvs(16), ParallelConvs(16)]))
+    plan = se_retrofit.get_plan(se_model)
+    assert [(s.se_name, s.kind) for s in plan.sites] == [("blocks.0.se", "multi-branch"), ("blocks.1.se", "multi-branch")]
+    assert_same_outputs(model, se_model, "multi-branch")
+
+
+def test_apply_is_idempotent():
+    model, se_model = retrofit(Net([AddSpelling(16, "plus"), FunctionalDropoutBlock(16)]))
+    with pytest.warns(SERetrofitWarning):
+        again = se_retrofit.apply(se_model)
+    assert len(se_retrofit.se_blocks(again)) == 2, "a second apply added more SE blocks"
+    reasons = {s.reason for s in se_retrofit.get_plan(again).skipped}
+    assert any("SEBlock" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("position,channels", [("standard", 16), ("pre", 16), ("post", 16), ("identity", 16)])
+def test_positions(position, channels):
+    model, se_model = retrofit(Net([AddSpelling(16, "plus")]), position=position)
+    (site,) = se_retrofit.get_plan(se_model).sites
+    assert site.position == position and site.channels == channels
+    assert_same_outputs(model, se_model, f"position={position}")
+    se = se_model.blocks[0].se
+    seen = {}
+    se.register_forward_hook(lambda m, i, o: seen.setdefault("input", i[0]))
+    with torch.no_grad():
+        se_model(X)
+    block_in = {}
+    se_model.blocks[0].register_forward_pre_hook(lambda m, a: block_in.setdefault("x", a[0]))
+    with torch.no_grad():
+        se_model(X)
+    is_block_input = torch.equal(seen["input"], block_in["x"])
+    assert is_block_input == (position in ("pre", "identity")), \
+        f"position={position}: SE input is {'' if is_block_input else 'not '}the block input"
+
+
+def test_post_goes_after_the_activation():
+    _, se_model = retrofit(Net([AddSpelling(16, "plus")]), position="post")
+    seen = {}
+    se_model.blocks[0].se.register_forward_hook(lambda m, i, o: seen.setdefault("input", i[0]))
+    with torch.no_grad():
+        se_model(X)
+    assert seen["input"].min() >= 0, "position='post' should take the output of the ReLU after the addition"
+
+
+def test_include_and_exclude_select_blocks():
+    net = Net([AddSpelling(16, "plus") for _ in range(4)])
+    _, se_model = retrofit(net, include=["blocks.1", "blocks.3"])
+    assert [n for n, _ in se_retrofit.se_blocks(se_model)] == ["blocks.1.se", "blocks.3.se"]
+    _, se_model = retrofit(net, exclude="blocks.[01]")
+    assert [n for n, _ in se_retrofit.se_blocks(se_model)] == ["blocks.2.se", "blocks.3.se"]
+    _, se_model = retrofit(net, include="blocks")
+    assert len(se_retrofit.se_blocks(se_model)) == 4, "a pattern on a parent module selects all blocks under it"
+
+
+def test_include_matching_nothing_is_an_error():
+    with pytest.raises(ValueError, match=r"include pattern 'layer9\.\*' matches no block"):
+        se_retrofit.apply(Net([AddSpelling(16, "plus")]), include="layer9.*")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(reduction=0), "reduction"), (dict(reduction="16"), "reduction"), (dict(init="zeros"), "init must be one of"),
+    (dict(position="after"), "position must be one of 'standard', 'pre', 'post', 'identity'"),
+    (dict(include=[""]), "include"), (dict(exclude=5), "exclude"),
+])
+def test_bad_options_name_the_option(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        se_retrofit.apply(Net([AddSpelling(16, "plus")]), **kwargs)
+
+
+def test_config_object_and_keywords_do_not_mix():
+    with pytest.raises(ValueError, match="either in config or as keywords"):
+        se_retrofit.apply(Net([AddSpelling(16, "plus")]), se_retrofit.SEConfig(), reduction=8)
+
+
+def test_reduction_and_floor_set_the_hidden_width():
+    _, se_model = retrofit(Net([AddSpelling(64, "plus")], channels=64), reduction=4)
+    assert se_model.blocks[0].se.hidden == 16
+    _, se_model = retrofit(Net([AddSpelling(64, "plus")], channels=64), reduction=64)
+    assert se_model.blocks[0].se.hidden == 8, "the hidden width must not go below min_hidden"
+
+
+def test_inplace_modifies_and_returns_the_same_model():
+    model = make_pretrained_like(Net([AddSpelling(16, "plus")]))
+    out = se_retrofit.apply(model, inplace=True)
+    assert out is model and isinstance(model.blocks[0].se, SEBlock)
+
+
+def test_input_model_is_untouched():
+    model = make_pretrained_like(Net([AddSpelling(16, "plus")])).train()
+    before = copy.deepcopy(model.state_dict())
+    classes = [type(m) for m in model.modules()]
+    se_retrofit.apply(model)
+    assert model.training and all(m.training for m in model.modules()), "apply changed the caller's train mode"
+    assert [type(m) for m in model.modules()] == classes
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_find_sites_is_a_dry_run():
+    model = Net([AddSpelling(16, "plus"), AddSpelling(16, "iadd")])
+    plan = se_retrofit.find_sites(model)
+    assert [s.se_name for s in plan.sites] == ["blocks.0.se", "blocks.1.se"]
+    assert not any(isinstance(m, SEBlock) for m in model.modules())
+    assert "blocks.0.se" in str(plan) and plan.to_dict()["sites"][0]["channels"] == 16
+
+
+def test_retrofitted_model_pickles_and_deep_copies(tmp_path):
+    model, se_model = retrofit(Net([AddSpelling(16, "plus"), FunctionalDropoutBlock(16)]), init="paper")
+    clone = pickle.loads(pickle.dumps(se_model))
+    twin = copy.deepcopy(se_model)
+    for other, what in ((clone, "pickle"), (twin, "deepcopy")):
+        assert_same_outputs(se_model, other, what)
+        assert type(other.blocks[0]).__name__ == "SEAddSpelling"
+
+
+def test_saved_model_loads_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    _, se_model = retrofit(Net([AddSpelling(16, "plus"), FunctionalDropoutBlock(16)]), init="paper")
+    path = tmp_path / "model.pt"
+    torch.save(se_model, path)
+    torch.save(X, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(se_model.eval()(X), tmp_path / "y.pt")
+    code = (f"import sys, torch; sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r}); "
+            f"m = torch.load({str(path)!r}, weights_only=False).eval(); "
+            f"x = torch.load({str(tmp_path / 'x.pt')!r}); y = torch.load({str(tmp_path / 'y.pt')!r}); "
+            "print(float((m(x) - y).abs().max()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip()) == 0.0
