@@ -67,6 +67,7 @@ class SitePlan:
     sites: list[Site] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     example_input: str = ""
+    example_args: tuple = field(default=((), {}), repr=False, compare=False)  # (args, kwargs) that ran
 
     def reasons(self) -> Counter:
         return Counter(s.reason for s in self.skipped)
@@ -179,7 +180,7 @@ def _plan(model: nn.Module, config: SEConfig, example_input: Any) -> tuple[SiteP
     calls, used = capture_calls(model, candidates, example_input)
     from .capture import describe
 
-    plan = SitePlan(type(model).__name__, config, example_input=describe(*used))
+    plan = SitePlan(type(model).__name__, config, example_input=describe(*used), example_args=used)
     blocks: list[_BlockPlan] = []
     try:
         for name, module in candidates.items():

@@ -1,0 +1,66 @@
+"""Inference latency: retrofitted model vs timm's hand-written SE model vs the base model.
+
+The retrofitted model is built with ``init="paper"`` and given the hand-written model's weights, so
+both compute the same function with the same ops; any gap is the cost of the rewrite itself.
+Models run interleaved, one forward each per round; the figure is the median of the rounds.
+
+    python benchmarks/latency.py [--batch 8] [--size 224] [--repeats 15] [--compile]
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import timm
+import torch
+
+import se_retrofit
+from _common import interleaved, median, write
+
+PAIRS = {"resnet50": "seresnet50", "resnext50_32x4d": "seresnext50_32x4d"}
+
+
+def build(base: str, se_name: str) -> dict[str, torch.nn.Module]:
+    hand = timm.create_model(se_name).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        retro = se_retrofit.apply(timm.create_model(base), init="paper").eval()
+    retro.load_state_dict(hand.state_dict())
+    return {"base": timm.create_model(base).eval(), "hand-written SE": hand, "retrofitted": retro}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--models", nargs="+", default=list(PAIRS))
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    args = parser.parse_args()
+    x = torch.rand(args.batch, 3, args.size, args.size)
+    rows = []
+    for base in args.models:
+        models = build(base, PAIRS[base])
+        modes = [("eager", models)]
+        if args.compile:
+            modes.append(("compiled", {k: torch.compile(m) for k, m in models.items()}))
+        for mode, ms in modes:
+            with torch.inference_mode():
+                times = interleaved({k: (lambda m=m: m(x)) for k, m in ms.items()}, args.repeats)
+            med = {k: median(v) for k, v in times.items()}
+            rows.append({"model": base, "mode": mode, "median_s": med,
+                         "retrofitted_over_hand_written": med["retrofitted"] / med["hand-written SE"],
+                         "retrofitted_over_base": med["retrofitted"] / med["base"],
+                         "hand_written_over_base": med["hand-written SE"] / med["base"]})
+    print(f"batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"{'model':<18}{'mode':<10}{'base ms':>9}{'SE ms':>9}{'retro ms':>10}{'retro/SE':>10}{'retro/base':>11}")
+    for r in rows:
+        m = r["median_s"]
+        print(f"{r['model']:<18}{r['mode']:<10}{m['base'] * 1e3:>9.1f}{m['hand-written SE'] * 1e3:>9.1f}"
+              f"{m['retrofitted'] * 1e3:>10.1f}{r['retrofitted_over_hand_written']:>10.3f}{r['retrofitted_over_base']:>11.3f}")
+    print("written", write("latency" + ("_compile" if args.compile else ""),
+                           {"batch": args.batch, "size": args.size, "repeats": args.repeats, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

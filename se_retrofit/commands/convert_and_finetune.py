@@ -1,0 +1,177 @@
+"""``se-retrofit convert-and-finetune MODEL --data DIR --out DIR``: build, retrofit, fine-tune, save.
+
+Everything that can be refused is checked before the first expensive step (options, device, the
+``--out`` folder, then the model name, then the data), and nothing is written until all of it passed.
+Under ``torchrun`` the same command trains with DDP; only rank 0 writes.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..training.options import AMP_DTYPES, OPTIMIZERS, TRAIN_MODES, TrainOptions, parse_checkpoint_every
+
+INTERRUPTED_EXIT = 130  # the shell's code for "stopped by SIGINT"
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "convert-and-finetune",
+        help="add SE blocks to a model and fine-tune them on a dataset",
+        description="Retrofit Squeeze-and-Excitation blocks into MODEL, fine-tune on --data, and write the run "
+                    "(config, metrics, curves, report, weights, SE adapter, resumable checkpoints) to --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL", help="timm model name, or torchvision:NAME")
+    parser.add_argument("--data", required=True, help="'digits' (built-in), or an ImageFolder directory "
+                        "(DIR/train + DIR/val, or one folder of class subfolders split by --val-split)")
+    parser.add_argument("--out", required=True, type=Path, help="run folder: must be new or empty, unless --resume")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                       help="start from the library's pretrained weights (needs a network); "
+                            "default: yes, unless --checkpoint is given")
+    model.add_argument("--checkpoint", type=Path, default=None,
+                       help="local weights (.safetensors or .pth state dict) loaded before conversion")
+    _add_conversion_options(parser)
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=32, help="per process under torchrun")
+    train.add_argument("--lr", type=float, default=None,
+                       help="peak learning rate; default 1e-3 (AdamW) / 0.05 (SGD), 10x lower with --train all")
+    train.add_argument("--train", choices=TRAIN_MODES, default="se",
+                       help="se, se+head: SE blocks and head only; all: every layer; staged: se+head, then all "
+                            "with the backbone at --backbone-lr-scale")
+    train.add_argument("--stage1-epochs", type=int, default=None, help="first stage of --train staged (default half)")
+    train.add_argument("--backbone-lr-scale", type=float, default=0.1)
+    train.add_argument("--opt", choices=OPTIMIZERS, default="adamw")
+    train.add_argument("--weight-decay", type=float, default=None, help="default 0.05 (AdamW) / 1e-4 (SGD)")
+    train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    train.add_argument("--warmup-epochs", type=float, default=1.0)
+    train.add_argument("--min-lr", type=float, default=0.0)
+    train.add_argument("--label-smoothing", type=float, default=0.1)
+    train.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
+    train.add_argument("--ema", action="store_true", help="validate and save an EMA of the weights")
+    train.add_argument("--ema-decay", type=float, default=0.999)
+    train.add_argument("--no-freeze-bn", dest="freeze_bn", action="store_false",
+                       help="let frozen layers' batch norms update their running statistics")
+    train.add_argument("--seed", type=int, default=0)
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--val-split", type=float, default=0.1, help="validation fraction of a single-folder dataset")
+    data.add_argument("--image-size", type=int, default=None, help="default: the model's input size")
+    data.add_argument("--workers", type=int, default=2,
+                      help="loader processes (0 makes a resumed run bit-identical even with random augmentation)")
+
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    runtime.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on the CPU)")
+    runtime.add_argument("--amp-dtype", choices=AMP_DTYPES, default="auto")
+    runtime.add_argument("--channels-last", action="store_true")
+    runtime.add_argument("--compile", action="store_true", help="torch.compile the model")
+    runtime.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    runtime.add_argument("--checkpoint-every", default="10m",
+                         help="mid-epoch checkpoints: a step count (200) or a duration (30s, 10m); 0: epochs only")
+    runtime.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                         help="no progress bars (they are off anyway when stdout is not a terminal)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _add_conversion_options(parser: argparse.ArgumentParser) -> None:
+    from ._options import add_conversion_options
+
+    add_conversion_options(parser)
+
+
+def training_options(args: argparse.Namespace) -> TrainOptions:
+    steps, seconds = parse_checkpoint_every(args.checkpoint_every)
+    return TrainOptions(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, train=args.train, opt=args.opt,
+        weight_decay=args.weight_decay, momentum=args.momentum, warmup_epochs=args.warmup_epochs,
+        min_lr=args.min_lr, label_smoothing=args.label_smoothing, clip_grad=args.clip_grad, ema=args.ema,
+        ema_decay=args.ema_decay, stage1_epochs=args.stage1_epochs, backbone_lr_scale=args.backbone_lr_scale,
+        freeze_bn=args.freeze_bn, amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last,
+        compile=args.compile, device=args.device, workers=args.workers, seed=args.seed,
+        checkpoint_every_steps=steps, checkpoint_every_seconds=seconds)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import data as data_module
+    from ..config import SEConfig
+    from ..finetune import finetune
+    from ..training import distributed, outputs
+    from ..training.devices import amp_dtype, resolve_device
+    from ..training.loop import seed_everything
+    from ._options import conversion_kwargs
+
+    opts = training_options(args)
+    se_config = SEConfig(**conversion_kwargs(args))
+    if not 0.0 < args.val_split < 1.0:
+        raise ValueError(f"--val-split must be between 0 and 1, got {args.val_split}; try 0.1")
+    if args.image_size is not None and args.image_size < 8:
+        raise ValueError(f"--image-size must be at least 8 pixels, got {args.image_size}")
+    pretrained = args.pretrained if args.pretrained is not None else args.checkpoint is None
+    if args.data != "digits" and not Path(args.data).exists():
+        raise FileNotFoundError(f"--data {args.data} does not exist; pass 'digits' for the built-in dataset or an "
+                                "ImageFolder directory (DIR/train + DIR/val, or DIR/CLASS/*.jpg)")
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint} does not exist; pass a .safetensors or .pth file")
+
+    device = resolve_device(opts.device, distributed.local_rank(), distributed.launched_world_size())
+    amp_dtype(device, opts.amp, opts.amp_dtype)
+    ctx = distributed.setup(device)
+    try:
+        distributed.main_first(lambda: outputs.prepare_out_dir(args.out, args.resume), ctx)
+        seed_everything(opts.seed)
+        model = _build_model(args.model, pretrained, args.checkpoint)
+        train_ds, val_ds, class_names = data_module.build_datasets(
+            args.data, model, val_split=args.val_split, seed=opts.seed, image_size=args.image_size)
+        run_info = {
+            "model": {"name": args.model, "pretrained": pretrained,
+                      "checkpoint": str(args.checkpoint.resolve()) if args.checkpoint else None},
+            "data": {"data": args.data if args.data == "digits" else str(Path(args.data).resolve()),
+                     "val_split": args.val_split, "image_size": args.image_size},
+        }
+        result = finetune(model, train_ds, val_ds, out_dir=args.out, resume=args.resume, class_names=class_names,
+                          se_config=se_config, base_model=args.model, run_info=run_info,
+                          progress=args.progress, resume_hint=_resume_hint(args), **_fields(opts))
+    finally:
+        distributed.teardown(ctx)
+    return INTERRUPTED_EXIT if result.interrupted else 0
+
+
+def _fields(opts: TrainOptions) -> dict[str, Any]:
+    return opts.to_dict()
+
+
+def _build_model(spec: str, pretrained: bool, checkpoint: Path | None):
+    """Create the model and load ``--checkpoint`` into it, resizing the head to the file's first."""
+    from .. import checkpoint as ckpt
+    from ..models import classifier_of, create_model, reset_classifier
+
+    model = create_model(spec, pretrained=pretrained)
+    if checkpoint is not None:
+        weights = ckpt.load_weights(checkpoint)
+        head = classifier_of(model)
+        if head is not None:
+            saved = weights.get(f"{head[0]}.weight")
+            if saved is not None and saved.ndim == 2 and saved.shape[0] != head[1].out_features:
+                reset_classifier(model, int(saved.shape[0]))
+        ckpt.load_into(model, weights, strict=True)
+    return model
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    argv = sys.argv[1:]
+    if "convert-and-finetune" in argv:
+        command = "se-retrofit " + " ".join(shlex.quote(a) for a in argv[argv.index("convert-and-finetune"):])
+        if "--resume" not in argv:
+            command += " --resume"
+    else:
+        command = f"the same command with --resume (it continues from {args.out / 'last.pt'})"
+    return f"to continue: {command}"

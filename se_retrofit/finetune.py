@@ -1,0 +1,243 @@
+"""``se_retrofit.finetune``: retrofit (if needed) and fine-tune, the engine of ``convert-and-finetune``.
+
+The model you pass is left untouched when it has no SE blocks yet: it is copied, its head resized
+to the data's classes, retrofitted with ``se_retrofit.apply`` and the copy trained (``result.model``).
+A model that already has SE blocks is trained in place, like ``Module.fit`` elsewhere. Pass
+``retrofit=False`` with ``train="all"`` to fine-tune a plain model as a baseline.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from .config import SEConfig
+from .models import classifier_of, num_classes_of, reset_classifier
+from .se_block import se_blocks
+from .training import distributed, outputs, state
+from .training.devices import amp_dtype, resolve_device
+from .training.freeze import new_parameter_names, set_trainable, trains_backbone
+from .training.loop import Trainer, seed_everything
+from .training.options import TrainOptions
+
+CONVERSION_KEYS = ("reduction", "init", "position", "include", "exclude", "min_hidden", "divisor")
+
+
+@dataclass
+class FinetuneResult:
+    """What a run produced. ``history`` has one dict per epoch (the columns of ``metrics.csv``)."""
+
+    model: nn.Module
+    history: list[dict[str, float]]
+    best_top1: float | None
+    best_epoch: int | None
+    epochs: int
+    seconds: float
+    interrupted: bool
+    out_dir: Path | None
+    config: dict[str, Any]
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The last epoch's row (empty before the first epoch ends)."""
+        return dict(self.history[-1]) if self.history else {}
+
+    def summary(self) -> str:
+        best = (f"best top-1 {self.best_top1:.2f}% (epoch {self.best_epoch})" if self.best_top1 is not None
+                else "no validation set")
+        where = (f"; files in {self.out_dir}: {', '.join(n for n in self.files if n != outputs.LAST)}"
+                 if self.out_dir is not None else "")
+        state_word = "stopped after" if self.interrupted else "done:"
+        return f"{state_word} {self.epochs} epoch(s) in {_duration(self.seconds)}, {best}{where}"
+
+
+def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = None, *,
+             out_dir: str | Path | None = None, resume: bool = False, num_classes: int | None = None,
+             class_names: Sequence[str] | None = None, se_config: SEConfig | dict | None = None,
+             retrofit: bool = True, base_model: str | None = None, run_info: dict[str, Any] | None = None,
+             verbose: bool = True, progress: bool | None = None, resume_hint: str | None = None,
+             **options: Any) -> FinetuneResult:
+    """Fine-tune ``model`` (retrofitting it with SE blocks first when it has none).
+
+    Args:
+        model: a timm/torchvision CNN, plain or already retrofitted.
+        train_data, val_data: map-style datasets of ``(image_tensor, class_index)``.
+        out_dir: run folder (see ``se_retrofit.training.outputs``); ``None`` writes nothing and
+            keeps no checkpoints.
+        resume: continue the run in ``out_dir`` (the resolved config must match).
+        num_classes / class_names: the data's classes; by default ``train_data.classes`` (also
+            through ``Subset``), else the model's head is kept as is.
+        se_config: conversion options, or pass them as keywords (``reduction=8``, ``init=...``).
+        retrofit: set False to train a model without SE blocks (a baseline; needs ``train="all"``).
+        base_model: name recorded in the adapter config (the CLI passes the MODEL argument).
+        run_info: extra config sections (the CLI's ``model`` and ``data``), saved and compared on resume.
+        verbose / progress: per-epoch lines and the summary / tqdm bars (default: when stdout is a tty).
+        **options: :class:`~se_retrofit.training.TrainOptions` fields (``epochs``, ``lr``, ``train``...).
+
+    Returns a :class:`FinetuneResult`; ``interrupted`` is True when Ctrl-C/SIGTERM stopped the run
+    (a checkpoint was saved first if ``out_dir`` was given).
+    """
+    conversion = {key: options.pop(key) for key in CONVERSION_KEYS if key in options}
+    opts = TrainOptions.from_kwargs(options)
+    se_config = _se_config(se_config, conversion)
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs out_dir, the folder of the run to continue")
+    out = Path(out_dir) if out_dir is not None else None
+
+    device = resolve_device(opts.device, distributed.local_rank(), distributed.launched_world_size())
+    dtype = amp_dtype(device, opts.amp, opts.amp_dtype)
+    ctx = distributed.setup(device)
+    try:
+        has_checkpoint = (distributed.main_first(lambda: outputs.prepare_out_dir(out, resume), ctx)
+                          if out is not None else False)
+        seed_everything(opts.seed)
+        names = _class_names(class_names, num_classes, train_data)
+        n_classes = num_classes if num_classes is not None else (len(names) if names else None)
+        model, original, se_config = _prepare_model(model, n_classes, se_config, retrofit, opts.train)
+        new_names = new_parameter_names(model) if se_blocks(model) else _head_names(model)
+        head = classifier_of(model)
+        config = _resolved_config(model, train_data, val_data, names, se_config, opts, run_info, dtype, ctx)
+
+        saved = None
+        if out is not None and resume:
+            saved = state.load(out / outputs.LAST) if has_checkpoint else None
+            previous = saved["config"] if saved is not None else outputs.read_config(out)
+            outputs.check_same_run(previous, config, out)
+        set_trainable(model, new_names, trains_backbone(opts.train, stage=1))
+        if out is not None:
+            distributed.main_first(lambda: _start_outputs(out, config, original, model, train_data, base_model), ctx)
+
+        trainer = Trainer(model=model, train_data=train_data, val_data=val_data, options=opts, device=device,
+                          dtype=dtype, ctx=ctx, new_names=new_names, head_name=head[0] if head else None,
+                          out_dir=out, config=config, base_model=base_model, verbose=verbose,
+                          progress_bars=progress)
+        if saved is not None:
+            trainer.resume_from(saved)
+            if ctx.is_main and verbose:
+                p = trainer.progress
+                where = "complete" if p.complete else f"epoch {p.epoch + 1}, step {p.step_in_epoch}"
+                print(f"resuming {out / outputs.LAST} at {where} (step {p.global_step})", flush=True)
+            del saved
+        distributed.barrier(ctx)
+        done = trainer.fit()
+    finally:
+        distributed.teardown(ctx)
+
+    result = FinetuneResult(model=done.model, history=done.progress.history, best_top1=done.progress.best_top1,
+                            best_epoch=done.progress.best_epoch, epochs=len(done.progress.history),
+                            seconds=done.seconds, interrupted=done.interrupted, out_dir=out, config=config,
+                            files=done.files)
+    if verbose and ctx.is_main:
+        print(result.summary(), flush=True)
+        if done.interrupted and out is not None:
+            print(resume_hint or f"resume with finetune(..., out_dir={str(out)!r}, resume=True) and the same "
+                                 "arguments", flush=True)
+    return result
+
+
+def _se_config(se_config: SEConfig | dict | None, conversion: dict[str, Any]) -> SEConfig | None:
+    if se_config is not None and conversion:
+        raise ValueError(f"pass conversion options either as se_config or as keywords, not both "
+                         f"(got se_config and {sorted(conversion)})")
+    if isinstance(se_config, dict):
+        return SEConfig.from_dict(se_config)
+    if conversion:
+        return SEConfig(**conversion)
+    return se_config
+
+
+def _class_names(class_names: Sequence[str] | None, num_classes: int | None, data: Dataset) -> list[str] | None:
+    names = list(class_names) if class_names is not None else _dataset_classes(data)
+    if names is not None and num_classes is not None and len(names) != num_classes:
+        raise ValueError(f"num_classes={num_classes} but there are {len(names)} class names; pass one of them")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return names
+
+
+def _dataset_classes(data: Dataset) -> list[str] | None:
+    """``classes`` of the dataset, looking through ``Subset``/wrappers' ``.dataset``."""
+    for _ in range(8):
+        classes = getattr(data, "classes", None)
+        if classes is not None:
+            return list(classes)
+        data = getattr(data, "dataset", None)
+        if data is None:
+            return None
+    return None
+
+
+def _prepare_model(model: nn.Module, n_classes: int | None, se_config: SEConfig | None, retrofit: bool,
+                   train: str) -> tuple[nn.Module, nn.Module | None, SEConfig | None]:
+    """Return ``(model to train, original for the report or None, SE config or None)``."""
+    from .api import apply, get_config
+
+    if se_blocks(model):
+        existing = get_config(model)
+        if se_config is not None and existing is not None and se_config.to_dict() != existing.to_dict():
+            raise ValueError(f"the model is already retrofitted with {existing.to_dict()}, which differs from the "
+                             "conversion options given; drop them or pass the plain model")
+        if n_classes is not None:
+            reset_classifier(model, n_classes)
+        return model, None, existing
+    if not retrofit:
+        if train != "all":
+            raise ValueError(f"train={train!r} trains SE blocks, but retrofit=False leaves the model without any; "
+                             "use train='all' for a plain fine-tune")
+        if n_classes is not None:
+            reset_classifier(model, n_classes)
+        return model, None, None
+    original = model
+    if n_classes is not None and num_classes_of(model) != n_classes:
+        original = copy.deepcopy(model)
+        reset_classifier(original, n_classes)
+    se_config = se_config or SEConfig()
+    se_model = apply(original, se_config)
+    if not se_blocks(se_model):
+        raise ValueError(f"se_retrofit.apply found no residual branch to put SE blocks in {type(model).__name__} "
+                         f"(options {se_config.to_dict()}); check --include/--exclude, or see `se-retrofit sites`")
+    return se_model, original, se_config
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    head = classifier_of(model)
+    return {f"{head[0]}.{name}" for name, _ in head[1].named_parameters()} if head else set()
+
+
+def _resolved_config(model: nn.Module, train_data: Dataset, val_data: Dataset | None, names: list[str] | None,
+                     se_config: SEConfig | None, opts: TrainOptions, run_info: dict[str, Any] | None, dtype: Any,
+                     ctx: distributed.DistContext) -> dict[str, Any]:
+    from . import __version__
+
+    run_info = run_info or {}
+    model_section = dict(run_info.get("model") or {"class": type(model).__name__})
+    model_section["num_classes"] = num_classes_of(model)
+    data_section = dict(run_info.get("data") or {})
+    data_section.update(train_size=len(train_data), val_size=len(val_data) if val_data is not None else 0,
+                        class_names=names)
+    runtime = opts.runtime()
+    runtime.update(world_size=ctx.world_size, amp_dtype_used=str(dtype).replace("torch.", "") if dtype else None)
+    return {"se_retrofit_version": __version__, "model": model_section, "data": data_section,
+            "se": se_config.to_dict() if se_config is not None else None, "train": opts.recipe(), "runtime": runtime}
+
+
+def _start_outputs(out: Path, config: dict[str, Any], original: nn.Module | None, model: nn.Module,
+                   train_data: Dataset, name: str | None) -> None:
+    outputs.make_out_dir(out)
+    if not (out / outputs.CONFIG).exists():
+        outputs.write_config(out, config)
+    if original is not None and not (out / "report.md").exists():
+        sample = train_data[0][0]
+        outputs.write_report(out, original, model, (1, *tuple(sample.shape)), name)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"

@@ -1,0 +1,122 @@
+"""torchrun support: one process per device, DDP, and the few collectives the loop needs.
+
+Everything here degrades to a no-op in a single process, so the loop has one code path. Backend:
+nccl on GPUs, gloo on the CPU (the only one that works there, and what the tests use).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_world_size() -> int:
+    """Processes torchrun started (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup(device: torch.device) -> DistContext:
+    """Join the process group torchrun describes in the environment, or reuse one already joined."""
+    if dist.is_available() and dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    world = launched_world_size()
+    if world <= 1:
+        return DistContext()
+    if not dist.is_available():
+        raise RuntimeError("torch.distributed is not available in this PyTorch build; run without torchrun")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
+                       owns_group=True)
+
+
+def local_rank() -> int:
+    """This process's GPU index on its node under torchrun (0 otherwise)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def teardown(ctx: DistContext) -> None:
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, device: torch.device, ctx: DistContext) -> nn.Module:
+    """DDP over the parameters that currently require grad (re-wrap when that set changes)."""
+    if not ctx.enabled:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if ctx.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flags: list[bool], device: torch.device, ctx: DistContext) -> list[bool]:
+    """Element-wise OR over ranks: every process must stop or checkpoint at the same step."""
+    if not ctx.enabled:
+        return flags
+    tensor = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
+
+
+def gather(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's ``obj``, in rank order (each process has its own RNG and running sums)."""
+    if not ctx.enabled:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+def main_first(fn: Callable[[], T], ctx: DistContext) -> T:
+    """Run ``fn`` on rank 0 only; every rank gets its result, or raises its error.
+
+    Without this, a refused ``--out`` on rank 0 would leave the other ranks waiting in a collective.
+    """
+    if not ctx.enabled:
+        return fn()
+    box: list[Any] = [None, None]
+    if ctx.is_main:
+        try:
+            box[1] = fn()
+        except (ValueError, OSError, RuntimeError) as exc:
+            box[0] = (next(c.__name__ for c in type(exc).__mro__ if c.__name__ in _ERRORS), str(exc))
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise _ERRORS.get(box[0][0], RuntimeError)(box[0][1])
+    return box[1]
+
+
+_ERRORS = {cls.__name__: cls for cls in (ValueError, FileNotFoundError, FileExistsError, PermissionError,
+                                          RuntimeError, OSError, NotADirectoryError, IsADirectoryError)}

@@ -1,0 +1,345 @@
+"""The epochs: train steps, validation, checkpoints, and the files each epoch leaves.
+
+The pieces are the libraries' own (timm's optimizer factory, cosine scheduler and ``ModelEmaV3``,
+torch's autocast, GradScaler and DDP); what is ours is the bookkeeping that makes a run resumable
+to the bit: the step counter is the unit of progress, RNG states are saved at step boundaries, and
+the data order comes from ``sampling.TrainBatches``.
+"""
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .. import checkpoint as ckpt
+from . import distributed, outputs, state
+from .devices import autocast, grad_scaler
+from .distributed import DistContext
+from .freeze import freeze_batchnorm, parameter_groups, set_trainable, stage_of, trains_backbone
+from .interrupt import GracefulStop
+from .options import TrainOptions
+from .sampling import TrainBatches, val_loader
+
+
+@dataclass
+class LoopResult:
+    model: nn.Module
+    progress: state.Progress
+    interrupted: bool
+    seconds: float
+    files: dict[str, Path]
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch (all devices) RNGs from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """One fine-tuning run. Build it, then call :meth:`fit` once."""
+
+    def __init__(self, *, model: nn.Module, train_data: Dataset, val_data: Dataset | None, options: TrainOptions,
+                 device: torch.device, dtype: torch.dtype | None, ctx: DistContext, new_names: set[str],
+                 head_name: str | None, out_dir: Path | None, config: dict[str, Any], base_model: str | None,
+                 verbose: bool = True, progress_bars: bool | None = None) -> None:
+        self.opts = options
+        self.device = device
+        self.dtype = dtype
+        self.ctx = ctx
+        self.new_names = new_names
+        self.head_name = head_name
+        self.out = out_dir if ctx.is_main else None
+        self.saving = out_dir is not None
+        self.config = config
+        self.base_model = base_model
+        self.verbose = verbose and ctx.is_main
+        if progress_bars is None:
+            progress_bars = sys.stdout.isatty()
+        self.bars = progress_bars and ctx.is_main
+
+        self.model = model.to(device)
+        if options.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        pin = device.type == "cuda"
+        self.batches = TrainBatches(train_data, options.batch_size, options.workers, options.seed, ctx, pin)
+        self.val = val_loader(val_data, options.batch_size, options.workers, ctx, pin) if val_data is not None else None
+        self.steps_per_epoch = self.batches.steps_per_epoch
+
+        groups = parameter_groups(self.model, new_names, options.train, options.weight_decay,
+                                  options.backbone_lr_scale)
+        self.optimizer = create_optimizer_v2(groups, opt=options.opt, lr=options.lr,
+                                             weight_decay=options.weight_decay, momentum=options.momentum)
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer, sched="cosine", num_epochs=options.epochs, warmup_epochs=options.warmup_epochs,
+            warmup_lr=options.lr * 0.01, min_lr=options.min_lr, step_on_epochs=False,
+            updates_per_epoch=self.steps_per_epoch)
+        self.scaler = grad_scaler(device, dtype)
+        self.ema = ModelEmaV3(self.model, decay=options.ema_decay, use_warmup=True) if options.ema else None
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
+
+        self.stage = 0
+        self.forward_model: nn.Module = self.model
+        self.accum = torch.zeros(3, dtype=torch.float64, device=device)
+        self.epoch_seconds = 0.0
+        self.last_save = time.monotonic()
+        self.progress = state.Progress()
+        self.resumed = False
+        self.last_lr = float(self.optimizer.param_groups[0]["lr"])
+
+    # ----------------------------------------------------------------------------------------- state
+    def resume_from(self, saved: dict[str, Any]) -> None:
+        """Continue from a ``last.pt``: weights, optimizer, schedule, EMA, RNG, data position."""
+        ranks = saved["ranks"]
+        if len(ranks) != self.ctx.world_size:
+            raise ValueError(f"the checkpoint was written by {len(ranks)} process(es), this run has "
+                             f"{self.ctx.world_size}; resume with the same number (torchrun --nproc_per_node "
+                             f"{len(ranks)}), since the data order and batch size depend on it")
+        self.progress = state.restore(saved, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                      scaler=self.scaler, ema=self.ema)
+        mine = ranks[self.ctx.rank]
+        self.accum = torch.tensor(mine["accum"], dtype=torch.float64, device=self.device)
+        self.epoch_seconds = float(mine["epoch_seconds"])
+        self.last_lr = float(mine["last_lr"])
+        ckpt.set_rng_state(mine["rng"])
+        self.resumed = True
+
+    def _save(self) -> None:
+        """Write ``last.pt`` (collective under DDP: every rank contributes its RNG and sums)."""
+        if not self.saving:
+            return
+        mine = {"rng": ckpt.rng_state(), "accum": self.accum.tolist(), "epoch_seconds": self.epoch_seconds,
+                "last_lr": self.last_lr}
+        ranks = distributed.gather(mine, self.ctx)
+        if self.out is not None:
+            snapshot = state.build(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                   scaler=self.scaler, ema=self.ema, progress=self.progress, rank_states=ranks,
+                                   data_order=self.batches.order_state(self.progress.epoch,
+                                                                       self.progress.step_in_epoch),
+                                   config=self.config)
+            state.save(self.out / outputs.LAST, snapshot)
+        self.last_save = time.monotonic()
+
+    def _checkpoint_due(self) -> bool:
+        if not self.saving or self.progress.step_in_epoch >= self.steps_per_epoch:
+            return False
+        every = self.opts.checkpoint_every_steps
+        if every and self.progress.global_step % every == 0:
+            return True
+        seconds = self.opts.checkpoint_every_seconds
+        return bool(seconds) and time.monotonic() - self.last_save >= seconds
+
+    # ------------------------------------------------------------------------------------- training
+    def _enter_stage(self, stage: int) -> None:
+        """Set what trains; DDP is rebuilt because it registers gradient hooks per trainable tensor."""
+        set_trainable(self.model, self.new_names, trains_backbone(self.opts.train, stage))
+        self.forward_model = distributed.wrap(self.model, self.device, self.ctx)
+        if self.opts.compile:
+            self.forward_model = torch.compile(self.forward_model)
+        self.stage = stage
+        if stage == 2:
+            self._log(f"stage 2: training every layer, backbone at {self.opts.backbone_lr_scale:g} x lr")
+
+    def _step(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        if self.opts.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.dtype):
+            logits = self.forward_model(images)
+            loss = self.criterion(logits, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        if self.opts.clip_grad is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            torch.nn.utils.clip_grad_norm_(trainable, self.opts.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.last_lr = float(self.optimizer.param_groups[0]["lr"])
+        self.progress.global_step += 1
+        self.progress.step_in_epoch += 1
+        self.scheduler.step_update(num_updates=self.progress.global_step)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.progress.global_step)
+        with torch.no_grad():
+            count = targets.numel()
+            correct = (logits.argmax(dim=1) == targets).sum()
+            self.accum += torch.stack([loss.detach().double() * count, correct.double(),
+                                       torch.tensor(float(count), dtype=torch.float64, device=self.device)])
+
+    @torch.no_grad()
+    def _evaluate(self) -> tuple[float, float, float]:
+        """Validation loss, top-1 and top-5 (%) over the whole validation set, summed across ranks."""
+        if self.val is None:
+            return math.nan, math.nan, math.nan
+        module = self.ema.module if self.ema is not None else self.model
+        was_training = module.training
+        module.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        try:
+            for images, targets in self.val:
+                images = images.to(self.device, non_blocking=True)
+                targets = targets.to(self.device, non_blocking=True)
+                if self.opts.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with autocast(self.device, self.dtype):
+                    logits = module(images)
+                logits = logits.float()
+                topk = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
+                sums += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
+                                     topk[:, 0].sum().double(), topk.any(dim=1).sum().double(),
+                                     torch.tensor(float(targets.numel()), dtype=torch.float64, device=self.device)])
+        finally:
+            module.train(was_training)
+        loss, top1, top5, count = distributed.all_reduce_sum(sums, self.ctx).tolist()
+        if count == 0:
+            return math.nan, math.nan, math.nan
+        return loss / count, 100.0 * top1 / count, 100.0 * top5 / count
+
+    def _end_epoch(self, epoch: int, started: float) -> dict[str, float]:
+        loss_sum, correct, count = distributed.all_reduce_sum(self.accum.clone(), self.ctx).tolist()
+        val_loss, top1, top5 = self._evaluate()
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(count, 1), "train_acc": 100.0 * correct / max(count, 1),
+               "val_loss": val_loss, "val_top1": top1, "val_top5": top5,
+               "lr": self.last_lr, "seconds": time.perf_counter() - started}
+        progress = self.progress
+        progress.history.append(row)
+        if not math.isnan(top1) and (progress.best_top1 is None or top1 > progress.best_top1):
+            progress.best_top1, progress.best_epoch = top1, epoch + 1
+            if self.out is not None:
+                best = self.ema.module if self.ema is not None else self.model
+                outputs.save_weights(self.out / outputs.BEST, best, metadata={"epoch": str(epoch + 1),
+                                                                                "val_top1": f"{top1:.4f}"})
+        progress.epoch = epoch + 1
+        progress.step_in_epoch = 0
+        self.accum.zero_()
+        self.epoch_seconds = 0.0
+        return row
+
+    # ------------------------------------------------------------------------------------------ run
+    def fit(self) -> LoopResult:
+        started = time.perf_counter()
+        opts, progress = self.opts, self.progress
+        interrupted = False
+        if not self.resumed:
+            seed_everything(opts.seed + self.ctx.rank)
+        if not progress.complete:
+            with GracefulStop(announce=self.ctx.is_main) as stop:
+                interrupted = self._run_epochs(stop)
+        if not interrupted:
+            if not progress.complete:
+                progress.complete = True
+                self._save()
+            self._finish()
+        return LoopResult(model=self.model, progress=progress, interrupted=interrupted,
+                          seconds=time.perf_counter() - started, files=self._files())
+
+    def _run_epochs(self, stop: GracefulStop) -> bool:
+        opts, progress = self.opts, self.progress
+        epoch_bar = tqdm(total=opts.epochs, initial=progress.epoch, desc="epochs", unit="epoch",
+                         disable=not self.bars, dynamic_ncols=True)
+        try:
+            while progress.epoch < opts.epochs:
+                epoch = progress.epoch
+                stage = stage_of(opts.train, epoch, opts.stage1_epochs)
+                if stage != self.stage:
+                    self._enter_stage(stage)
+                self.model.train()
+                if opts.freeze_bn:
+                    freeze_batchnorm(self.model)
+                epoch_started = time.perf_counter() - self.epoch_seconds
+                batch_bar = tqdm(total=self.steps_per_epoch, initial=progress.step_in_epoch, leave=False,
+                                 desc=f"epoch {epoch + 1}/{opts.epochs}", unit="batch", disable=not self.bars,
+                                 dynamic_ncols=True)
+                with batch_bar:
+                    for images, targets in self.batches.epoch(epoch, progress.step_in_epoch):
+                        self._step(images, targets)
+                        batch_bar.update()
+                        if self.bars and progress.step_in_epoch % 10 == 0:
+                            batch_bar.set_postfix(loss=f"{self.accum[0].item() / max(self.accum[2].item(), 1):.3f}",
+                                                  lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+                        stop_now, save_now = distributed.any_rank([stop.requested, self._checkpoint_due()],
+                                                                  self.device, self.ctx)
+                        if stop_now or save_now:
+                            self.epoch_seconds = time.perf_counter() - epoch_started
+                            self._save()
+                        if stop_now:
+                            self._announce_stop()
+                            return True
+                row = self._end_epoch(epoch, epoch_started)
+                self._save()
+                if self.out is not None:
+                    outputs.write_metrics(self.out, progress.history)
+                    outputs.plot_curves(self.out, progress.history)
+                epoch_bar.update()
+                self._log(_epoch_line(row, opts.epochs))
+                if distributed.any_rank([stop.requested], self.device, self.ctx)[0] and progress.epoch < opts.epochs:
+                    self._announce_stop()
+                    return True
+        finally:
+            epoch_bar.close()
+        return False
+
+    def _finish(self) -> None:
+        """Final weights (the EMA's when kept) to ``model.safetensors``, and the adapter when it suffices."""
+        if self.ema is not None:
+            self.model.load_state_dict(self.ema.module.state_dict())
+        if self.out is not None:
+            outputs.save_weights(self.out / outputs.MODEL, self.model, metadata={"format": "pt"})
+            if self.adapter_suffices:
+                extra = [self.head_name] if self.head_name else []
+                outputs.save_adapter(self.out, self.model, self.base_model, extra)
+            outputs.write_metrics(self.out, self.progress.history)
+            if self.progress.history:
+                outputs.plot_curves(self.out, self.progress.history)
+        distributed.barrier(self.ctx)
+
+    @property
+    def adapter_suffices(self) -> bool:
+        """SE weights + head rebuild the model only if nothing else changed (weights or BN statistics)."""
+        return self.opts.train in ("se", "se+head") and self.opts.freeze_bn and bool(self.new_names)
+
+    def _files(self) -> dict[str, Path]:
+        if not self.saving or self.out is None:
+            return {}
+        names = [outputs.CONFIG, outputs.LAST, outputs.BEST, outputs.METRICS, outputs.CURVES, "report.md",
+                 "report.json", outputs.MODEL, "se_adapter.safetensors", "se_adapter_config.json"]
+        return {name: self.out / name for name in names if (self.out / name).exists()}
+
+    def _announce_stop(self) -> None:
+        where = f"; checkpoint saved to {self.out / outputs.LAST}" if self.out is not None else ""
+        self._log(f"stopped at epoch {self.progress.epoch + 1}, step {self.progress.step_in_epoch}{where}")
+
+    def _log(self, message: str) -> None:
+        if self.verbose:
+            tqdm.write(message)
+
+
+def _epoch_line(row: dict[str, float], epochs: int) -> str:
+    return (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.2f}%  "
+            f"val_loss {row['val_loss']:.4f}  val_top1 {row['val_top1']:.2f}%  val_top5 {row['val_top5']:.2f}%  "
+            f"lr {row['lr']:.2e}  {row['seconds']:.1f}s")
+

@@ -1,0 +1,238 @@
+"""The run folder: refusing to clobber one, and writing what a finished (or stopped) run leaves there.
+
+Layout of ``--out``::
+
+    config.json          the resolved config (every default made concrete), compared on --resume
+    last.pt              training state, rewritten atomically every epoch and mid-epoch (see state.py)
+    best.safetensors     weights of the epoch with the best validation top-1
+    metrics.csv          one row per epoch
+    curves.png           loss and accuracy against epochs
+    report.md/.json      parameters and FLOPs before and after the retrofit (se_retrofit.report)
+    model.safetensors    final full state dict
+    se_adapter.*         SE weights (+ the head) alone, when the backbone was left untouched
+
+Every file is written to a temporary name and renamed, so an interrupted write never leaves a torn
+file; ``metrics.csv`` and ``curves.png`` are re-rendered from the history kept in the checkpoint, so
+they always agree with it.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .. import checkpoint as ckpt
+
+CONFIG = "config.json"
+LAST = "last.pt"
+BEST = "best.safetensors"
+METRICS = "metrics.csv"
+CURVES = "curves.png"
+MODEL = "model.safetensors"
+METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr", "seconds")
+# Sections of config.json that may change between a run and its resumption: speed, not results.
+UNCOMPARED = ("runtime", "se_retrofit_version")
+
+
+def prepare_out_dir(out: Path, resume: bool) -> bool:
+    """Check that ``out`` can take this run; return True when there is a checkpoint to resume.
+
+    A new run needs a folder that is missing or empty: anything else may be someone's earlier run,
+    and silently mixing or overwriting files is how results get lost. ``resume`` needs ``config.json``
+    (the config comparison happens once the new config is known, in :func:`check_same_run`).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder; choose a folder path")
+    if out.is_dir():
+        entries = sorted(p.name for p in out.iterdir())
+        if resume:
+            if CONFIG not in entries:
+                raise FileNotFoundError(f"nothing to resume in {out}: it has no {CONFIG} from an earlier run; "
+                                        "drop --resume to start a new run there (it must be empty)")
+            _check_writable(out)
+            return (out / LAST).exists()
+        if entries:
+            what = _describe_run(out) if CONFIG in entries else f"holds {len(entries)} file(s) ({', '.join(entries[:4])}...)"
+            raise FileExistsError(f"--out {out} {what}; refusing to overwrite it. Pass --resume to continue "
+                                  "that run, or choose another --out")
+        _check_writable(out)
+        return False
+    if resume:
+        raise FileNotFoundError(f"nothing to resume: {out} does not exist; drop --resume to start a new run")
+    _check_writable(out.parent if out.parent.exists() else _existing_ancestor(out))
+    return False
+
+
+def make_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PermissionError(f"cannot create --out {out}: {exc.strerror or exc}; choose a writable folder") from exc
+
+
+def _existing_ancestor(path: Path) -> Path:
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"cannot create --out {path}: {parent} is a file; choose a folder path")
+            return parent
+    return Path("/")
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".se_retrofit_write_test_")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PermissionError(f"cannot write to {folder} ({exc.strerror or exc}); choose a writable --out") from exc
+
+
+def _describe_run(out: Path) -> str:
+    try:
+        config = json.loads((out / CONFIG).read_text())
+        model = config.get("model", {}).get("name") or config.get("model", {}).get("class", "a model")
+        return f"already holds a run of {model!r} ({CONFIG})"
+    except (OSError, ValueError, AttributeError):
+        return f"already holds a run ({CONFIG})"
+
+
+def read_config(out: Path) -> dict[str, Any]:
+    return json.loads((Path(out) / CONFIG).read_text())
+
+
+def config_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``section.key: saved -> new`` for every setting that differs, runtime settings aside."""
+    flat_saved, flat_new = _flatten(saved), _flatten(new)
+    diffs = []
+    for key in sorted(set(flat_saved) | set(flat_new), key=_importance):
+        if key.split(".", 1)[0] in UNCOMPARED:
+            continue
+        a, b = flat_saved.get(key, "<unset>"), flat_new.get(key, "<unset>")
+        if a != b:
+            diffs.append(f"{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def _importance(key: str) -> tuple[int, str]:
+    """Model and SE options first: the differences that say "another run" most plainly."""
+    order = ("model", "se", "train", "data")
+    section = key.split(".", 1)[0]
+    return (order.index(section) if section in order else len(order), key)
+
+
+def check_same_run(saved: dict[str, Any], new: dict[str, Any], out: Path) -> None:
+    diffs = config_differences(saved, new)
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise ValueError(f"--resume: {out} holds a different run ({shown}). Resume with the options of that run "
+                         f"(see {out / CONFIG}), or choose another --out for a new one")
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: _jsonable(data)}
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, text.encode())
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_config(out: Path, config: dict[str, Any]) -> None:
+    atomic_write_text(out / CONFIG, json.dumps(config, indent=2, default=str) + "\n")
+
+
+def write_metrics(out: Path, history: list[dict[str, float]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
+    atomic_write_text(out / METRICS, buffer.getvalue())
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return "" if value != value else f"{value:.6g}"
+    return value
+
+
+def plot_curves(out: Path, history: list[dict[str, float]]) -> None:
+    """Loss and accuracy per epoch, drawn with the Agg canvas directly (no pyplot, no global backend change)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    epochs = [row["epoch"] for row in history]
+    figure = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    loss_ax, acc_ax = figure.subplots(1, 2)
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        loss_ax.plot(epochs, [row[key] for row in history], marker="o", label=label)
+    for key, label in (("train_acc", "train top-1"), ("val_top1", "validation top-1"), ("val_top5", "validation top-5")):
+        acc_ax.plot(epochs, [row[key] for row in history], marker="o", label=label)
+    loss_ax.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
+    acc_ax.set(title="accuracy", xlabel="epoch", ylabel="%")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    _atomic_write_bytes(out / CURVES, buffer.getvalue())
+
+
+def write_report(out: Path, original: nn.Module, se_model: nn.Module, input_size: tuple[int, ...],
+                 name: str | None = None) -> None:
+    """Parameters and MACs before and after the retrofit (and how many train), as Markdown and JSON."""
+    from ..report import report
+
+    with torch.no_grad():
+        result = report(original, se_model, input_size=tuple(input_size), name=name)
+    as_json = result.to_json()
+    atomic_write_text(out / "report.md", result.to_markdown())
+    atomic_write_text(out / "report.json", as_json if isinstance(as_json, str) else json.dumps(as_json, indent=2))
+
+
+def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A safetensors-ready copy: CPU, contiguous (channels_last is a stride, not a layout there)."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_weights(path: Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
+    ckpt.atomic_save_safetensors(weights_of(model), path, metadata=metadata)
+
+
+def save_adapter(out: Path, model: nn.Module, base_model: str | None, extra_modules: Iterable[str]) -> Path:
+    from ..adapter import save_adapter as _save_adapter
+
+    return Path(_save_adapter(model, out, base_model=base_model, extra_modules=tuple(extra_modules)))

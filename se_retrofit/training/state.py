@@ -1,0 +1,86 @@
+"""The training-state checkpoint (``last.pt``): everything needed to continue as if never stopped.
+
+It holds the model, optimizer, scheduler, gradient scaler and EMA states, each process's RNG states and
+running sums (under torchrun every rank has its own augmentation stream), the position in the data
+(epoch and batches done: the data order is a function of seed and epoch, see ``sampling``), the
+history, the best metric and the resolved config. Only plain containers, numbers, strings and tensors
+go in, so it loads with ``torch.load(weights_only=True)``: opening a checkpoint never runs code.
+Writes go through ``se_retrofit.checkpoint.atomic_save`` (temporary file + ``os.replace``), so a
+SIGKILL during a save leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .. import checkpoint as ckpt
+
+FORMAT = "se_retrofit.train_state/1"
+
+
+@dataclass
+class Progress:
+    """Where the run is. ``epoch`` is the 0-based epoch in progress (``epochs`` once complete)."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_top1: float | None = None
+    best_epoch: int | None = None
+    complete: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Progress":
+        return cls(**data)
+
+
+def build(*, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, ema: Any, progress: Progress,
+          rank_states: list[dict[str, Any]], data_order: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "ema": ema.state_dict() if ema is not None else None,
+        "progress": progress.to_dict(),
+        "ranks": rank_states,
+        "data_order": data_order,
+        "config": config,
+    }
+
+
+def save(path: Path, state: dict[str, Any]) -> None:
+    ckpt.atomic_save(state, path)
+
+
+def load(path: Path) -> dict[str, Any]:
+    state = ckpt.load_checkpoint(path)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} is not a se_retrofit training checkpoint (format {found!r}, expected {FORMAT!r}); "
+                         "--resume continues only runs written by convert-and-finetune")
+    return state
+
+
+def restore(state: dict[str, Any], *, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
+            ema: Any) -> Progress:
+    """Load the states into the live objects and return the progress to continue from."""
+    ckpt.load_into(model, state["model"], strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        if state["ema"] is None:
+            raise ValueError("the checkpoint was trained without --ema; resume without it")
+        ema.load_state_dict(state["ema"])
+    return Progress.from_dict(state["progress"])
