@@ -136,15 +136,16 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
     """Trace, check and analyse one module; a module whose forward cannot be trusted is skipped whole."""
     try:
         param_names, concrete = bind_call(module, call)
-        eval_graph = trace_forward(module, concrete, param_names, training=False)
+        eval_graph, reads_training = trace_forward(module, concrete, param_names, training=False)
         if not tensor_adds(eval_graph):
             return None, []
         propagate_shapes(module, eval_graph, call, check_output=True)
-        train_graph = trace_forward(module, concrete, param_names, training=True)
         graphs = [eval_graph]
-        if train_graph.python_code("self").src != eval_graph.python_code("self").src:
-            propagate_shapes(module, train_graph, call, check_output=False)
-            graphs.append(train_graph)
+        if reads_training:
+            train_graph, _ = trace_forward(module, concrete, param_names, training=True)
+            if train_graph.python_code("self").src != eval_graph.python_code("self").src:
+                propagate_shapes(module, train_graph, call, check_output=False)
+                graphs.append(train_graph)
     except TraceFailure as exc:
         return None, [Skipped(name, None, f"module skipped: {exc}")]
     all_placements = []

@@ -10,7 +10,7 @@ import importlib
 import sys
 from typing import Sequence
 
-COMMANDS = ("sites", )
+COMMANDS = ("sites", "report", "convert_and_finetune", "coverage")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ import dataclasses
 import importlib
 import json
 import math
+import operator
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -217,8 +218,9 @@ def report(original: nn.Module, se_model: nn.Module, input_size: int | Sequence[
     block_macs = {n: after.by_module.get(after.canonical(n), 0) for n, _ in blocks}
     total_params, total_macs = sum(block_params.values()), sum(block_macs.values())
     rows = [BlockCost(name=n, channels=m.channels, hidden=m.hidden, params=block_params[n], macs=block_macs[n],
-                      param_share=_fraction(block_params[n], total_params), mac_share=_fraction(block_macs[n], total_macs),
-                      input_shape=seen.get(n)) for n, m in blocks]
+                      param_share=_fraction(block_params[n], total_params),
+                      mac_share=_fraction(block_macs[n], total_macs), input_shape=seen.get(n))
+            for n, m in blocks]
     trainable = sum(p.numel() for p in se_model.parameters() if p.requires_grad)
     return Report(
         input_size=shape,
@@ -244,10 +246,20 @@ def input_shape(input_size: int | Sequence[int]) -> tuple[int, ...]:
             dims = (1, 3) + dims
     else:
         raise ValueError(f"input size must be an int, (height, width) or a full shape, got {input_size!r}")
-    if len(dims) < 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+    if len(dims) < 3 or not all(_is_positive_int(d) for d in dims):
         raise ValueError(f"input size {input_size!r} must be a positive int, (height, width) or a full input "
                          "shape (batch, channels, ...) of positive ints")
-    return dims
+    return tuple(operator.index(d) for d in dims)
+
+
+def _is_positive_int(value: Any) -> bool:
+    """An int, or an integer scalar such as ``numpy.int64`` or a ``torch.Size`` entry, above zero."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return operator.index(value) > 0
+    except TypeError:
+        return False
 
 
 @dataclass
@@ -328,6 +340,11 @@ def _fvcore() -> Any:
 
 
 def _count(model: nn.Module, shape: tuple[int, ...]) -> _Count:
+    """fvcore's count with the SE gate handles, every fvcore message and trace warning kept from the user.
+
+    The model already ran eagerly (:func:`_check_runs`), so any warning of its own has been shown
+    once; what the trace adds on top is TorchScript noise.
+    """
     fvcore = _fvcore()
     se_names = {name for name, _ in se_blocks(model)}
     scoped = _SEScopedHandles(se_names)

@@ -92,23 +92,53 @@ class TracedForward:
     training: bool
 
 
+_SPIES: dict[type, type] = {}
+
+
+def _spy_class(cls: type) -> type:
+    """A subclass of ``cls`` whose ``training`` attribute records that it was read.
+
+    fx bakes ``self.training`` into the graph as a constant; a forward that never reads it needs one
+    trace, not one per mode. Knowing exactly (rather than searching the source for the word) also
+    covers helper methods the forward calls.
+    """
+    spy = _SPIES.get(cls)
+    if spy is None:
+        def get(self: nn.Module) -> bool:
+            self.__dict__["_se_training_read"] = True
+            return self.__dict__["_se_training"]
+
+        def set_(self: nn.Module, value: bool) -> None:
+            self.__dict__["_se_training"] = value
+
+        spy = type(cls.__name__, (cls,), {"training": property(get, set_), "__module__": cls.__module__})
+        _SPIES[cls] = spy
+    return spy
+
+
 def trace_forward(module: nn.Module, concrete_args: dict[str, Any], param_names: list[str],
-                  training: bool) -> fx.Graph:
+                  training: bool) -> tuple[fx.Graph, bool]:
     """Trace ``module.forward`` as it runs with ``module.training == training``.
 
-    Only the module's own flag is set: its children are leaves, so their flags do not reach the graph.
+    Returns the graph and whether the forward read ``self.training`` (if not, the graph serves both
+    modes). Only the module's own flag matters: its children are leaves, so theirs never reach the graph.
     """
-    was = module.training
-    module.training = training
+    cls, was = type(module), module.__dict__["training"]
+    module.__class__ = _spy_class(cls)
+    del module.__dict__["training"]
+    module.__dict__["_se_training"] = training
     try:
         graph = BlockTracer().trace(module, concrete_args=concrete_args or None)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError...): all mean "cannot trace"
         first = f"{type(exc).__name__}: {exc}".splitlines()[0]
         raise TraceFailure(f"fx cannot trace its forward ({first[:240]})") from None
     finally:
-        module.training = was
+        read = module.__dict__.pop("_se_training_read", False)
+        module.__dict__.pop("_se_training", None)
+        module.__class__ = cls
+        module.__dict__["training"] = was
     _restore_parameter_names(graph, param_names)
-    return graph
+    return graph, read
 
 
 def _restore_parameter_names(graph: fx.Graph, param_names: list[str]) -> None:

@@ -8,11 +8,6 @@ from __future__ import annotations
 import argparse
 import re
 
-import se_retrofit
-
-from ..config import SEConfig
-from ..models import create_model
-from ..report import report
 from ._options import add_conversion_options, conversion_kwargs
 
 FORMATS = ("table", "markdown", "json")
@@ -50,9 +45,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import apply
+    from ..config import SEConfig
+    from ..models import create_model
+    from ..report import report
+
     config = SEConfig(**conversion_kwargs(args))
     model = create_model(args.model, pretrained=args.pretrained)
-    se_model = se_retrofit.apply(model, config)
+    se_model = apply(model, config)
     result = report(model, se_model, input_size=args.input_size, name=args.model)
     if args.format == "json":
         print(result.to_json())
