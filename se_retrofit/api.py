@@ -240,8 +240,10 @@ def _make_se(site: Site, config: SEConfig, like: nn.Module) -> SEBlock:
 
 
 def _verify(module: nn.Module, call: Call, identity: bool) -> str | None:
-    """Run the rewritten block on its recorded input; with the identity init its output must not change."""
-    from .tracing import _same
+    """Run the rewritten block on its recorded input: same output under the identity init, same shapes otherwise."""
+    from torch.utils._pytree import tree_flatten
+
+    from .tracing import same_outputs
 
     args, kwargs = call.fresh_args()
     with preserved_modes(module), torch.no_grad():
@@ -250,14 +252,11 @@ def _verify(module: nn.Module, call: Call, identity: bool) -> str | None:
             out = module(*args, **kwargs)
         except Exception as exc:  # the rewrite broke the block: report it and undo
             return f"rewritten block fails: {type(exc).__name__}: {exc}".splitlines()[0]
-    if identity and not _same(out, call.output):
-        return "rewritten block changes the output under the identity init"
-    if not identity:
-        ref = call.output
-        if not (isinstance(out, torch.Tensor) and isinstance(ref, torch.Tensor) and out.shape == ref.shape) \
-                and isinstance(ref, torch.Tensor):
-            return "rewritten block changes the output shape"
-    return None
+    if identity:
+        return None if same_outputs(out, call.output) else "rewritten block changes the output under the identity init"
+    shapes = [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    expected = [tuple(t.shape) for t in tree_flatten(call.output)[0] if isinstance(t, torch.Tensor)]
+    return None if shapes == expected else "rewritten block changes the output shape"
 
 
 def find_sites(model: nn.Module, config: SEConfig | None = None, *, reduction: float = 16,

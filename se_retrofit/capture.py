@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -123,6 +123,38 @@ def describe(args: tuple, kwargs: dict) -> str:
     return ", ".join(parts)
 
 
+def _record(model: nn.Module, modules: dict[str, nn.Module], args: tuple, kwargs: dict) -> dict[str, Call]:
+    """One eval-mode, no-grad forward with hooks that keep each module's first call."""
+    calls: dict[str, Call] = {}
+    pending: dict[str, tuple[tuple, dict]] = {}
+
+    def pre_hook(name: str):
+        def hook(module: nn.Module, a: tuple, kw: dict) -> None:
+            if name not in calls and name not in pending:
+                pending[name] = (_clone(a), _clone(kw))
+        return hook
+
+    def post_hook(name: str):
+        def hook(module: nn.Module, a: tuple, kw: dict, output: Any) -> None:
+            if name in pending and name not in calls:
+                a0, kw0 = pending.pop(name)
+                calls[name] = Call(a0, kw0, _clone(output))
+        return hook
+
+    handles = []
+    for name, module in modules.items():
+        handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
+        handles.append(module.register_forward_hook(post_hook(name), with_kwargs=True))
+    try:
+        with preserved_modes(model), torch.no_grad():
+            model.eval()
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
 def capture_calls(model: nn.Module, modules: dict[str, nn.Module], example_input: Any = None
                   ) -> tuple[dict[str, Call], tuple[tuple, dict]]:
     """Record the first call of every module in ``modules`` during one example forward.
@@ -136,46 +168,11 @@ def capture_calls(model: nn.Module, modules: dict[str, nn.Module], example_input
         candidates = candidate_inputs(model)
     errors: list[str] = []
     for args, kwargs in candidates:
-        calls: dict[str, Call] = {}
-        pending: dict[str, tuple[tuple, dict]] = {}
-        handles = []
-
-        def pre_hook(name: str):
-            def hook(module: nn.Module, a: tuple, kw: dict) -> None:
-                if name not in calls and name not in pending:
-                    pending[name] = (_clone(a), _clone(kw))
-            return hook
-
-        def post_hook(name: str):
-            def hook(module: nn.Module, a: tuple, kw: dict, output: Any) -> None:
-                if name in pending and name not in calls:
-                    a0, kw0 = pending.pop(name)
-                    calls[name] = Call(a0, kw0, _clone(output))
-            return hook
-
-        for name, module in modules.items():
-            handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
-            handles.append(module.register_forward_hook(post_hook(name), with_kwargs=True))
         try:
-            with preserved_modes(model), torch.no_grad():
-                model.eval()
-                model(*args, **kwargs)
+            return _record(model, modules, args, kwargs), (args, kwargs)
         except Exception as exc:  # any failure means "try the next input"; all are reported below
             errors.append(f"input {describe(args, kwargs)}: {type(exc).__name__}: {exc}".splitlines()[0][:300])
-            continue
-        finally:
-            for h in handles:
-                h.remove()
-        return calls, (args, kwargs)
     tried = "\n  ".join(errors)
     raise ValueError(
         f"could not run an example forward through {type(model).__name__}; tried:\n  {tried}\n"
         "Pass example_input= with an input the model accepts (a tensor, a tuple of arguments or a dict).")
-
-
-def example_call_repr(call: tuple[tuple, dict]) -> str:
-    return describe(*call)
-
-
-def all_names(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
-    return {n: model.get_submodule(n) if n else model for n in names}

@@ -11,7 +11,6 @@ fx can silently take the wrong branch of Python control flow.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -84,14 +83,6 @@ def bind_call(module: nn.Module, call: Call) -> tuple[list[str], dict[str, Any]]
     return names, concrete
 
 
-@dataclass
-class TracedForward:
-    """A module's forward as a graph, in the mode it was traced in."""
-
-    graph: fx.Graph
-    training: bool
-
-
 _SPIES: dict[type, type] = {}
 
 
@@ -155,7 +146,7 @@ def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     return fx.GraphModule(module, graph, class_name=type(module).__name__)
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_outputs(a: Any, b: Any) -> bool:
     la, sa = tree_flatten(a)
     lb, sb = tree_flatten(b)
     if sa != sb or len(la) != len(lb):
@@ -190,7 +181,7 @@ def propagate_shapes(module: nn.Module, graph: fx.Graph, call: Call, check_outpu
         except Exception as exc:  # the graph failed on real inputs: it does not describe this module
             first = f"{type(exc).__name__}: {exc}".splitlines()[0]
             raise TraceFailure(f"the traced graph fails on the recorded input ({first[:240]})") from None
-    if check_output and not _same(out, call.output):
+    if check_output and not same_outputs(out, call.output):
         raise TraceFailure("the traced graph does not reproduce the module's output "
                            "(Python control flow that fx cannot follow)")
 
