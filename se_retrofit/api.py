@@ -19,7 +19,7 @@ from .config import SEConfig
 from .rewrite import Undo, free_name, rewrite_block
 from .se_block import SEBlock, hidden_width
 from .sites import Placement, analyze, tensor_adds
-from .tracing import TraceFailure, bind_call, propagate_shapes, trace_forward
+from .tracing import TraceFailure, bind_call, cached_trace, clear_cache, propagate_shapes, trace_forward
 
 logger = logging.getLogger("se_retrofit")
 
@@ -136,7 +136,10 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
     """Trace, check and analyse one module; a module whose forward cannot be trusted is skipped whole."""
     try:
         param_names, concrete = bind_call(module, call)
-        eval_graph, reads_training = trace_forward(module, concrete, param_names, training=False)
+        if concrete:
+            eval_graph, reads_training = trace_forward(module, concrete, param_names, training=False)
+        else:
+            eval_graph, reads_training = cached_trace(module)
         if not tensor_adds(eval_graph):
             return None, []
         propagate_shapes(module, eval_graph, call, check_output=True)
@@ -176,7 +179,7 @@ def _uncalled_with_adds(name: str, module: nn.Module) -> Skipped | None:
 
 
 def _plan(model: nn.Module, config: SEConfig, example_input: Any) -> tuple[SitePlan, list[_BlockPlan]]:
-    layout.clear_cache()
+    clear_cache()
     candidates = {name: m for name, m in model.named_modules() if _is_candidate(m)}
     calls, used = capture_calls(model, candidates, example_input)
     from .capture import describe
@@ -195,7 +198,7 @@ def _plan(model: nn.Module, config: SEConfig, example_input: Any) -> tuple[SiteP
             if block is not None:
                 blocks.append(block)
     finally:
-        layout.clear_cache()
+        clear_cache()
     _select(plan, blocks, config)
     return plan, blocks
 

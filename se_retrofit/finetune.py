@@ -8,7 +8,7 @@ A model that already has SE blocks is trained in place, like ``Module.fit`` else
 from __future__ import annotations
 
 import copy
-import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -78,6 +78,7 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
         base_model: name recorded in the adapter config (the CLI passes the MODEL argument).
         run_info: extra config sections (the CLI's ``model`` and ``data``), saved and compared on resume.
         verbose / progress: per-epoch lines and the summary / tqdm bars (default: when stdout is a tty).
+        resume_hint: what to print after an interruption (the CLI passes its own command line).
         **options: :class:`~se_retrofit.training.TrainOptions` fields (``epochs``, ``lr``, ``train``...).
 
     Returns a :class:`FinetuneResult`; ``interrupted`` is True when Ctrl-C/SIGTERM stopped the run
@@ -233,9 +234,17 @@ def _start_outputs(out: Path, config: dict[str, Any], original: nn.Module | None
     outputs.make_out_dir(out)
     if not (out / outputs.CONFIG).exists():
         outputs.write_config(out, config)
-    if original is not None and not (out / "report.md").exists():
-        sample = train_data[0][0]
-        outputs.write_report(out, original, model, (1, *tuple(sample.shape)), name)
+    if original is None or (out / "report.md").exists():
+        return
+    shape = tuple(getattr(train_data[0][0], "shape", ()))
+    if len(shape) != 3:
+        warnings.warn(f"no report.md: training samples are not CHW tensors (shape {shape}); add a transform",
+                      stacklevel=3)
+        return
+    try:
+        outputs.write_report(out, original, model, (1, *shape), name)
+    except (RuntimeError, ValueError, TypeError) as exc:  # a cost report must not cost the run
+        warnings.warn(f"no report.md: measuring parameters and MACs failed ({exc})", stacklevel=3)
 
 
 def _duration(seconds: float) -> str:

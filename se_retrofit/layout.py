@@ -74,20 +74,12 @@ def _linear(inp: Layout | None) -> Layout | None:
     return inp
 
 
-_trace_cache: dict[int, fx.Graph | None] = {}
-
-
 def _traced_module_layout(module: nn.Module, inp: Layout | None, ndim: int | None, depth: int) -> Layout | None:
-    from .tracing import BlockTracer
+    from .tracing import cached_trace
 
-    key = id(module)
-    if key not in _trace_cache:
-        try:
-            _trace_cache[key] = BlockTracer().trace(module)
-        except Exception:  # an opaque leaf: its layout stays unknown
-            _trace_cache[key] = None
-    graph = _trace_cache[key]
-    if graph is None:
+    try:
+        graph, _ = cached_trace(module)
+    except Exception:  # an opaque leaf: its layout stays unknown
         return None
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if not placeholders:
@@ -96,10 +88,6 @@ def _traced_module_layout(module: nn.Module, inp: Layout | None, ndim: int | Non
     outputs = [n for n in graph.nodes if n.op == "output"]
     result = outputs[0].args[0] if outputs else None
     return layouts.get(result) if isinstance(result, fx.Node) else None
-
-
-def clear_cache() -> None:
-    _trace_cache.clear()
 
 
 def _node_args(node: fx.Node) -> list[fx.Node]:
@@ -123,6 +111,12 @@ def _dims_arg(node: fx.Node) -> list[int] | None:
     if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
         rest = list(rest[0])
     return rest if all(isinstance(d, int) for d in rest) else None
+
+
+def _keeps_axes(index: object, ndim: int) -> bool:
+    """Is ``x[index]`` a plain slice (``x[:, :c]``) that keeps every axis where it was?"""
+    items = index if isinstance(index, tuple) else (index,)
+    return len(items) <= ndim and all(isinstance(i, slice) for i in items)
 
 
 def _function_layout(node: fx.Node, layouts: dict[fx.Node, Layout | None], ndim: int | None) -> Layout | None:
@@ -155,6 +149,9 @@ def _function_layout(node: fx.Node, layouts: dict[fx.Node, Layout | None], ndim:
         if merged is None or not all(p is not None for p in parts):
             return None
         return merged if isinstance(dim, int) and _normalize(dim, merged.ndim) == merged.axis else None
+    if name == "getitem" and first is not None and _keeps_axes(node.args[1] if len(node.args) > 1 else None,
+                                                               first.ndim):
+        return first
     if name in ("mean", "sum", "amax", "amin") and node.kwargs.get("keepdim", len(node.args) > 2 and node.args[2]):
         return first
     if node.target in catalog.BINARY_ELEMENTWISE_FUNCTIONS or (
@@ -196,4 +193,4 @@ def expects_channel_first(module: nn.Module) -> bool:
     return bool(children) and catalog.is_conv(children[0])
 
 
-__all__ = ["Layout", "infer_layouts", "module_layout", "expects_channel_first", "clear_cache"]
+__all__ = ["Layout", "infer_layouts", "module_layout", "expects_channel_first"]

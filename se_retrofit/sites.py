@@ -275,8 +275,11 @@ def _classify(g: _Graph, add: fx.Node, terms: list[fx.Node], position: str) -> P
         return Rejection(add.name, "partial-channel add (an operand is a slice of a larger tensor)")
     convs = [g.convs(e) for e in exclusive]
     light = [g.is_light(e) for e in exclusive]
-    heavy = [i for i in range(len(terms)) if convs[i] >= 2 or (convs[i] >= 1 and not light[i])]
-    light_conv = [i for i in range(len(terms)) if convs[i] == 1 and light[i]]
+    # A term with a convolution is "heavy" (a residual branch doing work) when it holds a non-linearity
+    # or an op not known to be linear; a purely linear one (conv + norm, even two of them as in
+    # GhostNet's strided shortcut) is a projection, or one arm of a re-parameterisable block.
+    heavy = [i for i in range(len(terms)) if convs[i] >= 1 and not light[i]]
+    light_conv = [i for i in range(len(terms)) if convs[i] >= 1 and light[i]]
     zero = [i for i in range(len(terms)) if convs[i] == 0]
     if len(heavy) >= 2:
         return Rejection(add.name, f"{len(heavy)} operands carry work (no single residual branch)")

@@ -132,6 +132,32 @@ def trace_forward(module: nn.Module, concrete_args: dict[str, Any], param_names:
     return graph, read
 
 
+_CACHE: dict[int, tuple[fx.Graph, bool] | TraceFailure] = {}
+
+
+def cached_trace(module: nn.Module) -> tuple[fx.Graph, bool]:
+    """Eval-mode trace of ``module`` called with tensors only, shared by the analysis and the layout pass.
+
+    Within one ``apply`` the same module is traced as a candidate block and again when a parent's layout
+    needs to see inside it; one trace serves both. ``clear_cache`` ends its life with the ``apply`` call.
+    """
+    key = id(module)
+    if key not in _CACHE:
+        names = [p for p in inspect.signature(type(module).forward).parameters][1:]
+        try:
+            _CACHE[key] = trace_forward(module, {}, names, training=False)
+        except TraceFailure as exc:
+            _CACHE[key] = exc
+    hit = _CACHE[key]
+    if isinstance(hit, TraceFailure):
+        raise hit
+    return hit
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
 def _restore_parameter_names(graph: fx.Graph, param_names: list[str]) -> None:
     """fx may rename placeholders (``shortcut`` -> ``shortcut_1``); callers pass keywords by the real names."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -165,6 +191,27 @@ def same_outputs(a: Any, b: Any) -> bool:
     return True
 
 
+class _ShapeProp(ShapeProp):
+    """ShapeProp that hands leaf modules plain lists and dicts.
+
+    fx's interpreter passes containers as immutable_list / immutable_dict; a module that mutates its
+    list argument (HRNet: ``x[i] = branch(x[i])``) would fail here although it runs fine in the model.
+    """
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return super().call_module(target, _mutable(args), _mutable(kwargs))
+
+
+def _mutable(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_mutable(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    return value
+
+
 def propagate_shapes(module: nn.Module, graph: fx.Graph, call: Call, check_output: bool) -> None:
     """Run ``graph`` on the recorded arguments, storing ``tensor_meta`` on every node.
 
@@ -177,7 +224,7 @@ def propagate_shapes(module: nn.Module, graph: fx.Graph, call: Call, check_outpu
     with preserved_modes(module), torch.no_grad():
         gm.eval()
         try:
-            out = ShapeProp(gm).propagate(*flat)
+            out = _ShapeProp(gm).propagate(*flat)
         except Exception as exc:  # the graph failed on real inputs: it does not describe this module
             first = f"{type(exc).__name__}: {exc}".splitlines()[0]
             raise TraceFailure(f"the traced graph fails on the recorded input ({first[:240]})") from None

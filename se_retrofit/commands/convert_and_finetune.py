@@ -23,59 +23,72 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="add SE blocks to a model and fine-tune them on a dataset",
         description="Retrofit Squeeze-and-Excitation blocks into MODEL, fine-tune on --data, and write the run "
                     "(config, metrics, curves, report, weights, SE adapter, resumable checkpoints) to --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL", help="timm model name, or torchvision:NAME")
-    parser.add_argument("--data", required=True, help="'digits' (built-in), or an ImageFolder directory "
-                        "(DIR/train + DIR/val, or one folder of class subfolders split by --val-split)")
-    parser.add_argument("--out", required=True, type=Path, help="run folder: must be new or empty, unless --resume")
+    parser.add_argument("--data", required=True, metavar="DIR", help="'digits' (built-in), or an ImageFolder "
+                        "directory (DIR/train + DIR/val, or one folder of class subfolders split by --val-split)")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR",
+                        help="run folder: must be new or empty, unless --resume")
 
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                        help="start from the library's pretrained weights (needs a network); "
                             "default: yes, unless --checkpoint is given")
-    model.add_argument("--checkpoint", type=Path, default=None,
+    model.add_argument("--checkpoint", type=Path, default=None, metavar="FILE",
                        help="local weights (.safetensors or .pth state dict) loaded before conversion")
     _add_conversion_options(parser)
 
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--batch-size", type=int, default=32, help="per process under torchrun")
-    train.add_argument("--lr", type=float, default=None,
+    train.add_argument("--epochs", type=int, default=10, metavar="N", help="default 10")
+    train.add_argument("--batch-size", type=int, default=32, metavar="B",
+                       help="images per step, per process under torchrun (default 32)")
+    train.add_argument("--lr", type=float, default=None, metavar="LR",
                        help="peak learning rate; default 1e-3 (AdamW) / 0.05 (SGD), 10x lower with --train all")
     train.add_argument("--train", choices=TRAIN_MODES, default="se",
-                       help="se, se+head: SE blocks and head only; all: every layer; staged: se+head, then all "
-                            "with the backbone at --backbone-lr-scale")
-    train.add_argument("--stage1-epochs", type=int, default=None, help="first stage of --train staged (default half)")
-    train.add_argument("--backbone-lr-scale", type=float, default=0.1)
-    train.add_argument("--opt", choices=OPTIMIZERS, default="adamw")
-    train.add_argument("--weight-decay", type=float, default=None, help="default 0.05 (AdamW) / 1e-4 (SGD)")
-    train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    train.add_argument("--warmup-epochs", type=float, default=1.0)
-    train.add_argument("--min-lr", type=float, default=0.0)
-    train.add_argument("--label-smoothing", type=float, default=0.1)
-    train.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
+                       help="se, se+head: SE blocks and head only (the same; default se); all: every layer; "
+                            "staged: se+head, then all with the backbone at --backbone-lr-scale")
+    train.add_argument("--stage1-epochs", type=int, default=None, metavar="N",
+                       help="length of the first stage of --train staged (default half the epochs)")
+    train.add_argument("--backbone-lr-scale", type=float, default=0.1, metavar="F",
+                       help="backbone lr factor in stage 2 of --train staged (default 0.1)")
+    train.add_argument("--opt", choices=OPTIMIZERS, default="adamw", help="default adamw")
+    train.add_argument("--weight-decay", type=float, default=None, metavar="WD",
+                       help="default 0.05 (AdamW) / 1e-4 (SGD); none on biases and norm weights")
+    train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    train.add_argument("--warmup-epochs", type=float, default=1.0, metavar="E",
+                       help="linear warmup before the cosine decay (default 1)")
+    train.add_argument("--min-lr", type=float, default=0.0, metavar="LR", help="end of the cosine (default 0)")
+    train.add_argument("--label-smoothing", type=float, default=0.1, metavar="S", help="default 0.1")
+    train.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
+                       help="clip the gradient norm (default: no clipping)")
     train.add_argument("--ema", action="store_true", help="validate and save an EMA of the weights")
-    train.add_argument("--ema-decay", type=float, default=0.999)
+    train.add_argument("--ema-decay", type=float, default=0.999, metavar="D", help="default 0.999")
     train.add_argument("--no-freeze-bn", dest="freeze_bn", action="store_false",
-                       help="let frozen layers' batch norms update their running statistics")
-    train.add_argument("--seed", type=int, default=0)
+                       help="let frozen layers' batch norms update their running statistics "
+                            "(by default they keep them, so the backbone stays exactly the pretrained one)")
+    train.add_argument("--seed", type=int, default=0, help="weights of new layers, data split and order (default 0)")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--val-split", type=float, default=0.1, help="validation fraction of a single-folder dataset")
-    data.add_argument("--image-size", type=int, default=None, help="default: the model's input size")
-    data.add_argument("--workers", type=int, default=2,
-                      help="loader processes (0 makes a resumed run bit-identical even with random augmentation)")
+    data.add_argument("--val-split", type=float, default=0.1, metavar="F",
+                      help="validation fraction of a single-folder dataset (default 0.1)")
+    data.add_argument("--image-size", type=int, default=None, metavar="N",
+                      help="default: the model's input size (32 for digits)")
+    data.add_argument("--workers", type=int, default=2, metavar="N",
+                      help="loader processes (default 2); 0 makes a resumed run bit-identical even with random "
+                           "augmentation")
 
     runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    runtime.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on the CPU)")
-    runtime.add_argument("--amp-dtype", choices=AMP_DTYPES, default="auto")
-    runtime.add_argument("--channels-last", action="store_true")
-    runtime.add_argument("--compile", action="store_true", help="torch.compile the model")
+    runtime.add_argument("--device", default="auto", help="auto (default: CUDA when available), cpu, cuda or cuda:N")
+    runtime.add_argument("--amp", action="store_true",
+                         help="mixed precision: bfloat16 on the CPU and recent GPUs, else float16 with a grad scaler")
+    runtime.add_argument("--amp-dtype", choices=AMP_DTYPES, default="auto", help="force the AMP dtype (default auto)")
+    runtime.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    runtime.add_argument("--compile", action="store_true",
+                         help="torch.compile the training forward (minutes of compiling on the CPU)")
     runtime.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
-    runtime.add_argument("--checkpoint-every", default="10m",
-                         help="mid-epoch checkpoints: a step count (200) or a duration (30s, 10m); 0: epochs only")
+    runtime.add_argument("--checkpoint-every", default="10m", metavar="STEPS|TIME",
+                         help="mid-epoch checkpoints: a step count (200) or a duration (30s, 10m; default 10m); "
+                              "0: only at the end of each epoch")
     runtime.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                          help="no progress bars (they are off anyway when stdout is not a terminal)")
     parser.set_defaults(func=run)

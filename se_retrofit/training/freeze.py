@@ -81,7 +81,8 @@ def parameter_groups(model: nn.Module, new_names: set[str], mode: str, weight_de
         buckets.setdefault((part, decay), []).append(param)
     groups = []
     for (part, decay), params in sorted(buckets.items(), key=lambda kv: (kv[0][0] != "new", not kv[0][1])):
-        group = {"params": params, "weight_decay": weight_decay if decay else 0.0, "name": f"{part}/{'decay' if decay else 'no_decay'}"}
+        group = {"params": params, "weight_decay": weight_decay if decay else 0.0,
+                 "name": f"{part}/{'decay' if decay else 'no_decay'}"}
         if part == "backbone" and backbone_scale != 1.0:
             group["lr_scale"] = backbone_scale
         groups.append(group)

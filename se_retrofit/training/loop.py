@@ -7,6 +7,7 @@ the data order comes from ``sampling.TrainBatches``.
 """
 from __future__ import annotations
 
+import gc
 import math
 import random
 import sys
@@ -148,6 +149,9 @@ class Trainer:
     def _enter_stage(self, stage: int) -> None:
         """Set what trains; DDP is rebuilt because it registers gradient hooks per trainable tensor."""
         set_trainable(self.model, self.new_names, trains_backbone(self.opts.train, stage))
+        if self.forward_model is not self.model:
+            self.forward_model = self.model
+            gc.collect()  # the old DDP's reducer must be gone before a new one hooks the same parameters
         self.forward_model = distributed.wrap(self.model, self.device, self.ctx)
         if self.opts.compile:
             self.forward_model = torch.compile(self.forward_model)

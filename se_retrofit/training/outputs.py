@@ -50,7 +50,7 @@ def prepare_out_dir(out: Path, resume: bool) -> bool:
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file, not a folder; choose a folder path")
+        raise FileExistsError(f"--out {out} is a file, not a folder; choose a folder path")
     if out.is_dir():
         entries = sorted(p.name for p in out.iterdir())
         if resume:
@@ -60,14 +60,15 @@ def prepare_out_dir(out: Path, resume: bool) -> bool:
             _check_writable(out)
             return (out / LAST).exists()
         if entries:
-            what = _describe_run(out) if CONFIG in entries else f"holds {len(entries)} file(s) ({', '.join(entries[:4])}...)"
+            shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+            what = _describe_run(out) if CONFIG in entries else f"holds {len(entries)} file(s) ({shown})"
             raise FileExistsError(f"--out {out} {what}; refusing to overwrite it. Pass --resume to continue "
                                   "that run, or choose another --out")
         _check_writable(out)
         return False
     if resume:
         raise FileNotFoundError(f"nothing to resume: {out} does not exist; drop --resume to start a new run")
-    _check_writable(out.parent if out.parent.exists() else _existing_ancestor(out))
+    _check_writable(_existing_ancestor(out))
     return False
 
 
@@ -82,7 +83,7 @@ def _existing_ancestor(path: Path) -> Path:
     for parent in path.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
-                raise NotADirectoryError(f"cannot create --out {path}: {parent} is a file; choose a folder path")
+                raise FileExistsError(f"cannot create --out {path}: {parent} is a file; choose a folder path")
             return parent
     return Path("/")
 
@@ -191,18 +192,21 @@ def plot_curves(out: Path, history: list[dict[str, float]]) -> None:
     """Loss and accuracy per epoch, drawn with the Agg canvas directly (no pyplot, no global backend change)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     figure = Figure(figsize=(10, 4), dpi=100)
     FigureCanvasAgg(figure)
     loss_ax, acc_ax = figure.subplots(1, 2)
-    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+    for key, label in (("train_loss", "train (label-smoothed)"), ("val_loss", "validation")):
         loss_ax.plot(epochs, [row[key] for row in history], marker="o", label=label)
-    for key, label in (("train_acc", "train top-1"), ("val_top1", "validation top-1"), ("val_top5", "validation top-5")):
+    accuracies = (("train_acc", "train top-1"), ("val_top1", "validation top-1"), ("val_top5", "validation top-5"))
+    for key, label in accuracies:
         acc_ax.plot(epochs, [row[key] for row in history], marker="o", label=label)
     loss_ax.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
     acc_ax.set(title="accuracy", xlabel="epoch", ylabel="%")
     for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     figure.tight_layout()
