@@ -1,0 +1,61 @@
+"""The hard cases of the timm zoo, one test each: what gets SE, what is left alone and why.
+
+Expected counts come from the architectures (e.g. DLA-34 has 2+4+4+2 basic blocks); every model must
+keep its outputs under the identity init. The slow ones (large fixed input sizes) are marked.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import timm
+import torch
+
+import se_retrofit
+
+from conftest import make_pretrained_like
+
+# (model, SE inserted, a substring that must appear among the reasons for what was left alone, or None)
+CASES = [
+    ("repvgg_a0", 22, None),                               # re-parameterisable 3-branch sums: one SE per block
+    ("mobileone_s0", 43, None),                            # same, with k over-parameterised branches
+    ("ghostnet_100", 9, "already has channel attention"),  # 16 blocks, 7 with SE; 2-conv linear shortcuts
+    ("dla34", 12, None),                                   # shortcut handed in by the tree: 2+4+4+2 blocks
+    ("res2net50_14w_8s", 16, "partial-channel"),           # hierarchical inner adds are not residuals
+    ("hrnet_w18_small", 23, "operands carry work"),        # fuse layers are not residuals; 1+4+6+8+4 blocks
+    ("dpn48b", 0, "partial-channel"),                      # dual path adds channel slices
+    ("rexnet_100", 0, "partial-channel"),                  # x[:, :c] += shortcut
+    ("mobilevit_xxs", 3, "fx cannot trace"),               # shape control flow in the MobileViT blocks
+    ("nfnet_l0", 0, "already has channel attention"),      # NormFreeBlock with its own SE
+    ("tf_efficientnet_b0", 0, "already has channel attention"),  # TF "same" padding inside the convs
+    ("efficientvit_m0", 32, "broadcasting"),               # conv residuals found, attention biases left alone
+]
+SLOW = [("inception_resnet_v2", 40, None)]                 # scaled residuals, 299x299 input
+
+
+def check(name: str, expected: int, reason: str | None) -> None:
+    model = make_pretrained_like(timm.create_model(name)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", se_retrofit.SERetrofitWarning)
+        se_model = se_retrofit.apply(model)
+    plan = se_retrofit.get_plan(se_model)
+    n = len(se_retrofit.se_blocks(se_model))
+    assert n == expected, f"{name}: expected {expected} SE blocks, got {n}\n{plan}"
+    if reason is not None:
+        assert any(reason in s.reason for s in plan.skipped), f"{name}: no skip reason containing {reason!r}\n{plan}"
+    args, kwargs = plan.example_args
+    se_model.eval()
+    with torch.no_grad():
+        diff = (model(*args, **kwargs) - se_model(*args, **kwargs)).abs().max().item()
+    assert diff <= 1e-5, f"{name}: identity init changed the outputs by {diff}"
+
+
+@pytest.mark.parametrize("name,expected,reason", CASES, ids=[c[0] for c in CASES])
+def test_hard_case(name, expected, reason):
+    check(name, expected, reason)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,expected,reason", SLOW, ids=[c[0] for c in SLOW])
+def test_hard_case_slow(name, expected, reason):
+    check(name, expected, reason)
