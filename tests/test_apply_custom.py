@@ -216,3 +216,25 @@ def test_saved_model_loads_in_a_fresh_process(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip()) == 0.0
+
+
+def test_timm_and_torchvision_model_api_survives():
+    import timm
+    import torchvision
+
+    model = make_pretrained_like(timm.create_model("resnet18")).eval()
+    se_model = se_retrofit.apply(model).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = se_model.forward_features(x)
+        assert torch.equal(feats, model.forward_features(x)), "forward_features changed"
+        assert torch.equal(se_model.forward_head(feats), model.forward_head(feats)), "forward_head changed"
+    assert se_model.pretrained_cfg == model.pretrained_cfg
+    se_model.reset_classifier(7)
+    assert se_model(x).shape == (2, 7)
+    assert isinstance(se_model.layer1[0], type(model.layer1[0])), "blocks must stay instances of their class"
+
+    tv = torchvision.models.resnet18(num_classes=4)
+    se_tv = se_retrofit.apply(tv)
+    assert isinstance(se_tv.fc, torch.nn.Linear) and se_tv.fc.out_features == 4
+    assert se_retrofit.get_config(se_tv) == se_retrofit.SEConfig()
