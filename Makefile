@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-all docs clean
+.PHONY: venv demo test test-all docs docs-gen clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,10 @@ test-all: $(STAMP)
 
 docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict
+
+# Regenerate docs/generated/*.md and docs/cli.md from the code (random weights, no network, ~1 min CPU).
+docs-gen: $(STAMP)
+	$(PY) docs/scripts/gen_all.py
 
 clean:
 	rm -rf $(VENV) site

@@ -2,7 +2,7 @@
 
 An SE adapter for a ResNet-50 (reduction 16) is about 10 MB instead of the 100 MB of the whole model, and the
 base weights stay the library's: ``load(dir, create_model("resnet50", pretrained=True))`` rebuilds the
-fine-tuned network by re-running :func:`se_retrofit.apply` with the stored config (which is
+fine-tuned network by re-running `se_retrofit.apply` with the stored config (which is
 deterministic, so it recreates the same SE module names) and filling in the saved weights.
 
 The adapter holds nothing else by default. A run that also trained the classifier head or the
@@ -58,16 +58,16 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: 
     """Write ``se_adapter.safetensors`` and ``se_adapter_config.json`` into ``directory``; return the folder.
 
     Args:
-        model: a model returned by :func:`se_retrofit.apply`, fine-tuned or not.
+        model: a model returned by `se_retrofit.apply`, fine-tuned or not.
         directory: created if missing; existing adapter files in it are replaced atomically.
         base_model: the name the base model is created from (``"resnet50"``, ``"torchvision:resnet50"``),
             recorded so that whoever loads the adapter knows which base to build.
         extra_modules: names of further modules whose weights to include, e.g. the classifier head
-            after ``--train se+head``; their names are stored and :func:`load` restores them too.
+            after ``--train se+head``; their names are stored and `load` restores them too.
         config: the SE config, when ``model`` was not built by ``se_retrofit.apply`` (which records it).
 
     Each file is replaced atomically, weights first: an interrupted save leaves at worst new weights
-    beside the old config, a pair that :func:`load` checks key by key and shape by shape.
+    beside the old config, a pair that `load` checks key by key and shape by shape.
     """
     import se_retrofit
 

@@ -46,6 +46,7 @@ class Site:
 
     @property
     def params(self) -> int:
+        """Parameters the block adds: two 1x1 convolutions with bias."""
         return 2 * self.channels * self.hidden + self.channels + self.hidden
 
 
@@ -70,6 +71,7 @@ class SitePlan:
     example_args: tuple = field(default=((), {}), repr=False, compare=False)  # (args, kwargs) that ran
 
     def reasons(self) -> Counter:
+        """How many additions were left alone for each reason."""
         return Counter(s.reason for s in self.skipped)
 
     def __len__(self) -> int:
@@ -88,6 +90,7 @@ class SitePlan:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form: the config, the example input, every site and every skipped addition."""
         from dataclasses import asdict
 
         return {"model": self.model, "config": self.config.to_dict(), "example_input": self.example_input,
@@ -265,7 +268,7 @@ def _verify(module: nn.Module, call: Call, identity: bool) -> str | None:
 def find_sites(model: nn.Module, config: SEConfig | None = None, *, reduction: float = 16,
                init: str = "identity", position: str = "standard", include: str | Sequence[str] | None = None,
                exclude: str | Sequence[str] | None = None, example_input: Any = None) -> SitePlan:
-    """Dry run of :func:`apply`: where SE would go, and every addition left alone with the reason.
+    """Dry run of `apply`: where SE would go, and every addition left alone with the reason.
 
     The model is not modified (the analysis runs on a copy, since fx may attach constants to what it traces).
     """
@@ -325,10 +328,10 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
 
 
 def get_config(model: nn.Module) -> SEConfig | None:
-    """The :class:`SEConfig` that :func:`apply` used on ``model``, or None if it was not retrofitted."""
+    """The `SEConfig` that `apply` used on ``model``, or None if it was not retrofitted."""
     return getattr(model, CONFIG_ATTR, None)
 
 
 def get_plan(model: nn.Module) -> SitePlan | None:
-    """The :class:`SitePlan` of the :func:`apply` call that produced ``model`` (what went where, what not)."""
+    """The `SitePlan` of the `apply` call that produced ``model`` (what went where, what not)."""
     return getattr(model, "_se_retrofit_plan", None)

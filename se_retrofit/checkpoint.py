@@ -123,7 +123,7 @@ def atomic_save(obj: Any, path: StrPath, *, check_weights_only: bool = True) -> 
     With ``check_weights_only`` (the default) the written file is read back with
     ``torch.load(weights_only=True, mmap=True)`` before it replaces ``path`` (mmap: the tensors are not
     read, only the pickle is checked). A training state holding a numpy array, a dataclass or a numpy
-    float would otherwise save fine and only fail on resume, hours later, when :func:`load_checkpoint`
+    float would otherwise save fine and only fail on resume, hours later, when `load_checkpoint`
     refuses it; here it fails at the first save and names the offending entry.
     """
     def check(tmp: Path) -> None:
@@ -166,7 +166,7 @@ def _safetensors_ready(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: StrPath,
                             metadata: dict[str, str] | None = None) -> Path:
-    """Write ``tensors`` as a safetensors file, atomically; see :func:`atomic_save` for why."""
+    """Write ``tensors`` as a safetensors file, atomically; see `atomic_save` for why."""
     from safetensors.torch import save_file
 
     if metadata is not None:
@@ -251,7 +251,7 @@ def load_weights(path: StrPath, *, prefer_ema: bool = False) -> dict[str, torch.
 
     Training checkpoints that wrap the weights (``{"state_dict": ..., "epoch": ...}``) are unwrapped; with
     ``prefer_ema`` an EMA copy (``state_dict_ema``) wins over the raw weights. A pickle that needs
-    anything beyond tensors and containers raises :class:`UnsafeCheckpointError` without running it.
+    anything beyond tensors and containers raises `UnsafeCheckpointError` without running it.
     """
     path = _require_file(path)
     if path.suffix.lower() == ".safetensors":
@@ -269,9 +269,9 @@ def load_weights(path: StrPath, *, prefer_ema: bool = False) -> dict[str, torch.
 
 
 def load_checkpoint(path: StrPath) -> dict[str, Any]:
-    """A full training state written by :func:`atomic_save`, read with ``weights_only=True``.
+    """A full training state written by `atomic_save`, read with ``weights_only=True``.
 
-    The same refusal as :func:`load_weights` applies: a resume file is as much an attack surface as a
+    The same refusal as `load_weights` applies: a resume file is as much an attack surface as a
     downloaded one, since run folders get shared and copied around.
     """
     path = _require_file(path)
@@ -304,7 +304,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured; generators it does not mention are left alone.
+    """Restore what `rng_state` captured; generators it does not mention are left alone.
 
     CUDA states are restored for as many devices as both the checkpoint and this machine have, so a
     run resumed on fewer GPUs still starts.

@@ -29,7 +29,7 @@ def _as_patterns(name: str, value: str | Sequence[str] | None) -> tuple[str, ...
 
 @dataclass
 class SEConfig:
-    """Options of :func:`se_retrofit.apply`.
+    """Options of `se_retrofit.apply`.
 
     Attributes:
         reduction: the excitation's reduction ratio r (hidden = channels / r); the paper uses 16.

@@ -79,9 +79,9 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
         run_info: extra config sections (the CLI's ``model`` and ``data``), saved and compared on resume.
         verbose / progress: per-epoch lines and the summary / tqdm bars (default: when stdout is a tty).
         resume_hint: what to print after an interruption (the CLI passes its own command line).
-        **options: :class:`~se_retrofit.training.TrainOptions` fields (``epochs``, ``lr``, ``train``...).
+        **options: `~se_retrofit.training.TrainOptions` fields (``epochs``, ``lr``, ``train``...).
 
-    Returns a :class:`FinetuneResult`; ``interrupted`` is True when Ctrl-C/SIGTERM stopped the run
+    Returns a `FinetuneResult`; ``interrupted`` is True when Ctrl-C/SIGTERM stopped the run
     (a checkpoint was saved first if ``out_dir`` was given).
     """
     conversion = {key: options.pop(key) for key in CONVERSION_KEYS if key in options}

@@ -36,7 +36,7 @@ def create_model(spec: str, pretrained: bool = False, num_classes: int | None = 
 
     ``pretrained=True`` downloads the library's weights; without a network that fails, and the error
     says how to pass a local file instead. ``num_classes`` replaces the classifier at creation time
-    (only meaningful without pretrained weights; with them, use :func:`reset_classifier`).
+    (only meaningful without pretrained weights; with them, use `reset_classifier`).
     """
     library, name = parse_model_spec(spec)
     if library == "torchvision":

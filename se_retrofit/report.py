@@ -11,7 +11,7 @@ never FLOPs, which would be twice as many.
 fvcore has no handle for ``mean``, ``sigmoid`` and ``mul``, so by default it costs only the two 1x1
 convolutions of an SE block and silently leaves out its squeeze, gate and rescale, which at early
 stages cost more than the convolutions. Here those three ops are counted, one per element (fvcore's
-own convention for pooling), but only inside :class:`~se_retrofit.se_block.SEBlock` scopes: the rest
+own convention for pooling), but only inside `~se_retrofit.se_block.SEBlock` scopes: the rest
 of each model is counted exactly as fvcore does by default, so the "before" column is the number
 fvcore gives for the original model.
 """
@@ -71,9 +71,9 @@ class Report:
         input_size: the full input shape counted (batch first); MACs scale with it.
         params_before / params_after: parameters of the original and of the SE model (shared
             parameters counted once).
-        macs_before / macs_after: MACs of one forward pass in eval mode; see :data:`MACS_UNIT`.
+        macs_before / macs_after: MACs of one forward pass in eval mode; see `MACS_UNIT`.
         trainable_params: parameters of the SE model with ``requires_grad``; the rest are frozen.
-        blocks: one :class:`BlockCost` per SE block of the SE model, in module order.
+        blocks: one `BlockCost` per SE block of the SE model, in module order.
         unsupported_ops: ops of the SE model that fvcore could not cost, with how often they ran;
             neither MAC total includes them, so a large entry here means the totals undercount.
         uncalled_blocks: SE blocks that never ran through their own ``__call__`` during the count;
@@ -342,7 +342,7 @@ def _fvcore() -> Any:
 def _count(model: nn.Module, shape: tuple[int, ...]) -> _Count:
     """fvcore's count with the SE gate handles, every fvcore message and trace warning kept from the user.
 
-    The model already ran eagerly (:func:`_check_runs`), so any warning of its own has been shown
+    The model already ran eagerly (`_check_runs`), so any warning of its own has been shown
     once; what the trace adds on top is TorchScript noise.
     """
     fvcore = _fvcore()

@@ -1,9 +1,9 @@
 """Analysis: find the residual additions in one module's graph and decide where SE goes.
 
 This module only reads graphs; ``rewrite`` changes them. An addition is a residual when it sums a
-branch that does the block's work (at least two convolutions, or one with a non-linearity) with a
-shortcut that is the branch's own input, a light projection of it (conv + norm, pooling) or a
-tensor the caller handed in. A sum of several light parallel convolutions from one input (RepVGG,
+branch that does the block's work (a convolution and a non-linearity, or an op not known to be
+linear) with a shortcut that is the branch's own input, a linear projection of it (conv + norm,
+pooling) or a tensor the caller handed in. A sum of several light parallel convolutions from one input (RepVGG,
 MobileOne) is a multi-branch block: it gets one SE after the sum. Everything else (token and
 channels-last adds, partial-channel adds, fusions of separate inputs) is reported with a reason.
 """
@@ -272,7 +272,7 @@ def _classify(g: _Graph, add: fx.Node, terms: list[fx.Node], position: str) -> P
         if t.op == "placeholder" and t.target not in g.param_names and not identity[i]:
             return Rejection(add.name, "sums separate inputs of a list argument (multi-input fusion, not a residual)")
     if any(g.is_sliced(t) for t in terms):
-        return Rejection(add.name, "partial-channel add (an operand is a slice of a larger tensor)")
+        return Rejection(add.name, "partial add (an operand is a slice of a larger tensor: a channel split or a crop)")
     convs = [g.convs(e) for e in exclusive]
     light = [g.is_light(e) for e in exclusive]
     # A term with a convolution is "heavy" (a residual branch doing work) when it holds a non-linearity

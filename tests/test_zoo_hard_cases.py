@@ -21,10 +21,10 @@ CASES = [
     ("mobileone_s0", 43, None),                            # same, with k over-parameterised branches
     ("ghostnet_100", 9, "already has channel attention"),  # 16 blocks, 7 with SE; 2-conv linear shortcuts
     ("dla34", 12, None),                                   # shortcut handed in by the tree: 2+4+4+2 blocks
-    ("res2net50_14w_8s", 16, "partial-channel"),           # hierarchical inner adds are not residuals
+    ("res2net50_14w_8s", 16, "partial add"),           # hierarchical inner adds are not residuals
     ("hrnet_w18_small", 23, "operands carry work"),        # fuse layers are not residuals; 1+4+6+8+4 blocks
-    ("dpn48b", 0, "partial-channel"),                      # dual path adds channel slices
-    ("rexnet_100", 0, "partial-channel"),                  # x[:, :c] += shortcut
+    ("dpn48b", 0, "partial add"),                      # dual path adds channel slices
+    ("rexnet_100", 0, "partial add"),                  # x[:, :c] += shortcut
     ("mobilevit_xxs", 3, "fx cannot trace"),               # shape control flow in the MobileViT blocks
     ("nfnet_l0", 0, "already has channel attention"),      # NormFreeBlock with its own SE
     ("tf_efficientnet_b0", 0, "already has channel attention"),  # TF "same" padding inside the convs

@@ -1,8 +1,8 @@
 """The conversion options every command that converts a model shares (``--reduction``, ``--init``, ...).
 
 One definition keeps the flags, their help and their meaning identical across commands. Every flag
-defaults to None and :func:`conversion_kwargs` passes on only the flags the user gave, so
-:class:`~se_retrofit.config.SEConfig` stays the single place that holds the defaults and validates
+defaults to None and `conversion_kwargs` passes on only the flags the user gave, so
+`~se_retrofit.config.SEConfig` stays the single place that holds the defaults and validates
 the values.
 """
 from __future__ import annotations

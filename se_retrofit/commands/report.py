@@ -1,7 +1,7 @@
 """``se-retrofit report MODEL``: what adding SE to MODEL costs, in parameters and MACs.
 
 The first question before shipping an SE model is its price; this command builds the model, applies
-the retrofit with the given conversion options and prints :func:`se_retrofit.report.report`'s answer.
+the retrofit with the given conversion options and prints `se_retrofit.report.report`'s answer.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ FORMATS = ("table", "markdown", "json")
 
 
 def parse_input_size(text: str) -> int | tuple[int, ...]:
-    """``224``, ``224x192`` (height x width) or a full shape ``1x3x224x224``, as :func:`report` takes it."""
+    """``224``, ``224x192`` (height x width) or a full shape ``1x3x224x224``, as `report` takes it."""
     parts = [p for p in re.split(r"[x,\s]+", text.strip().lower()) if p]
     try:
         dims = tuple(int(p) for p in parts)

@@ -1,4 +1,4 @@
-"""The fine-tuning engine behind :func:`se_retrofit.finetune` and ``se-retrofit convert-and-finetune``.
+"""The fine-tuning engine behind `se_retrofit.finetune` and ``se-retrofit convert-and-finetune``.
 
 One idea per module: ``options`` (validated settings), ``freeze`` (what trains), ``devices`` (device,
 AMP), ``distributed`` (torchrun/DDP), ``sampling`` (resumable data order), ``state`` (checkpoints),

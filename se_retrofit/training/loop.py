@@ -53,7 +53,7 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """One fine-tuning run. Build it, then call :meth:`fit` once."""
+    """One fine-tuning run. Build it, then call `fit` once."""
 
     def __init__(self, *, model: nn.Module, train_data: Dataset, val_data: Dataset | None, options: TrainOptions,
                  device: torch.device, dtype: torch.dtype | None, ctx: DistContext, new_names: set[str],

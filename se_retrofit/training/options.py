@@ -29,7 +29,7 @@ RUNTIME_FIELDS = ("device", "channels_last", "compile", "workers", "checkpoint_e
 
 @dataclass
 class TrainOptions:
-    """Options of :func:`se_retrofit.finetune` (the CLI flags of the same names).
+    """Options of `se_retrofit.finetune` (the CLI flags of the same names).
 
     Attributes:
         epochs: passes over the training set.

@@ -46,7 +46,7 @@ def prepare_out_dir(out: Path, resume: bool) -> bool:
 
     A new run needs a folder that is missing or empty: anything else may be someone's earlier run,
     and silently mixing or overwriting files is how results get lost. ``resume`` needs ``config.json``
-    (the config comparison happens once the new config is known, in :func:`check_same_run`).
+    (the config comparison happens once the new config is known, in `check_same_run`).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():

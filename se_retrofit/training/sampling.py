@@ -19,7 +19,7 @@ from .distributed import DistContext
 
 
 class SkippingSampler(Sampler[int]):
-    """The wrapped sampler's indices after the first ``skip`` (set per epoch with :meth:`set_epoch`)."""
+    """The wrapped sampler's indices after the first ``skip`` (set per epoch with `set_epoch`)."""
 
     def __init__(self, sampler: DistributedSampler) -> None:
         self.sampler = sampler

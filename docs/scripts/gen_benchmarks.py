@@ -1,0 +1,115 @@
+"""Render the benchmark results committed under ``benchmarks/results/`` as Markdown tables.
+
+    python docs/scripts/gen_benchmarks.py [--check]
+
+Writes ``docs/generated/benchmarks.md``. Each ``*.json`` written by ``benchmarks/apply_time.py``,
+``benchmarks/latency.py`` (``--compile`` writes ``latency_compile.json``) or ``benchmarks/train_step.py``
+becomes a table, headed by the machine it was measured on. Nothing is measured here: no result file, no table, and the page says so.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from _gen import GENERATED, REPO, header, write
+
+SCRIPT = "gen_benchmarks.py"
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    align = ["---"] + ["--:"] * (len(headers) - 1)
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def machine_line(data: dict[str, Any]) -> str:
+    m = data.get("machine") or {}
+    parts = [m.get("cpu") or "unknown CPU"]
+    if m.get("logical_cpus") is not None:
+        parts.append(f"{m['logical_cpus']} logical CPUs")
+    if m.get("torch_threads") is not None:
+        parts.append(f"{m['torch_threads']} torch threads")
+    if m.get("cuda"):
+        parts.append(f"GPU {m['cuda']}")
+    parts.append(f"torch {m.get('torch', '?')}, Python {m.get('python', '?')}")
+    return "Measured on: " + ", ".join(parts) + "."
+
+
+def apply_time(data: dict[str, Any]) -> str:
+    rows = [[f"`{r['model']}`", str(r["se_blocks"]), f"{r['build_s']:.3f}", f"{r['apply_s']:.3f}",
+             f"{r['apply_over_build']:.2f}"] for r in data["rows"]]
+    return "\n".join([
+        f"Median of {data.get('repeats', '?')} runs per model (`benchmarks/apply_time.py`).\n",
+        table(["model", "SE blocks", "build s", "apply s", "apply / build"], rows)])
+
+
+def latency(data: dict[str, Any]) -> str:
+    rows = []
+    for r in data["rows"]:
+        m = r["median_s"]
+        rows.append([f"`{r['model']}`", r["mode"], f"{m['base'] * 1e3:.1f}", f"{m['hand-written SE'] * 1e3:.1f}",
+                     f"{m['retrofitted'] * 1e3:.1f}", f"{r['hand_written_over_base']:.3f}",
+                     f"{r['retrofitted_over_hand_written']:.3f}", f"{r['retrofitted_over_base']:.3f}"])
+    return "\n".join([
+        f"Batch {data.get('batch', '?')}, {data.get('size', '?')}x{data.get('size', '?')} input, eval mode, "
+        f"median of {data.get('repeats', '?')} interleaved rounds (`benchmarks/latency.py`). Times in ms.\n",
+        table(["base model", "mode", "base", "hand-written SE", "retrofitted", "SE / base", "retrofitted / SE",
+               "retrofitted / base"], rows)])
+
+
+def train_step(data: dict[str, Any]) -> str:
+    memory = data.get("memory") or {}
+    rows = []
+    for name, seconds in data["median_seconds"].items():
+        mem = memory.get(name) or {}
+        rows.append([name, f"{seconds * 1e3:.1f}", f"{mem['peak_mib']:.0f}" if "peak_mib" in mem else "",
+                     f"{mem['training_mib']:.0f}" if "training_mib" in mem else ""])
+    ratios = (f"retrofitted / hand-written (train all), step time: {data['ratio_retrofitted_vs_handwritten']:.3f}; "
+              f"`--train se` / `--train all` (retrofitted): step time {data['ratio_se_vs_all_time']:.3f}, "
+              f"training memory {data['ratio_se_vs_all_training_memory']:.3f}.")
+    return "\n".join([
+        f"Batch {data.get('batch', '?')} at {data.get('size', '?')} px, {data.get('threads', '?')} thread(s), "
+        f"median of {data.get('repeats', '?')} interleaved rounds (`benchmarks/train_step.py`). Memory: "
+        f"{data.get('memory_method', 'see the script')}.\n",
+        table(["configuration", "step ms", "peak RSS MiB", "training memory MiB"], rows),
+        ratios + "\n"])
+
+
+RENDERERS = {"apply_time": ("Time to apply the retrofit", apply_time),
+             "train_step": ("Training step: time and memory", train_step),
+             "latency": ("Inference latency", latency),
+             "latency_compile": ("Inference latency, eager and torch.compile", latency)}
+
+
+def render(results: Path = RESULTS) -> str:
+    files = sorted(results.glob("*.json")) if results.is_dir() else []
+    out = [header(SCRIPT)]
+    if not files:
+        out.append("!!! note \"No results yet\"\n"
+                   "    No benchmark results are committed: `benchmarks/results/` holds no `*.json` file. Run the "
+                   "scripts above and then `make docs-gen` to fill this section.\n")
+        return "\n".join(out)
+    for path in files:
+        name = path.stem
+        title, renderer = RENDERERS.get(name, (None, None))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"{path}: not a readable JSON file ({exc})") from None
+        if renderer is None:
+            out.append(f"### `{path.name}`\n\nNo renderer for this file in `docs/scripts/gen_benchmarks.py`.\n")
+            continue
+        out += [f"### {title}\n", machine_line(data) + "\n", renderer(data)]
+    return "\n".join(out)
+
+
+def main() -> int:
+    return write(GENERATED / "benchmarks.md", render())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""What the SE blocks cost: parameters and MACs before and after, per block (fvcore).
+
+    python examples/report.py [--model resnet50] [--input-size 224] [--reduction 16]
+
+The same numbers as ``se-retrofit report MODEL``; here through the Python API, with the report's
+fields used directly. MACs are multiply-accumulates (fvcore's "flops"); FLOPs would be about twice as
+many. Counts do not depend on the weights, so the model is built without them (offline).
+"""
+from __future__ import annotations
+
+import argparse
+
+import timm
+
+import se_retrofit
+from se_retrofit.report import report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50", help="a timm model name (default resnet50)")
+    parser.add_argument("--input-size", type=int, default=224, help="image side in pixels (default 224)")
+    parser.add_argument("--reduction", type=float, default=16, help="SE reduction ratio (default 16)")
+    args = parser.parse_args()
+
+    model = timm.create_model(args.model, pretrained=False)
+    se_model = se_retrofit.apply(model, reduction=args.reduction)
+    result = report(model, se_model, input_size=args.input_size, name=args.model)
+    print(result)                          # result.to_markdown() / result.to_json() for files
+
+    print(f"\n{len(result.blocks)} SE blocks add {result.params_delta:,} parameters "
+          f"({result.params_delta_pct:+.2f}%) and {result.macs_delta:,} MACs ({result.macs_delta_pct:+.2f}%).")
+    heaviest = max(result.blocks, key=lambda b: b.params)
+    costliest = max(result.blocks, key=lambda b: b.macs)
+    print(f"Most parameters: {heaviest.name} ({heaviest.params:,}); most MACs: {costliest.name} ({costliest.macs:,}).")
+
+
+if __name__ == "__main__":
+    main()
