@@ -94,7 +94,7 @@ def _node_args(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.args if isinstance(a, fx.Node)]
 
 
-def _merge(layouts: list[Layout | None]) -> Layout | None:
+def merge_layouts(layouts: list[Layout | None]) -> Layout | None:
     known = [lay for lay in layouts if lay is not None]
     if not known:
         return None
@@ -145,7 +145,7 @@ def _function_layout(node: fx.Node, layouts: dict[fx.Node, Layout | None], ndim:
         tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         parts = [layouts.get(t) for t in tensors if isinstance(t, fx.Node)]
-        merged = _merge(parts)
+        merged = merge_layouts(parts)
         if merged is None or not all(p is not None for p in parts):
             return None
         return merged if isinstance(dim, int) and _normalize(dim, merged.ndim) == merged.axis else None
@@ -157,7 +157,7 @@ def _function_layout(node: fx.Node, layouts: dict[fx.Node, Layout | None], ndim:
     if node.target in catalog.BINARY_ELEMENTWISE_FUNCTIONS or (
             node.op == "call_method" and name in catalog.BINARY_ELEMENTWISE_METHODS):
         full = [layouts.get(a) for a in inputs if _tensor_ndim(a) in (None, ndim)]
-        return _merge(full)
+        return merge_layouts(full)
     if catalog.is_elementwise_function_name(name):
         return first
     return None
@@ -193,4 +193,4 @@ def expects_channel_first(module: nn.Module) -> bool:
     return bool(children) and catalog.is_conv(children[0])
 
 
-__all__ = ["Layout", "infer_layouts", "module_layout", "expects_channel_first"]
+__all__ = ["Layout", "infer_layouts", "module_layout", "expects_channel_first", "merge_layouts"]

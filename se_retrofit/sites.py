@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import catalog
-from .layout import Layout, expects_channel_first
+from .layout import Layout, expects_channel_first, merge_layouts
 
 
 @dataclass
@@ -341,6 +341,15 @@ def _fork_of(g: _Graph, nodes: set[fx.Node]) -> tuple[fx.Node, tuple[str, ...]] 
     return fork, tuple(readers)
 
 
+def _attention_rejection(g: _Graph, add: fx.Node, exclusive: list[set[fx.Node]],
+                         group: list[fx.Node]) -> Rejection | None:
+    """Channel attention anywhere on the residual unit (either operand, the sum, just after it) means no SE:
+    this is what makes ``apply`` idempotent, whatever position the first call used."""
+    watched = set(group) | set(_downstream(g, add)) | set().union(*exclusive)
+    attention = g.attention_in(watched)
+    return Rejection(add.name, f"already has channel attention: {attention}") if attention else None
+
+
 def _residual(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list[set[fx.Node]],
               identity: list[bool], b: int, group: list[fx.Node], position: str) -> Placement | Rejection:
     branch = terms[b]
@@ -353,12 +362,9 @@ def _residual(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list[set
     problem = _layout_problem(g.layouts.get(branch))
     if problem:
         return Rejection(add.name, problem)
-    watched = set(exclusive[b]) | set(group) | set(_downstream(g, add))
-    for i in others:
-        watched |= exclusive[i]
-    attention = g.attention_in(watched)
-    if attention:
-        return Rejection(add.name, f"already has channel attention: {attention}")
+    rejection = _attention_rejection(g, add, exclusive, group)
+    if rejection:
+        return rejection
     shape = _shape(add)
     spatial = len(shape) - 2
     if position == "standard":
@@ -392,20 +398,12 @@ def _residual(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list[set
 
 def _multi_branch(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list[set[fx.Node]],
                   group: list[fx.Node], position: str) -> Placement | Rejection:
-    merged = [g.layouts.get(t) for t in terms]
-    known = [lay for lay in merged if lay is not None]
-    lay = known[0] if known and all(k.axis == known[0].axis for k in known) else None
-    if lay is not None and any(k.from_conv for k in known):
-        lay = Layout(lay.axis, lay.ndim, True)
-    problem = _layout_problem(lay)
+    problem = _layout_problem(merge_layouts([g.layouts.get(t) for t in terms]))
     if problem:
         return Rejection(add.name, problem)
-    watched = set(group) | set(_downstream(g, add))
-    for e in exclusive:
-        watched |= e
-    attention = g.attention_in(watched)
-    if attention:
-        return Rejection(add.name, f"already has channel attention: {attention}")
+    rejection = _attention_rejection(g, add, exclusive, group)
+    if rejection:
+        return rejection
     shape = _shape(add)
     spatial = len(shape) - 2
     if position == "identity":
