@@ -1,0 +1,149 @@
+"""Training-step cost: retrofitted resnet50 vs timm's hand-written seresnet50, and --train se vs --train all.
+
+Each step is what ``convert-and-finetune`` runs: forward, cross-entropy, backward, AdamW step, with
+the trainable set, frozen batch norms and parameter groups built by ``se_retrofit.training.freeze``.
+The retrofitted model uses ``init="paper"`` and the hand-written model's weights, so both compute
+the same function. Times are medians of interleaved rounds (one step of each configuration per
+round). Memory is measured in a fresh process per configuration: the peak resident set size
+(``VmHWM``, reset once the model is built) minus the RSS at that moment, i.e. what three training
+steps add on top of the weights: gradients, optimizer state, activations (Linux only).
+
+    python benchmarks/train_step.py [--batch 8] [--size 160] [--repeats 7] [--threads N] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import gc
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import se_retrofit
+from _common import RESULTS, interleaved, machine, median
+from se_retrofit.training.freeze import freeze_batchnorm, new_parameter_names, parameter_groups, set_trainable
+from timm.optim import create_optimizer_v2
+
+CONFIGS = {
+    "seresnet50 (timm), all": ("hand", "all"),
+    "retrofitted resnet50, all": ("retro", "all"),
+    "retrofitted resnet50, se": ("retro", "se"),
+}
+
+
+def build(kind: str) -> torch.nn.Module:
+    hand = timm.create_model("seresnet50")
+    if kind == "hand":
+        return hand
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        retro = se_retrofit.apply(timm.create_model("resnet50"), init="paper")
+    retro.load_state_dict(hand.state_dict())
+    return retro
+
+
+def make_step(model: torch.nn.Module, mode: str, batch: int, size: int) -> Callable[[], None]:
+    new = new_parameter_names(model)
+    set_trainable(model, new, backbone=mode == "all")
+    model.train()
+    if mode != "all":
+        freeze_batchnorm(model)
+    optimizer = create_optimizer_v2(parameter_groups(model, new, mode, 0.05, 1.0), opt="adamw", lr=1e-4,
+                                    weight_decay=0.05)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=gen)
+    y = torch.randint(0, 1000, (batch,), generator=gen)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}; the memory measurement needs Linux")
+
+
+def memory_worker(name: str, batch: int, size: int) -> None:
+    kind, mode = CONFIGS[name]
+    step = make_step(build(kind), mode, batch, size)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+    built = _status_mib("VmRSS")
+    for _ in range(3):
+        step()
+    print(json.dumps({"after_build_mib": built, "peak_mib": _status_mib("VmHWM")}))
+
+
+def measure_memory(name: str, args: argparse.Namespace) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--memory-worker", name, "--batch", str(args.batch),
+                           "--size", str(args.size), "--threads", str(args.threads)],
+                          capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["training_mib"] = result["peak_mib"] - result["after_build_mib"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=160)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--json", type=Path, default=RESULTS / "train_step.json")
+    parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        memory_worker(args.memory_worker, args.batch, args.size)
+        return
+
+    steps = {name: make_step(build(kind), mode, args.batch, args.size) for name, (kind, mode) in CONFIGS.items()}
+    times = interleaved(steps, repeats=args.repeats, warmup=2)
+    medians = {name: median(values) for name, values in times.items()}
+    memory = {name: measure_memory(name, args) for name in CONFIGS}
+
+    retro_all, hand_all = medians["retrofitted resnet50, all"], medians["seresnet50 (timm), all"]
+    retro_se = medians["retrofitted resnet50, se"]
+    # Each round times all configurations back to back, so per-round ratios cancel slow drift in load.
+    paired = median([r / h for r, h in zip(times["retrofitted resnet50, all"], times["seresnet50 (timm), all"])])
+    paired_se = median([s / a for s, a in zip(times["retrofitted resnet50, se"], times["retrofitted resnet50, all"])])
+    print(f"training step, batch {args.batch} at {args.size}px, CPU, {args.threads} thread(s), "
+          f"median of {args.repeats} interleaved rounds")
+    print(f"{'configuration':<28} {'step (ms)':>10} {'peak RSS (MiB)':>15} {'training mem (MiB)':>19}")
+    for name in CONFIGS:
+        print(f"{name:<28} {medians[name] * 1e3:>10.1f} {memory[name]['peak_mib']:>15.0f} "
+              f"{memory[name]['training_mib']:>19.0f}")
+    print(f"retrofitted / hand-written (train all): {retro_all / hand_all:.3f} (ratio of medians), "
+          f"{paired:.3f} (median of per-round ratios)")
+    memory_ratio = (memory["retrofitted resnet50, se"]["training_mib"]
+                    / memory["retrofitted resnet50, all"]["training_mib"])
+    print(f"--train se / --train all (retrofitted): time {retro_se / retro_all:.3f} (per-round {paired_se:.3f}), "
+          f"training memory {memory_ratio:.3f}")
+
+    payload = {"machine": machine(), "batch": args.batch, "size": args.size, "repeats": args.repeats,
+               "threads": args.threads, "step_seconds": times, "median_seconds": medians, "memory": memory,
+               "memory_method": "fresh process per configuration: VmHWM, reset after building the model, "
+                                "minus VmRSS at that moment",
+               "ratio_retrofitted_vs_handwritten": retro_all / hand_all,
+               "ratio_retrofitted_vs_handwritten_per_round_median": paired,
+               "ratio_se_vs_all_time_per_round_median": paired_se,
+               "ratio_se_vs_all_time": retro_se / retro_all, "ratio_se_vs_all_training_memory": memory_ratio}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

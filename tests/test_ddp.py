@@ -1,0 +1,159 @@
+"""Distributed training on the CPU: gloo, two processes, rank 0 writing.
+
+With ``train="se"`` (frozen BN) and SGD, two processes of 4 images per step see exactly the images one
+process of 8 would (``DistributedSampler`` deals rank r the positions r, r+2, ... of one permutation),
+and DDP averages their gradients: the weights must match a single-process run up to float rounding.
+That test forks the two ranks from the test process (no second import of torch, so it is fast); the
+slow one runs the real command under ``python -m torch.distributed.run``.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from se_retrofit.finetune import finetune
+from se_retrofit.models import create_model
+from se_retrofit.training.distributed import DistContext
+from se_retrofit.training.sampling import ShardSampler, TrainBatches
+from test_finetune import MODEL, SIZE, Quadrants, pretrained_like, write_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+OPTIONS = dict(epochs=2, train="se", opt="sgd", lr=0.05, warmup_epochs=0, label_smoothing=0.1, clip_grad=5.0,
+               verbose=False, progress=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_samplers_shard_every_image_once_and_resume_mid_epoch() -> None:
+    data = Quadrants(20)
+    ranks = [DistContext(rank=r, world_size=2) for r in range(2)]
+    val = [list(ShardSampler(data, ctx)) for ctx in ranks]
+    assert sorted(val[0] + val[1]) == list(range(20)), f"validation shards overlap or miss images: {val}"
+
+    loaders = [TrainBatches(data, batch_size=4, workers=0, seed=3, ctx=ctx) for ctx in ranks]
+    epoch = [[b[1].tolist() for b in loader.epoch(1)] for loader in loaders]
+    single = TrainBatches(data, batch_size=8, workers=0, seed=3, ctx=DistContext())
+    together = [b[1].tolist() for b in single.epoch(1)]
+    assert loaders[0].steps_per_epoch == single.steps_per_epoch == 2
+    for step in range(2):
+        assert sorted(epoch[0][step] + epoch[1][step]) == sorted(together[step]), (
+            f"step {step}: the two ranks' batches are not the single-process batch")
+    resumed = [b[1].tolist() for b in loaders[0].epoch(1, skip_batches=1)]
+    assert resumed == epoch[0][1:], "skipping a batch on resume must continue the same order"
+    assert [b[1].tolist() for b in loaders[0].epoch(2)] != epoch[0], "each epoch must reshuffle"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(rank: int, port: int, out: Path, weights: Path) -> None:
+    """One forked rank: the environment torchrun would give it, then the public API."""
+    try:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        model = create_model(MODEL)
+        model.load_state_dict(load_file(str(weights)))
+        result = finetune(model, Quadrants(24), Quadrants(10, seed=1), out_dir=out, batch_size=4, **OPTIONS)
+        save_file({k: v.contiguous() for k, v in result.model.state_dict().items()},
+                  str(out.parent / f"rank{rank}.safetensors"))
+        (out.parent / f"rank{rank}.top1").write_text(repr(result.history[-1]["val_top1"]))
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def test_two_gloo_processes_match_one_process_with_twice_the_batch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    weights = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in pretrained_like(create_model(MODEL)).state_dict().items()}, str(weights))
+
+    model = create_model(MODEL)
+    model.load_state_dict(load_file(str(weights)))
+    single = finetune(model, Quadrants(24), Quadrants(10, seed=1), batch_size=8, **OPTIONS)
+
+    context = multiprocessing.get_context("fork")
+    port = _free_port()
+    procs = [context.Process(target=_rank_main, args=(r, port, tmp_path / "ddp", weights)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=240)
+        if proc.is_alive():
+            proc.kill()
+    assert [p.exitcode for p in procs] == [0, 0], f"DDP ranks failed (exit codes {[p.exitcode for p in procs]})"
+
+    rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2))
+    unsynced = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
+    assert not unsynced, f"ranks ended with different weights: {unsynced[:3]}"
+    reference = single.model.state_dict()
+    for key, value in rank0.items():
+        assert torch.allclose(value, reference[key], rtol=1e-4, atol=1e-6), (
+            f"{key}: DDP 2x4 differs from one process x8 by {(value - reference[key]).abs().max():.3g}")
+    assert any(v.abs().sum() > 0 for k, v in rank0.items() if k.endswith("se.fc2.weight")), "SE blocks did not train"
+    top1 = float((tmp_path / "rank1.top1").read_text())
+    assert top1 == pytest.approx(single.history[-1]["val_top1"]), "validation must cover the whole set across ranks"
+
+    out = tmp_path / "ddp"
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3, f"metrics.csv should have a header and 2 rows (rank 0 only writes): {rows}"
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert len(saved["ranks"]) == 2, "the checkpoint must hold both ranks' RNG states"
+    assert (out / "se_adapter.safetensors").exists() and (out / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_cli_trains_with_two_processes(tmp_path: Path) -> None:
+    """The real launcher, ``--train staged --ema``: stage 2 re-wraps DDP over the whole network."""
+    data = write_image_folder(tmp_path / "images", train_per_class=8, val_per_class=3)
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import argparse, sys\n"
+        "from se_retrofit import cli\n"
+        "from se_retrofit.commands import convert_and_finetune\n"
+        "if 'convert_and_finetune' in cli.COMMANDS:\n"
+        "    sys.exit(cli.main(sys.argv[1:]))\n"
+        "parser = argparse.ArgumentParser(prog='se-retrofit')\n"
+        "convert_and_finetune.register(parser.add_subparsers(dest='command'))\n"
+        "args = parser.parse_args(sys.argv[1:])\n"
+        "sys.exit(args.func(args))\n")
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
+         "convert-and-finetune", MODEL, "--data", str(data), "--out", str(out), "--no-pretrained",
+         "--image-size", str(SIZE), "--batch-size", "4", "--epochs", "2", "--workers", "0", "--device", "cpu",
+         "--checkpoint-every", "2", "--train", "staged", "--ema"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"torchrun run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.stdout.count("best top-1") == 1, f"the summary must be printed by rank 0 only:\n{done.stdout}"
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3
+    config = (out / "config.json").read_text()
+    assert '"world_size": 2' in config, config
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["progress"]["complete"] and len(saved["ranks"]) == 2
+    for name in ("model.safetensors", "report.md", "curves.png"):
+        assert (out / name).is_file(), f"{name} missing after the DDP run"
+    assert not (out / "se_adapter.safetensors").exists(), "staged training changes the backbone: no adapter"
+    assert "stage 2" in done.stdout, f"the switch to stage 2 (and the DDP re-wrap) did not happen:\n{done.stdout}"

@@ -1,0 +1,352 @@
+"""The fine-tuning engine and ``convert-and-finetune``: what trains, what is written, what is refused.
+
+Models are timm ``resnet10t`` at 32 px with a few dozen images, so the whole file runs in well under
+a minute on two CPU cores. Weights are made "pretrained-like" (random BN statistics) first: a fresh
+timm ResNet zeroes each branch's last BN, which would make every SE block see zeros.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import Dataset
+
+from se_retrofit.commands import convert_and_finetune
+from se_retrofit.finetune import finetune
+from se_retrofit.models import create_model
+from se_retrofit.se_block import se_blocks
+from se_retrofit.training.freeze import (freeze_batchnorm, new_parameter_names, parameter_groups, set_trainable,
+                                         stage_of)
+from se_retrofit.training.options import TrainOptions, parse_checkpoint_every
+
+MODEL = "resnet10t"
+SIZE = 32
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+class Quadrants(Dataset):
+    """Noise images whose class is a bright patch in a class-specific quadrant: learnable in a few steps."""
+
+    def __init__(self, n: int, classes: int = 3, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(n, 3, SIZE, SIZE, generator=gen) * 0.3
+        self.targets = [i % classes for i in range(n)]
+        half = SIZE // 2
+        for i, target in enumerate(self.targets):
+            top, left = divmod(target % 4, 2)
+            self.images[i, :, top * half:(top + 1) * half, left * half:(left + 1) * half] += 1.5
+        self.classes = [f"class{c}" for c in range(classes)]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], self.targets[index]
+
+
+def pretrained_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=gen) * 0.2 - 0.1)
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=gen) * 0.2 - 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    return model
+
+
+def write_image_folder(root: Path, classes: int = 3, train_per_class: int = 8, val_per_class: int = 3) -> Path:
+    """``root/train/CLASS/*.png`` and ``root/val/CLASS/*.png``, each class a colour with noise."""
+    gen = torch.Generator().manual_seed(1)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.rand(SIZE, SIZE, 3, generator=gen) * 80
+                pixels[..., c % 3] += 150
+                Image.fromarray(pixels.clamp(0, 255).to(torch.uint8).numpy()).save(folder / f"{i}.png")
+    return root
+
+
+def run_cli(argv: list[str]) -> int:
+    """``se-retrofit ARGV`` in-process, through cli.main once the command is registered there."""
+    from se_retrofit import cli
+
+    if "convert_and_finetune" in cli.COMMANDS:
+        return cli.main(argv)
+    parser = argparse.ArgumentParser(prog="se-retrofit")
+    convert_and_finetune.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as exc:
+        print(f"se-retrofit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core machine two OpenMP threads spin and run 5x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("data") / "images")
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ImageNet-shaped resnet10t with pretrained-like BN, as the user's ``--checkpoint`` file."""
+    torch.manual_seed(0)
+    model = pretrained_like(create_model(MODEL))
+    path = tmp_path_factory.mktemp("weights") / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def fast_args(image_folder: Path, out: Path, *extra: str) -> list[str]:
+    return ["convert-and-finetune", MODEL, "--data", str(image_folder), "--out", str(out), "--image-size", str(SIZE),
+            "--batch-size", "8", "--workers", "0", "--epochs", "2", "--no-progress", "--no-pretrained", *extra]
+
+
+# ----------------------------------------------------------------------------------------------- options
+
+def test_options_resolve_defaults_and_refuse_typos() -> None:
+    assert TrainOptions(train="se").lr == 1e-3, "SE-only training should default to AdamW lr 1e-3"
+    assert TrainOptions(train="all").lr == 1e-4, "full fine-tuning should default to a 10x lower lr"
+    assert TrainOptions(opt="sgd").weight_decay == 1e-4
+    assert TrainOptions(train="staged", epochs=6).stage1_epochs == 3, "staged: first stage should be half the epochs"
+    with pytest.raises(ValueError, match="train must be one of"):
+        TrainOptions(train="se_only")
+    with pytest.raises(ValueError, match="at least 2 epochs"):
+        TrainOptions(train="staged", epochs=1)
+    with pytest.raises(ValueError, match=r"unknown training option\(s\) \['lrate'\]"):
+        TrainOptions.from_kwargs({"lrate": 0.1})
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        TrainOptions(epochs=2, warmup_epochs=3)
+
+
+def test_checkpoint_every_accepts_steps_and_durations() -> None:
+    assert parse_checkpoint_every("200") == (200, 0.0)
+    assert parse_checkpoint_every("30s") == (0, 30.0)
+    assert parse_checkpoint_every("10m") == (0, 600.0)
+    assert parse_checkpoint_every("0") == (0, 0.0)
+    with pytest.raises(ValueError, match="step count"):
+        parse_checkpoint_every("often")
+
+
+# ------------------------------------------------------------------------------------------------ freeze
+
+def test_modes_select_new_parameters_and_freeze_bn() -> None:
+    import se_retrofit
+
+    model = se_retrofit.apply(pretrained_like(create_model(MODEL, num_classes=3)))
+    new = new_parameter_names(model)
+    se_names = {f"{name}.{p}" for name, block in se_blocks(model) for p, _ in block.named_parameters()}
+    assert se_names and se_names <= new, "every SE parameter must count as new"
+    assert {"fc.weight", "fc.bias"} <= new, "the classifier head must count as new"
+    assert not any(n.startswith("conv1") for n in new), "stem weights must not count as new"
+
+    set_trainable(model, new, backbone=False)
+    model.train()
+    frozen = freeze_batchnorm(model)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert frozen == len(bns) and not any(m.training for m in bns), "frozen BN layers must be in eval mode"
+
+    groups = parameter_groups(model, new, "staged", weight_decay=0.05, backbone_lr_scale=0.1)
+    scales = {g["name"]: g.get("lr_scale", 1.0) for g in groups}
+    assert scales["backbone/decay"] == 0.1 and scales["new/decay"] == 1.0, f"staged lr scales wrong: {scales}"
+    assert all(g["weight_decay"] == 0.0 for g in groups if g["name"].endswith("no_decay"))
+    se_groups = parameter_groups(model, new, "se", weight_decay=0.05, backbone_lr_scale=0.1)
+    assert all(g["name"].startswith("new/") for g in se_groups), "train=se must not give the backbone to the optimizer"
+    assert [stage_of("staged", e, 2) for e in range(4)] == [1, 1, 2, 2]
+
+
+# ------------------------------------------------------------------------------------------- python API
+
+def test_finetune_se_trains_only_se_and_head() -> None:
+    torch.manual_seed(0)
+    model = pretrained_like(create_model(MODEL))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = finetune(model, Quadrants(24), Quadrants(9, seed=1), epochs=2, batch_size=8, lr=1e-2,
+                      warmup_epochs=0, verbose=False, progress=False)
+    trained = result.model.state_dict()
+    assert result.model.get_classifier().out_features == 3, "the head must be resized to the data's 3 classes"
+    for key, value in before.items():
+        if not key.startswith("fc."):
+            assert torch.equal(value, trained[key]), f"frozen backbone tensor {key} changed under train='se'"
+    assert torch.equal(model.state_dict()["fc.weight"], before["fc.weight"]), "the caller's model must be untouched"
+    se_keys = [k for k in trained if ".se." in k]
+    assert se_keys and any(not torch.equal(trained[k], torch.zeros_like(trained[k])) for k in se_keys
+                           if k.endswith("fc2.weight")), "SE blocks received no update (fc2 still zero)"
+    assert len(result.history) == 2 and set(result.history[0]) >= {"epoch", "train_loss", "train_acc", "val_loss",
+                                                                    "val_top1", "val_top5", "lr", "seconds"}
+    assert result.best_top1 is not None and 0 <= result.best_top1 <= 100
+    assert not result.interrupted and result.out_dir is None and result.files == {}
+
+
+def test_finetune_all_and_staged_change_the_backbone() -> None:
+    torch.manual_seed(0)
+    model = pretrained_like(create_model(MODEL, num_classes=3))
+    stem = model.state_dict()["conv1.0.weight"].clone()
+    running = model.state_dict()["bn1.running_mean"].clone()
+    result = finetune(model, Quadrants(16), None, epochs=2, batch_size=8, train="staged", stage1_epochs=1,
+                      verbose=False, progress=False)
+    trained = result.model.state_dict()
+    assert not torch.equal(trained["conv1.0.weight"], stem), "stage 2 of train='staged' must update the backbone"
+    assert not torch.equal(trained["bn1.running_mean"], running), "stage 2 must update BN statistics"
+    assert math.isnan(result.history[-1]["val_top1"]) and result.best_top1 is None, "no val set -> no val metrics"
+
+
+def test_plain_model_without_retrofit_needs_train_all() -> None:
+    model = create_model(MODEL, num_classes=3)
+    with pytest.raises(ValueError, match="retrofit=False"):
+        finetune(model, Quadrants(8), None, retrofit=False, train="se", verbose=False)
+    result = finetune(model, Quadrants(8), None, retrofit=False, train="all", epochs=1, batch_size=8,
+                      verbose=False, progress=False)
+    assert not se_blocks(result.model), "retrofit=False must not add SE blocks"
+
+
+def test_amp_on_cpu_uses_bfloat16_and_refuses_float16() -> None:
+    result = finetune(create_model(MODEL, num_classes=3), Quadrants(8), Quadrants(3), epochs=1, batch_size=8,
+                      amp=True, device="cpu", verbose=False, progress=False)
+    assert result.config["runtime"]["amp_dtype_used"] == "bfloat16"
+    assert all(p.dtype == torch.float32 for p in result.model.parameters()), "AMP must keep float32 master weights"
+    with pytest.raises(ValueError, match="float16 AMP is not supported on the CPU"):
+        finetune(create_model(MODEL), Quadrants(8), None, amp=True, amp_dtype="float16", device="cpu", verbose=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_refused() -> None:
+    with pytest.raises(RuntimeError, match="CUDA is not available.*--device cpu"):
+        finetune(create_model(MODEL), Quadrants(8), None, device="cuda", verbose=False)
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+def test_cli_writes_the_run_and_the_adapter_rebuilds_the_model(image_folder: Path, base_checkpoint: Path,
+                                                               tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import se_retrofit
+    from se_retrofit.adapter import load
+
+    out = tmp_path / "run"
+    code = run_cli(fast_args(image_folder, out, "--checkpoint", str(base_checkpoint), "--lr", "0.01",
+                             "--warmup-epochs", "0"))
+    printed = capsys.readouterr().out
+    assert code == 0, f"convert-and-finetune failed:\n{printed}"
+    for name in ("config.json", "metrics.csv", "curves.png", "report.md", "report.json", "model.safetensors",
+                 "best.safetensors", "last.pt", "se_adapter.safetensors", "se_adapter_config.json"):
+        assert (out / name).is_file(), f"{name} missing from the run folder: {sorted(p.name for p in out.iterdir())}"
+    assert "best top-1" in printed and str(out) in printed, f"no one-line summary in:\n{printed}"
+
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "epoch,train_loss,train_acc,val_loss,val_top1,val_top5,lr,seconds", rows[0]
+    assert len(rows) == 3, f"expected a header and 2 epoch rows, got {rows}"
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "curves.png is not a PNG"
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["name"] == MODEL and config["model"]["num_classes"] == 3
+    assert config["train"]["train"] == "se" and config["se"]["reduction"] == 16
+    assert config["data"]["class_names"] == ["class0", "class1", "class2"]
+    assert "params" in (out / "report.md").read_text()
+
+    weights = load_file(str(out / "model.safetensors"))
+    base = load_file(str(base_checkpoint))
+    changed = [k for k, v in base.items() if not k.startswith("fc.") and not torch.equal(v, weights[k])]
+    assert not changed, f"--train se changed backbone tensors: {changed[:5]}"
+
+    def base_model() -> nn.Module:
+        model = create_model(MODEL)
+        model.load_state_dict(base)
+        return model
+
+    from_adapter = load(out, base_model()).eval()
+    full = se_retrofit.apply(base_model())
+    full.reset_classifier(3)
+    full.load_state_dict(weights)
+    full.eval()
+    untrained = se_retrofit.apply(base_model()).eval()
+    untrained.reset_classifier(3)
+    x = torch.randn(4, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected, got = full(x), from_adapter(x)
+    assert torch.equal(expected, got), f"adapter model differs from the trained one by {(expected - got).abs().max()}"
+    se_trained = {k: v for k, v in weights.items() if ".se." in k and k.endswith("fc2.weight")}
+    assert any(v.abs().sum() > 0 for v in se_trained.values()), "the trained SE blocks are still the identity"
+
+
+CUDA_CASE = pytest.param("cuda without CUDA", marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                                      reason="needs a machine without CUDA"))
+
+
+@pytest.mark.parametrize("case", ["missing data", "unknown model", "pretrained offline", "bad checkpoint path",
+                                  CUDA_CASE])
+def test_cli_refuses_bad_input_before_writing(case: str, image_folder: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    args = fast_args(image_folder, out)
+    expected = {"missing data": "does not exist", "unknown model": "Did you mean",
+                "pretrained offline": "--checkpoint", "bad checkpoint path": "does not exist",
+                "cuda without CUDA": "CUDA is not available"}[case]
+    if case == "missing data":
+        args[args.index("--data") + 1] = str(tmp_path / "nowhere")
+    elif case == "unknown model":
+        args[1] = "resnet10x"
+    elif case == "pretrained offline":
+        import huggingface_hub.constants
+
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once, not after retries
+        args.append("--pretrained")
+    elif case == "bad checkpoint path":
+        args += ["--checkpoint", str(tmp_path / "missing.pth")]
+    else:
+        args += ["--device", "cuda"]
+    code = run_cli(args)
+    err = capsys.readouterr().err
+    assert code == 2, f"{case}: expected exit code 2, got {code}; stderr:\n{err}"
+    assert err.startswith("se-retrofit convert-and-finetune: error:") and expected in err, f"{case}: {err}"
+    assert not out.exists() or not any(out.iterdir()), f"{case}: files were written before the error"
+
+
+def test_cli_never_overwrites_another_run(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"model": {"name": "resnet18"}, "train": {"epochs": 90}}))
+    (out / "notes.txt").write_text("my earlier run")
+    assert run_cli(fast_args(image_folder, out)) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run of 'resnet18'" in err and "--resume" in err, err
+
+    assert run_cli(fast_args(image_folder, out, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "holds a different run" in err and "model.name: 'resnet18' -> 'resnet10t'" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt"], "the earlier run was modified"
+    assert (out / "notes.txt").read_text() == "my earlier run"
+
+
+def test_cli_refuses_unwritable_out_and_empty_resume(image_folder: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert run_cli(fast_args(image_folder, blocker / "run")) == 2
+    err = capsys.readouterr().err
+    assert "is a file" in err and "folder" in err, err
+
+    assert run_cli(fast_args(image_folder, tmp_path / "fresh", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "drop --resume" in err, err

@@ -1,0 +1,301 @@
+"""Nothing lost: a run stopped by SIGKILL or Ctrl-C and resumed ends bit-identical to an uninterrupted one.
+
+This is what the checkpoint content, the step-indexed data order and the RNG bookkeeping are for. The
+runs use ``--train staged --ema --clip-grad`` so that the resumed state covers a stage switch, BN
+statistics, the EMA and the schedule, and timm's random training transforms so that a wrongly
+restored RNG would show. One intra-op thread and ``--workers 0`` make CPU kernels deterministic.
+"""
+from __future__ import annotations
+
+import csv
+import multiprocessing
+import os
+import queue
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+
+from se_retrofit.finetune import finetune
+from se_retrofit.models import create_model
+from test_finetune import MODEL, SIZE, Quadrants, pretrained_like, write_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs the CLI; after the first mid-epoch ``last.pt`` it prints MARK, and then, depending on
+# SE_TEST_INTERRUPT, blocks before the next checkpoint write (so the test's SIGKILL lands after at least
+# one step of lost work, never after a later checkpoint) or sends itself SIGINT (Ctrl-C).
+DRIVER = textwrap.dedent('''
+    import argparse, os, signal, sys, time
+    import torch
+    torch.set_num_threads(1)
+    import se_retrofit.checkpoint as ckpt
+
+    mode = os.environ.get("SE_TEST_INTERRUPT", "")
+    original_save = ckpt.atomic_save
+    marked = []
+
+    def atomic_save(obj, path, **kwargs):
+        if marked and mode == "kill":
+            time.sleep(600)
+        result = original_save(obj, path, **kwargs)
+        progress = obj.get("progress", {}) if isinstance(obj, dict) else {}
+        if not marked and progress.get("step_in_epoch", 0) > 0:
+            marked.append(progress["global_step"])
+            print(f"MARK step {progress['global_step']}", flush=True)
+            if mode == "sigint":
+                os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    ckpt.atomic_save = atomic_save
+
+    from se_retrofit import cli
+    from se_retrofit.commands import convert_and_finetune
+    if "convert_and_finetune" in cli.COMMANDS:
+        sys.exit(cli.main(sys.argv[1:]))
+    parser = argparse.ArgumentParser(prog="se-retrofit")
+    convert_and_finetune.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(sys.argv[1:])
+    sys.exit(args.func(args))
+''')
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_same_weights(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], what: str) -> None:
+    assert expected.keys() == got.keys(), f"{what}: different tensors saved: {sorted(expected.keys() ^ got.keys())[:5]}"
+    differ = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert not differ, (f"{what}: {len(differ)} of {len(expected)} tensors differ from the uninterrupted run, e.g. "
+                        f"{differ[:3]} (max abs diff {(expected[differ[0]] - got[differ[0]]).abs().max():.3g})")
+
+
+def metric_rows(path: Path) -> list[dict[str, str]]:
+    """metrics.csv without the wall-time column, which legitimately differs."""
+    with open(path) as handle:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
+
+
+# ---------------------------------------------------------------------------------------- in-process
+
+class Augmented(Quadrants):
+    """Quadrants plus noise from the torch, NumPy and Python RNGs: all three must be restored on resume."""
+
+    def __init__(self, n: int, interrupt_at: int | None = None) -> None:
+        super().__init__(n)
+        self.interrupt_at = interrupt_at
+        self.loaded = 0
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        import random
+
+        self.loaded += 1
+        if self.loaded == self.interrupt_at:
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C does, delivered mid-step
+        image, target = super().__getitem__(index)
+        noise = torch.randn(image.shape) * 0.1 + float(np.random.rand()) * 0.1 + random.random() * 0.1
+        return image + noise, target
+
+
+def _train(out: Path, data: Dataset, resume: bool = False):
+    torch.manual_seed(0)
+    model = pretrained_like(create_model(MODEL))
+    torch.manual_seed(1234)  # finetune must not depend on the caller's RNG state
+    return finetune(model, data, Quadrants(6, seed=1), out_dir=out, resume=resume, epochs=2, batch_size=8,
+                    train="staged", ema=True, clip_grad=1.0, checkpoint_every_steps=2, verbose=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def api_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("api") / "reference"
+    assert not _train(out, Augmented(24)).interrupted
+    return out
+
+
+def test_ctrl_c_saves_and_resume_is_bit_identical(api_reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "stopped"
+    stopped = _train(out, Augmented(24, interrupt_at=8 + 3))  # during the 2nd batch
+    assert stopped.interrupted, "SIGINT did not stop the run"
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["progress"]["global_step"] == 2 and saved["progress"]["step_in_epoch"] == 2, (
+        f"expected the stop after the step in progress (step 2), checkpoint says {saved['progress']}")
+    assert not (out / "model.safetensors").exists(), "an interrupted run must not look finished"
+
+    resumed = _train(out, Augmented(24), resume=True)
+    assert not resumed.interrupted and len(resumed.history) == 2
+    assert_same_weights(load_file(str(api_reference / "model.safetensors")),
+                        load_file(str(out / "model.safetensors")), "Ctrl-C + resume")
+    assert metric_rows(api_reference / "metrics.csv") == metric_rows(out / "metrics.csv")
+
+
+def _killable_child(out: Path, conn: Connection) -> None:
+    """Forked run that reports its first mid-epoch checkpoint, then hangs before writing the next one."""
+    import se_retrofit.checkpoint as ckpt
+
+    original = ckpt.atomic_save
+    marked: list[int] = []
+
+    def atomic_save(obj: dict, path: Path, **kwargs: object) -> Path:
+        if marked:
+            time.sleep(600)
+        written = original(obj, path, **kwargs)
+        if obj["progress"]["step_in_epoch"] > 0:
+            marked.append(obj["progress"]["global_step"])
+            conn.send(marked[0])
+        return written
+
+    ckpt.atomic_save = atomic_save
+    try:
+        _train(out, Augmented(24))
+    finally:
+        os._exit(0)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical_forked(api_reference: Path, tmp_path: Path) -> None:
+    """The fast variant: the run is forked from the test process (no re-import), killed, then resumed here."""
+    out = tmp_path / "killed"
+    context = multiprocessing.get_context("fork")
+    parent, child = context.Pipe()
+    proc = context.Process(target=_killable_child, args=(out, child))
+    proc.start()
+    try:
+        assert parent.poll(180), "the forked run wrote no mid-epoch checkpoint within 180 s"
+        step = parent.recv()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(60)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+    assert proc.exitcode == -signal.SIGKILL, f"expected death by SIGKILL, got exit code {proc.exitcode}"
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["progress"]["global_step"] == step and saved["progress"]["step_in_epoch"] > 0, saved["progress"]
+    assert not (out / "model.safetensors").exists(), "the killed run must not have finished"
+
+    resumed = _train(out, Augmented(24), resume=True)
+    assert not resumed.interrupted
+    assert_same_weights(load_file(str(api_reference / "model.safetensors")),
+                        load_file(str(out / "model.safetensors")), "SIGKILL + resume")
+    assert metric_rows(api_reference / "metrics.csv") == metric_rows(out / "metrics.csv")
+
+
+def test_resume_refuses_a_changed_config(api_reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "copy"
+    out.mkdir()
+    for path in api_reference.iterdir():
+        (out / path.name).write_bytes(path.read_bytes())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"holds a different run \(train.lr: 0.001 -> 0.5"):
+        finetune(pretrained_like(create_model(MODEL)), Augmented(24), Quadrants(6, seed=1), out_dir=out, resume=True,
+                 epochs=2, batch_size=8, train="staged", ema=True, clip_grad=1.0, checkpoint_every_steps=2, lr=0.5,
+                 verbose=False)
+    assert before == {p.name: p.read_bytes() for p in out.iterdir()}, "a refused resume modified the run folder"
+
+
+# ------------------------------------------------------------------------------------------ subprocess
+
+@pytest.fixture(scope="module")
+def cli_setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("resume")
+    data = write_image_folder(root / "images")
+    torch.manual_seed(0)
+    weights = root / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in pretrained_like(create_model(MODEL)).state_dict().items()}, str(weights))
+    driver = root / "driver.py"
+    driver.write_text(DRIVER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return {"root": root, "data": data, "weights": weights, "driver": driver, "env": env}
+
+
+def _argv(setup: dict, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(setup["driver"]), "convert-and-finetune", MODEL, "--data", str(setup["data"]),
+            "--out", str(out), "--checkpoint", str(setup["weights"]), "--image-size", str(SIZE), "--batch-size", "8",
+            "--epochs", "2", "--workers", "0", "--train", "staged", "--ema", "--clip-grad", "1",
+            "--checkpoint-every", "2", *extra]
+
+
+def _run(setup: dict, out: Path, mode: str = "", *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_argv(setup, out, *extra), env=dict(setup["env"], SE_TEST_INTERRUPT=mode),
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference_run(cli_setup: dict) -> Path:
+    out = cli_setup["root"] / "reference"
+    done = _run(cli_setup, out)
+    assert done.returncode == 0, f"uninterrupted run failed:\n{done.stdout}\n{done.stderr}"
+    return out
+
+
+def _wait_for_mark(proc: subprocess.Popen, timeout: float) -> list[str]:
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    seen = []
+    while True:
+        try:
+            line = lines.get(timeout=timeout)
+        except queue.Empty:
+            proc.kill()
+            raise AssertionError(f"no mid-epoch checkpoint within {timeout}s; output so far:\n{''.join(seen)}")
+        seen.append(line)
+        if line.startswith("MARK"):
+            return seen
+        if proc.poll() is not None and lines.empty():
+            raise AssertionError(f"run ended before a mid-epoch checkpoint:\n{''.join(seen)}")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(cli_setup: dict, reference_run: Path) -> None:
+    out = cli_setup["root"] / "killed"
+    proc = subprocess.Popen(_argv(cli_setup, out), env=dict(cli_setup["env"], SE_TEST_INTERRUPT="kill"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_mark(proc, timeout=180)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, f"expected death by SIGKILL, got {proc.returncode}"
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["progress"]["step_in_epoch"] > 0, f"checkpoint is not mid-epoch: {saved['progress']}"
+    assert not (out / "model.safetensors").exists(), "the killed run must not have finished"
+
+    resumed = _run(cli_setup, out, "", "--resume")
+    assert resumed.returncode == 0, f"resume failed:\n{resumed.stdout}\n{resumed.stderr}"
+    assert "resuming" in resumed.stdout, resumed.stdout
+    assert_same_weights(load_file(str(reference_run / "model.safetensors")),
+                        load_file(str(out / "model.safetensors")), "SIGKILL + resume")
+    assert metric_rows(reference_run / "metrics.csv") == metric_rows(out / "metrics.csv")
+
+
+@pytest.mark.slow
+def test_sigint_exits_cleanly_with_a_resume_hint(cli_setup: dict, reference_run: Path) -> None:
+    out = cli_setup["root"] / "sigint"
+    stopped = _run(cli_setup, out, "sigint")
+    assert stopped.returncode == 130, f"Ctrl-C should exit with 130, got {stopped.returncode}:\n{stopped.stderr}"
+    assert "SIGINT received" in stopped.stderr, stopped.stderr
+    assert "--resume" in stopped.stdout and "last.pt" in stopped.stdout, stopped.stdout
+    assert "Traceback" not in stopped.stderr, stopped.stderr
+
+    resumed = _run(cli_setup, out, "", "--resume")
+    assert resumed.returncode == 0, f"resume failed:\n{resumed.stdout}\n{resumed.stderr}"
+    assert_same_weights(load_file(str(reference_run / "model.safetensors")),
+                        load_file(str(out / "model.safetensors")), "SIGINT + resume")
