@@ -32,7 +32,18 @@ class SERetrofitWarning(UserWarning):
 
 @dataclass
 class Site:
-    """One SE block that ``apply`` inserts (or would insert)."""
+    """One SE block that ``apply`` inserts (or would insert).
+
+    Attributes:
+        block: qualified name of the module whose forward holds the addition ('' for the model itself).
+        se_name: qualified name of the new SE module (``layer1.0.se``).
+        kind: ``"residual"``, or ``"multi-branch"`` for a sum of parallel linear branches (RepVGG).
+        shortcut: ``"identity"``, ``"projection"``, ``"argument"`` (handed in by the caller) or ``"none"``.
+        position: the config's position.
+        channels: channels the block gates; hidden: its bottleneck width.
+        spatial_dims: 1, 2 or 3 (``NCL``, ``NCHW``, ``NCTHW``).
+        add: name of the addition's node in the block's graph.
+    """
 
     block: str
     se_name: str
@@ -52,7 +63,13 @@ class Site:
 
 @dataclass
 class Skipped:
-    """An addition (or a whole module, ``add=None``) left alone, and why."""
+    """An addition (or a whole module, ``add=None``) left alone, and why.
+
+    Attributes:
+        block: qualified name of the module ('' for the model itself).
+        add: name of the addition's node in that module's graph, or None when the whole module was skipped.
+        reason: why, in words (also counted by ``SitePlan.reasons()``).
+    """
 
     block: str
     add: str | None
@@ -170,11 +187,9 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
 
 
 def _uncalled_with_adds(name: str, module: nn.Module) -> Skipped | None:
-    from .tracing import BlockTracer
-
     try:
-        graph = BlockTracer().trace(module)
-    except Exception:  # it was not run and cannot be traced: nothing more to learn about it
+        graph, _ = cached_trace(module)
+    except TraceFailure:  # it was not run and cannot be traced: nothing more to learn about it
         return None
     if tensor_adds(graph):
         return Skipped(name, None, "module skipped: not run by the example forward, so its shapes are unknown")
