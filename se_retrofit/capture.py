@@ -76,11 +76,14 @@ def candidate_inputs(model: nn.Module) -> list[tuple[tuple, dict]]:
     """
     ref = _reference_tensor(model)
     conv = _first_conv(model)
-    in_chans = conv.in_channels if conv is not None else 3
     spatial = len(conv.kernel_size) if conv is not None else 2
     cfg_size, fixed = _pretrained_size(model)
-    if cfg_size is not None and len(cfg_size) == spatial + 1:
-        in_chans = cfg_size[0]
+    # The first convolution usually tells the input channels (timm's in_chans=1 keeps a 3-channel cfg);
+    # the pretrained config's channels are the fallback for models that build their stem later.
+    channels = [conv.in_channels] if conv is not None else []
+    if cfg_size is not None and len(cfg_size) == spatial + 1 and cfg_size[0] not in channels:
+        channels.append(cfg_size[0])
+    channels = channels or [3]
     shapes: list[tuple[int, ...]] = []
     if fixed and cfg_size is not None:
         shapes.append(tuple(cfg_size[1:]))
@@ -92,12 +95,13 @@ def candidate_inputs(model: nn.Module) -> list[tuple[tuple, dict]]:
             shapes.append((8,) * (spatial - 2) + (s, s) if spatial >= 2 else (s * 4,))
     gen = torch.Generator().manual_seed(0)
     out = []
-    for shape in shapes:
-        x = torch.rand((_BATCH, in_chans, *shape), generator=gen).to(device=ref.device, dtype=ref.dtype)
-        out.append(((x,), {}))
+    for in_chans in channels:
+        for shape in shapes:
+            x = torch.rand((_BATCH, in_chans, *shape), generator=gen).to(device=ref.device, dtype=ref.dtype)
+            out.append(((x,), {}))
     if spatial == 2:
         for shape in shapes[:2]:
-            images = [torch.rand((in_chans, *shape), generator=gen).to(device=ref.device, dtype=ref.dtype)]
+            images = [torch.rand((channels[0], *shape), generator=gen).to(device=ref.device, dtype=ref.dtype)]
             out.append(((images,), {}))
     return out
 

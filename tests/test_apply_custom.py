@@ -238,3 +238,12 @@ def test_timm_and_torchvision_model_api_survives():
     se_tv = se_retrofit.apply(tv)
     assert isinstance(se_tv.fc, torch.nn.Linear) and se_tv.fc.out_features == 4
     assert se_retrofit.get_config(se_tv) == se_retrofit.SEConfig()
+
+
+def test_example_input_follows_the_first_convolution():
+    import timm
+
+    model = timm.create_model("resnet10t", in_chans=1)
+    plan = se_retrofit.find_sites(model)
+    assert plan.example_input.startswith("Tensor(2, 1,"), plan.example_input
+    assert len(plan.sites) == 4

@@ -79,7 +79,12 @@ def train_step(data: dict[str, Any]) -> str:
         ratios + "\n"])
 
 
-RENDERERS = {"apply_time": ("Time to apply the retrofit", apply_time),
+def accuracy_study(data: dict) -> str:
+    return "The transfer study has its own page, with its table and plot: [Accuracy after transfer](accuracy.md).\n"
+
+
+RENDERERS = {"accuracy_study": ("Accuracy study", accuracy_study),
+             "apply_time": ("Time to apply the retrofit", apply_time),
              "train_step": ("Training step: time and memory", train_step),
              "latency": ("Inference latency", latency),
              "latency_compile": ("Inference latency, eager and torch.compile", latency)}
