@@ -341,6 +341,15 @@ def _fork_of(g: _Graph, nodes: set[fx.Node]) -> tuple[fx.Node, tuple[str, ...]] 
     return fork, tuple(readers)
 
 
+def _unit_rejection(g: _Graph, add: fx.Node, lay: Layout | None, exclusive: list[set[fx.Node]],
+                    group: list[fx.Node]) -> Rejection | None:
+    """The checks every residual unit must pass: a conv-fixed NC* layout, and no channel attention yet."""
+    problem = _layout_problem(lay)
+    if problem:
+        return Rejection(add.name, problem)
+    return _attention_rejection(g, add, exclusive, group)
+
+
 def _attention_rejection(g: _Graph, add: fx.Node, exclusive: list[set[fx.Node]],
                          group: list[fx.Node]) -> Rejection | None:
     """Channel attention anywhere on the residual unit (either operand, the sum, just after it) means no SE:
@@ -359,10 +368,7 @@ def _residual(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list[set
         shortcut = "identity"
     elif len(others) == 1 and terms[others[0]].op == "placeholder":
         shortcut = "argument"
-    problem = _layout_problem(g.layouts.get(branch))
-    if problem:
-        return Rejection(add.name, problem)
-    rejection = _attention_rejection(g, add, exclusive, group)
+    rejection = _unit_rejection(g, add, g.layouts.get(branch), exclusive, group)
     if rejection:
         return rejection
     shape = _shape(add)
@@ -398,10 +404,7 @@ def _residual(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list[set
 
 def _multi_branch(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list[set[fx.Node]],
                   group: list[fx.Node], position: str) -> Placement | Rejection:
-    problem = _layout_problem(merge_layouts([g.layouts.get(t) for t in terms]))
-    if problem:
-        return Rejection(add.name, problem)
-    rejection = _attention_rejection(g, add, exclusive, group)
+    rejection = _unit_rejection(g, add, merge_layouts([g.layouts.get(t) for t in terms]), exclusive, group)
     if rejection:
         return rejection
     shape = _shape(add)
