@@ -27,6 +27,8 @@ CASES = [
     ("rexnet_100", 0, "partial add"),                  # x[:, :c] += shortcut
     ("mobilevit_xxs", 3, "fx cannot trace"),               # shape control flow in the MobileViT blocks
     ("nfnet_l0", 0, "already has channel attention"),      # NormFreeBlock with its own SE
+    ("nf_resnet26", 8, None),                              # NormFreeBlock without SE: SE before the alpha scale
+    ("cpubone_nano", 6, "fx cannot trace"),                # shape control flow in some blocks, the rest converted
     ("tf_efficientnet_b0", 0, "already has channel attention"),  # TF "same" padding inside the convs
     ("efficientvit_m0", 32, "broadcasting"),               # conv residuals found, attention biases left alone
 ]
