@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import catalog, layout
-from .capture import Call, capture_calls, preserved_modes
+from .capture import Call, capture_calls, describe, preserved_modes
 from .config import SEConfig
 from .rewrite import Undo, free_name, rewrite_block
 from .se_block import SEBlock, hidden_width
@@ -200,8 +200,6 @@ def _plan(model: nn.Module, config: SEConfig, example_input: Any) -> tuple[SiteP
     clear_cache()
     candidates = {name: m for name, m in model.named_modules() if _is_candidate(m)}
     calls, used = capture_calls(model, candidates, example_input)
-    from .capture import describe
-
     plan = SitePlan(type(model).__name__, config, example_input=describe(*used), example_args=used)
     blocks: list[_BlockPlan] = []
     try:

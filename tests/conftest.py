@@ -21,6 +21,15 @@ def assert_original_state_kept(original: nn.Module, retrofitted: nn.Module) -> N
     assert not changed, f"original tensors changed by the retrofit: {changed[:5]}"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two OpenMP threads spin and run 5x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -32,12 +31,7 @@ OPTIONS = dict(epochs=2, train="se", opt="sgd", lr=0.05, warmup_epochs=0, label_
                verbose=False, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_samplers_shard_every_image_once_and_resume_mid_epoch() -> None:

@@ -11,7 +11,6 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -96,13 +95,7 @@ def run_cli(argv: list[str]) -> int:
         return 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads spin and run 5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -71,12 +70,7 @@ DRIVER = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_same_weights(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], what: str) -> None:
