@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -55,3 +56,40 @@ def write(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
     return path
+
+
+def make_train_step(model: torch.nn.Module, mode: str, batch: int, size: int, device: str = "cpu",
+                    dtype: torch.dtype | None = None, channels_last: bool = False) -> Callable[[], None]:
+    """One training step as ``convert-and-finetune`` runs it: trainable set, frozen BN, AdamW groups.
+
+    ``mode`` is ``"all"`` or ``"se"``; ``dtype`` turns on autocast (bfloat16 needs no gradient scaler).
+    """
+    from timm.optim import create_optimizer_v2
+
+    from se_retrofit.training.freeze import freeze_batchnorm, new_parameter_names, parameter_groups, set_trainable
+
+    new = new_parameter_names(model)
+    set_trainable(model, new, backbone=mode == "all")
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.train()
+    if mode != "all":
+        freeze_batchnorm(model)
+    optimizer = create_optimizer_v2(parameter_groups(model, new, mode, 0.05, 1.0), opt="adamw", lr=1e-4,
+                                    weight_decay=0.05)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    device_type = torch.device(device).type
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+    return step

@@ -1,7 +1,9 @@
 """Inference latency: retrofitted model vs timm's hand-written SE model vs the base model.
 
 The retrofitted model is built with ``init="paper"`` and given the hand-written model's weights, so
-both compute the same function with the same ops; any gap is the cost of the rewrite itself.
+both compute the same function; any gap is the cost of the rewrite itself. It is timed twice: as
+``apply`` builds it (the SE block does the residual add in one ``addcmul`` pass) and with
+``fuse_add=False`` (a separate multiply and add, the ops of the hand-written model).
 Models run interleaved, one forward each per round; the figure is the median of the rounds.
 
     python benchmarks/latency.py [--batch 8] [--size 224] [--repeats 15] [--compile]
@@ -22,11 +24,14 @@ PAIRS = {"resnet50": "seresnet50", "resnext50_32x4d": "seresnext50_32x4d"}
 
 def build(base: str, se_name: str) -> dict[str, torch.nn.Module]:
     hand = timm.create_model(se_name).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        retro = se_retrofit.apply(timm.create_model(base), init="paper").eval()
-    retro.load_state_dict(hand.state_dict())
-    return {"base": timm.create_model(base).eval(), "hand-written SE": hand, "retrofitted": retro}
+    models = {"base": timm.create_model(base).eval(), "hand-written SE": hand}
+    for name, fuse in (("retrofitted", True), ("retrofitted, unfused", False)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            models[name] = se_retrofit.apply(timm.create_model(base), se_retrofit.SEConfig(init="paper",
+                                                                                            fuse_add=fuse)).eval()
+        models[name].load_state_dict(hand.state_dict())
+    return models
 
 
 def main() -> None:
@@ -53,16 +58,23 @@ def main() -> None:
             rows.append({"model": base, "mode": mode, "median_s": med,
                          "retrofitted_over_hand_written_paired": paired,
                          "retrofitted_over_hand_written": med["retrofitted"] / med["hand-written SE"],
+                         "unfused_over_hand_written": med["retrofitted, unfused"] / med["hand-written SE"],
+                         "unfused_over_hand_written_paired": median(
+                             [r / h for r, h in zip(times["retrofitted, unfused"], times["hand-written SE"])]),
                          "retrofitted_over_base": med["retrofitted"] / med["base"],
+                         "unfused_over_base": med["retrofitted, unfused"] / med["base"],
                          "hand_written_over_base": med["hand-written SE"] / med["base"]})
     print(f"batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"{'model':<18}{'mode':<10}{'base ms':>9}{'SE ms':>9}{'retro ms':>10}{'retro/SE':>10}{'paired':>8}"
-          f"{'retro/base':>11}")
+    print(f"{'model':<17}{'mode':<9}{'base':>7}{'SE':>7}{'retro':>7}{'unfused':>8}  {'retro/SE':>8}{'paired':>7}"
+          f"{'unfused/SE':>11}{'paired':>7}  {'SE/base':>7}{'retro/base':>11}{'unfused/base':>13}")
     for r in rows:
         m = r["median_s"]
-        print(f"{r['model']:<18}{r['mode']:<10}{m['base'] * 1e3:>9.1f}{m['hand-written SE'] * 1e3:>9.1f}"
-              f"{m['retrofitted'] * 1e3:>10.1f}{r['retrofitted_over_hand_written']:>10.3f}"
-              f"{r['retrofitted_over_hand_written_paired']:>8.3f}{r['retrofitted_over_base']:>11.3f}")
+        print(f"{r['model']:<17}{r['mode']:<9}{m['base'] * 1e3:>7.1f}{m['hand-written SE'] * 1e3:>7.1f}"
+              f"{m['retrofitted'] * 1e3:>7.1f}{m['retrofitted, unfused'] * 1e3:>8.1f}  "
+              f"{r['retrofitted_over_hand_written']:>8.3f}{r['retrofitted_over_hand_written_paired']:>7.3f}"
+              f"{r['unfused_over_hand_written']:>11.3f}{r['unfused_over_hand_written_paired']:>7.3f}  "
+              f"{r['hand_written_over_base']:>7.3f}{r['retrofitted_over_base']:>11.3f}{r['unfused_over_base']:>13.3f}")
+    print("(times in ms; paired: median of per-round ratios)")
     print("written", write("latency" + ("_compile" if args.compile else ""),
                            {"batch": args.batch, "size": args.size, "repeats": args.repeats, "rows": rows}))
 

@@ -19,16 +19,12 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import timm
 import torch
-import torch.nn.functional as F
 
 import se_retrofit
-from _common import RESULTS, interleaved, machine, median
-from se_retrofit.training.freeze import freeze_batchnorm, new_parameter_names, parameter_groups, set_trainable
-from timm.optim import create_optimizer_v2
+from _common import RESULTS, interleaved, machine, make_train_step, median
 
 CONFIGS = {
     "seresnet50 (timm), all": ("hand", "all"),
@@ -48,26 +44,6 @@ def build(kind: str) -> torch.nn.Module:
     return retro
 
 
-def make_step(model: torch.nn.Module, mode: str, batch: int, size: int) -> Callable[[], None]:
-    new = new_parameter_names(model)
-    set_trainable(model, new, backbone=mode == "all")
-    model.train()
-    if mode != "all":
-        freeze_batchnorm(model)
-    optimizer = create_optimizer_v2(parameter_groups(model, new, mode, 0.05, 1.0), opt="adamw", lr=1e-4,
-                                    weight_decay=0.05)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, size, size, generator=gen)
-    y = torch.randint(0, 1000, (batch,), generator=gen)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-
-    return step
-
-
 def _status_mib(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -77,7 +53,7 @@ def _status_mib(field: str) -> float:
 
 def memory_worker(name: str, batch: int, size: int) -> None:
     kind, mode = CONFIGS[name]
-    step = make_step(build(kind), mode, batch, size)
+    step = make_train_step(build(kind), mode, batch, size)
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
     built = _status_mib("VmRSS")
@@ -109,7 +85,7 @@ def main() -> None:
         memory_worker(args.memory_worker, args.batch, args.size)
         return
 
-    steps = {name: make_step(build(kind), mode, args.batch, args.size) for name, (kind, mode) in CONFIGS.items()}
+    steps = {name: make_train_step(build(kind), mode, args.batch, args.size) for name, (kind, mode) in CONFIGS.items()}
     times = interleaved(steps, repeats=args.repeats, warmup=2)
     medians = {name: median(values) for name, values in times.items()}
     memory = {name: measure_memory(name, args) for name in CONFIGS}

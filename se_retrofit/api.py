@@ -16,6 +16,7 @@ from torch import nn
 from . import catalog, layout
 from .capture import Call, capture_calls, describe, preserved_modes
 from .config import SEConfig
+from .fusion import fused_calls
 from .rewrite import Undo, free_name, rewrite_block
 from .se_block import SEBlock, hidden_width
 from .sites import Placement, analyze, tensor_adds
@@ -160,8 +161,10 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
             eval_graph, reads_training = trace_forward(module, concrete, param_names, training=False)
         else:
             eval_graph, reads_training = cached_trace(module)
+        fused = [Skipped(name, n.name, f"already has channel attention: SEBlock at '{n.target}' (doing the add)")
+                 for n in fused_calls(eval_graph, module)]
         if not tensor_adds(eval_graph):
-            return None, []
+            return None, fused
         propagate_shapes(module, eval_graph, call, check_output=True)
         graphs = [eval_graph]
         if reads_training:
@@ -180,7 +183,7 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
         rejections.append(rejected)
     if len(graphs) == 2 and [p.signature() for p in all_placements[0]] != [p.signature() for p in all_placements[1]]:
         return None, [Skipped(name, None, "module skipped: its residual structure differs between train and eval mode")]
-    skipped = [Skipped(name, r.add, r.reason) for r in rejections[0]]
+    skipped = fused + [Skipped(name, r.add, r.reason) for r in rejections[0]]
     if not all_placements[0]:
         return None, skipped
     return _BlockPlan(name, module, call, graphs, all_placements), skipped
@@ -318,7 +321,7 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
         block_sites = [next(sites) for _ in block.placements[0]]
         new = [(s.se_name.rsplit(".", 1)[-1], _make_se(s, config, block.module)) for s in block_sites]
         try:
-            undo: Undo = rewrite_block(block.module, block.graphs, block.placements, new)
+            undo: Undo = rewrite_block(block.module, block.graphs, block.placements, new, config.fuse_add)
         except Exception as exc:  # a failed splice leaves the block as it was; say why and go on
             plan.skipped.extend(Skipped(block.name, s.add, f"rewrite failed: {exc}") for s in block_sites)
             continue

@@ -43,6 +43,10 @@ class SEConfig:
         exclude: the same, for blocks to leave alone; applied after ``include``.
         min_hidden: floor on the hidden width.
         divisor: the hidden width is rounded to a multiple of this (timm's convention, 8).
+        fuse_add: where the SE output goes straight into the residual addition, let the SE block
+            do that addition (``se(x, shortcut)`` returns ``shortcut + x * gate`` in one pass, saving
+            a pass over the feature map). Set False to keep the addition as its own operation, for
+            example to hook the SE output itself; the weights and the function are the same.
     """
 
     reduction: float = 16
@@ -52,6 +56,7 @@ class SEConfig:
     exclude: str | Sequence[str] | None = None
     min_hidden: int = 8
     divisor: int = 8
+    fuse_add: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.reduction, bool) or not isinstance(self.reduction, (int, float)) or self.reduction < 1:
@@ -64,6 +69,8 @@ class SEConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.fuse_add, bool):
+            raise ValueError(f"fuse_add must be True or False, got {self.fuse_add!r}")
         self.include = _as_patterns("include", self.include)
         self.exclude = _as_patterns("exclude", self.exclude)
 

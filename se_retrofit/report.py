@@ -288,12 +288,15 @@ def _output_elements(inputs: list[Any], outputs: list[Any]) -> int:
 
 # The ops of SEBlock.forward that fvcore has no handle for. The squeeze costs one add per input
 # element and the gate and rescale one op per output element: fvcore's convention for pooling.
+# A block that does the residual add too (``addcmul``) is costed for its rescale alone: the add was
+# in the original model already, where fvcore does not count additions either.
 _SE_GATE_OPS: dict[str, Callable[[list[Any], list[Any]], int]] = {
     "aten::mean": _input_elements,
     "aten::sigmoid": _output_elements,
     "aten::sigmoid_": _output_elements,
     "aten::mul": _output_elements,
     "aten::mul_": _output_elements,
+    "aten::addcmul": _output_elements,
 }
 
 

@@ -14,6 +14,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import codegen
+from .fusion import fold_residual_adds
 from .sites import Placement
 
 
@@ -65,11 +66,12 @@ class Undo:
 
 
 def rewrite_block(module: nn.Module, graphs: list[fx.Graph], placements: list[list[Placement]],
-                  new_modules: list[tuple[str, nn.Module]]) -> Undo:
+                  new_modules: list[tuple[str, nn.Module]], fuse_add: bool = True) -> Undo:
     """Register ``new_modules`` on ``module``, splice them into every graph, install the new forward.
 
     ``graphs`` is ``[eval_graph]`` or ``[eval_graph, train_graph]``; ``placements[g][i]`` is where
-    ``new_modules[i]`` goes in graph ``g``.
+    ``new_modules[i]`` goes in graph ``g``. With ``fuse_add``, an addition fed directly by an SE
+    output is done by the SE block (`fusion`).
     """
     undo = Undo(module, type(module))
     try:
@@ -83,6 +85,8 @@ def rewrite_block(module: nn.Module, graphs: list[fx.Graph], placements: list[li
             try:
                 for placement, (name, _) in zip(graph_placements, new_modules):
                     splice(graph, placement, name)
+                if fuse_add:
+                    fold_residual_adds(graph, module, {name for name, _ in new_modules})
                 graph.lint()
             finally:
                 graph.owning_module = None

@@ -3,7 +3,8 @@
     python docs/scripts/gen_benchmarks.py [--check]
 
 Writes ``docs/generated/benchmarks.md``. Each ``*.json`` written by ``benchmarks/apply_time.py``,
-``benchmarks/latency.py`` (``--compile`` writes ``latency_compile.json``) or ``benchmarks/train_step.py``
+``benchmarks/latency.py`` (``--compile`` writes ``latency_compile.json``), ``benchmarks/train_step.py`` or
+``benchmarks/gpu_throughput.py``
 becomes a table, headed by the machine it was measured on. Nothing is measured here: no result file, no table, and the page says so.
 """
 from __future__ import annotations
@@ -49,16 +50,39 @@ def apply_time(data: dict[str, Any]) -> str:
 
 def latency(data: dict[str, Any]) -> str:
     rows = []
+    unfused = all("retrofitted, unfused" in r["median_s"] for r in data["rows"])
     for r in data["rows"]:
         m = r["median_s"]
-        rows.append([f"`{r['model']}`", r["mode"], f"{m['base'] * 1e3:.1f}", f"{m['hand-written SE'] * 1e3:.1f}",
-                     f"{m['retrofitted'] * 1e3:.1f}", f"{r['hand_written_over_base']:.3f}",
-                     f"{r['retrofitted_over_hand_written']:.3f}", f"{r['retrofitted_over_base']:.3f}"])
+        row = [f"`{r['model']}`", r["mode"], f"{m['base'] * 1e3:.1f}", f"{m['hand-written SE'] * 1e3:.1f}",
+               f"{m['retrofitted'] * 1e3:.1f}"]
+        if unfused:
+            row.append(f"{m['retrofitted, unfused'] * 1e3:.1f}")
+        row += [f"{r['hand_written_over_base']:.3f}", f"{r['retrofitted_over_base']:.3f}",
+                f"{r['retrofitted_over_hand_written']:.3f}"]
+        if unfused:
+            row.append(f"{r['unfused_over_hand_written']:.3f}")
+        rows.append(row)
+    headers = ["base model", "mode", "base", "hand-written SE", "retrofitted"] + (["unfused"] if unfused else [])
+    headers += ["SE / base", "retrofitted / base", "retrofitted / SE"] + (["unfused / SE"] if unfused else [])
     return "\n".join([
         f"Batch {data.get('batch', '?')}, {data.get('size', '?')}x{data.get('size', '?')} input, eval mode, "
-        f"median of {data.get('repeats', '?')} interleaved rounds (`benchmarks/latency.py`). Times in ms.\n",
-        table(["base model", "mode", "base", "hand-written SE", "retrofitted", "SE / base", "retrofitted / SE",
-               "retrofitted / base"], rows)])
+        f"median of {data.get('repeats', '?')} interleaved rounds (`benchmarks/latency.py`). Times in ms. "
+        + ("*unfused*: the retrofit with `fuse_add=False`.\n" if unfused else "\n"),
+        table(headers, rows)])
+
+
+def gpu_throughput(data: dict[str, Any]) -> str:
+    rows = []
+    for r in data["rows"]:
+        peak = f"{r['peak_mib_above_start']:.0f}" if r.get("peak_mib_above_start") is not None else ""
+        rows.append([r["kind"], "compiled" if r["compiled"] else "eager", r["config"], str(r["batch"]),
+                     f"{r['images_per_s']:.0f}", f"{r['median_step_s'] * 1e3:.1f}", peak])
+    return "\n".join([
+        f"{data.get('dtype', '?')} autocast, channels_last={data.get('channels_last', '?')}, {data.get('size', '?')} px, "
+        f"median of {data.get('rounds', '?')} interleaved rounds of {data.get('steps', '?')} steps "
+        "(`benchmarks/gpu_throughput.py`). Peak memory: above what was allocated before the configuration's "
+        "steps (activations and gradients).\n",
+        table(["kind", "mode", "configuration", "batch", "images/s", "ms/step", "peak MiB"], rows)])
 
 
 def train_step(data: dict[str, Any]) -> str:
@@ -87,6 +111,8 @@ RENDERERS = {"accuracy_study": ("Accuracy study", accuracy_study),
              "apply_time": ("Time to apply the retrofit", apply_time),
              "train_step": ("Training step: time and memory", train_step),
              "latency": ("Inference latency", latency),
+             "latency_h100_host": ("Inference latency on a quiet 16-core host (the GPU machine's CPU)", latency),
+             "gpu_throughput": ("GPU training and inference throughput", gpu_throughput),
              "latency_compile": ("Inference latency, eager and torch.compile", latency)}
 
 

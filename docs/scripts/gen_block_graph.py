@@ -97,9 +97,11 @@ def bottleneck() -> tuple[str, str]:
             "a leaf. `self.downsample is None` for this block, so the `if` is resolved at trace time and the "
             "shortcut is `x` itself.\n",
             fence(before, title=f"{BLOCK}, traced"),
-            f"**3. After `se_retrofit.apply`**: one `call_module` node is spliced between the end of the residual "
-            f"branch (`bn3`) and the addition. The shortcut is untouched. This is the `forward` of the block's new "
-            f"class:\n",
+            f"**3. After `se_retrofit.apply`**: one `call_module` node is spliced on the end of the residual "
+            f"branch (`bn3`). Its output went straight into the addition, so the SE block is handed the shortcut "
+            f"too and does the addition itself (`shortcut + bn3 * gate` in one `torch.addcmul` pass; "
+            f"`SEConfig(fuse_add=False)` keeps `se = self.se(bn3); add = se + x` instead). The shortcut is "
+            f"untouched. This is the `forward` of the block's new class:\n",
             fence(after, title=f"{BLOCK}, generated forward"),
             "**4. The difference**, line by line:\n",
             fence(diff, "diff"),

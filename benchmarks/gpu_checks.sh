@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, in one go (the GPU machine is lent by the minute):
+#
+#     bash benchmarks/gpu_checks.sh OUT_DIR [PART ...]
+#
+# PART is any of: env, finetune, torchrun, throughput, compile, cpu-latency (default: all but compile).
+# Each part appends to OUT_DIR/gpu_checks.log and copies its small results (metrics, JSON) into OUT_DIR.
+# The model weights of the fine-tuning runs stay in a temporary folder: they are large and random-init.
+set -uo pipefail
+
+OUT=${1:?usage: gpu_checks.sh OUT_DIR [PART ...]}
+shift
+PARTS=${*:-env finetune torchrun throughput cpu-latency}
+PYTHON=${PYTHON:-python3}
+HERE=$(cd "$(dirname "$0")" && pwd)
+RUNS=$(mktemp -d)
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+status=0
+
+step() {
+    echo "=== $* ($(date +%T))"
+    "$@" || { echo "=== FAILED ($?): $*"; status=1; }
+}
+
+{
+for part in $PARTS; do
+    case $part in
+    env)
+        step nvidia-smi -L
+        step "$PYTHON" -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0))"
+        ;;
+    finetune)
+        # GPU path of the CLI: AMP (bf16), channels_last, torch.compile, on the built-in digits data.
+        step "$PYTHON" -m se_retrofit.cli convert-and-finetune resnet50 --data digits --out "$RUNS/cuda" \
+            --no-pretrained --epochs 3 --batch-size 64 --image-size 64 --device cuda --amp --channels-last \
+            --compile --workers 4 --no-progress
+        mkdir -p "$OUT/finetune_cuda"
+        cp "$RUNS/cuda/"{metrics.csv,config.json,report.md} "$OUT/finetune_cuda/" 2>/dev/null
+        ;;
+    torchrun)
+        # DDP with the nccl backend (one process per GPU; on a one-GPU machine, one process).
+        ngpu=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+        step "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$ngpu" \
+            -m se_retrofit.cli convert-and-finetune resnet50 --data digits --out "$RUNS/ddp" --no-pretrained \
+            --epochs 1 --batch-size 64 --image-size 64 --amp --channels-last --workers 2 --no-progress
+        mkdir -p "$OUT/finetune_ddp"
+        cp "$RUNS/ddp/"{metrics.csv,config.json} "$OUT/finetune_ddp/" 2>/dev/null
+        ;;
+    throughput)
+        step "$PYTHON" "$HERE/gpu_throughput.py" --rounds 7 --steps 10 && cp "$HERE/results/gpu_throughput.json" "$OUT/"
+        ;;
+    compile)
+        step "$PYTHON" "$HERE/gpu_throughput.py" --rounds 7 --steps 10 --compile --name gpu_throughput_compile \
+            && cp "$HERE/results/gpu_throughput_compile.json" "$OUT/"
+        ;;
+    cpu-latency)
+        # The GPU machine's CPU is otherwise idle: a quieter place for the CPU latency ratios.
+        CUDA_VISIBLE_DEVICES= step "$PYTHON" "$HERE/latency.py" --repeats 31 && cp "$HERE/results/latency.json" "$OUT/latency_gpu_host.json"
+        ;;
+    *)
+        echo "unknown part $part"; status=2
+        ;;
+    esac
+done
+exit "$status"
+} 2>&1 | tee -a "$OUT/gpu_checks.log"
+exit "${PIPESTATUS[0]}"

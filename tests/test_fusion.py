@@ -1,0 +1,171 @@
+"""The SE block doing the residual addition (``fuse_add``): same function, one pass, only where safe."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import se_retrofit
+from se_retrofit import SEBlock, SEConfig, SERetrofitWarning
+
+from conftest import make_pretrained_like
+from models_custom import AddSpelling, Net, conv_bn
+
+X = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+
+
+class IdentityDropPath(nn.Module):
+    """timm's layout with drop-path disabled: ``drop_path`` is an ``nn.Identity`` between branch and add."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = conv_bn(channels, channels)
+        self.conv2 = conv_bn(channels, channels)
+        self.drop_path = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.drop_path(self.conv2(F.relu(self.conv1(x)))) + x)
+
+
+class AddIntoShortcut(nn.Module):
+    """The branch is added *into* the projected shortcut in place: folding would leave ``s`` unchanged."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = conv_bn(channels, channels)
+        self.conv2 = conv_bn(channels, channels)
+        self.proj = nn.Conv2d(channels, channels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.proj(x)
+        s.add_(self.conv2(F.relu(self.conv1(x))))
+        return F.relu(s) + s
+
+
+class _SELeafTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, SEBlock) or super().is_leaf_module(m, qualname)
+
+
+def _se_calls(block: nn.Module) -> list[int]:
+    """Number of arguments of each SE call in the block's generated forward."""
+    graph = _SELeafTracer().trace(block)
+    return [len(n.args) for n in graph.nodes
+            if n.op == "call_module" and isinstance(block.get_submodule(n.target), SEBlock)]
+
+
+def _adds(block: nn.Module) -> int:
+    graph = _SELeafTracer().trace(block)
+    return sum(1 for n in graph.nodes if "add" in str(n.target))
+
+
+def _both(model: nn.Module, **kwargs) -> tuple[nn.Module, nn.Module]:
+    make_pretrained_like(model).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SERetrofitWarning)
+        fused = se_retrofit.apply(model, SEConfig(**kwargs))
+        plain = se_retrofit.apply(model, SEConfig(fuse_add=False, **kwargs))
+    return fused, plain
+
+
+def _randomise_se(*models: nn.Module) -> None:
+    """The same random SE weights in each model, so the gates are far from 1."""
+    gen = torch.Generator().manual_seed(11)
+    names = [n for n, _ in se_retrofit.se_blocks(models[0])]
+    for name in names:
+        values = {k: torch.randn(v.shape, generator=gen) * 0.5
+                  for k, v in models[0].get_submodule(name).state_dict().items()}
+        for model in models:
+            model.get_submodule(name).load_state_dict(values)
+
+
+@pytest.mark.parametrize("spelling", ["plus", "iadd", "torch.add", "Tensor.add", "reversed"])
+def test_out_of_place_additions_are_folded_into_the_se_block(spelling):
+    fused, plain = _both(Net([AddSpelling(16, spelling)]), init="paper")
+    assert _se_calls(fused.blocks[0]) == [2], f"{spelling}: the addition should be done by the SE block"
+    assert _adds(fused.blocks[0]) == 0, f"{spelling}: an addition is left next to the fused SE block"
+    assert _se_calls(plain.blocks[0]) == [1] and _adds(plain.blocks[0]) == 1, "fuse_add=False must keep the add"
+    _randomise_se(fused, plain)
+    with torch.no_grad():
+        a, b = fused(X), plain(X)
+    assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), f"{spelling}: fused output differs by {(a - b).abs().max()}"
+
+
+def test_fused_and_plain_blocks_train_alike():
+    fused, plain = _both(Net([AddSpelling(16, "plus"), AddSpelling(16, "reversed")]), init="paper")
+    _randomise_se(fused, plain)
+    grads = []
+    for model in (fused, plain):
+        model.train()
+        F.cross_entropy(model(X), torch.tensor([1, 3])).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], rtol=1e-5, atol=1e-6), f"gradient of {name} differs when fused"
+
+
+def test_identity_modules_between_se_and_add_are_seen_through():
+    fused, plain = _both(Net([IdentityDropPath(16)]))
+    assert _se_calls(fused.blocks[0]) == [2], "an nn.Identity drop-path should not stop the fold"
+    with torch.no_grad():
+        assert torch.equal(fused(X), plain(X)), "identity init: fused and plain must agree exactly"
+
+
+def test_in_place_add_into_the_shortcut_is_not_folded():
+    fused, plain = _both(Net([AddIntoShortcut(16)]), init="paper")
+    assert _se_calls(fused.blocks[0]) == [1], "s.add_(se(x)) must stay: later reads of s need the sum"
+    _randomise_se(fused, plain)
+    with torch.no_grad():
+        assert torch.equal(fused(X), plain(X))
+
+
+def test_position_identity_folds_the_gated_shortcut():
+    fused, plain = _both(Net([AddSpelling(16, "plus")]), init="paper", position="identity")
+    assert _se_calls(fused.blocks[0]) == [2]
+    _randomise_se(fused, plain)
+    with torch.no_grad():
+        assert torch.allclose(fused(X), plain(X), rtol=1e-6, atol=1e-6)
+
+
+def test_fused_model_is_idempotent_and_reports_the_se():
+    fused, _ = _both(Net([AddSpelling(16, "plus")]))
+    with pytest.warns(SERetrofitWarning):
+        again = se_retrofit.apply(fused)
+    assert len(se_retrofit.se_blocks(again)) == 1, "a second apply added an SE block next to a fused one"
+    reasons = [s.reason for s in se_retrofit.get_plan(again).skipped]
+    assert any("SEBlock" in r and "doing the add" in r for r in reasons), reasons
+
+
+def test_resnets_fold_every_block_and_keep_seresnet50_function():
+    tv = se_retrofit.apply(torchvision.models.resnet18())
+    assert all(_se_calls(b) == [2] for b in (*tv.layer1, *tv.layer4)), "torchvision BasicBlock not folded"
+    hand = make_pretrained_like(timm.create_model("seresnet50")).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SERetrofitWarning)
+        retro = se_retrofit.apply(timm.create_model("resnet50"), init="paper").eval()
+    retro.load_state_dict(hand.state_dict())
+    assert _se_calls(retro.layer3[0]) == [2]
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = hand(x), retro(x)
+    rel = ((a - b).abs().max() / a.abs().max()).item()
+    assert rel <= 1e-5, f"fused retrofit differs from seresnet50 by {rel:.2e} (relative)"
+
+
+def test_fuse_add_must_be_a_bool():
+    with pytest.raises(ValueError, match="fuse_add"):
+        SEConfig(fuse_add="yes")
+    assert SEConfig.from_dict(SEConfig(fuse_add=False).to_dict()).fuse_add is False
+
+
+def test_se_block_with_residual_is_addcmul():
+    se = SEBlock(8, 4, gain=1.0)
+    x, r = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
+    assert torch.allclose(se(x, r), se(x) + r, atol=1e-6)
+    deep = copy.deepcopy(se)
+    assert torch.equal(deep(x, r), se(x, r))
