@@ -7,6 +7,7 @@ found on the internet is a pickle, and a pickle may execute arbitrary code while
 """
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import re
@@ -201,7 +202,9 @@ def _torch_load_weights_only(path: Path) -> Any:
     import pickle
 
     try:
-        with warnings.catch_warnings():
+        # timm's train.py stores its argparse.Namespace of options beside the weights; a Namespace only
+        # holds attributes, so allowing it lets those checkpoints load without opening the door to code.
+        with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -5,8 +5,12 @@ the same way and gives the same hint for a misspelt one.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
-from typing import Any
+import os
+import socket
+from typing import Any, Iterator
+from urllib.parse import urlparse
 
 from torch import nn
 
@@ -67,11 +71,52 @@ def create_model(spec: str, pretrained: bool = False, num_classes: int | None = 
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        with _hub_offline_when_unreachable() if pretrained else contextlib.nullcontext():
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError) as exc:
         if pretrained:
             raise RuntimeError(_offline_hint(spec, exc)) from exc
         raise
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face Hub (or the ``HF_ENDPOINT`` mirror) opens in ``timeout`` s.
+
+    Behind a proxy a direct connection proves nothing, so then the hub counts as reachable.
+    """
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline_when_unreachable() -> Iterator[None]:
+    """Hub offline mode while timm fetches weights, when the hub cannot be reached.
+
+    Without a network huggingface_hub retries each candidate file with back-off, about a minute
+    before it fails; in offline mode it answers at once, from the local cache when the weights are
+    there (so cached weights still load) and with an error otherwise.
+    """
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # timm without huggingface_hub downloads from URLs, which fail fast
+        yield
+        return
+    if constants.HF_HUB_OFFLINE or hub_reachable():
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
 
 
 def _offline_hint(spec: str, exc: Exception) -> str:

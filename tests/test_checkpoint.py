@@ -1,6 +1,7 @@
 """Atomic saves, weights-only loads that refuse code-running pickles, RNG state, and load_into's errors."""
 from __future__ import annotations
 
+import argparse
 import pickle
 import random
 from pathlib import Path
@@ -118,6 +119,18 @@ def test_load_weights_unwraps_training_checkpoints_and_strips_ddp_prefix(tmp_pat
     assert torch.equal(load_weights(tmp_path / "ema.pth")["0.weight"], sd["0.weight"]), "raw weights by default"
     assert torch.equal(load_weights(tmp_path / "ema.pth", prefer_ema=True)["0.weight"], ema["0.weight"]), \
         "prefer_ema should pick the EMA weights"
+
+
+def test_timm_train_py_checkpoint_loads_with_its_args_namespace(tmp_path):
+    """timm's train.py saves ``args`` (an argparse.Namespace) next to ``state_dict`` and ``state_dict_ema``."""
+    weights = {"fc.weight": torch.randn(3, 4)}
+    ema = {"fc.weight": torch.randn(3, 4)}
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 7, "arch": "resnet18", "state_dict": weights, "state_dict_ema": ema,
+                "optimizer": {"state": {}, "param_groups": []}, "version": 2, "metric": 71.2,
+                "args": argparse.Namespace(model="resnet18", lr=0.1, aa="rand-m9", layers=[1, 2])}, path)
+    assert torch.equal(load_weights(path)["fc.weight"], weights["fc.weight"]), "state_dict not taken"
+    assert torch.equal(load_weights(path, prefer_ema=True)["fc.weight"], ema["fc.weight"]), "EMA weights not taken"
 
 
 def test_the_marker_payload_really_runs_code_when_unpickled(tmp_path):

@@ -301,9 +301,15 @@ def test_cli_refuses_bad_input_before_writing(case: str, image_folder: Path, tmp
     elif case == "unknown model":
         args[1] = "resnet10x"
     elif case == "pretrained offline":
-        import huggingface_hub.constants
+        import socket
 
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once, not after retries
+        import se_retrofit.models
+
+        def refuse(*a, **k):
+            raise AssertionError("a network lookup was attempted despite the failed hub probe")
+
+        monkeypatch.setattr(se_retrofit.models, "hub_reachable", lambda *a, **k: False)
+        monkeypatch.setattr(socket, "getaddrinfo", refuse)
         args.append("--pretrained")
     elif case == "bad checkpoint path":
         args += ["--checkpoint", str(tmp_path / "missing.pth")]
