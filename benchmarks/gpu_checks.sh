@@ -3,7 +3,8 @@
 #
 #     bash benchmarks/gpu_checks.sh OUT_DIR [PART ...]
 #
-# PART is any of: env, finetune, torchrun, throughput, compile, cpu-latency (default: all but compile).
+# PART is any of: env, finetune, torchrun, throughput, compile, cpu-latency, cpu-latency-compile, train-step,
+# cpu-latency-threads, gpu-tests (default: env finetune torchrun throughput cpu-latency).
 # Each part appends to OUT_DIR/gpu_checks.log and copies its small results (metrics, JSON) into OUT_DIR.
 # The model weights of the fine-tuning runs stay in a temporary folder: they are large and random-init.
 set -uo pipefail
@@ -57,6 +58,24 @@ for part in $PARTS; do
     cpu-latency)
         # The GPU machine's CPU is otherwise idle: a quieter place for the CPU latency ratios.
         CUDA_VISIBLE_DEVICES= step "$PYTHON" "$HERE/latency.py" --repeats 31 && cp "$HERE/results/latency.json" "$OUT/latency_gpu_host.json"
+        ;;
+    cpu-latency-threads)
+        for t in 16 4; do
+            CUDA_VISIBLE_DEVICES= step "$PYTHON" "$HERE/latency.py" --repeats 41 --models resnet50 --threads $t --name latency_t$t \
+                && cp "$HERE/results/latency_t$t.json" "$OUT/latency_t${t}_gpu_host.json"
+        done
+        ;;
+    cpu-latency-compile)
+        CUDA_VISIBLE_DEVICES= step "$PYTHON" "$HERE/latency.py" --repeats 21 --models resnet50 --compile \
+            && cp "$HERE/results/latency_compile.json" "$OUT/latency_compile_gpu_host.json"
+        ;;
+    train-step)
+        # Training step on the CPU (16 quiet cores): retrofitted vs hand-written, --train se vs all.
+        CUDA_VISIBLE_DEVICES= step "$PYTHON" "$HERE/train_step.py" --json "$OUT/train_step_gpu_host.json"
+        ;;
+    gpu-tests)
+        step "$PYTHON" -m pytest -q -p no:cacheprovider "$HERE/../tests/test_gpu.py" "$HERE/../tests/test_fusion.py" \
+            "$HERE/../tests/test_finetune.py"
         ;;
     *)
         echo "unknown part $part"; status=2

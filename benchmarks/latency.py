@@ -41,7 +41,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--models", nargs="+", default=list(PAIRS))
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--name", default=None, help="results/NAME.json (default latency or latency_compile)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     x = torch.rand(args.batch, 3, args.size, args.size)
     rows = []
     for base in args.models:
@@ -75,7 +78,7 @@ def main() -> None:
               f"{r['unfused_over_hand_written']:>11.3f}{r['unfused_over_hand_written_paired']:>7.3f}  "
               f"{r['hand_written_over_base']:>7.3f}{r['retrofitted_over_base']:>11.3f}{r['unfused_over_base']:>13.3f}")
     print("(times in ms; paired: median of per-round ratios)")
-    print("written", write("latency" + ("_compile" if args.compile else ""),
+    print("written", write(args.name or "latency" + ("_compile" if args.compile else ""),
                            {"batch": args.batch, "size": args.size, "repeats": args.repeats, "rows": rows}))
 
 

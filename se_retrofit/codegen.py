@@ -8,7 +8,9 @@ rebuilds the subclass from its source text, so ``torch.save(model)`` loads in a 
 """
 from __future__ import annotations
 
+import copy
 import hashlib
+import pickle
 import linecache
 from typing import Any
 
@@ -74,15 +76,22 @@ def _split_specs(namespace: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
 def program_text(source: str, namespace: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """Self-contained text (imports + source), the argument specs, and globals that cannot be imported.
 
-    The text is what pickling stores; globals that have no importable name (a local function the
-    model's forward calls) make the block unpicklable, and ``_reduce_ex`` says so.
+    The text is what pickling stores. A global with no importable name (a local function the model's
+    forward calls) is kept as the object itself; pickling then needs pickle to find it, and
+    ``_reduce_ex`` says so when it cannot.
     """
     plain, specs = _split_specs(namespace)
-    try:
-        imports = _format_import_block(plain, sys_importer)
-        return imports + "\n" + source, specs, {}
-    except Exception:  # an unimportable global: keep the objects themselves, give up pickling
-        return source, specs, plain
+    lines: set[str] = set()
+    local: dict[str, Any] = {}
+    for name, obj in plain.items():
+        if isinstance(obj, str):  # a string annotation (``from __future__ import annotations``); older fx fails on it
+            lines.add(f"{name} = {obj!r}")
+            continue
+        try:
+            lines.add(_format_import_block({name: obj}, sys_importer))
+        except Exception:  # no importable name: keep the object
+            local[name] = obj
+    return "\n".join(sorted(lines)) + "\n" + source, specs, local
 
 
 def retrofitted_class(base: type, text: str, specs: dict[str, Any], local_globals: dict[str, Any] | None = None
@@ -104,8 +113,9 @@ def retrofitted_class(base: type, text: str, specs: dict[str, Any], local_global
         "_se_retrofit_base": base,
         "_se_retrofit_text": text,
         "_se_retrofit_specs": specs,
-        "_se_retrofit_picklable": not local_globals,
+        "_se_retrofit_globals": dict(local_globals or {}),
         "__reduce_ex__": _reduce_ex,
+        "__deepcopy__": _deepcopy,
     }
     for name in ("forward", "_se_forward_train", "_se_forward_eval"):
         if name in ns:
@@ -118,15 +128,31 @@ def retrofitted_class(base: type, text: str, specs: dict[str, Any], local_global
 
 def _reduce_ex(self: Any, protocol: int) -> tuple:
     cls = type(self)
-    if not cls._se_retrofit_picklable:
-        raise TypeError(f"{cls.__name__} calls a function that has no importable name, so it cannot be "
-                        "pickled; save its state_dict() instead")
-    return (_rebuild, (cls._se_retrofit_base, cls._se_retrofit_text, cls._se_retrofit_specs), self.__dict__.copy())
+    local = cls._se_retrofit_globals
+    if local:
+        try:
+            pickle.dumps(local, protocol)
+        except Exception as exc:
+            raise TypeError(f"{cls.__name__}'s forward calls {', '.join(sorted(local))}, which pickle cannot find "
+                            f"by name ({type(exc).__name__}: {exc}), so the block cannot be pickled; save its "
+                            "state_dict() instead and rebuild the model with se_retrofit.apply") from None
+    args = (cls._se_retrofit_base, cls._se_retrofit_text, cls._se_retrofit_specs, local)
+    return (_rebuild, args, self.__dict__.copy())
 
 
-def _rebuild(base: type, text: str, specs: dict[str, Any]) -> Any:
+def _deepcopy(self: Any, memo: dict[int, Any]) -> Any:
+    """A copy in the same generated class: unlike pickling it needs no importable name for anything."""
+    cls = type(self)
+    new = cls.__new__(cls)
+    memo[id(self)] = new
+    for key, value in self.__dict__.items():
+        new.__dict__[key] = copy.deepcopy(value, memo)
+    return new
+
+
+def _rebuild(base: type, text: str, specs: dict[str, Any], local_globals: dict[str, Any] | None = None) -> Any:
     """Unpickling: regenerate the subclass from its text (the class object itself is not importable)."""
-    cls = retrofitted_class(base, text, specs)
+    cls = retrofitted_class(base, text, specs, local_globals)
     return cls.__new__(cls)
 
 

@@ -199,6 +199,44 @@ def test_retrofitted_model_pickles_and_deep_copies(tmp_path):
         assert type(other.blocks[0]).__name__ == "SEAddSpelling"
 
 
+def test_unpicklable_forward_still_deep_copies_and_reapplies(monkeypatch):
+    """A forward calling a function with no importable name cannot be pickled, but copies must still work."""
+    from se_retrofit import codegen
+
+    def no_imports(*args, **kwargs):
+        raise ValueError("pretend a global of the forward has no importable name")
+
+    monkeypatch.setattr(codegen, "_format_import_block", no_imports)
+    model, se_model = retrofit(Net([AddSpelling(16, "plus"), FunctionalDropoutBlock(16)]), init="paper")
+    assert type(se_model.blocks[0])._se_retrofit_globals, "the unimportable globals must be kept as objects"
+    twin = copy.deepcopy(se_model)
+    assert_same_outputs(se_model, twin, "deepcopy of an unpicklable retrofit")
+    assert type(twin.blocks[0]) is type(se_model.blocks[0]), "deepcopy must keep the generated class"
+    with pytest.warns(SERetrofitWarning):
+        again = se_retrofit.apply(se_model)  # apply deep-copies its input
+    assert len(se_retrofit.se_blocks(again)) == 2
+    with pytest.raises(TypeError, match="cannot be pickled; save its state_dict"):
+        pickle.dumps(se_model)
+
+
+def test_string_annotations_pickle_with_an_fx_that_cannot_import_them(monkeypatch):
+    """Under ``from __future__ import annotations`` fx emits ``_torch_Tensor_ = 'torch.Tensor'`` globals,
+    which torch <= 2.11's import formatter rejects; the generated class must stay picklable anyway."""
+    from se_retrofit import codegen
+
+    real = codegen._format_import_block
+
+    def old_fx(globals_, importer):
+        if any(isinstance(v, str) for v in globals_.values()):
+            raise ValueError("old fx: cannot import a str")
+        return real(globals_, importer)
+
+    monkeypatch.setattr(codegen, "_format_import_block", old_fx)
+    model, se_model = retrofit(Net([AddSpelling(16, "plus")]), init="paper")
+    assert not type(se_model.blocks[0])._se_retrofit_globals, "string annotations need no local globals"
+    assert_same_outputs(se_model, pickle.loads(pickle.dumps(se_model)), "pickle round trip")
+
+
 def test_saved_model_loads_in_a_fresh_process(tmp_path):
     import subprocess
     import sys

@@ -179,7 +179,7 @@ def test_finetune_se_trains_only_se_and_head() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = finetune(model, Quadrants(24), Quadrants(9, seed=1), epochs=2, batch_size=8, lr=1e-2,
                       warmup_epochs=0, verbose=False, progress=False)
-    trained = result.model.state_dict()
+    trained = {k: v.cpu() for k, v in result.model.state_dict().items()}  # the model stays on the training device
     assert result.model.get_classifier().out_features == 3, "the head must be resized to the data's 3 classes"
     for key, value in before.items():
         if not key.startswith("fc."):
@@ -201,7 +201,7 @@ def test_finetune_all_and_staged_change_the_backbone() -> None:
     running = model.state_dict()["bn1.running_mean"].clone()
     result = finetune(model, Quadrants(16), None, epochs=2, batch_size=8, train="staged", stage1_epochs=1,
                       verbose=False, progress=False)
-    trained = result.model.state_dict()
+    trained = {k: v.cpu() for k, v in result.model.state_dict().items()}
     assert not torch.equal(trained["conv1.0.weight"], stem), "stage 2 of train='staged' must update the backbone"
     assert not torch.equal(trained["bn1.running_mean"], running), "stage 2 must update BN statistics"
     assert math.isnan(result.history[-1]["val_top1"]) and result.best_top1 is None, "no val set -> no val metrics"

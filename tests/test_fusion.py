@@ -169,3 +169,38 @@ def test_se_block_with_residual_is_addcmul():
     assert torch.allclose(se(x, r), se(x) + r, atol=1e-6)
     deep = copy.deepcopy(se)
     assert torch.equal(deep(x, r), se(x, r))
+
+
+def _block_errors(device: str, fuse: bool) -> tuple[float, float]:
+    """Relative error of an SE block's bf16 output and gradients against float32, fused or not."""
+    gen = torch.Generator().manual_seed(0)
+    se = SEBlock(64, 8, gain=1.0)
+    with torch.no_grad():
+        for p in se.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    se = se.to(device)
+    x0, r0, w = (torch.randn(8, 64, 28, 28, generator=gen).to(device) for _ in range(3))
+
+    def run(dtype: torch.dtype | None, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        se.zero_grad(set_to_none=True)
+        x, r = x0.clone().requires_grad_(), r0.clone().requires_grad_()
+        xs, rs = (x.to(dtype), r.to(dtype)) if dtype else (x, r)
+        with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = se(xs, rs) if fused else se(xs) + rs
+        (out.float() * w).sum().backward()
+        grads = torch.cat([x.grad.flatten(), r.grad.flatten(), se.fc1.weight.grad.flatten()])
+        return out.float().detach(), grads
+
+    ref_out, ref_grads = run(None, True)
+    out, grads = run(torch.bfloat16, fuse)
+    return ((out - ref_out).norm() / ref_out.norm()).item(), ((grads - ref_grads).norm() / ref_grads.norm()).item()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_fused_add_is_no_less_accurate_in_bfloat16(device):
+    """bf16 rounds ``shortcut + x * gate`` once when fused and twice (multiply, add) when not."""
+    fused_out, fused_grad = _block_errors(device, fuse=True)
+    plain_out, plain_grad = _block_errors(device, fuse=False)
+    assert fused_out <= plain_out * 1.01, f"fused bf16 output error {fused_out:.5f} > unfused {plain_out:.5f}"
+    assert fused_grad <= plain_grad * 1.1, f"fused bf16 gradient error {fused_grad:.5f} > unfused {plain_grad:.5f}"
