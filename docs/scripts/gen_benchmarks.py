@@ -110,10 +110,23 @@ def accuracy_study(data: dict) -> str:
 RENDERERS = {"accuracy_study": ("Accuracy study", accuracy_study),
              "apply_time": ("Time to apply the retrofit", apply_time),
              "train_step": ("Training step: time and memory", train_step),
+             "latency_compile": ("Inference latency, eager and torch.compile", latency),
              "latency": ("Inference latency", latency),
-             "latency_h100_host": ("Inference latency on a quiet 16-core host (the GPU machine's CPU)", latency),
-             "gpu_throughput": ("GPU training and inference throughput", gpu_throughput),
-             "latency_compile": ("Inference latency, eager and torch.compile", latency)}
+             "gpu_throughput": ("GPU training and inference throughput", gpu_throughput)}
+# Files named PREFIX_SUFFIX.json (the same benchmark on another machine or setting) get PREFIX's table.
+SUFFIXES = {"h100_host": "on the GPU machine's 16-core CPU", "h100_host_rerun": "on the GPU machine's CPU, a second machine",
+            "h100_host_4threads": "on the GPU machine's CPU, 4 threads"}
+
+
+def renderer_for(name: str) -> tuple[str | None, Any]:
+    for prefix in sorted(RENDERERS, key=len, reverse=True):
+        if name == prefix or name.startswith(prefix + "_"):
+            title, renderer = RENDERERS[prefix]
+            suffix = name[len(prefix) + 1:]
+            if suffix:
+                title += f", {SUFFIXES.get(suffix, suffix.replace('_', ' '))}"
+            return title, renderer
+    return None, None
 
 
 def render(results: Path = RESULTS) -> str:
@@ -126,7 +139,7 @@ def render(results: Path = RESULTS) -> str:
         return "\n".join(out)
     for path in files:
         name = path.stem
-        title, renderer = RENDERERS.get(name, (None, None))
+        title, renderer = renderer_for(name)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
