@@ -30,6 +30,8 @@ CASES = [
     ("nf_resnet26", 8, None),                              # NormFreeBlock without SE: SE before the alpha scale
     ("cpubone_nano", 6, "fx cannot trace"),                # shape control flow in some blocks, the rest converted
     ("tf_efficientnet_b0", 0, "already has channel attention"),  # TF "same" padding inside the convs
+    ("tf_mobilenetv3_small_minimal_100", 6, None),         # TF "same" padding, no SE: every residual converted
+    ("tf_mobilenetv3_small_100", 1, "already has channel attention"),  # 5 blocks with SE, 1 without
     ("efficientvit_m0", 32, "broadcasting"),               # conv residuals found, attention biases left alone
 ]
 SLOW = [("inception_resnet_v2", 40, None)]                 # scaled residuals, 299x299 input
