@@ -1,0 +1,282 @@
+"""Deployment of retrofitted zoo models: torch.export, ONNX (dynamo exporter, onnxruntime), torch.compile,
+and persistence (deepcopy, torch.save in a fresh process, state_dict through safetensors).
+
+Every model is retrofitted with ``init="paper"`` so that the gates are not 1 and the SE blocks change the
+outputs (checked by ``retrofitted``); an export that dropped them would then fail the comparison. The fast
+tests use timm/torchvision ResNet-18 and ConvNeXt-atto at 64 px; the models the issue names (ResNet-50,
+ConvNeXt-Tiny) and inductor compilation are ``slow``. ONNX tests need the ``onnx`` extra
+(``pip install -e .[onnx]``) and are skipped without it.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import timm
+import torch
+import torchvision
+
+import se_retrofit
+
+from conftest import make_pretrained_like
+from models_custom import AddSpelling, FunctionalDropoutBlock, Net
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+X = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(11))
+# Another batch size: the exports below mark the batch dimension dynamic.
+X_OTHER = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(12))
+ONNX_ATOL = 1e-5
+
+SLOW_ZOO = [pytest.param(spec, marks=pytest.mark.slow) for spec in
+            ("timm:resnet50", "timm:convnext_tiny", "torchvision:resnet50", "torchvision:convnext_tiny")]
+
+
+def build(spec: str, seed: int = 0) -> torch.nn.Module:
+    lib, name = spec.split(":")
+    model = torchvision.models.get_model(name) if lib == "torchvision" else timm.create_model(name)
+    return make_pretrained_like(model, seed).eval()
+
+
+def retrofit(model: torch.nn.Module, config: se_retrofit.SEConfig | None = None, **kwargs) -> torch.nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", se_retrofit.SERetrofitWarning)
+        return se_retrofit.apply(model, config, **kwargs).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def retrofitted(spec: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(original, retrofitted with init="paper"), both in eval mode; shared by the tests, never modified."""
+    model = build(spec)
+    se_model = retrofit(model, init="paper")
+    assert se_retrofit.se_blocks(se_model), f"{spec}: no SE block inserted"
+    with torch.no_grad():
+        change = (se_model(X) - model(X)).abs().max().item()
+    assert change > 1e-3, f"{spec}: SE blocks do not change the outputs ({change}); the comparisons would be vacuous"
+    return model, se_model
+
+
+def eager(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().float() - b.detach().float()).abs().max().item()
+
+
+# --------------------------------------------------------------------------------------- torch.export
+
+
+def check_export(spec: str) -> None:
+    _, se_model = retrofitted(spec)
+    n_se = len(se_retrofit.se_blocks(se_model))
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(se_model, (X,), dynamic_shapes=({0: batch},))
+    sigmoids = sum(node.target == torch.ops.aten.sigmoid.default for node in program.graph.nodes)
+    assert sigmoids == n_se, f"{spec}: exported graph has {sigmoids} sigmoid gates for {n_se} SE blocks"
+    exported = program.module()
+    for x in (X, X_OTHER):
+        diff = max_diff(eager(exported, x), eager(se_model, x))
+        assert diff == 0.0, f"{spec}: exported program differs from eager by {diff} at batch {x.shape[0]}"
+
+
+@pytest.mark.parametrize("spec", ["timm:resnet18", "timm:convnext_atto"])
+def test_torch_export_matches_eager(spec):
+    check_export(spec)
+
+
+@pytest.mark.parametrize("spec", SLOW_ZOO)
+def test_torch_export_matches_eager_named_models(spec):
+    check_export(spec)
+
+
+# --------------------------------------------------------------------------------------- ONNX
+
+
+def check_onnx(spec: str, tmp_path) -> None:
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    _, se_model = retrofitted(spec)
+    n_se = len(se_retrofit.se_blocks(se_model))
+    program = torch.onnx.export(se_model, (X,), dynamo=True, dynamic_shapes=({0: "batch"},))
+    path = tmp_path / "model.onnx"
+    program.save(str(path))
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    sigmoids = sum(node.op_type == "Sigmoid" for node in proto.graph.node)
+    assert sigmoids == n_se, f"{spec}: ONNX graph has {sigmoids} Sigmoid nodes for {n_se} SE blocks"
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for x in (X, X_OTHER):
+        (out,) = session.run(None, {name: x.numpy()})
+        diff = max_diff(torch.from_numpy(out), eager(se_model, x))
+        assert diff <= ONNX_ATOL, f"{spec}: onnxruntime differs from eager by {diff} at batch {x.shape[0]}"
+
+
+def test_onnx_export_runs_in_onnxruntime(tmp_path):
+    check_onnx("timm:resnet10t", tmp_path)
+
+
+@pytest.mark.parametrize("spec", ["timm:convnext_atto", *SLOW_ZOO])
+@pytest.mark.slow
+def test_onnx_export_runs_in_onnxruntime_named_models(spec, tmp_path):
+    check_onnx(spec, tmp_path)
+
+
+# --------------------------------------------------------------------------------------- torch.compile
+
+
+def explain(model: torch.nn.Module, x: torch.Tensor):
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return torch._dynamo.explain(model)(x)
+
+
+def graphs(explanation) -> str:
+    reasons = [str(b.reason)[:300] for b in explanation.break_reasons]
+    return f"{explanation.graph_count} graph(s), {explanation.graph_break_count} break(s) {reasons}"
+
+
+def assert_one_graph(model: torch.nn.Module, se_model: torch.nn.Module, x: torch.Tensor, what: str) -> None:
+    before = explain(model, x)
+    assert (before.graph_count, before.graph_break_count) == (1, 0), \
+        f"{what}: the ORIGINAL model already does not compile to one graph ({graphs(before)}); not the retrofit's doing"
+    after = explain(se_model, x)
+    assert (after.graph_count, after.graph_break_count) == (1, 0), \
+        f"{what}: the retrofit breaks the graph: {graphs(after)} (original: {graphs(before)})"
+
+
+@pytest.mark.parametrize("spec", ["timm:resnet18", "torchvision:resnet18"])
+def test_compile_sees_one_graph(spec):
+    model, se_model = retrofitted(spec)
+    assert_one_graph(model, se_model, X, spec)
+
+
+def test_compile_sees_one_graph_through_the_train_eval_dispatch():
+    """A block that branches on ``self.training`` gets two generated forwards and a dispatch: one graph per mode."""
+    model = make_pretrained_like(Net([AddSpelling(16, "plus"), FunctionalDropoutBlock(16, p=0.0)]))
+    se_model = retrofit(model, init="paper")
+    assert hasattr(type(se_model.blocks[1]), "_se_forward_train"), "the dispatch this test is about is gone"
+    x = X[:, :, :16, :16]
+    for mode in ("eval", "train"):
+        model.train(mode == "train")
+        se_model.train(mode == "train")
+        assert_one_graph(model, se_model, x, f"custom net, {mode} mode")
+
+
+def test_compiled_model_matches_eager_and_follows_the_mode():
+    """fullgraph=True fails on any graph break; aot_eager checks dynamo + AOTAutograd without C++ builds."""
+    model = make_pretrained_like(Net([AddSpelling(16, "plus"), FunctionalDropoutBlock(16, p=0.0)]))
+    se_model = retrofit(model, init="paper")
+    x = X[:, :, :16, :16]
+    torch._dynamo.reset()
+    compiled = torch.compile(se_model, backend="aot_eager", fullgraph=True)
+    expected_eval = eager(se_model.eval(), x)
+    diff = max_diff(eager(compiled, x), expected_eval)
+    assert diff == 0.0, f"compiled (eval) differs from eager by {diff}"
+    se_model.train()
+    x_train = x.clone().requires_grad_(True)
+    out = compiled(x_train)
+    out.sum().backward()
+    grad_compiled = x_train.grad.clone()
+    x_train.grad = None
+    expected = se_model(x_train)
+    expected.sum().backward()
+    assert max_diff(out, expected_eval) > 1e-4, "train-mode output equals eval-mode: the compiled model kept the eval graph"
+    assert max_diff(out, expected) <= 1e-6, f"compiled (train) differs from eager by {max_diff(out, expected)}"
+    assert max_diff(grad_compiled, x_train.grad) <= 1e-6, "compiled gradients differ from eager"
+
+
+def test_compiled_zoo_model_matches_eager():
+    _, se_model = retrofitted("timm:resnet18")
+    torch._dynamo.reset()
+    compiled = torch.compile(se_model, backend="aot_eager", fullgraph=True)
+    diff = max_diff(eager(compiled, X), eager(se_model, X))
+    assert diff == 0.0, f"compiled differs from eager by {diff}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["timm:resnet18", "torchvision:resnet18", "timm:convnext_atto"])
+def test_inductor_compiled_model_matches_eager(spec):
+    """The default backend (inductor, C++ code on the CPU): one graph, outputs within float rounding."""
+    _, se_model = retrofitted(spec)
+    torch._dynamo.reset()
+    compiled = torch.compile(se_model, fullgraph=True)
+    for x in (X, X_OTHER):
+        diff = max_diff(eager(compiled, x), eager(se_model, x))
+        assert diff <= 1e-5, f"{spec}: inductor output differs from eager by {diff} at batch {x.shape[0]}"
+
+
+# --------------------------------------------------------------------------------------- persistence
+
+
+def test_zoo_model_deep_copies():
+    _, se_model = retrofitted("timm:resnet18")
+    twin = copy.deepcopy(se_model)
+    assert type(twin.layer1[0]) is type(se_model.layer1[0]), "deepcopy changed the generated block class"
+    assert se_retrofit.get_config(twin) == se_retrofit.get_config(se_model), "deepcopy lost the SEConfig"
+    assert max_diff(eager(twin, X), eager(se_model, X)) == 0.0, "deepcopy changed the outputs"
+    with torch.no_grad():
+        twin.layer1[0].se.fc2.bias.add_(1.0)
+    assert max_diff(eager(twin, X), eager(se_model, X)) > 0.0, "the copy shares SE weights with the original"
+
+
+@pytest.mark.parametrize("spec", ["timm:resnet18", "torchvision:resnet18"])
+def test_state_dict_round_trips_through_safetensors(spec, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, se_model = retrofitted(spec)
+    path = tmp_path / "model.safetensors"
+    save_file(se_model.state_dict(), str(path))
+    fresh = retrofit(build(spec, seed=1), se_retrofit.get_config(se_model))
+    for _, block in se_retrofit.se_blocks(fresh):
+        torch.nn.init.normal_(block.fc2.weight, std=0.1)
+    assert max_diff(eager(fresh, X), eager(se_model, X)) > 1e-3, "the fresh model already matches: vacuous test"
+    result = fresh.load_state_dict(load_file(str(path)), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys, result
+    diff = max_diff(eager(fresh, X), eager(se_model, X))
+    assert diff == 0.0, f"{spec}: model loaded from safetensors differs by {diff}"
+
+
+CHILD = """
+import json, sys, torch
+torch.set_num_threads(1)
+x, y = torch.load(sys.argv[1] + "/x.pt"), torch.load(sys.argv[1] + "/y.pt")
+program = torch.export.load(sys.argv[1] + "/model.pt2")
+needs = [m for m in ("se_retrofit", "timm") if m in sys.modules]
+with torch.no_grad():
+    exported = float((program.module()(x) - y).abs().max())
+model = torch.load(sys.argv[1] + "/model.pt", weights_only=False).eval()
+import se_retrofit
+with torch.no_grad():
+    pickled = float((model(x) - y).abs().max())
+print(json.dumps({"exported": exported, "pt2_imported": needs, "pickled": pickled,
+                  "blocks": len(se_retrofit.se_blocks(model)), "config": se_retrofit.get_config(model).to_dict()}))
+"""
+
+
+@pytest.mark.parametrize("spec", ["timm:resnet18", pytest.param("torchvision:convnext_tiny", marks=pytest.mark.slow)])
+def test_saved_model_and_exported_program_load_in_a_fresh_process(spec, tmp_path):
+    """``torch.save(model)`` and ``torch.export.save`` files load in a new interpreter; the .pt2 without se_retrofit."""
+    _, se_model = retrofitted(spec)
+    torch.save(se_model, tmp_path / "model.pt")
+    torch.export.save(torch.export.export(se_model, (X,)), tmp_path / "model.pt2")
+    torch.save(X, tmp_path / "x.pt")
+    torch.save(eager(se_model, X), tmp_path / "y.pt")
+    out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"{spec}: loading in a fresh process failed:\n{out.stderr[-3000:]}"
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["pickled"] == 0.0, f"{spec}: torch.load'ed model differs by {result['pickled']}"
+    assert result["exported"] == 0.0, f"{spec}: loaded ExportedProgram differs by {result['exported']}"
+    assert result["pt2_imported"] == [], f"loading the .pt2 imported {result['pt2_imported']}"
+    assert result["blocks"] == len(se_retrofit.se_blocks(se_model)), result
+    assert result["config"] == se_retrofit.get_config(se_model).to_dict(), result
