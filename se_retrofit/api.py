@@ -126,11 +126,28 @@ class _BlockPlan:
 
 def _is_candidate(module: nn.Module) -> bool:
     """Modules whose own forward could hold a residual addition: anything with children but plain containers."""
-    if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict, SEBlock)):
+    if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict, SEBlock, fx.GraphModule)):
         return False
     if catalog.is_conv(module) or catalog.is_channel_attention(module):
         return False
     return next(module.children(), None) is not None
+
+
+_GRAPH_MODULE_REASON = ("module skipped: an fx GraphModule regenerates its forward from its graph (recompile, "
+                        "and the train/eval switch of torchvision's feature extractors), which would drop inserted "
+                        "SE blocks; retrofit the model before tracing it with fx")
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` with every module's train/eval flag as in ``model``.
+
+    Some modules' ``__deepcopy__`` calls ``train()`` (torchvision's DualGraphModule, under timm's
+    ``features_only=True, feature_cls="fx"``); the copy must not come back in another mode.
+    """
+    clone = copy.deepcopy(model)
+    for original, copied in zip(model.modules(), clone.modules()):
+        copied.training = original.training
+    return clone
 
 
 def _resolve_config(config: SEConfig | None, options: dict[str, Any]) -> SEConfig:
@@ -204,6 +221,8 @@ def _plan(model: nn.Module, config: SEConfig, example_input: Any) -> tuple[SiteP
     candidates = {name: m for name, m in model.named_modules() if _is_candidate(m)}
     calls, used = capture_calls(model, candidates, example_input)
     plan = SitePlan(type(model).__name__, config, example_input=describe(*used), example_args=used)
+    plan.skipped.extend(Skipped(name or "<root>", None, _GRAPH_MODULE_REASON) for name, m in model.named_modules()
+                        if isinstance(m, fx.GraphModule) and tensor_adds(m.graph))
     blocks: list[_BlockPlan] = []
     try:
         for name, module in candidates.items():
@@ -290,7 +309,7 @@ def find_sites(model: nn.Module, config: SEConfig | None = None, *, reduction: f
     """
     config = _resolve_config(config, dict(reduction=reduction, init=init, position=position,
                                           include=include, exclude=exclude))
-    work = copy.deepcopy(model)
+    work = _copy(model)
     plan, _ = _plan(work, config, example_input)
     return plan
 
@@ -313,7 +332,7 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     """
     config = _resolve_config(config, dict(reduction=reduction, init=init, position=position,
                                           include=include, exclude=exclude))
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else _copy(model)
     plan, blocks = _plan(target, config, example_input)
     sites = iter(plan.sites)
     done: list[Site] = []

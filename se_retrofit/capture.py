@@ -150,13 +150,40 @@ def _record(model: nn.Module, modules: dict[str, nn.Module], args: tuple, kwargs
         handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
         handles.append(module.register_forward_hook(post_hook(name), with_kwargs=True))
     try:
-        with preserved_modes(model), torch.no_grad():
+        with preserved_modes(model), torch.no_grad(), _small_detection_transforms(model):
             model.eval()
             model(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
     return calls
+
+
+_DETECTION_SIZE = 128  # the shorter side torchvision detectors resize to during the example forward
+
+
+@contextlib.contextmanager
+def _small_detection_transforms(model: nn.Module) -> Iterator[None]:
+    """Let torchvision detectors resize the example images to 128 px instead of their 800 px for this one run.
+
+    Their ``GeneralizedRCNNTransform`` scales every image to ``min_size`` (800 by default) before the
+    backbone, so the example forward would cost a full-size detection (about a minute on a laptop CPU).
+    The analysis needs channels and the call structure, not the resolution; the sizes are put back after.
+    """
+    try:
+        from torchvision.models.detection.transform import GeneralizedRCNNTransform
+    except ImportError:
+        yield
+        return
+    saved = [(m, m.min_size, m.max_size) for m in model.modules() if isinstance(m, GeneralizedRCNNTransform)]
+    try:
+        for m, min_size, max_size in saved:
+            if min(min_size) > _DETECTION_SIZE:
+                m.min_size, m.max_size = (_DETECTION_SIZE,), min(max_size, _DETECTION_SIZE * max_size // min(min_size))
+        yield
+    finally:
+        for m, min_size, max_size in saved:
+            m.min_size, m.max_size = min_size, max_size
 
 
 def capture_calls(model: nn.Module, modules: dict[str, nn.Module], example_input: Any = None

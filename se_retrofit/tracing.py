@@ -172,9 +172,21 @@ def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     return fx.GraphModule(module, graph, class_name=type(module).__name__)
 
 
+def _plain_containers(obj: Any) -> Any:
+    """fx's immutable_list / immutable_dict as list / dict: pytree tells them apart, the caller cannot."""
+    from torch.fx.immutable_collections import immutable_dict, immutable_list
+
+    if isinstance(obj, immutable_list):
+        return [_plain_containers(v) for v in obj]
+    if isinstance(obj, immutable_dict):
+        return {k: _plain_containers(v) for k, v in obj.items()}
+    return obj
+
+
 def same_outputs(a: Any, b: Any) -> bool:
-    la, sa = tree_flatten(a)
-    lb, sb = tree_flatten(b)
+    """Same structure and values (float tensors to 1e-5), fx's immutable containers counting as plain ones."""
+    la, sa = tree_flatten(_plain_containers(a))
+    lb, sb = tree_flatten(_plain_containers(b))
     if sa != sb or len(la) != len(lb):
         return False
     for x, y in zip(la, lb):

@@ -237,6 +237,33 @@ def test_string_annotations_pickle_with_an_fx_that_cannot_import_them(monkeypatc
     assert_same_outputs(se_model, pickle.loads(pickle.dumps(se_model)), "pickle round trip")
 
 
+class DictOut(torch.nn.Module):
+    """A residual block that returns a dict: fx's replay gives an immutable_dict, the block a dict."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.inner = AddSpelling(channels, "plus")
+
+    def forward(self, x):
+        return {"y": self.inner.conv2(torch.relu(self.inner.conv1(x))) + x}
+
+
+class DictNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.block = DictOut(16)
+
+    def forward(self, x):
+        return self.block(self.stem(x))["y"].mean((2, 3))
+
+
+def test_block_returning_a_dict_is_converted():
+    model, se_model = retrofit(DictNet())
+    assert [n for n, _ in se_retrofit.se_blocks(se_model)] == ["block.se"], se_retrofit.get_plan(se_model)
+    assert_same_outputs(model, se_model, "dict-returning block")
+
+
 def test_saved_model_loads_in_a_fresh_process(tmp_path):
     import subprocess
     import sys

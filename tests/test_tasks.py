@@ -248,6 +248,16 @@ def test_detector_without_example_input_slow(name):
     check_detector_without_example_input(name)
 
 
+def test_default_size_detector_is_analysed_small_and_keeps_its_transform():
+    """At torchvision's default 800 px the example forward would be a full-size detection; it runs at 128 px."""
+    model = detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None).eval()
+    sizes = (model.transform.min_size, model.transform.max_size)
+    se_model = retrofit(model)
+    assert (model.transform.min_size, model.transform.max_size) == sizes, "the user's model transform was changed"
+    assert (se_model.transform.min_size, se_model.transform.max_size) == sizes, "the returned transform differs"
+    assert len(se_retrofit.se_blocks(se_model)) == DETECTORS[FAST_DETECTOR][2]
+
+
 # ---------------------------------------------------------------------------------------- segmentation
 
 # (builder, expected SE blocks); aux_loss gives the OrderedDict a second entry where the model has one
@@ -396,6 +406,16 @@ def check_features(name: str, options: dict, wrapper: str, count: int, container
     feats = list(out.values()) if isinstance(out, dict) else list(out)
     sum(f.pow(2).mean() for f in feats).backward()
     assert_se_trained(se_model, label)
+
+
+def test_features_only_fx_is_refused_with_the_reason_and_keeps_its_mode():
+    """FeatureGraphNet is one fx GraphModule whose forward is regenerated on train()/eval(): SE would vanish."""
+    model = timm.create_model("resnet18", pretrained=False, features_only=True, feature_cls="fx").eval()
+    se_model = retrofit(model)
+    assert not se_retrofit.se_blocks(se_model), "SE must not go into a GraphModule's regenerated forward"
+    reasons = [s.reason for s in se_retrofit.get_plan(se_model).skipped]
+    assert any("GraphModule" in r and "before tracing" in r for r in reasons), reasons
+    assert not se_model.training and not any(m.training for m in se_model.modules()), "the copy left eval mode"
 
 
 @pytest.mark.parametrize("case", FAST_FEATURES, ids=[_feature_id(c) for c in FAST_FEATURES])
