@@ -103,6 +103,20 @@ def train_step(data: dict[str, Any]) -> str:
         ratios + "\n"])
 
 
+def se_ops(data: dict[str, Any]) -> str:
+    rows_in = data["rows"]
+    names = list(rows_in[0]["seconds"])
+    rows = [[name] + [f"{r['seconds'][name] * 1e6:.0f}" for r in rows_in]
+            + [f"{data['resnet50_totals_s'][name] * 1e3:.2f}"] for name in names]
+    headers = ["op"] + [f"{r['channels']}x{r['size']} (us)" for r in rows_in] + ["per ResNet-50 forward (ms)"]
+    return "\n".join([
+        f"Batch {data.get('batch', '?')}, {data.get('threads', '?')} thread(s), eval, median of "
+        f"{data.get('repeats', '?')} calls per op (`benchmarks/se_ops.py`); the last column weights each stage by "
+        "its number of blocks (3, 4, 6, 3). Ops timed alone reuse their memory from call to call, so they "
+        "undercount what they cost inside a model.\n",
+        table(headers, rows)])
+
+
 def accuracy_study(data: dict) -> str:
     return "The transfer study has its own page, with its table and plot: [Accuracy after transfer](accuracy.md).\n"
 
@@ -112,7 +126,8 @@ RENDERERS = {"accuracy_study": ("Accuracy study", accuracy_study),
              "train_step": ("Training step: time and memory", train_step),
              "latency_compile": ("Inference latency, eager and torch.compile", latency),
              "latency": ("Inference latency", latency),
-             "gpu_throughput": ("GPU training and inference throughput", gpu_throughput)}
+             "gpu_throughput": ("GPU training and inference throughput", gpu_throughput),
+             "se_ops": ("The SE block's own ops", se_ops)}
 # Files named PREFIX_SUFFIX.json (the same benchmark on another machine or setting) get PREFIX's table.
 SUFFIXES = {"h100_host": "on the GPU machine's 16-core CPU", "h100_host_rerun": "on the GPU machine's CPU, a second machine",
             "h100_host_4threads": "on the GPU machine's CPU, 4 threads"}

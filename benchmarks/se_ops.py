@@ -1,0 +1,83 @@
+"""What each op of an SE block costs, at the four ResNet-50 stage shapes, and what the cheaper forms save.
+
+For each stage (batch 8 at 224 px: 256x56x56 ... 2048x7x7) it times, in eval mode without gradients:
+the squeeze (``x.mean``), the excitation as two 1x1 convolution calls and as two matrix products on
+the ``(N, C)`` squeeze (what `SEBlock` runs), the rescale plus residual add as a multiply and an
+add (the hand-written SE-ResNet) and as one ``torch.addcmul`` (what a fused `SEBlock` runs), the
+plain residual add every ResNet has, and the whole `SEBlock` fused. Then it sums them over a
+ResNet-50 forward (3, 4, 6 and 3 blocks per stage). Medians of ``--repeats`` timings.
+
+    python benchmarks/se_ops.py [--repeats 200] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from _common import write
+from se_retrofit import SEBlock
+
+STAGES = [(256, 56, 3), (512, 28, 4), (1024, 14, 6), (2048, 7, 3)]  # channels, size, blocks in ResNet-50
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    for _ in range(max(5, repeats // 10)):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def stage_ops(channels: int, size: int, batch: int, repeats: int) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(0)
+    se = SEBlock(channels, channels // 16, gain=1.0).eval()
+    x, shortcut = (torch.randn(batch, channels, size, size, generator=gen) for _ in range(2))
+    squeezed = x.mean((2, 3), keepdim=True)
+    gate = torch.sigmoid(squeezed)
+    w1, w2 = se.fc1.weight.flatten(1), se.fc2.weight.flatten(1)
+    ops = {
+        "squeeze (mean)": lambda: x.mean((2, 3), keepdim=True),
+        "excitation, 1x1 conv calls": lambda: se.fc2(F.relu(se.fc1(squeezed))),
+        "excitation, matrix products": lambda: F.linear(F.relu(F.linear(squeezed.flatten(1), w1, se.fc1.bias)),
+                                                         w2, se.fc2.bias),
+        "rescale + add, mul then add": lambda: (x * gate).add_(shortcut),
+        "rescale + add, addcmul": lambda: torch.addcmul(shortcut, x, gate),
+        "residual add alone (base model)": lambda: x + shortcut,
+        "SEBlock(x, shortcut), whole": lambda: se(x, shortcut),
+    }
+    with torch.inference_mode():
+        return {name: timed(fn, repeats) for name, fn in ops.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for channels, size, blocks in STAGES:
+        ops = stage_ops(channels, size, args.batch, args.repeats)
+        rows.append({"channels": channels, "size": size, "blocks": blocks, "seconds": ops})
+    names = list(rows[0]["seconds"])
+    print(f"batch {args.batch}, {args.threads} thread(s), median of {args.repeats}; microseconds per call")
+    print(f"{'op':<34}" + "".join(f"{r['channels']:>5}x{r['size']:<3}" for r in rows) + f"{'ResNet-50 ms':>14}")
+    totals = {}
+    for name in names:
+        totals[name] = sum(r["seconds"][name] * r["blocks"] for r in rows)
+        print(f"{name:<34}" + "".join(f"{r['seconds'][name] * 1e6:>9.0f}" for r in rows) + f"{totals[name] * 1e3:>14.2f}")
+    print("written", write("se_ops", {"batch": args.batch, "threads": args.threads, "repeats": args.repeats,
+                                      "rows": rows, "resnet50_totals_s": totals}))
+
+
+if __name__ == "__main__":
+    main()
