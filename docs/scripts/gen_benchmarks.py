@@ -112,8 +112,9 @@ def se_ops(data: dict[str, Any]) -> str:
     return "\n".join([
         f"Batch {data.get('batch', '?')}, {data.get('threads', '?')} thread(s), eval, median of "
         f"{data.get('repeats', '?')} calls per op (`benchmarks/se_ops.py`); the last column weights each stage by "
-        "its number of blocks (3, 4, 6, 3). Ops timed alone reuse their memory from call to call, so they "
-        "undercount what they cost inside a model.\n",
+        "its number of blocks (3, 4, 6, 3). The whole block costs more than the sum of its ops timed one by one "
+        "(memory allocation patterns differ between the two; not investigated further), so read the rows as "
+        "comparisons between forms of the same op.\n",
         table(headers, rows)])
 
 
