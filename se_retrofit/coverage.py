@@ -106,9 +106,18 @@ def _max_diff(a: Any, b: Any) -> float:
 
 
 def check_model(zoo: str, family: str, name: str) -> CoverageRow:
-    """Retrofit one model and measure it; every exception becomes the row's ``error``."""
+    """Retrofit one model and measure it; every exception becomes the row's ``error``.
+
+    Runs under a fixed seed (the new blocks' initialisation), so a sweep gives the same rows run after
+    run, without touching the caller's random state.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _check_model(zoo, family, name)
+
+
+def _check_model(zoo: str, family: str, name: str) -> CoverageRow:
     row = CoverageRow(zoo, family, name)
-    torch.manual_seed(0)  # the new blocks' initialisation, so that a sweep gives the same rows run after run
     try:
         model = perturb_norms(_build(zoo, name)).eval()
         row.built = True
