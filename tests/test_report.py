@@ -341,6 +341,7 @@ def test_cli_options_and_errors(capsys):
     assert _options.conversion_kwargs(parser.parse_args([])) == {}, "unset flags must leave SEConfig's defaults"
     given = parser.parse_args(["--reduction", "8", "--init", "paper", "--include", "layer3", "--include", "layer4"])
     assert _options.conversion_kwargs(given) == {"reduction": 8, "init": "paper", "include": ["layer3", "layer4"]}
+    assert _options.conversion_kwargs(parser.parse_args(["--no-fuse-add"])) == {"fuse_add": False}
     with pytest.raises(ValueError, match="reduction"):
         run_report_command(["report", "resnet10t", "--reduction", "0.5"])
     with pytest.raises(ValueError, match="1x5x32x32"):

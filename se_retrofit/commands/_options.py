@@ -14,7 +14,7 @@ from typing import Any
 from ..config import INITS, POSITIONS, SEConfig
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SEConfig)}
-_OPTION_NAMES = ("reduction", "init", "position", "include", "exclude", "min_hidden", "divisor")
+_OPTION_NAMES = ("reduction", "init", "position", "include", "exclude", "min_hidden", "divisor", "fuse_add")
 
 
 def _number(text: str) -> int | float:
@@ -46,6 +46,9 @@ def add_conversion_options(parser: argparse.ArgumentParser) -> argparse._Argumen
                        help=f"floor on the hidden width (default {_DEFAULTS['min_hidden']})")
     group.add_argument("--divisor", type=int, metavar="N",
                        help=f"round the hidden width to a multiple of N (default {_DEFAULTS['divisor']})")
+    group.add_argument("--no-fuse-add", dest="fuse_add", action="store_const", const=False, default=None,
+                       help="keep the residual addition apart from the SE block (by default the block does it, "
+                            "shortcut + x * gate in one pass; same weights and function)")
     return group
 
 
