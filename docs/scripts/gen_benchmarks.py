@@ -131,7 +131,9 @@ RENDERERS = {"accuracy_study": ("Accuracy study", accuracy_study),
              "se_ops": ("The SE block's own ops", se_ops)}
 # Files named PREFIX_SUFFIX.json (the same benchmark on another machine or setting) get PREFIX's table.
 SUFFIXES = {"h100_host": "on the GPU machine's 16-core CPU", "h100_host_rerun": "on the GPU machine's CPU, a second machine",
-            "h100_host_4threads": "on the GPU machine's CPU, 4 threads"}
+            "h100_host_4threads": "on the GPU machine's CPU, 4 threads",
+            "resnet50_41rounds": "ResNet-50 alone, 41 rounds, nothing else running (run 1)",
+            "resnet50_41rounds_b": "ResNet-50 alone, 41 rounds, nothing else running (run 2)"}
 
 
 def renderer_for(name: str) -> tuple[str | None, Any]:
