@@ -15,6 +15,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .se_block import SEBlock
+
 _OUT_OF_PLACE = {("call_function", operator.add), ("call_function", torch.add), ("call_function", torch.Tensor.add),
                  ("call_method", "add"), ("call_method", "__add__")}
 _IN_PLACE = {("call_function", operator.iadd), ("call_function", torch.Tensor.add_),
@@ -69,7 +71,5 @@ def fold_residual_adds(graph: fx.Graph, module: nn.Module, targets: set[str]) ->
 
 def fused_calls(graph: fx.Graph, module: nn.Module) -> list[fx.Node]:
     """SE calls that already do a residual addition (a retrofitted block seen again)."""
-    from .se_block import SEBlock
-
     return [n for n in graph.nodes if n.op == "call_module" and len(n.args) == 2
             and isinstance(module.get_submodule(n.target), SEBlock)]

@@ -41,6 +41,12 @@ def retrofit(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
         return se_retrofit.apply(model, **kwargs)
 
 
+def cases(values, fast, ids=None) -> list:
+    """``values`` as pytest params, all but the ``fast`` ones marked slow (CI runs only the fast ones)."""
+    ids = ids or [str(v) for v in values]
+    return [pytest.param(v, id=i, marks=() if v in fast else pytest.mark.slow) for v, i in zip(values, ids)]
+
+
 def blocks_of(model: torch.nn.Module, cls: type) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, cls)]
 
@@ -211,14 +217,8 @@ def check_detector(name: str) -> None:
     assert_se_trained(se_model, name)
 
 
-@pytest.mark.parametrize("name", [FAST_DETECTOR])
+@pytest.mark.parametrize("name", cases(list(DETECTORS), [FAST_DETECTOR]))
 def test_detector(name):
-    check_detector(name)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in DETECTORS if n != FAST_DETECTOR])
-def test_detector_slow(name):
     check_detector(name)
 
 
@@ -237,14 +237,8 @@ def check_detector_without_example_input(name: str) -> None:
         assert_close(ref[0][k], got[0][k], f"{name} (no example input): {k}")
 
 
-@pytest.mark.parametrize("name", [FAST_DETECTOR])
+@pytest.mark.parametrize("name", cases(list(DETECTORS), [FAST_DETECTOR]))
 def test_detector_without_example_input(name):
-    check_detector_without_example_input(name)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in DETECTORS if n != FAST_DETECTOR])
-def test_detector_without_example_input_slow(name):
     check_detector_without_example_input(name)
 
 
@@ -294,14 +288,8 @@ def check_segmenter(name: str) -> None:
     assert_se_trained(se_model, name)
 
 
-@pytest.mark.parametrize("name", [FAST_SEGMENTER])
+@pytest.mark.parametrize("name", cases(list(SEGMENTERS), [FAST_SEGMENTER]))
 def test_segmenter(name):
-    check_segmenter(name)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in SEGMENTERS if n != FAST_SEGMENTER])
-def test_segmenter_slow(name):
     check_segmenter(name)
 
 
@@ -345,19 +333,13 @@ def check_video(name: str, example_input: bool) -> None:
     assert_se_trained(se_model, name)
 
 
-@pytest.mark.parametrize("name", [FAST_VIDEO])
-def test_video(name):
-    check_video(name, example_input=True)
+VIDEO_CASES = [(n, e) for n in VIDEO for e in (True, False)]
 
 
-SLOW_VIDEO = [(n, e) for n in VIDEO for e in (True, False) if (n, e) != (FAST_VIDEO, True)]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name,example_input", SLOW_VIDEO,
-                         ids=[f"{n}-{'example_input' if e else 'no_example_input'}" for n, e in SLOW_VIDEO])
-def test_video_slow(name, example_input):
-    check_video(name, example_input)
+@pytest.mark.parametrize("case", cases(VIDEO_CASES, [(FAST_VIDEO, True)],
+                                       [f"{n}-{'example_input' if e else 'no_example_input'}" for n, e in VIDEO_CASES]))
+def test_video(case):
+    check_video(*case)
 
 
 # ------------------------------------------------------------------------------ timm feature extractors
@@ -418,14 +400,8 @@ def test_features_only_fx_is_refused_with_the_reason_and_keeps_its_mode():
     assert not se_model.training and not any(m.training for m in se_model.modules()), "the copy left eval mode"
 
 
-@pytest.mark.parametrize("case", FAST_FEATURES, ids=[_feature_id(c) for c in FAST_FEATURES])
+@pytest.mark.parametrize("case", cases(FEATURES, FAST_FEATURES, [_feature_id(c) for c in FEATURES]))
 def test_features_only(case):
-    check_features(*case)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", FEATURES[3:], ids=[_feature_id(c) for c in FEATURES[3:]])
-def test_features_only_slow(case):
     check_features(*case)
 
 
@@ -433,10 +409,10 @@ def test_features_only_slow(case):
 FORWARD_FEATURES = [("resnet18", 8), ("resnet50", 16), ("convnext_atto", 12)]
 
 
-@pytest.mark.parametrize("name,count", [pytest.param(*c, marks=[pytest.mark.slow] if i else [])
-                                        for i, c in enumerate(FORWARD_FEATURES)], ids=[c[0] for c in FORWARD_FEATURES])
-def test_forward_features(name, count):
+@pytest.mark.parametrize("case", cases(FORWARD_FEATURES, FORWARD_FEATURES[:1], [c[0] for c in FORWARD_FEATURES]))
+def test_forward_features(case):
     """The timm methods around the trunk (forward_features, forward_head, forward_intermediates) see the SE."""
+    name, count = case
     model = make_pretrained_like(timm.create_model(name, pretrained=False, num_classes=10)).eval()
     se_model = retrofit(model)
     n = len(se_retrofit.se_blocks(se_model))
