@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -29,14 +30,24 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Time each function once per round, round after round, so drift in machine load hits all alike."""
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
+                shuffle: bool = False) -> dict[str, list[float]]:
+    """Time each function once per round, round after round, so drift in machine load hits all alike.
+
+    ``shuffle`` runs each round in a new (seeded) order, so that no function always follows the same
+    one and inherits its cache and allocator state.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    rng = random.Random(0)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        order = list(fns)
+        if shuffle:
+            rng.shuffle(order)
+        for name in order:
+            fn = fns[name]
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -49,6 +60,19 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def ratio_ci(num: list[float], den: list[float], samples: int = 2000, level: float = 0.95) -> tuple[float, float]:
+    """Bootstrap interval of ``median(num) / median(den)``, resampling whole rounds (pairs stay together)."""
+    rng = random.Random(0)
+    n = len(num)
+    ratios = []
+    for _ in range(samples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        ratios.append(median([num[i] for i in idx]) / median([den[i] for i in idx]))
+    ratios.sort()
+    tail = (1 - level) / 2
+    return ratios[int(tail * samples)], ratios[min(samples - 1, int((1 - tail) * samples))]
 
 
 def write(name: str, payload: dict) -> Path:

@@ -2,9 +2,11 @@
 
 The retrofitted model is built with ``init="paper"`` and given the hand-written model's weights, so
 both compute the same function; any gap is the cost of the rewrite itself. It is timed twice: as
-``apply`` builds it (the SE block does the residual add in one ``addcmul`` pass) and with
-``fuse_add=False`` (a separate multiply and add, the ops of the hand-written model).
-Models run interleaved, one forward each per round; the figure is the median of the rounds.
+``apply`` builds it (the SE block does the residual add in one ``addcmul`` pass, in place where the
+original added in place, and a bottleneck's SE squeezes before ``conv3``/``bn3``) and with
+``fuse_add=False, early_squeeze=False`` ("plain ops": the ops of the hand-written block).
+Models run interleaved, one forward each per round, in a new order each round; the figure is the
+median of the rounds, with a bootstrap 95 % interval over rounds for the ratios to the base model.
 
     python benchmarks/latency.py [--batch 8] [--size 224] [--repeats 15] [--compile]
 """
@@ -17,21 +19,43 @@ import timm
 import torch
 
 import se_retrofit
-from _common import interleaved, median, write
+from _common import interleaved, median, ratio_ci, write
 
 PAIRS = {"resnet50": "seresnet50", "resnext50_32x4d": "seresnext50_32x4d"}
+RETROFITS = {"retrofitted": {}, "retrofitted, plain ops": {"fuse_add": False, "early_squeeze": False}}
 
 
 def build(base: str, se_name: str) -> dict[str, torch.nn.Module]:
     hand = timm.create_model(se_name).eval()
     models = {"base": timm.create_model(base).eval(), "hand-written SE": hand}
-    for name, fuse in (("retrofitted", True), ("retrofitted, unfused", False)):
+    for name, options in RETROFITS.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            models[name] = se_retrofit.apply(timm.create_model(base), se_retrofit.SEConfig(init="paper",
-                                                                                            fuse_add=fuse)).eval()
+            config = se_retrofit.SEConfig(init="paper", **options)
+            models[name] = se_retrofit.apply(timm.create_model(base), config).eval()
         models[name].load_state_dict(hand.state_dict())
     return models
+
+
+def summarise(base: str, mode: str, times: dict[str, list[float]]) -> dict:
+    med = {k: median(v) for k, v in times.items()}
+
+    def paired(a: str, b: str) -> float:
+        # Each round runs the models back to back, so the per-round ratio cancels slow drifts in load.
+        return median([x / y for x, y in zip(times[a], times[b])])
+
+    row = {"model": base, "mode": mode, "median_s": med,
+           "retrofitted_over_hand_written": med["retrofitted"] / med["hand-written SE"],
+           "retrofitted_over_hand_written_paired": paired("retrofitted", "hand-written SE"),
+           "plain_over_hand_written": med["retrofitted, plain ops"] / med["hand-written SE"],
+           "plain_over_hand_written_paired": paired("retrofitted, plain ops", "hand-written SE"),
+           "retrofitted_over_base": med["retrofitted"] / med["base"],
+           "retrofitted_over_base_paired": paired("retrofitted", "base"),
+           "retrofitted_over_base_ci95": ratio_ci(times["retrofitted"], times["base"]),
+           "plain_over_base": med["retrofitted, plain ops"] / med["base"],
+           "hand_written_over_base": med["hand-written SE"] / med["base"],
+           "hand_written_over_base_ci95": ratio_ci(times["hand-written SE"], times["base"])}
+    return row
 
 
 def main() -> None:
@@ -54,30 +78,20 @@ def main() -> None:
             modes.append(("compiled", {k: torch.compile(m) for k, m in models.items()}))
         for mode, ms in modes:
             with torch.inference_mode():
-                times = interleaved({k: (lambda m=m: m(x)) for k, m in ms.items()}, args.repeats)
-            med = {k: median(v) for k, v in times.items()}
-            # Each round runs the models back to back, so the per-round ratio cancels slow drifts in load.
-            paired = median([r / h for r, h in zip(times["retrofitted"], times["hand-written SE"])])
-            rows.append({"model": base, "mode": mode, "median_s": med,
-                         "retrofitted_over_hand_written_paired": paired,
-                         "retrofitted_over_hand_written": med["retrofitted"] / med["hand-written SE"],
-                         "unfused_over_hand_written": med["retrofitted, unfused"] / med["hand-written SE"],
-                         "unfused_over_hand_written_paired": median(
-                             [r / h for r, h in zip(times["retrofitted, unfused"], times["hand-written SE"])]),
-                         "retrofitted_over_base": med["retrofitted"] / med["base"],
-                         "unfused_over_base": med["retrofitted, unfused"] / med["base"],
-                         "hand_written_over_base": med["hand-written SE"] / med["base"]})
+                times = interleaved({k: (lambda m=m: m(x)) for k, m in ms.items()}, args.repeats, shuffle=True)
+            rows.append(summarise(base, mode, times))
     print(f"batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"{'model':<17}{'mode':<9}{'base':>7}{'SE':>7}{'retro':>7}{'unfused':>8}  {'retro/SE':>8}{'paired':>7}"
-          f"{'unfused/SE':>11}{'paired':>7}  {'SE/base':>7}{'retro/base':>11}{'unfused/base':>13}")
+    print(f"{'model':<17}{'mode':<9}{'base':>7}{'SE':>7}{'retro':>7}{'plain':>7}  {'retro/SE':>8}{'plain/SE':>9}"
+          f"  {'SE/base':>7}{'retro/base':>11}{'95% interval':>15}{'paired':>7}")
     for r in rows:
         m = r["median_s"]
+        lo, hi = r["retrofitted_over_base_ci95"]
         print(f"{r['model']:<17}{r['mode']:<9}{m['base'] * 1e3:>7.1f}{m['hand-written SE'] * 1e3:>7.1f}"
-              f"{m['retrofitted'] * 1e3:>7.1f}{m['retrofitted, unfused'] * 1e3:>8.1f}  "
-              f"{r['retrofitted_over_hand_written']:>8.3f}{r['retrofitted_over_hand_written_paired']:>7.3f}"
-              f"{r['unfused_over_hand_written']:>11.3f}{r['unfused_over_hand_written_paired']:>7.3f}  "
-              f"{r['hand_written_over_base']:>7.3f}{r['retrofitted_over_base']:>11.3f}{r['unfused_over_base']:>13.3f}")
-    print("(times in ms; paired: median of per-round ratios)")
+              f"{m['retrofitted'] * 1e3:>7.1f}{m['retrofitted, plain ops'] * 1e3:>7.1f}  "
+              f"{r['retrofitted_over_hand_written']:>8.3f}{r['plain_over_hand_written']:>9.3f}  "
+              f"{r['hand_written_over_base']:>7.3f}{r['retrofitted_over_base']:>11.3f}"
+              f"{f'{lo:.3f}-{hi:.3f}':>15}{r['retrofitted_over_base_paired']:>7.3f}")
+    print("(times in ms; paired: median of per-round ratios; interval: bootstrap over rounds)")
     print("written", write(args.name or "latency" + ("_compile" if args.compile else ""),
                            {"batch": args.batch, "size": args.size, "repeats": args.repeats, "rows": rows}))
 

@@ -340,7 +340,8 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
         block_sites = [next(sites) for _ in block.placements[0]]
         new = [(s.se_name.rsplit(".", 1)[-1], _make_se(s, config, block.module)) for s in block_sites]
         try:
-            undo: Undo = rewrite_block(block.module, block.graphs, block.placements, new, config.fuse_add)
+            undo: Undo = rewrite_block(block.module, block.graphs, block.placements, new, config.fuse_add,
+                                       config.early_squeeze)
         except Exception as exc:  # a failed splice leaves the block as it was; say why and go on
             plan.skipped.extend(Skipped(block.name, s.add, f"rewrite failed: {exc}") for s in block_sites)
             continue

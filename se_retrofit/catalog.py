@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .augmented import iadd
 from .se_block import SEBlock
 
 _CHANNEL_ATTENTION_NAMES = {
@@ -121,7 +122,7 @@ def is_light_module(module: nn.Module) -> bool:
 
 
 # Functions (``call_function`` targets and ``call_method`` names), by role.
-ADD_FUNCTIONS: set[Any] = {operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_}
+ADD_FUNCTIONS: set[Any] = {operator.add, operator.iadd, iadd, torch.add, torch.Tensor.add, torch.Tensor.add_}
 ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
 
 _ELEMENTWISE_FUNCTION_NAMES = {
@@ -137,7 +138,7 @@ _ACTIVATION_FUNCTION_NAMES = {
 }
 _PATH_DROP_FUNCTION_NAMES = {"drop_path", "stochastic_depth", "dropout", "dropout2d", "dropout3d", "alpha_dropout"}
 BINARY_ELEMENTWISE_FUNCTIONS: set[Any] = {
-    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul, operator.truediv,
+    operator.add, operator.iadd, iadd, operator.sub, operator.isub, operator.mul, operator.imul, operator.truediv,
     operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.Tensor.add, torch.Tensor.add_,
     torch.Tensor.mul, torch.Tensor.mul_, torch.Tensor.sub, torch.Tensor.div,
 }

@@ -47,6 +47,10 @@ class SEConfig:
             do that addition (``se(x, shortcut)`` returns ``shortcut + x * gate`` in one pass, saving
             a pass over the feature map). Set False to keep the addition as its own operation, for
             example to hook the SE output itself; the weights and the function are the same.
+        early_squeeze: where the SE input is a 1x1 convolution followed by a batch norm (a
+            bottleneck's ``bn3(conv3(z))``), let the block average the convolution's narrower input
+            and map the average through both, which in eval mode is the same squeeze for a quarter of
+            the memory traffic. Set False to always average the SE input itself.
     """
 
     reduction: float = 16
@@ -57,6 +61,7 @@ class SEConfig:
     min_hidden: int = 8
     divisor: int = 8
     fuse_add: bool = True
+    early_squeeze: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.reduction, bool) or not isinstance(self.reduction, (int, float)) or self.reduction < 1:
@@ -69,8 +74,9 @@ class SEConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.fuse_add, bool):
-            raise ValueError(f"fuse_add must be True or False, got {self.fuse_add!r}")
+        for name in ("fuse_add", "early_squeeze"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self.include = _as_patterns("include", self.include)
         self.exclude = _as_patterns("exclude", self.exclude)
 

@@ -3,9 +3,10 @@
 SE-ResNet computes ``shortcut + x * gate``: a multiply that writes a temporary feature map, then an
 add that reads it back. ``SEBlock(x, residual)`` computes the same in one ``torch.addcmul`` pass, so
 where a spliced SE node feeds an addition directly (possibly through ``nn.Identity`` modules, timm's
-disabled drop-path), the addition is folded into the SE call. Only additions whose result is a new
-tensor are folded: an in-place ``a.add_(se)`` changes ``a`` for later readers, which an out-of-place
-``addcmul`` would not.
+disabled drop-path), the addition is folded into the SE call. An in-place ``se += shortcut`` (the
+original ``x += shortcut``, ``augmented``) becomes ``se(x, shortcut, inplace=True)``: the sum goes
+into ``x``'s memory, as the original line put it there, when ``x`` has no other reader. An in-place
+``shortcut.add_(se)`` is not folded: it must still update ``shortcut`` for later readers.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .augmented import iadd
 from .se_block import SEBlock
 
 _OUT_OF_PLACE = {("call_function", operator.add), ("call_function", torch.add), ("call_function", torch.Tensor.add),
                  ("call_method", "add"), ("call_method", "__add__")}
-_IN_PLACE = {("call_function", operator.iadd), ("call_function", torch.Tensor.add_),
+_IN_PLACE = {("call_function", operator.iadd), ("call_function", iadd), ("call_function", torch.Tensor.add_),
              ("call_method", "add_"), ("call_method", "__iadd__")}
 
 
@@ -48,7 +50,11 @@ def _other_operand(add: fx.Node, operand: fx.Node) -> fx.Node | None:
 
 
 def fold_residual_adds(graph: fx.Graph, module: nn.Module, targets: set[str]) -> int:
-    """Replace ``add(se(x), other)`` by ``se(x, other)`` for the SE call nodes of ``targets``; count them."""
+    """Replace ``add(se(x), other)`` by ``se(x, other)`` for the SE call nodes of ``targets``; count them.
+
+    The sum may overwrite ``x`` only where the original added in place and ``x`` has no other reader
+    in the graph (a forward argument or an attribute is never overwritten, though the original may have done so).
+    """
     folded = 0
     for se_node in [n for n in graph.nodes if n.op == "call_module" and n.target in targets and len(n.args) == 1]:
         chain, value = [], se_node
@@ -60,7 +66,10 @@ def fold_residual_adds(graph: fx.Graph, module: nn.Module, targets: set[str]) ->
         if other is None:
             continue
         user.prepend(se_node)  # the other operand may be computed after the SE call: move the call to the add
-        se_node.args = (se_node.args[0], other)
+        source = se_node.args[0]
+        se_node.args = (source, other)
+        if (user.op, user.target) in _IN_PLACE and len(source.users) == 1 and source.op not in ("placeholder", "get_attr"):
+            se_node.kwargs = {"inplace": True}
         se_node.meta = dict(user.meta)
         user.replace_all_uses_with(se_node)
         for node in [user, *reversed(chain)]:

@@ -13,7 +13,9 @@ convolutions of an SE block and silently leaves out its squeeze, gate and rescal
 stages cost more than the convolutions. Here those three ops are counted, one per element (fvcore's
 own convention for pooling), but only inside `~se_retrofit.se_block.SEBlock` scopes: the rest
 of each model is counted exactly as fvcore does by default, so the "before" column is the number
-fvcore gives for the original model.
+fvcore gives for the original model. An SE block is costed as the paper's block, squeezing its own
+input: the early squeeze (``SEConfig.early_squeeze``, an eval-mode shortcut to the same value) is not
+taken while fvcore traces.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import codegen
+from .early_squeeze import hoist_squeezes
 from .fusion import fold_residual_adds
 from .sites import Placement
 
@@ -66,12 +67,14 @@ class Undo:
 
 
 def rewrite_block(module: nn.Module, graphs: list[fx.Graph], placements: list[list[Placement]],
-                  new_modules: list[tuple[str, nn.Module]], fuse_add: bool = True) -> Undo:
+                  new_modules: list[tuple[str, nn.Module]], fuse_add: bool = True,
+                  early_squeeze: bool = True) -> Undo:
     """Register ``new_modules`` on ``module``, splice them into every graph, install the new forward.
 
     ``graphs`` is ``[eval_graph]`` or ``[eval_graph, train_graph]``; ``placements[g][i]`` is where
     ``new_modules[i]`` goes in graph ``g``. With ``fuse_add``, an addition fed directly by an SE
-    output is done by the SE block (`fusion`).
+    output is done by the SE block (`fusion`); with ``early_squeeze``, an SE block fed by a 1x1 conv
+    and a batch norm may take its squeeze from the conv's input (`early_squeeze`).
     """
     undo = Undo(module, type(module))
     try:
@@ -85,8 +88,11 @@ def rewrite_block(module: nn.Module, graphs: list[fx.Graph], placements: list[li
             try:
                 for placement, (name, _) in zip(graph_placements, new_modules):
                     splice(graph, placement, name)
+                targets = {name for name, _ in new_modules}
                 if fuse_add:
-                    fold_residual_adds(graph, module, {name for name, _ in new_modules})
+                    fold_residual_adds(graph, module, targets)
+                if early_squeeze:
+                    hoist_squeezes(graph, module, targets)
                 graph.lint()
             finally:
                 graph.owning_module = None

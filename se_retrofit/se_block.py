@@ -10,7 +10,10 @@ The gate is ``gain * sigmoid``: with ``gain=2`` and a zero ``fc2`` the block is 
 Given the shortcut as ``residual``, the block also does the residual addition, as one
 ``torch.addcmul`` (``residual + x * gate``): one pass over the feature map instead of a multiply that
 writes a temporary and an add that reads it back. In eager mode on the CPU that pass is most of
-what SE costs beyond the squeeze; ``apply`` uses it wherever the SE output goes straight into the add.
+what SE costs beyond the squeeze; ``apply`` uses it wherever the SE output goes straight into the add,
+and where the original wrote ``x += shortcut`` it writes into ``x`` as that line did (see ``forward``).
+Where ``x`` is the output of a 1x1 convolution and a batch norm, the squeeze can be taken from the
+convolution's narrower input (`squeeze_through`).
 """
 from __future__ import annotations
 
@@ -46,14 +49,26 @@ class SEBlock(nn.Module):
         self.act = nn.ReLU(inplace=True)
         self.fc2 = conv(hidden, channels, kernel_size=1, bias=True)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, inplace: bool = False,
+                squeeze_from: tuple[torch.Tensor, nn.Module, nn.Module] | None = None) -> torch.Tensor:
         """``x * gate``, or ``residual + x * gate`` in one pass when given the residual's other operand.
 
         The excitation runs as two matrix products on the ``(N, C)`` squeeze with the 1x1 convolutions'
         own weights: the same arithmetic as calling the convolutions on a 1x1 map, at a third of
         their cost on the CPU (a convolution call on a 1x1 map is mostly overhead).
+
+        ``inplace=True`` (set by ``apply`` where the original wrote ``x += shortcut``) writes the sum
+        into ``x``, as that line did, whenever autograd does not need ``x`` afterwards (inference,
+        ``no_grad``, frozen inputs); under autograd the gate's gradient reads ``x``, so the sum goes to a
+        new tensor.
+
+        ``squeeze_from=(z, conv, norm)`` says that ``x`` is ``norm(conv(z))`` for a 1x1 convolution
+        and a batch norm (set by ``apply``, `early_squeeze`): the squeeze is then taken from ``z``
+        where that is exact and cheaper (`squeeze_through`).
         """
-        s = x.mean(self._dims)
+        s = squeeze_through(*squeeze_from) if squeeze_from is not None else None
+        if s is None:
+            s = x.mean(self._dims)
         s = F.linear(s, self.fc1.weight.flatten(1), self.fc1.bias)
         s = F.linear(self.act(s), self.fc2.weight.flatten(1), self.fc2.bias)
         gate = torch.sigmoid(s)
@@ -62,7 +77,20 @@ class SEBlock(nn.Module):
         gate = gate.view(*gate.shape, *(1,) * self.spatial_dims)
         if residual is None:
             return x * gate
+        if inplace and self._may_overwrite(x, residual, gate):
+            return torch.addcmul(residual, x, gate, out=x)
         return torch.addcmul(residual, x, gate)
+
+    @staticmethod
+    def _may_overwrite(x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor) -> bool:
+        """Whether ``x`` can take the sum: same shape and dtype, and no autograd record needs ``x``.
+
+        Never while ``torch.jit.trace`` records: the trace would fix a choice that depends on the
+        grad mode of the tracing call (``trace``'s own check reruns it without grad).
+        """
+        if residual.shape != x.shape or residual.dtype != x.dtype or torch.jit.is_tracing():
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad or gate.requires_grad))
 
     def init_identity(self) -> None:
         """Zero the last excitation layer: with ``gain=2`` the gate is exactly 1 everywhere.
@@ -75,6 +103,51 @@ class SEBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, hidden={self.hidden}, spatial_dims={self.spatial_dims}, gain={self.gain:g}"
+
+
+def _running_affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(scale, shift)`` with ``norm(y) == y * scale + shift`` per channel, or None in training mode."""
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training:
+        return None
+    mean, var = norm.running_mean, norm.running_var
+    if mean is None or var is None:  # track_running_stats=False: batch statistics even in eval mode
+        return None
+    scale = torch.rsqrt(var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return scale, shift
+
+
+def squeeze_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.Tensor | None:
+    """The squeeze of ``norm(conv(z))`` computed from ``z``, or None where it must come from the output.
+
+    Averaging commutes with a 1x1 convolution (the same linear map at every position) and with a batch
+    norm using running statistics (a per-channel affine map), so the mean of ``norm(conv(z))`` is
+    ``norm(conv(mean(z)))`` exactly, up to rounding. In a bottleneck ``z`` has a quarter of the
+    channels, so the squeeze reads a quarter of the memory; the price is reading ``conv``'s weight
+    again, so it is done only where one image's map is the larger read (the choice does not depend on
+    the batch size, so neither do the outputs' last bits).
+
+    None, and the block averages ``x``: in training mode (batch norm then normalises with statistics
+    of the very batch, which are not known here); under ``torch.jit.trace`` (a trace would fix this
+    choice for every later input, and the MAC report costs the paper's block); and under
+    ``torch.compile`` / ``torch.export``, which see the plain SE ops and fuse them themselves, with no
+    guard on the input's size.
+    """
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return None
+    affine = _running_affine(norm)
+    if affine is None:
+        return None
+    weight = conv.weight.flatten(1)
+    out_channels, in_channels = weight.shape
+    if z[0, 0].numel() * (out_channels - in_channels) <= weight.numel():
+        return None
+    s = F.linear(z.mean(tuple(range(2, z.dim()))), weight, conv.bias)
+    return torch.addcmul(affine[1], s, affine[0])
 
 
 def hidden_width(channels: int, reduction: float, divisor: int = 8, min_hidden: int = 8) -> int:

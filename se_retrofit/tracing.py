@@ -20,6 +20,7 @@ from torch.fx._symbolic_trace import PH
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten
 
+from .augmented import AugmentedProxy
 from .capture import Call, preserved_modes
 
 
@@ -39,6 +40,7 @@ class BlockTracer(fx.Tracer):
     """An ``fx.Tracer`` for one module: every submodule call stays a ``call_module`` leaf.
 
     timm's registered no-trace functions stay opaque calls too, as they do in timm's own tracer.
+    ``x += y`` stays in place (``augmented``).
     """
 
     def __init__(self) -> None:
@@ -46,6 +48,9 @@ class BlockTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return AugmentedProxy(node, self)
 
 
 _CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device)

@@ -82,8 +82,12 @@ def check_export(spec: str) -> None:
     assert sigmoids == n_se, f"{spec}: exported graph has {sigmoids} sigmoid gates for {n_se} SE blocks"
     exported = program.module()
     for x in (X, X_OTHER):
-        diff = max_diff(eager(exported, x), eager(se_model, x))
-        assert diff == 0.0, f"{spec}: exported program differs from eager by {diff} at batch {x.shape[0]}"
+        # Eager bottlenecks take the squeeze before conv3/bn3 (early_squeeze), exported graphs the plain
+        # one: the same value up to float32 rounding.
+        want = eager(se_model, x)
+        diff = max_diff(eager(exported, x), want)
+        assert diff <= 1e-5 * want.abs().max().item(), (
+            f"{spec}: exported program differs from eager by {diff} at batch {x.shape[0]}")
 
 
 @pytest.mark.parametrize("spec", ["timm:resnet18", "timm:convnext_atto"])

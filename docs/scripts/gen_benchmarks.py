@@ -49,25 +49,41 @@ def apply_time(data: dict[str, Any]) -> str:
 
 
 def latency(data: dict[str, Any]) -> str:
+    """Both layouts: files with the "plain ops" retrofit (and intervals) and older ones with "unfused"."""
     rows = []
-    unfused = all("retrofitted, unfused" in r["median_s"] for r in data["rows"])
+    first = data["rows"][0]["median_s"]
+    extra, extra_ratio, note = None, None, ""
+    if "retrofitted, plain ops" in first:
+        extra, extra_ratio = "retrofitted, plain ops", "plain_over_hand_written"
+        note = "*plain ops*: the retrofit with `fuse_add=False, early_squeeze=False`, the hand-written block's ops. "
+    elif "retrofitted, unfused" in first:
+        extra, extra_ratio = "retrofitted, unfused", "unfused_over_hand_written"
+        note = "*unfused*: the retrofit with `fuse_add=False` (code before the in-place add and the early squeeze). "
+    interval = all("retrofitted_over_base_ci95" in r for r in data["rows"])
     for r in data["rows"]:
         m = r["median_s"]
         row = [f"`{r['model']}`", r["mode"], f"{m['base'] * 1e3:.1f}", f"{m['hand-written SE'] * 1e3:.1f}",
                f"{m['retrofitted'] * 1e3:.1f}"]
-        if unfused:
-            row.append(f"{m['retrofitted, unfused'] * 1e3:.1f}")
-        row += [f"{r['hand_written_over_base']:.3f}", f"{r['retrofitted_over_base']:.3f}",
-                f"{r['retrofitted_over_hand_written']:.3f}"]
-        if unfused:
-            row.append(f"{r['unfused_over_hand_written']:.3f}")
+        if extra:
+            row.append(f"{m[extra] * 1e3:.1f}")
+        row += [f"{r['hand_written_over_base']:.3f}", f"{r['retrofitted_over_base']:.3f}"]
+        if interval:
+            lo, hi = r["retrofitted_over_base_ci95"]
+            row.append(f"{lo:.3f} to {hi:.3f}")
+        row.append(f"{r['retrofitted_over_hand_written']:.3f}")
+        if extra:
+            row.append(f"{r[extra_ratio]:.3f}")
         rows.append(row)
-    headers = ["base model", "mode", "base", "hand-written SE", "retrofitted"] + (["unfused"] if unfused else [])
-    headers += ["SE / base", "retrofitted / base", "retrofitted / SE"] + (["unfused / SE"] if unfused else [])
+    label = extra.split(", ")[1] if extra else None
+    headers = ["base model", "mode", "base", "hand-written SE", "retrofitted"] + ([label] if extra else [])
+    headers += ["SE / base", "retrofitted / base"] + (["95 % interval"] if interval else [])
+    headers += ["retrofitted / SE"] + ([f"{label} / SE"] if extra else [])
+    order = "in a new order each round" if interval else "in a fixed order"
     return "\n".join([
         f"Batch {data.get('batch', '?')}, {data.get('size', '?')}x{data.get('size', '?')} input, eval mode, "
-        f"median of {data.get('repeats', '?')} interleaved rounds (`benchmarks/latency.py`). Times in ms. "
-        + ("*unfused*: the retrofit with `fuse_add=False`.\n" if unfused else "\n"),
+        f"median of {data.get('repeats', '?')} interleaved rounds {order} (`benchmarks/latency.py`). Times in ms. "
+        + note + ("The interval is a bootstrap 95 % interval of *retrofitted / base* over rounds." if interval else "")
+        + "\n",
         table(headers, rows)])
 
 

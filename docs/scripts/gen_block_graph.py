@@ -100,7 +100,11 @@ def bottleneck() -> tuple[str, str]:
             f"**3. After `se_retrofit.apply`**: one `call_module` node is spliced on the end of the residual "
             f"branch (`bn3`). Its output went straight into the addition, so the SE block is handed the shortcut "
             f"too and does the addition itself (`shortcut + bn3 * gate` in one `torch.addcmul` pass; "
-            f"`SEConfig(fuse_add=False)` keeps `se = self.se(bn3); add = se + x` instead). The shortcut is "
+            f"`SEConfig(fuse_add=False)` keeps `se = self.se(bn3); add = se + x` instead). torchvision wrote "
+            f"`out += identity`, so `inplace=True`: without autograd the sum goes into `bn3`'s memory, as that "
+            f"line put it there. `bn3` is `bn3(conv3(relu_1))` with a 1x1 `conv3`, so the block is also handed "
+            f"`squeeze_from`: in eval mode it averages the narrower `relu_1` and maps the average through "
+            f"`conv3` and `bn3` (`SEConfig(early_squeeze=False)` averages `bn3`). The shortcut is "
             f"untouched. This is the `forward` of the block's new class:\n",
             fence(after, title=f"{BLOCK}, generated forward"),
             "**4. The difference**, line by line:\n",

@@ -14,7 +14,8 @@ from typing import Any
 from ..config import INITS, POSITIONS, SEConfig
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SEConfig)}
-_OPTION_NAMES = ("reduction", "init", "position", "include", "exclude", "min_hidden", "divisor", "fuse_add")
+_OPTION_NAMES = ("reduction", "init", "position", "include", "exclude", "min_hidden", "divisor", "fuse_add",
+                 "early_squeeze")
 
 
 def _number(text: str) -> int | float:
@@ -49,6 +50,9 @@ def add_conversion_options(parser: argparse.ArgumentParser) -> argparse._Argumen
     group.add_argument("--no-fuse-add", dest="fuse_add", action="store_const", const=False, default=None,
                        help="keep the residual addition apart from the SE block (by default the block does it, "
                             "shortcut + x * gate in one pass; same weights and function)")
+    group.add_argument("--no-early-squeeze", dest="early_squeeze", action="store_const", const=False, default=None,
+                       help="always average the SE input itself (by default a block fed by a 1x1 conv and a batch "
+                            "norm averages the conv's narrower input in eval mode; the same squeeze)")
     return group
 
 

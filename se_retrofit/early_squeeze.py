@@ -1,0 +1,75 @@
+"""Transformation: let an SE block take its squeeze from before the branch's last 1x1 conv and norm.
+
+In a bottleneck the SE input is ``bn3(conv3(z))`` with ``conv3`` a 1x1 convolution that widens
+``z`` four times. Averaging that wide map is one more pass over the largest tensor of the block, and
+on the CPU most of what SE costs at inference: the map has just been written and no longer sits in
+cache. Averaging ``z`` and mapping the average through ``conv3`` and ``bn3`` gives the same squeeze
+(`se_block.squeeze_through`, which also decides at run time whether that is exact and cheaper).
+Here the SE calls whose input is such a chain are handed ``squeeze_from=(z, conv3, bn3)``.
+
+Only modules whose arithmetic is known qualify: ``nn.Conv1d/2d/3d`` of kernel 1, stride 1, no
+padding, one group, and ``nn.BatchNorm1d/2d/3d`` or torchvision's ``FrozenBatchNorm2d`` (exact
+types: a subclass may compute something else), with only ``nn.Identity`` modules between them.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+from torch import nn
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _norm_types() -> tuple[type, ...]:
+    try:
+        from torchvision.ops.misc import FrozenBatchNorm2d
+    except ImportError:
+        return _NORMS
+    return (*_NORMS, FrozenBatchNorm2d)
+
+
+def _single_input(node: fx.Node) -> fx.Node | None:
+    if node.kwargs or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+        return None
+    return node.args[0]
+
+
+def _producer(node: fx.Node, module: nn.Module) -> tuple[fx.Node, nn.Module] | None:
+    """The module call that produced ``node``'s value, looking through ``nn.Identity`` calls."""
+    while node.op == "call_module":
+        sub = module.get_submodule(node.target)
+        if type(sub) is not nn.Identity:
+            return node, sub
+        source = _single_input(node)
+        if source is None:
+            return None
+        node = source
+    return None
+
+
+def _is_pointwise_conv(conv: nn.Module, spatial_dims: int) -> bool:
+    return (type(conv) in _CONVS and conv.weight.dim() == spatial_dims + 2 and conv.groups == 1
+            and all(k == 1 for k in conv.kernel_size) and all(s == 1 for s in conv.stride)
+            and (conv.padding == "valid" or all(p == 0 for p in conv.padding)))
+
+
+def hoist_squeezes(graph: fx.Graph, module: nn.Module, targets: set[str]) -> int:
+    """Hand ``squeeze_from`` to each SE call of ``targets`` whose input is ``norm(conv(z))``; count them."""
+    norms = _norm_types()
+    hoisted = 0
+    for se_node in [n for n in graph.nodes if n.op == "call_module" and n.target in targets]:
+        spatial_dims = module.get_submodule(se_node.target).spatial_dims
+        found = _producer(se_node.args[0], module)
+        if found is None or type(found[1]) not in norms or _single_input(found[0]) is None:
+            continue
+        norm_node = found[0]
+        found = _producer(_single_input(norm_node), module)
+        if found is None or not _is_pointwise_conv(found[1], spatial_dims) or _single_input(found[0]) is None:
+            continue
+        conv_node = found[0]
+        with graph.inserting_before(se_node):
+            conv_ref = graph.get_attr(conv_node.target)
+            norm_ref = graph.get_attr(norm_node.target)
+        se_node.kwargs = {**se_node.kwargs, "squeeze_from": (_single_input(conv_node), conv_ref, norm_ref)}
+        hoisted += 1
+    return hoisted
