@@ -112,7 +112,7 @@ def test_squeeze_through_declines_where_it_is_not_exact_or_not_cheaper():
 def test_bottleneck_gets_the_early_squeeze_and_keeps_its_function():
     early, plain = _pair(Net(Bottleneck(nn.Conv2d(8, 32, 1, bias=True), nn.BatchNorm2d(32))))
     call = _se_call(early.block)
-    z, conv, norm = call.kwargs["squeeze_from"]
+    _, conv, norm = call.kwargs["squeeze_from"]
     assert (conv.target, norm.target) == ("conv3", "bn3"), call.kwargs
     assert "squeeze_from" not in _se_call(plain.block).kwargs, "early_squeeze=False must not hoist"
     with torch.no_grad():
