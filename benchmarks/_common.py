@@ -62,14 +62,21 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def ratio_ci(num: list[float], den: list[float], samples: int = 2000, level: float = 0.95) -> tuple[float, float]:
-    """Bootstrap interval of ``median(num) / median(den)``, resampling whole rounds (pairs stay together)."""
+def ratio_ci(num: list[float], den: list[float], paired: bool = False, samples: int = 2000,
+             level: float = 0.95) -> tuple[float, float]:
+    """Bootstrap interval of ``median(num) / median(den)`` (or, ``paired``, of the median per-round ratio).
+
+    Whole rounds are resampled, so the two times of one round stay together.
+    """
     rng = random.Random(0)
     n = len(num)
     ratios = []
     for _ in range(samples):
         idx = [rng.randrange(n) for _ in range(n)]
-        ratios.append(median([num[i] for i in idx]) / median([den[i] for i in idx]))
+        if paired:
+            ratios.append(median([num[i] / den[i] for i in idx]))
+        else:
+            ratios.append(median([num[i] for i in idx]) / median([den[i] for i in idx]))
     ratios.sort()
     tail = (1 - level) / 2
     return ratios[int(tail * samples)], ratios[min(samples - 1, int((1 - tail) * samples))]

@@ -52,9 +52,11 @@ def summarise(base: str, mode: str, times: dict[str, list[float]]) -> dict:
            "retrofitted_over_base": med["retrofitted"] / med["base"],
            "retrofitted_over_base_paired": paired("retrofitted", "base"),
            "retrofitted_over_base_ci95": ratio_ci(times["retrofitted"], times["base"]),
+           "retrofitted_over_base_paired_ci95": ratio_ci(times["retrofitted"], times["base"], paired=True),
            "plain_over_base": med["retrofitted, plain ops"] / med["base"],
            "hand_written_over_base": med["hand-written SE"] / med["base"],
-           "hand_written_over_base_ci95": ratio_ci(times["hand-written SE"], times["base"])}
+           "hand_written_over_base_ci95": ratio_ci(times["hand-written SE"], times["base"]),
+           "times_s": times}
     return row
 
 
@@ -82,15 +84,16 @@ def main() -> None:
             rows.append(summarise(base, mode, times))
     print(f"batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, median of {args.repeats}")
     print(f"{'model':<17}{'mode':<9}{'base':>7}{'SE':>7}{'retro':>7}{'plain':>7}  {'retro/SE':>8}{'plain/SE':>9}"
-          f"  {'SE/base':>7}{'retro/base':>11}{'95% interval':>15}{'paired':>7}")
+          f"  {'SE/base':>7}{'retro/base':>11}{'95% interval':>15}{'paired':>7}{'95% interval':>15}")
     for r in rows:
         m = r["median_s"]
         lo, hi = r["retrofitted_over_base_ci95"]
+        plo, phi = r["retrofitted_over_base_paired_ci95"]
         print(f"{r['model']:<17}{r['mode']:<9}{m['base'] * 1e3:>7.1f}{m['hand-written SE'] * 1e3:>7.1f}"
               f"{m['retrofitted'] * 1e3:>7.1f}{m['retrofitted, plain ops'] * 1e3:>7.1f}  "
               f"{r['retrofitted_over_hand_written']:>8.3f}{r['plain_over_hand_written']:>9.3f}  "
               f"{r['hand_written_over_base']:>7.3f}{r['retrofitted_over_base']:>11.3f}"
-              f"{f'{lo:.3f}-{hi:.3f}':>15}{r['retrofitted_over_base_paired']:>7.3f}")
+              f"{f'{lo:.3f}-{hi:.3f}':>15}{r['retrofitted_over_base_paired']:>7.3f}{f'{plo:.3f}-{phi:.3f}':>15}")
     print("(times in ms; paired: median of per-round ratios; interval: bootstrap over rounds)")
     print("written", write(args.name or "latency" + ("_compile" if args.compile else ""),
                            {"batch": args.batch, "size": args.size, "repeats": args.repeats, "rows": rows}))

@@ -17,6 +17,8 @@ convolution's narrower input (`squeeze_through`).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,20 +107,12 @@ class SEBlock(nn.Module):
         return f"channels={self.channels}, hidden={self.hidden}, spatial_dims={self.spatial_dims}, gain={self.gain:g}"
 
 
-def _running_affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(scale, shift)`` with ``norm(y) == y * scale + shift`` per channel, or None in training mode."""
+def _uses_running_stats(norm: nn.Module) -> bool:
+    """Whether ``norm`` normalises with its running statistics, i.e. is a fixed per-channel affine map."""
     if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training:
-        return None
-    mean, var = norm.running_mean, norm.running_var
-    if mean is None or var is None:  # track_running_stats=False: batch statistics even in eval mode
-        return None
-    scale = torch.rsqrt(var + norm.eps)
-    if norm.weight is not None:
-        scale = scale * norm.weight
-    shift = -mean * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias
-    return scale, shift
+        return False
+    # track_running_stats=False: batch statistics even in eval mode
+    return norm.running_mean is not None and norm.running_var is not None
 
 
 def squeeze_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.Tensor | None:
@@ -137,17 +131,14 @@ def squeeze_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.
     ``torch.compile`` / ``torch.export``, which see the plain SE ops and fuse them themselves, with no
     guard on the input's size.
     """
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return None
-    affine = _running_affine(norm)
-    if affine is None:
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or not _uses_running_stats(norm):
         return None
     weight = conv.weight.flatten(1)
     out_channels, in_channels = weight.shape
-    if z[0, 0].numel() * (out_channels - in_channels) <= weight.numel():
+    if math.prod(z.shape[2:]) * (out_channels - in_channels) <= weight.numel():
         return None
     s = F.linear(z.mean(tuple(range(2, z.dim()))), weight, conv.bias)
-    return torch.addcmul(affine[1], s, affine[0])
+    return F.batch_norm(s, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
 
 
 def hidden_width(channels: int, reduction: float, divisor: int = 8, min_hidden: int = 8) -> int:
