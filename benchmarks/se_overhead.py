@@ -8,15 +8,16 @@ the rescale the difference between the SE model's ``addcmul`` (or ``mul``) and t
 residual ``add_``. That sum, over the base model's total op time, is SE's overhead measured from
 inside the forward, against the paper's 1.8 % (ResNet-50 on a CPU, 164 -> 167 ms).
 
-Models: the base ``resnet50``; timm's ``seresnet50``; the retrofit as ``apply`` builds it; and the
+Models (``--model resnet50`` or ``resnext50_32x4d``): the base model; timm's SE twin; the retrofit as ``apply`` builds it; and the
 retrofit with ``fuse_add=False, early_squeeze=False`` (the hand-written block's ops). Each is
 profiled for ``--rounds`` forwards (batch 8 at 224 px, eval, ``inference_mode``) after warm-up.
 
-    python benchmarks/se_overhead.py [--rounds 10] [--batch 8] [--size 224] [--threads N]
+    python benchmarks/se_overhead.py [--model resnet50] [--rounds 10] [--batch 8] [--size 224] [--threads N]
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import warnings
 from collections import defaultdict
 
@@ -45,6 +46,21 @@ def op_times(model: torch.nn.Module, x: torch.Tensor, rounds: int) -> dict[str, 
     return dict(times)
 
 
+def page_faults(model: torch.nn.Module, x: torch.Tensor, rounds: int) -> float:
+    """Minor page faults per forward: fresh memory the allocator had to map, which the op times hide.
+
+    A feature map written into memory that was just returned to the system costs a fault per 4 KiB
+    page, charged to whichever op writes it first (usually a convolution), so an SE block that keeps a
+    tensor alive longer, or allocates one more, shows here rather than in its own ops.
+    """
+    with torch.inference_mode():
+        model(x)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(rounds):
+            model(x)
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / rounds
+
+
 def attribute(base: dict[str, float], other: dict[str, float]) -> dict[str, float]:
     """Seconds per forward that ``other`` spends beyond ``base`` outside the trunk ops, by op."""
     extra = {}
@@ -57,13 +73,16 @@ def attribute(base: dict[str, float], other: dict[str, float]) -> dict[str, floa
     return dict(sorted(extra.items(), key=lambda kv: -abs(kv[1])))
 
 
-def build() -> dict[str, torch.nn.Module]:
-    hand = timm.create_model("seresnet50").eval()
-    models = {"base": timm.create_model("resnet50").eval(), "hand-written SE": hand}
+PAIRS = {"resnet50": "seresnet50", "resnext50_32x4d": "seresnext50_32x4d"}
+
+
+def build(base: str) -> dict[str, torch.nn.Module]:
+    hand = timm.create_model(PAIRS[base]).eval()
+    models = {"base": timm.create_model(base).eval(), "hand-written SE": hand}
     for name, options in (("retrofitted", {}), ("retrofitted, plain ops", {"fuse_add": False, "early_squeeze": False})):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            models[name] = se_retrofit.apply(timm.create_model("resnet50"),
+            models[name] = se_retrofit.apply(timm.create_model(base),
                                              se_retrofit.SEConfig(init="paper", **options)).eval()
         models[name].load_state_dict(hand.state_dict())
     return models
@@ -75,29 +94,36 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--name", default="se_overhead")
+    parser.add_argument("--model", choices=list(PAIRS), default="resnet50")
+    parser.add_argument("--name", default=None, help="results/NAME.json (default se_overhead, se_overhead_MODEL)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x = torch.rand(args.batch, 3, args.size, args.size)
-    models = build()
+    models = build(args.model)
     times = {name: op_times(model, x, args.rounds) for name, model in models.items()}
+    faults = {name: page_faults(model, x, 3) for name, model in models.items()}
     base_total = sum(times["base"].values())
     base_rest = base_total - sum(times["base"].get(op, 0.0) for op in TRUNK)
     rows = []
     for name in ("hand-written SE", "retrofitted", "retrofitted, plain ops"):
         extra = attribute(times["base"], times[name])
         rows.append({"model": name, "total_s": sum(times[name].values()), "se_s": sum(extra.values()),
-                     "se_over_base_total": sum(extra.values()) / base_total, "by_op_s": extra})
+                     "se_over_base_total": sum(extra.values()) / base_total, "by_op_s": extra,
+                     "page_faults_per_forward": faults[name]})
     print(f"batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, "
-          f"{args.rounds} profiled forwards each; base model: {base_total * 1e3:.1f} ms of op time "
+          f"{args.rounds} profiled forwards each; base {args.model}: {base_total * 1e3:.1f} ms of op time "
           f"({base_rest * 1e3:.1f} ms outside conv/bn/max-pool)")
-    print(f"{'model':<24}{'total ms':>9}{'SE ops ms':>10}{'SE / base':>10}  largest")
+    print(f"page faults per forward, base model: {faults['base']:.0f}")
+    print(f"{'model':<24}{'total ms':>9}{'SE ops ms':>10}{'SE / base':>10}{'faults':>8}  largest")
     for r in rows:
         top = ", ".join(f"{op.removeprefix('aten::')} {t * 1e3:+.1f}" for op, t in list(r["by_op_s"].items())[:4])
-        print(f"{r['model']:<24}{r['total_s'] * 1e3:>9.1f}{r['se_s'] * 1e3:>10.2f}{r['se_over_base_total']:>10.2%}  {top}")
-    print("written", write(args.name, {"batch": args.batch, "size": args.size, "rounds": args.rounds,
-                                       "base_total_s": base_total, "base_outside_trunk_s": base_rest,
-                                       "rows": rows}))
+        print(f"{r['model']:<24}{r['total_s'] * 1e3:>9.1f}{r['se_s'] * 1e3:>10.2f}{r['se_over_base_total']:>10.2%}"
+              f"{r['page_faults_per_forward']:>8.0f}  {top}")
+    name = args.name or ("se_overhead" if args.model == "resnet50" else f"se_overhead_{args.model}")
+    print("written", write(name, {"model": args.model, "batch": args.batch, "size": args.size, "rounds": args.rounds,
+                                  "base_total_s": base_total, "base_outside_trunk_s": base_rest,
+                                  "base_page_faults_per_forward": faults["base"],
+                                  "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ In a bottleneck the SE input is ``bn3(conv3(z))`` with ``conv3`` a 1x1 convoluti
 on the CPU most of what SE costs at inference: the map has just been written and no longer sits in
 cache. Averaging ``z`` and mapping the average through ``conv3`` and ``bn3`` gives the same squeeze
 (`se_block.squeeze_through`, which also decides at run time whether that is exact and cheaper).
-Here the SE calls whose input is such a chain are handed ``squeeze_from=(z, conv3, bn3)``.
+Here a call ``squeeze_through(z, self.conv3, self.bn3)`` is put just before ``conv3`` and its result
+handed to the SE call as ``squeezed``: averaging ``z`` right there reads it while it is still in cache,
+and leaves ``z`` free to be released after ``conv3`` as before, so its memory is reused as in the
+original block (holding it until the SE call made every forward fault in thousands of fresh pages).
 
 Only modules whose arithmetic is known qualify: ``nn.Conv1d/2d/3d`` of kernel 1, stride 1, no
 padding, one group, and ``nn.BatchNorm1d/2d/3d`` or torchvision's ``FrozenBatchNorm2d`` (exact
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 from torch import nn
+
+from .se_block import squeeze_through
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -54,7 +59,8 @@ def _is_pointwise_conv(conv: nn.Module, spatial_dims: int) -> bool:
 
 
 def hoist_squeezes(graph: fx.Graph, module: nn.Module, targets: set[str]) -> int:
-    """Hand ``squeeze_from`` to each SE call of ``targets`` whose input is ``norm(conv(z))``; count them."""
+    """Hand ``squeezed=squeeze_through(z, conv, norm)`` to each SE call of ``targets`` whose input is
+    ``norm(conv(z))``; count them."""
     norms = _norm_types()
     hoisted = 0
     for se_node in [n for n in graph.nodes if n.op == "call_module" and n.target in targets]:
@@ -67,9 +73,10 @@ def hoist_squeezes(graph: fx.Graph, module: nn.Module, targets: set[str]) -> int
         if found is None or not _is_pointwise_conv(found[1], spatial_dims) or _single_input(found[0]) is None:
             continue
         conv_node = found[0]
-        with graph.inserting_before(se_node):
+        with graph.inserting_before(conv_node):
             conv_ref = graph.get_attr(conv_node.target)
             norm_ref = graph.get_attr(norm_node.target)
-        se_node.kwargs = {**se_node.kwargs, "squeeze_from": (_single_input(conv_node), conv_ref, norm_ref)}
+            squeezed = graph.call_function(squeeze_through, (_single_input(conv_node), conv_ref, norm_ref))
+        se_node.kwargs = {**se_node.kwargs, "squeezed": squeezed}
         hoisted += 1
     return hoisted

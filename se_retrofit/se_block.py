@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -52,7 +53,7 @@ class SEBlock(nn.Module):
         self.fc2 = conv(hidden, channels, kernel_size=1, bias=True)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, inplace: bool = False,
-                squeeze_from: tuple[torch.Tensor, nn.Module, nn.Module] | None = None) -> torch.Tensor:
+                squeezed: torch.Tensor | None = None) -> torch.Tensor:
         """``x * gate``, or ``residual + x * gate`` in one pass when given the residual's other operand.
 
         The excitation runs as two matrix products on the ``(N, C)`` squeeze with the 1x1 convolutions'
@@ -64,19 +65,17 @@ class SEBlock(nn.Module):
         ``no_grad``, frozen inputs); under autograd the gate's gradient reads ``x``, so the sum goes to a
         new tensor.
 
-        ``squeeze_from=(z, conv, norm)`` says that ``x`` is ``norm(conv(z))`` for a 1x1 convolution
-        and a batch norm (set by ``apply``, `early_squeeze`): the squeeze is then taken from ``z``
-        where that is exact and cheaper (`squeeze_through`).
+        ``squeezed``, when not None, is the squeeze already computed by the caller: ``apply`` passes
+        `squeeze_through` of a bottleneck's ``conv3`` input (`early_squeeze`), which is None where it
+        does not apply.
         """
-        s = squeeze_through(*squeeze_from) if squeeze_from is not None else None
-        if s is None:
-            s = x.mean(self._dims)
+        s = x.mean(self._dims) if squeezed is None else squeezed
         s = F.linear(s, self.fc1.weight.flatten(1), self.fc1.bias)
         s = F.linear(self.act(s), self.fc2.weight.flatten(1), self.fc2.bias)
         gate = torch.sigmoid(s)
         if self.gain != 1.0:
             gate = gate * self.gain
-        gate = gate.view(*gate.shape, *(1,) * self.spatial_dims)
+        gate = gate.view(gate.shape + (1,) * self.spatial_dims)
         if residual is None:
             return x * gate
         if inplace and self._may_overwrite(x, residual, gate):
@@ -87,10 +86,13 @@ class SEBlock(nn.Module):
     def _may_overwrite(x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor) -> bool:
         """Whether ``x`` can take the sum: same shape and dtype, and no autograd record needs ``x``.
 
-        Never while ``torch.jit.trace`` records: the trace would fix a choice that depends on the
-        grad mode of the tracing call (``trace``'s own check reruns it without grad).
+        Never while ``torch.jit.trace`` records (the trace would fix a choice that depends on the grad
+        mode of the tracing call; ``trace``'s own check reruns it without grad), nor under fx symbolic
+        tracing, which has no values to decide with: both record the out-of-place ``addcmul``.
         """
-        if residual.shape != x.shape or residual.dtype != x.dtype or torch.jit.is_tracing():
+        if isinstance(x, fx.Proxy) or torch.jit.is_tracing():
+            return False
+        if residual.shape != x.shape or residual.dtype != x.dtype:
             return False
         return not (torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad or gate.requires_grad))
 
@@ -127,11 +129,12 @@ def squeeze_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.
 
     None, and the block averages ``x``: in training mode (batch norm then normalises with statistics
     of the very batch, which are not known here); under ``torch.jit.trace`` (a trace would fix this
-    choice for every later input, and the MAC report costs the paper's block); and under
-    ``torch.compile`` / ``torch.export``, which see the plain SE ops and fuse them themselves, with no
-    guard on the input's size.
+    choice for every later input, and the MAC report costs the paper's block); under ``torch.compile``
+    / ``torch.export``, which see the plain SE ops and fuse them themselves, with no guard on the
+    input's size; and under fx symbolic tracing, which has no values to decide with.
     """
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or not _uses_running_stats(norm):
+    if (isinstance(z, fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or not _uses_running_stats(norm)):
         return None
     weight = conv.weight.flatten(1)
     out_channels, in_channels = weight.shape

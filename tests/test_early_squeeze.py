@@ -52,6 +52,9 @@ X = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(2))
 
 def _se_call(block: nn.Module) -> fx.Node:
     class Leaf(fx.Tracer):
+        def __init__(self) -> None:
+            super().__init__(autowrap_functions=(squeeze_through,))  # record the call, as written
+
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return isinstance(m, SEBlock) or super().is_leaf_module(m, qualname)
 
@@ -112,9 +115,15 @@ def test_squeeze_through_declines_where_it_is_not_exact_or_not_cheaper():
 def test_bottleneck_gets_the_early_squeeze_and_keeps_its_function():
     early, plain = _pair(Net(Bottleneck(nn.Conv2d(8, 32, 1, bias=True), nn.BatchNorm2d(32))))
     call = _se_call(early.block)
-    _, conv, norm = call.kwargs["squeeze_from"]
-    assert (conv.target, norm.target) == ("conv3", "bn3"), call.kwargs
-    assert "squeeze_from" not in _se_call(plain.block).kwargs, "early_squeeze=False must not hoist"
+    squeezed = call.kwargs["squeezed"]
+    assert squeezed.target is squeeze_through, call.kwargs
+    assert [a.target for a in squeezed.args[1:]] == ["conv3", "bn3"], squeezed.args
+    conv3 = next(n for n in call.graph.nodes if n.op == "call_module" and n.target == "conv3")
+    order = list(call.graph.nodes)
+    assert order.index(squeezed) < order.index(conv3), "the squeeze must be taken before conv3 (z freed after it)"
+    z = squeezed.args[0]
+    assert all(order.index(u) <= order.index(conv3) for u in z.users), "z must not live past conv3"
+    assert "squeezed" not in _se_call(plain.block).kwargs, "early_squeeze=False must not hoist"
     with torch.no_grad():
         a, b = early(X), plain(X)
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), f"early squeeze changes the output by {(a - b).abs().max()}"
@@ -128,7 +137,7 @@ def test_bottleneck_gets_the_early_squeeze_and_keeps_its_function():
 ])
 def test_other_chains_average_the_se_input(conv3, bn3, why):
     early, plain = _pair(Net(Bottleneck(conv3, bn3)))
-    assert "squeeze_from" not in _se_call(early.block).kwargs, f"{why}: the squeeze must not be hoisted"
+    assert "squeezed" not in _se_call(early.block).kwargs, f"{why}: the squeeze must not be hoisted"
     with torch.no_grad():
         assert torch.equal(early(X), plain(X))
 
@@ -150,7 +159,7 @@ def test_resnet_bottlenecks_keep_their_function(build):
     """In float64, so that the comparison sees the arithmetic and not float32 rounding amplified by
     16 random-weight gates (about 3e-4 relative in float32, 3e-13 in float64)."""
     early, plain = _pair(build())
-    assert all("squeeze_from" in _se_call(b).kwargs for b in early.layer1), "layer1 bottlenecks not hoisted"
+    assert all("squeezed" in _se_call(b).kwargs for b in early.layer1), "layer1 bottlenecks not hoisted"
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with torch.no_grad():
         a, b = early.double()(x), plain.double()(x)
@@ -167,6 +176,13 @@ def test_jit_trace_records_the_plain_squeeze():
     bigger = torch.rand(3, 3, 40, 40)
     with torch.no_grad():
         assert torch.allclose(traced(bigger), plain(bigger), rtol=1e-5, atol=1e-6)
+
+
+def test_symbolic_trace_of_a_retrofitted_model_records_the_plain_squeeze():
+    early, plain = _pair(Net(Bottleneck(nn.Conv2d(8, 32, 1), nn.BatchNorm2d(32))))
+    traced = fx.symbolic_trace(early)
+    with torch.no_grad():
+        assert torch.equal(traced(X), plain(X)), "fx-traced retrofit should compute the plain squeeze"
 
 
 def test_early_squeeze_must_be_a_bool():

@@ -128,10 +128,36 @@ def se_ops(data: dict[str, Any]) -> str:
     return "\n".join([
         f"Batch {data.get('batch', '?')}, {data.get('threads', '?')} thread(s), eval, median of "
         f"{data.get('repeats', '?')} calls per op (`benchmarks/se_ops.py`); the last column weights each stage by "
-        "its number of blocks (3, 4, 6, 3). The whole block costs more than the sum of its ops timed one by one "
-        "(memory allocation patterns differ between the two; not investigated further), so read the rows as "
-        "comparisons between forms of the same op.\n",
+        "its number of blocks (3, 4, 6, 3). Each op here reads a map that the previous call left in cache; inside "
+        "a forward the map has just been written by the batch norm and is mostly out of cache, which is why the "
+        "squeeze costs more there (see the SE overhead table). Read the rows as comparisons between forms of the "
+        "same op.\n",
         table(headers, rows)])
+
+
+def se_overhead(data: dict[str, Any]) -> str:
+    model = data.get("model", "resnet50")
+    faults = all("page_faults_per_forward" in r for r in data["rows"])
+    rows = []
+    for r in data["rows"]:
+        top = ", ".join(f"`{op.removeprefix('aten::')}` {t * 1e3:+.1f}" for op, t in list(r["by_op_s"].items())[:4])
+        rows.append([r["model"], f"{r['total_s'] * 1e3:.1f}", f"{r['se_s'] * 1e3:.2f}",
+                     f"{r['se_over_base_total'] * 100:.2f} %"]
+                    + ([f"{r['page_faults_per_forward']:,.0f}"] if faults else []) + [top])
+    fault_note = (f" *page faults*: minor page faults per forward (the base model: "
+                  f"{data['base_page_faults_per_forward']:,.0f}); fresh pages cost time that the profiler charges "
+                  "to whichever op first writes them, usually a convolution, so they are not in *SE ops*."
+                  if faults else "")
+    headers = ["model", "op time (ms)", "SE ops (ms)", "SE / base"] + (["page faults"] if faults else [])
+    return "\n".join([
+        f"Batch {data.get('batch', '?')}, {data.get('size', '?')}x{data.get('size', '?')} input, eval, "
+        f"{data.get('rounds', '?')} profiled forwards per model (`benchmarks/se_overhead.py`). The base "
+        f"`{model}` spends {data['base_total_s'] * 1e3:.1f} ms per forward in ops. *SE ops*: op time the model "
+        "spends beyond the base model outside convolutions, batch norms and max-pooling, i.e. the squeeze, "
+        "excitation, gate and the rescale's cost beyond the residual add; *SE / base*: that over the base "
+        "model's op time (the paper: 1.8 %)." + fault_note + " The last column lists the largest differences "
+        "in ms.\n",
+        table(headers + ["largest differences (ms)"], rows)])
 
 
 def accuracy_study(data: dict) -> str:
@@ -144,12 +170,12 @@ RENDERERS = {"accuracy_study": ("Accuracy study", accuracy_study),
              "latency_compile": ("Inference latency, eager and torch.compile", latency),
              "latency": ("Inference latency", latency),
              "gpu_throughput": ("GPU training and inference throughput", gpu_throughput),
-             "se_ops": ("The SE block's own ops", se_ops)}
+             "se_ops": ("The SE block's own ops", se_ops),
+             "se_overhead": ("What SE costs inside a ResNet-50 forward", se_overhead)}
 # Files named PREFIX_SUFFIX.json (the same benchmark on another machine or setting) get PREFIX's table.
 SUFFIXES = {"h100_host": "on the GPU machine's 16-core CPU", "h100_host_rerun": "on the GPU machine's CPU, a second machine",
             "h100_host_4threads": "on the GPU machine's CPU, 4 threads",
-            "resnet50_41rounds": "ResNet-50 alone, 41 rounds, nothing else running (run 1)",
-            "resnet50_41rounds_b": "ResNet-50 alone, 41 rounds, nothing else running (run 2)"}
+            "resnet50_101rounds": "ResNet-50 alone, 101 rounds, nothing else running"}
 
 
 def renderer_for(name: str) -> tuple[str | None, Any]:
