@@ -25,17 +25,23 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    allocator = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+    if allocator:  # glibc malloc tuning or a preloaded allocator changes CPU timings a lot
+        info["allocator_env"] = allocator
+    return info
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
-                shuffle: bool = False) -> dict[str, list[float]]:
+                shuffle: bool = False, settle: int = 0) -> dict[str, list[float]]:
     """Time each function once per round, round after round, so drift in machine load hits all alike.
 
     ``shuffle`` runs each round in a new (seeded) order, so that no function always follows the same
-    one and inherits its cache and allocator state.
+    one. ``settle`` untimed calls before each timed one let the function find memory as it leaves it
+    for itself: after another model's forward the allocator has returned or reshaped the heap, and the
+    first forward pays page faults for fresh memory that a model serving requests alone never pays.
     """
     for _ in range(warmup):
         for fn in fns.values():
@@ -48,6 +54,8 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
             rng.shuffle(order)
         for name in order:
             fn = fns[name]
+            for _ in range(settle):
+                fn()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             start = time.perf_counter()

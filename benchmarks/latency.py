@@ -5,10 +5,12 @@ both compute the same function; any gap is the cost of the rewrite itself. It is
 ``apply`` builds it (the SE block does the residual add in one ``addcmul`` pass, in place where the
 original added in place, and a bottleneck's SE squeezes before ``conv3``/``bn3``) and with
 ``fuse_add=False, early_squeeze=False`` ("plain ops": the ops of the hand-written block).
-Models run interleaved, one forward each per round, in a new order each round; the figure is the
-median of the rounds, with a bootstrap 95 % interval over rounds for the ratios to the base model.
+Models run interleaved, one timed forward each per round, in a new order each round, each after
+``--settle`` untimed forwards (default 1) so that it runs with the memory state it leaves for itself,
+as a model serving requests does; the figure is the median of the rounds, with bootstrap 95 %
+intervals over rounds for the ratios to the base model.
 
-    python benchmarks/latency.py [--batch 8] [--size 224] [--repeats 15] [--compile]
+    python benchmarks/latency.py [--batch 8] [--size 224] [--repeats 15] [--settle 1] [--compile]
 """
 from __future__ import annotations
 
@@ -68,6 +70,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(PAIRS))
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--settle", type=int, default=1, help="untimed forwards before each timed one")
     parser.add_argument("--name", default=None, help="results/NAME.json (default latency or latency_compile)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -80,7 +83,8 @@ def main() -> None:
             modes.append(("compiled", {k: torch.compile(m) for k, m in models.items()}))
         for mode, ms in modes:
             with torch.inference_mode():
-                times = interleaved({k: (lambda m=m: m(x)) for k, m in ms.items()}, args.repeats, shuffle=True)
+                times = interleaved({k: (lambda m=m: m(x)) for k, m in ms.items()}, args.repeats, shuffle=True,
+                                    settle=args.settle)
             rows.append(summarise(base, mode, times))
     print(f"batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, median of {args.repeats}")
     print(f"{'model':<17}{'mode':<9}{'base':>7}{'SE':>7}{'retro':>7}{'plain':>7}  {'retro/SE':>8}{'plain/SE':>9}"
@@ -96,7 +100,8 @@ def main() -> None:
               f"{f'{lo:.3f}-{hi:.3f}':>15}{r['retrofitted_over_base_paired']:>7.3f}{f'{plo:.3f}-{phi:.3f}':>15}")
     print("(times in ms; paired: median of per-round ratios; interval: bootstrap over rounds)")
     print("written", write(args.name or "latency" + ("_compile" if args.compile else ""),
-                           {"batch": args.batch, "size": args.size, "repeats": args.repeats, "rows": rows}))
+                           {"batch": args.batch, "size": args.size, "repeats": args.repeats, "settle": args.settle,
+                            "rows": rows}))
 
 
 if __name__ == "__main__":

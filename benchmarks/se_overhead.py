@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import argparse
 import resource
+import subprocess
+import sys
 import warnings
 from collections import defaultdict
+from pathlib import Path
 
 import timm
 import torch
@@ -46,19 +49,32 @@ def op_times(model: torch.nn.Module, x: torch.Tensor, rounds: int) -> dict[str, 
     return dict(times)
 
 
-def page_faults(model: torch.nn.Module, x: torch.Tensor, rounds: int) -> float:
-    """Minor page faults per forward: fresh memory the allocator had to map, which the op times hide.
+def page_faults(base: str, variant: str, x_shape: tuple[int, ...], threads: int) -> int:
+    """Minor page faults of one forward, in a fresh process that runs only this model (steady state).
 
-    A feature map written into memory that was just returned to the system costs a fault per 4 KiB
-    page, charged to whichever op writes it first (usually a convolution), so an SE block that keeps a
-    tensor alive longer, or allocates one more, shows here rather than in its own ops.
+    glibc returns the memory of large freed tensors to the system and maps it again on the next
+    forward, one fault per 4 KiB page, charged to whichever op first writes the page (usually a
+    convolution): an SE block that keeps a tensor alive longer, or allocates one more, shows here rather
+    than in its own ops. The count depends on the process's allocation history, so each model gets a
+    process of its own and the fourth forward is counted; even so it moves by 10-20 % between identical
+    runs, so read it as the order of magnitude of this cost, not as a difference between the models.
     """
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import se_overhead; "
+            f"print(se_overhead._faults_here({base!r}, {variant!r}, {tuple(x_shape)!r}, {threads}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def _faults_here(base: str, variant: str, x_shape: tuple[int, ...], threads: int) -> int:
+    torch.set_num_threads(threads)
+    model = build(base, only=variant)[variant]
+    x = torch.rand(*x_shape)
     with torch.inference_mode():
-        model(x)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(rounds):
+        for _ in range(3):
             model(x)
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / rounds
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        model(x)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
 def attribute(base: dict[str, float], other: dict[str, float]) -> dict[str, float]:
@@ -76,16 +92,24 @@ def attribute(base: dict[str, float], other: dict[str, float]) -> dict[str, floa
 PAIRS = {"resnet50": "seresnet50", "resnext50_32x4d": "seresnext50_32x4d"}
 
 
-def build(base: str) -> dict[str, torch.nn.Module]:
+RETROFITS = {"retrofitted": {}, "retrofitted, plain ops": {"fuse_add": False, "early_squeeze": False}}
+
+
+def build(base: str, only: str | None = None) -> dict[str, torch.nn.Module]:
+    """The four models (or just ``only``), the SE ones with the same weights."""
     hand = timm.create_model(PAIRS[base]).eval()
     models = {"base": timm.create_model(base).eval(), "hand-written SE": hand}
-    for name, options in (("retrofitted", {}), ("retrofitted, plain ops", {"fuse_add": False, "early_squeeze": False})):
+    if only in models:
+        return {only: models[only]}
+    for name, options in RETROFITS.items():
+        if only is not None and name != only:
+            continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             models[name] = se_retrofit.apply(timm.create_model(base),
                                              se_retrofit.SEConfig(init="paper", **options)).eval()
         models[name].load_state_dict(hand.state_dict())
-    return models
+    return {only: models[only]} if only else models
 
 
 def main() -> None:
@@ -101,7 +125,7 @@ def main() -> None:
     x = torch.rand(args.batch, 3, args.size, args.size)
     models = build(args.model)
     times = {name: op_times(model, x, args.rounds) for name, model in models.items()}
-    faults = {name: page_faults(model, x, 3) for name, model in models.items()}
+    faults = {name: page_faults(args.model, name, tuple(x.shape), args.threads) for name in models}
     base_total = sum(times["base"].values())
     base_rest = base_total - sum(times["base"].get(op, 0.0) for op in TRUNK)
     rows = []

@@ -8,7 +8,7 @@ cache. Averaging ``z`` and mapping the average through ``conv3`` and ``bn3`` giv
 Here a call ``squeeze_through(z, self.conv3, self.bn3)`` is put just before ``conv3`` and its result
 handed to the SE call as ``squeezed``: averaging ``z`` right there reads it while it is still in cache,
 and leaves ``z`` free to be released after ``conv3`` as before, so its memory is reused as in the
-original block (holding it until the SE call made every forward fault in thousands of fresh pages).
+original block (held until the SE call, it made every forward map fresh memory for it).
 
 Only modules whose arithmetic is known qualify: ``nn.Conv1d/2d/3d`` of kernel 1, stride 1, no
 padding, one group, and ``nn.BatchNorm1d/2d/3d`` or torchvision's ``FrozenBatchNorm2d`` (exact

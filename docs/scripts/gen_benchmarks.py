@@ -37,6 +37,8 @@ def machine_line(data: dict[str, Any]) -> str:
     if m.get("cuda"):
         parts.append(f"GPU {m['cuda']}")
     parts.append(f"torch {m.get('torch', '?')}, Python {m.get('python', '?')}")
+    if m.get("allocator_env"):
+        parts.append("allocator settings " + " ".join(f"`{k}={v}`" for k, v in sorted(m["allocator_env"].items())))
     return "Measured on: " + ", ".join(parts) + "."
 
 
@@ -79,6 +81,10 @@ def latency(data: dict[str, Any]) -> str:
     headers += ["SE / base", "retrofitted / base"] + (["95 % interval"] if interval else [])
     headers += ["retrofitted / SE"] + ([f"{label} / SE"] if extra else [])
     order = "in a new order each round" if interval else "in a fixed order"
+    if "settle" in data:
+        order += f", each timed forward after {data['settle']} untimed one(s) of the same model"
+    elif interval:
+        order += ", one forward per model per round (no untimed forward before it)"
     return "\n".join([
         f"Batch {data.get('batch', '?')}, {data.get('size', '?')}x{data.get('size', '?')} input, eval mode, "
         f"median of {data.get('repeats', '?')} interleaved rounds {order} (`benchmarks/latency.py`). Times in ms. "
@@ -146,7 +152,8 @@ def se_overhead(data: dict[str, Any]) -> str:
                     + ([f"{r['page_faults_per_forward']:,.0f}"] if faults else []) + [top])
     fault_note = (f" *page faults*: minor page faults per forward (the base model: "
                   f"{data['base_page_faults_per_forward']:,.0f}); fresh pages cost time that the profiler charges "
-                  "to whichever op first writes them, usually a convolution, so they are not in *SE ops*."
+                  "to whichever op first writes them, usually a convolution, so they are not in *SE ops*; the count "
+                  "moves by 10-20 % between identical runs (see the page-fault section above)."
                   if faults else "")
     headers = ["model", "op time (ms)", "SE ops (ms)", "SE / base"] + (["page faults"] if faults else [])
     return "\n".join([
@@ -171,11 +178,13 @@ RENDERERS = {"accuracy_study": ("Accuracy study", accuracy_study),
              "latency": ("Inference latency", latency),
              "gpu_throughput": ("GPU training and inference throughput", gpu_throughput),
              "se_ops": ("The SE block's own ops", se_ops),
-             "se_overhead": ("What SE costs inside a ResNet-50 forward", se_overhead)}
+             "se_overhead": ("What SE costs inside the forward", se_overhead)}
 # Files named PREFIX_SUFFIX.json (the same benchmark on another machine or setting) get PREFIX's table.
 SUFFIXES = {"h100_host": "on the GPU machine's 16-core CPU", "h100_host_rerun": "on the GPU machine's CPU, a second machine",
             "h100_host_4threads": "on the GPU machine's CPU, 4 threads",
-            "resnet50_101rounds": "ResNet-50 alone, 101 rounds, nothing else running"}
+            "resnext50_32x4d": "ResNeXt-50 32x4d",
+            "resnet50_settled": "ResNet-50, each timed forward after an untimed one",
+            "resnet50_settled_malloc_kept": "ResNet-50, settled, glibc malloc keeping freed memory"}
 
 
 def renderer_for(name: str) -> tuple[str | None, Any]:
