@@ -5,11 +5,34 @@ import pytest
 import torch
 from torch import nn
 
+import torch.fx as fx
+
+from se_retrofit import SEBlock
+from se_retrofit.se_block import squeeze_through
 from se_retrofit.testing import perturb_norms
 
 
 def make_pretrained_like(model: nn.Module, seed: int = 0) -> nn.Module:
     return perturb_norms(model, seed)
+
+
+class _GeneratedForwardTracer(fx.Tracer):
+    """Traces a retrofitted block's generated forward as written: SE blocks and squeeze_through stay calls."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=(squeeze_through,))
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, SEBlock) or super().is_leaf_module(m, qualname)
+
+
+def the_se_call(block: nn.Module) -> fx.Node:
+    """The one SE call node of a retrofitted block's generated forward (its graph is ``node.graph``)."""
+    calls = [n for n in _GeneratedForwardTracer().trace(block).nodes
+             if n.op == "call_module" and isinstance(block.get_submodule(n.target), SEBlock)]
+    if len(calls) != 1:
+        raise AssertionError(f"expected one SE call in the block, found {len(calls)}")
+    return calls[0]
 
 
 def assert_original_state_kept(original: nn.Module, retrofitted: nn.Module) -> None:

@@ -13,10 +13,10 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import se_retrofit
-from se_retrofit import SEBlock, SEConfig, SERetrofitWarning
+from se_retrofit import SEConfig, SERetrofitWarning
 from se_retrofit.se_block import squeeze_through
 
-from conftest import make_pretrained_like
+from conftest import make_pretrained_like, the_se_call
 
 
 class Bottleneck(nn.Module):
@@ -48,21 +48,6 @@ class Net(nn.Module):
 
 
 X = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(2))
-
-
-def _se_call(block: nn.Module) -> fx.Node:
-    class Leaf(fx.Tracer):
-        def __init__(self) -> None:
-            super().__init__(autowrap_functions=(squeeze_through,))  # record the call, as written
-
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, SEBlock) or super().is_leaf_module(m, qualname)
-
-    calls = [n for n in Leaf().trace(block).nodes
-             if n.op == "call_module" and isinstance(block.get_submodule(n.target), SEBlock)]
-    if len(calls) != 1:
-        raise AssertionError(f"expected one SE call, found {len(calls)}")
-    return calls[0]
 
 
 def _randomise_se(model: nn.Module, seed: int = 4) -> None:
@@ -114,7 +99,7 @@ def test_squeeze_through_declines_where_it_is_not_exact_or_not_cheaper():
 
 def test_bottleneck_gets_the_early_squeeze_and_keeps_its_function():
     early, plain = _pair(Net(Bottleneck(nn.Conv2d(8, 32, 1, bias=True), nn.BatchNorm2d(32))))
-    call = _se_call(early.block)
+    call = the_se_call(early.block)
     squeezed = call.kwargs["squeezed"]
     assert squeezed.target is squeeze_through, call.kwargs
     assert [a.target for a in squeezed.args[1:]] == ["conv3", "bn3"], squeezed.args
@@ -123,7 +108,7 @@ def test_bottleneck_gets_the_early_squeeze_and_keeps_its_function():
     assert order.index(squeezed) < order.index(conv3), "the squeeze must be taken before conv3 (z freed after it)"
     z = squeezed.args[0]
     assert all(order.index(u) <= order.index(conv3) for u in z.users), "z must not live past conv3"
-    assert "squeezed" not in _se_call(plain.block).kwargs, "early_squeeze=False must not hoist"
+    assert "squeezed" not in the_se_call(plain.block).kwargs, "early_squeeze=False must not hoist"
     with torch.no_grad():
         a, b = early(X), plain(X)
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), f"early squeeze changes the output by {(a - b).abs().max()}"
@@ -137,7 +122,7 @@ def test_bottleneck_gets_the_early_squeeze_and_keeps_its_function():
 ])
 def test_other_chains_average_the_se_input(conv3, bn3, why):
     early, plain = _pair(Net(Bottleneck(conv3, bn3)))
-    assert "squeezed" not in _se_call(early.block).kwargs, f"{why}: the squeeze must not be hoisted"
+    assert "squeezed" not in the_se_call(early.block).kwargs, f"{why}: the squeeze must not be hoisted"
     with torch.no_grad():
         assert torch.equal(early(X), plain(X))
 
@@ -159,7 +144,7 @@ def test_resnet_bottlenecks_keep_their_function(build):
     """In float64, so that the comparison sees the arithmetic and not float32 rounding amplified by
     16 random-weight gates (about 3e-4 relative in float32, 3e-13 in float64)."""
     early, plain = _pair(build())
-    assert all("squeezed" in _se_call(b).kwargs for b in early.layer1), "layer1 bottlenecks not hoisted"
+    assert all("squeezed" in the_se_call(b).kwargs for b in early.layer1), "layer1 bottlenecks not hoisted"
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with torch.no_grad():
         a, b = early.double()(x), plain.double()(x)

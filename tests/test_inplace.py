@@ -15,7 +15,7 @@ from se_retrofit import SEBlock, SEConfig, SERetrofitWarning
 from se_retrofit.augmented import iadd
 from se_retrofit.tracing import BlockTracer
 
-from conftest import make_pretrained_like
+from conftest import make_pretrained_like, the_se_call
 from models_custom import AddSpelling, Net
 
 X = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
@@ -65,18 +65,6 @@ def test_iadd_writes_into_tensors_and_returns_new_numbers():
     assert iadd(n, 1) == 3 and n == 2
 
 
-def _fused_call(block: nn.Module) -> fx.Node:
-    class Leaf(fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, SEBlock) or super().is_leaf_module(m, qualname)
-
-    calls = [n for n in Leaf().trace(block).nodes
-             if n.op == "call_module" and isinstance(block.get_submodule(n.target), SEBlock)]
-    if len(calls) != 1:
-        raise AssertionError(f"expected one SE call in the block, found {len(calls)}")
-    return calls[0]
-
-
 def _retrofit(spelling: str) -> nn.Module:
     """A one-block net (the same weights for every spelling) retrofitted with random SE weights."""
     torch.manual_seed(0)
@@ -93,7 +81,7 @@ def _retrofit(spelling: str) -> nn.Module:
 
 @pytest.mark.parametrize("spelling,inplace", [("iadd", True), ("plus", False), ("torch.add", False)])
 def test_only_an_in_place_original_lets_the_se_block_write_into_its_input(spelling, inplace):
-    call = _fused_call(_retrofit(spelling).blocks[0])
+    call = the_se_call(_retrofit(spelling).blocks[0])
     assert len(call.args) == 2, f"{spelling}: the add was not folded"
     assert call.kwargs.get("inplace", False) is inplace, f"{spelling}: inplace={call.kwargs} in the SE call"
 
