@@ -3,8 +3,8 @@
 fx's ``Proxy`` has no ``__iadd__``, so Python falls back to ``__add__`` and ``x += shortcut`` is
 recorded as ``x + shortcut``: the regenerated forward allocates a new feature map where the
 original wrote into ``x``, which on the CPU can cost as much as the SE blocks themselves, and it
-changes what aliases of ``x`` see. Our tracer records the
-augmented assignment as a call of ``iadd`` instead, which does exactly what the original line did.
+changes what aliases of ``x`` see. Our tracer records the augmented assignment as a call of ``iadd``
+instead, which does exactly what the original line did.
 
 fx's own ``operator.iadd`` node is not used: fx prints it as ``a += b; c = a``, which rebinds the
 name ``a`` and so changes the value later readers of a Python number see.
