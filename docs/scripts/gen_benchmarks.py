@@ -185,6 +185,7 @@ SUFFIXES = {"h100_host": "on the GPU machine's 16-core CPU", "h100_host_rerun": 
             "resnext50_32x4d": "ResNeXt-50 32x4d",
             "resnet50_settled": "ResNet-50, each timed forward after an untimed one",
             "resnet50_settled_81rounds": "ResNet-50, settled, 81 rounds",
+            "resnet50_tiny_input": "ResNet-50 at batch 1 and 32x32, where only the per-op overhead is left",
             "resnet50_settled_malloc_kept": "ResNet-50, settled, glibc malloc keeping freed memory"}
 
 
