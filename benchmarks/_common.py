@@ -90,6 +90,33 @@ def ratio_ci(num: list[float], den: list[float], paired: bool = False, samples: 
     return ratios[int(tail * samples)], ratios[min(samples - 1, int((1 - tail) * samples))]
 
 
+# Base models with a hand-written SE twin in timm, and the retrofits the scripts compare with it.
+PAIRS = {"resnet50": "seresnet50", "resnext50_32x4d": "seresnext50_32x4d"}
+RETROFITS = {"retrofitted": {}, "retrofitted, plain ops": {"fuse_add": False, "early_squeeze": False}}
+
+
+def se_models(base: str, only: str | None = None) -> dict[str, torch.nn.Module]:
+    """``base``, its hand-written SE twin and the RETROFITS (``init="paper"`` with the twin's weights, so
+    every SE model computes the same function), in eval mode; or just the one named ``only``."""
+    import warnings
+
+    import timm
+
+    import se_retrofit
+
+    hand = timm.create_model(PAIRS[base]).eval()
+    models = {"base": timm.create_model(base).eval(), "hand-written SE": hand}
+    for name, options in RETROFITS.items():
+        if only is not None and name != only:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = se_retrofit.SEConfig(init="paper", **options)
+            models[name] = se_retrofit.apply(timm.create_model(base), config).eval()
+        models[name].load_state_dict(hand.state_dict())
+    return {only: models[only]} if only else models
+
+
 def write(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -2,8 +2,8 @@
 
 Settings are what a GPU user runs: autocast (bfloat16 by default), channels_last, optionally
 ``torch.compile``. The retrofitted model uses ``init="paper"`` with seresnet50's weights, so both SE
-networks compute the same function; any gap is the cost of the rewrite. "unfused" is the
-retrofit with ``fuse_add=False`` (separate rescale and residual add, as the hand-written model). Configurations run
+networks compute the same function; any gap is the cost of the rewrite. "plain ops" is the retrofit
+with ``fuse_add=False, early_squeeze=False`` (the hand-written model's ops). Configurations run
 interleaved, ``--steps`` iterations each per round, and the figure per configuration is the median
 over ``--rounds`` rounds. Peak memory is ``torch.cuda.max_memory_allocated`` above what was allocated
 before the configuration's steps (its activations and gradients; weights and optimizer state excluded).
@@ -18,15 +18,14 @@ from typing import Callable
 
 import torch
 
-from _common import make_train_step, median, write
-from latency import build
+from _common import make_train_step, median, se_models, write
 
 TRAIN = {"resnet50 (base), all": ("base", "all"), "seresnet50 (timm), all": ("hand-written SE", "all"),
          "retrofitted resnet50, all": ("retrofitted", "all"),
-         "retro. resnet50 unfused, all": ("retrofitted, unfused", "all"),
+         "retro. resnet50 plain ops, all": ("retrofitted, plain ops", "all"),
          "retrofitted resnet50, se": ("retrofitted", "se")}
 INFER = {"resnet50 (base)": "base", "seresnet50 (timm)": "hand-written SE", "retrofitted resnet50": "retrofitted",
-         "retro. resnet50 unfused": "retrofitted, unfused"}
+         "retro. resnet50 plain ops": "retrofitted, plain ops"}
 
 
 def make_infer_step(model: torch.nn.Module, batch: int, size: int, dtype: torch.dtype | None,
@@ -75,12 +74,12 @@ def peak_memory_mib(fn: Callable[[], None]) -> float:
 
 
 def run(kind: str, args: argparse.Namespace, dtype: torch.dtype | None, compiled: bool) -> list[dict]:
-    models = build("resnet50", "seresnet50")
+    models = se_models("resnet50")
     batch = args.batch if kind == "train" else args.infer_batch
     steps: dict[str, Callable[[], None]] = {}
     if kind == "train":
         for name, (which, mode) in TRAIN.items():
-            model = models[which] if mode == "all" or which != "retrofitted" else build("resnet50", "seresnet50")[which]
+            model = models[which] if mode == "all" or which != "retrofitted" else se_models("resnet50", only=which)[which]
             if compiled:
                 model = torch.compile(model)
             steps[name] = make_train_step(model, mode, batch, args.size, "cuda", dtype, args.channels_last)

@@ -15,29 +15,10 @@ intervals over rounds for the ratios to the base model.
 from __future__ import annotations
 
 import argparse
-import warnings
 
-import timm
 import torch
 
-import se_retrofit
-from _common import interleaved, median, ratio_ci, write
-
-PAIRS = {"resnet50": "seresnet50", "resnext50_32x4d": "seresnext50_32x4d"}
-RETROFITS = {"retrofitted": {}, "retrofitted, plain ops": {"fuse_add": False, "early_squeeze": False}}
-
-
-def build(base: str, se_name: str) -> dict[str, torch.nn.Module]:
-    hand = timm.create_model(se_name).eval()
-    models = {"base": timm.create_model(base).eval(), "hand-written SE": hand}
-    for name, options in RETROFITS.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            config = se_retrofit.SEConfig(init="paper", **options)
-            models[name] = se_retrofit.apply(timm.create_model(base), config).eval()
-        models[name].load_state_dict(hand.state_dict())
-    return models
-
+from _common import PAIRS, interleaved, median, ratio_ci, se_models, write
 
 def summarise(base: str, mode: str, times: dict[str, list[float]]) -> dict:
     med = {k: median(v) for k, v in times.items()}
@@ -77,7 +58,7 @@ def main() -> None:
     x = torch.rand(args.batch, 3, args.size, args.size)
     rows = []
     for base in args.models:
-        models = build(base, PAIRS[base])
+        models = se_models(base)
         modes = [("eager", models)]
         if args.compile:
             modes.append(("compiled", {k: torch.compile(m) for k, m in models.items()}))

@@ -8,9 +8,9 @@ the rescale the difference between the SE model's ``addcmul`` (or ``mul``) and t
 residual ``add_``. That sum, over the base model's total op time, is SE's overhead measured from
 inside the forward, against the paper's 1.8 % (ResNet-50 on a CPU, 164 -> 167 ms).
 
-Models (``--model resnet50`` or ``resnext50_32x4d``): the base model; timm's SE twin; the retrofit as ``apply`` builds it; and the
-retrofit with ``fuse_add=False, early_squeeze=False`` (the hand-written block's ops). Each is
-profiled for ``--rounds`` forwards (batch 8 at 224 px, eval, ``inference_mode``) after warm-up.
+Models (``--model resnet50`` or ``resnext50_32x4d``): the base model; timm's SE twin; the retrofit
+as ``apply`` builds it; and the retrofit with ``fuse_add=False, early_squeeze=False`` (the
+hand-written block's ops). Each is profiled for ``--rounds`` forwards (batch 8 at 224 px, eval, ``inference_mode``) after warm-up.
 
     python benchmarks/se_overhead.py [--model resnet50] [--rounds 10] [--batch 8] [--size 224] [--threads N]
 """
@@ -20,16 +20,13 @@ import argparse
 import resource
 import subprocess
 import sys
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
-import timm
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import se_retrofit
-from _common import write
+from _common import PAIRS, se_models, write
 
 # Ops of the convolutional trunk: identical work in every model, the denominator's bulk.
 TRUNK = ("aten::mkldnn_convolution", "aten::native_batch_norm", "aten::max_pool2d_with_indices")
@@ -67,7 +64,7 @@ def page_faults(base: str, variant: str, x_shape: tuple[int, ...], threads: int)
 
 def _faults_here(base: str, variant: str, x_shape: tuple[int, ...], threads: int) -> int:
     torch.set_num_threads(threads)
-    model = build(base, only=variant)[variant]
+    model = se_models(base, only=variant)[variant]
     x = torch.rand(*x_shape)
     with torch.inference_mode():
         for _ in range(3):
@@ -89,29 +86,6 @@ def attribute(base: dict[str, float], other: dict[str, float]) -> dict[str, floa
     return dict(sorted(extra.items(), key=lambda kv: -abs(kv[1])))
 
 
-PAIRS = {"resnet50": "seresnet50", "resnext50_32x4d": "seresnext50_32x4d"}
-
-
-RETROFITS = {"retrofitted": {}, "retrofitted, plain ops": {"fuse_add": False, "early_squeeze": False}}
-
-
-def build(base: str, only: str | None = None) -> dict[str, torch.nn.Module]:
-    """The four models (or just ``only``), the SE ones with the same weights."""
-    hand = timm.create_model(PAIRS[base]).eval()
-    models = {"base": timm.create_model(base).eval(), "hand-written SE": hand}
-    if only in models:
-        return {only: models[only]}
-    for name, options in RETROFITS.items():
-        if only is not None and name != only:
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            models[name] = se_retrofit.apply(timm.create_model(base),
-                                             se_retrofit.SEConfig(init="paper", **options)).eval()
-        models[name].load_state_dict(hand.state_dict())
-    return {only: models[only]} if only else models
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
@@ -123,7 +97,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x = torch.rand(args.batch, 3, args.size, args.size)
-    models = build(args.model)
+    models = se_models(args.model)
     times = {name: op_times(model, x, args.rounds) for name, model in models.items()}
     faults = {name: page_faults(args.model, name, tuple(x.shape), args.threads) for name in models}
     base_total = sum(times["base"].values())
