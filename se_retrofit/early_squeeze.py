@@ -1,12 +1,13 @@
-"""Transformation: let an SE block take its squeeze from before the branch's last 1x1 conv and norm.
+"""Transformation: let an SE block take its squeeze (and ``fc1``) from before the branch's last 1x1 conv and norm.
 
 In a bottleneck the SE input is ``bn3(conv3(z))`` with ``conv3`` a 1x1 convolution that widens
 ``z`` four times. Averaging that wide map is one more pass over the largest tensor of the block, and
 on the CPU most of what SE costs at inference: the map has just been written and no longer sits in
-cache. Averaging ``z`` and mapping the average through ``conv3`` and ``bn3`` gives the same squeeze
-(`se_block.squeeze_through`, which also decides at run time whether that is exact and cheaper).
-Here a call ``squeeze_through(z, self.conv3, self.bn3)`` is put just before ``conv3`` and its result
-handed to the SE call as ``squeezed``: averaging ``z`` right there reads it while it is still in cache,
+cache. Averaging ``z`` and mapping the average through ``conv3`` and ``bn3`` gives the same squeeze,
+and without autograd ``fc1 . bn3 . conv3`` is one small folded map (`early_excitation.fc1_through`,
+which also decides at run time whether that is exact and cheaper). Here a call
+``fc1_through(z, self.conv3, self.bn3, self.se)`` is put just before ``conv3`` and its result handed
+to the SE call as ``hidden``: averaging ``z`` right there reads it while it is still in cache,
 and leaves ``z`` free to be released after ``conv3`` as before, so its memory is reused as in the
 original block (held until the SE call, it made every forward map fresh memory for it).
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from .se_block import squeeze_through
+from .early_excitation import fc1_through
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -59,7 +60,7 @@ def _is_pointwise_conv(conv: nn.Module, spatial_dims: int) -> bool:
 
 
 def hoist_squeezes(graph: fx.Graph, module: nn.Module, targets: set[str]) -> int:
-    """Hand ``squeezed=squeeze_through(z, conv, norm)`` to each SE call of ``targets`` whose input is
+    """Hand ``hidden=fc1_through(z, conv, norm, se)`` to each SE call of ``targets`` whose input is
     ``norm(conv(z))``; count them."""
     norms = _norm_types()
     hoisted = 0
@@ -76,7 +77,8 @@ def hoist_squeezes(graph: fx.Graph, module: nn.Module, targets: set[str]) -> int
         with graph.inserting_before(conv_node):
             conv_ref = graph.get_attr(conv_node.target)
             norm_ref = graph.get_attr(norm_node.target)
-            squeezed = graph.call_function(squeeze_through, (_single_input(conv_node), conv_ref, norm_ref))
-        se_node.kwargs = {**se_node.kwargs, "squeezed": squeezed}
+            se_ref = graph.get_attr(se_node.target)
+            hidden = graph.call_function(fc1_through, (_single_input(conv_node), conv_ref, norm_ref, se_ref))
+        se_node.kwargs = {**se_node.kwargs, "hidden": hidden}
         hoisted += 1
     return hoisted

@@ -12,12 +12,10 @@ Given the shortcut as ``residual``, the block also does the residual addition, a
 writes a temporary and an add that reads it back. In eager mode on the CPU that pass is most of
 what SE costs beyond the squeeze; ``apply`` uses it wherever the SE output goes straight into the add,
 and where the original wrote ``x += shortcut`` it writes into ``x`` as that line did (see ``forward``).
-Where ``x`` is the output of a 1x1 convolution and a batch norm, the squeeze can be taken from the
-convolution's narrower input (`squeeze_through`).
+Where ``x`` is the output of a 1x1 convolution and a batch norm, the squeeze and ``fc1`` can be
+computed from the convolution's narrower input (`early_excitation`).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.fx as fx
@@ -53,7 +51,7 @@ class SEBlock(nn.Module):
         self.fc2 = conv(hidden, channels, kernel_size=1, bias=True)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, inplace: bool = False,
-                squeezed: torch.Tensor | None = None) -> torch.Tensor:
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
         """``x * gate``, or ``residual + x * gate`` in one pass when given the residual's other operand.
 
         The excitation runs as two matrix products on the ``(N, C)`` squeeze with the 1x1 convolutions'
@@ -65,22 +63,23 @@ class SEBlock(nn.Module):
         ``no_grad``, frozen inputs); under autograd the gate's gradient reads ``x``, so the sum goes to a
         new tensor.
 
-        ``squeezed``, when not None, is the squeeze already computed by the caller: ``apply`` passes
-        `squeeze_through` of a bottleneck's ``conv3`` input (`early_squeeze`), which is None where it
-        does not apply.
+        ``hidden``, when not None, is ``fc1``'s output already computed by the caller: ``apply`` passes
+        `~se_retrofit.early_excitation.fc1_through` of a bottleneck's ``conv3`` input (`early_squeeze`),
+        which is None where it does not apply.
+
+        The gain goes into ``addcmul``'s scalar rather than into the gate: one op fewer per block, and
+        the same bits where the gain is a power of two (scaling by it is exact), as identity init's 2 is.
         """
-        s = x.mean(self._dims) if squeezed is None else squeezed
-        s = F.linear(s, self.fc1.weight.flatten(1), self.fc1.bias)
-        s = F.linear(self.act(s), self.fc2.weight.flatten(1), self.fc2.bias)
+        if hidden is None:
+            hidden = F.linear(x.mean(self._dims), self.fc1.weight.flatten(1), self.fc1.bias)
+        s = F.linear(self.act(hidden), self.fc2.weight.flatten(1), self.fc2.bias)
         gate = torch.sigmoid(s)
-        if self.gain != 1.0:
-            gate = gate * self.gain
         gate = gate.view(gate.shape + (1,) * self.spatial_dims)
         if residual is None:
-            return x * gate
+            return x * (gate * self.gain if self.gain != 1.0 else gate)
         if inplace and self._may_overwrite(x, residual, gate):
-            return torch.addcmul(residual, x, gate, out=x)
-        return torch.addcmul(residual, x, gate)
+            return torch.addcmul(residual, x, gate, value=self.gain, out=x)
+        return torch.addcmul(residual, x, gate, value=self.gain)
 
     @staticmethod
     def _may_overwrite(x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor) -> bool:
@@ -107,41 +106,6 @@ class SEBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, hidden={self.hidden}, spatial_dims={self.spatial_dims}, gain={self.gain:g}"
-
-
-def _uses_running_stats(norm: nn.Module) -> bool:
-    """Whether ``norm`` normalises with its running statistics, i.e. is a fixed per-channel affine map."""
-    if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training:
-        return False
-    # track_running_stats=False: batch statistics even in eval mode
-    return norm.running_mean is not None and norm.running_var is not None
-
-
-def squeeze_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.Tensor | None:
-    """The squeeze of ``norm(conv(z))`` computed from ``z``, or None where it must come from the output.
-
-    Averaging commutes with a 1x1 convolution (the same linear map at every position) and with a batch
-    norm using running statistics (a per-channel affine map), so the mean of ``norm(conv(z))`` is
-    ``norm(conv(mean(z)))`` exactly, up to rounding. In a bottleneck ``z`` has a quarter of the
-    channels, so the squeeze reads a quarter of the memory; the price is reading ``conv``'s weight
-    again, so it is done only where one image's map is the larger read (the choice does not depend on
-    the batch size, so neither do the outputs' last bits).
-
-    None, and the block averages ``x``: in training mode (batch norm then normalises with statistics
-    of the very batch, which are not known here); under ``torch.jit.trace`` (a trace would fix this
-    choice for every later input, and the MAC report costs the paper's block); under ``torch.compile``
-    / ``torch.export``, which see the plain SE ops and fuse them themselves, with no guard on the
-    input's size; and under fx symbolic tracing, which has no values to decide with.
-    """
-    if (isinstance(z, fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or not _uses_running_stats(norm)):
-        return None
-    weight = conv.weight.flatten(1)
-    out_channels, in_channels = weight.shape
-    if math.prod(z.shape[2:]) * (out_channels - in_channels) <= weight.numel():
-        return None
-    s = F.linear(z.mean(tuple(range(2, z.dim()))), weight, conv.bias)
-    return F.batch_norm(s, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
 
 
 def hidden_width(channels: int, reduction: float, divisor: int = 8, min_hidden: int = 8) -> int:

@@ -64,13 +64,16 @@ def se_input_shapes(model: nn.Module, shape: tuple[int, ...]) -> dict[str, tuple
     return seen
 
 
-def gate_macs(block: SEBlock, shape: tuple[int, ...]) -> int:
-    """Squeeze (one add per input element), gate (sigmoid, and the gain when it is not 1), rescale."""
+def gate_macs(block: SEBlock, shape: tuple[int, ...], adds_residual: bool = True) -> int:
+    """Squeeze (one add per input element), gate (sigmoid, and the gain when it is not 1), rescale.
+
+    A block that does the residual add applies the gain as ``addcmul``'s scalar: no op of its own.
+    """
     n, c = shape[0], shape[1]
     elements = 1
     for d in shape:
         elements *= d
-    return elements + n * c + (n * c if block.gain != 1.0 else 0) + elements
+    return elements + n * c + (n * c if block.gain != 1.0 and not adds_residual else 0) + elements
 
 
 def conv_macs(block: SEBlock, shape: tuple[int, ...]) -> int:
@@ -148,9 +151,9 @@ def test_original_count_is_fvcore_default_even_with_gate_like_ops_outside_se():
     rep = report(original, se_model, input_size=shape)
     assert rep.macs_before == fvcore_default(original, shape), "ops outside SE blocks must be counted as fvcore does"
     (block,) = rep.blocks
-    expected = fvcore_default(se_model, shape) + gate_macs(se_model.se, (1, 16, 8, 8))
+    expected = fvcore_default(se_model, shape) + gate_macs(se_model.se, (1, 16, 8, 8), adds_residual=False)
     assert rep.macs_after == expected, f"only the SE block's gate ops may be added: {rep.macs_after:,} != {expected:,}"
-    assert block.macs == conv_macs(se_model.se, shape) + gate_macs(se_model.se, (1, 16, 8, 8))
+    assert block.macs == conv_macs(se_model.se, shape) + gate_macs(se_model.se, (1, 16, 8, 8), adds_residual=False)
     for op in ("aten::sigmoid", "aten::mean"):
         assert rep.unsupported_ops.get(op) == 1, (
             f"{op} outside the SE block should be listed once: {rep.unsupported_ops}")

@@ -1,0 +1,129 @@
+"""Run time of the early squeeze: an SE block's first layer computed from a bottleneck's ``conv3`` input.
+
+Where the SE input is ``norm(conv(z))`` with ``conv`` a 1x1 convolution and ``norm`` a batch norm
+using running statistics, both are the same affine map at every position, so they commute with the
+average: ``mean(norm(conv(z))) = norm(conv(mean(z)))``, and the squeeze can be taken from ``z``,
+which in a bottleneck has a quarter of the channels (`squeeze_through`).
+
+Without autograd (inference) the maps go further: ``fc1``, ``norm`` and ``conv`` are three affine
+maps in a row, so ``fc1(norm(conv(m)))`` is one affine map ``W' m + b'`` with ``W' = W1 diag(s) W3``,
+``hidden x in_channels``: a sixteenth of ``fc1``'s weight and none of ``conv``'s to read per forward.
+`fc1_through` uses it, folded once in float64 and cached on the SE block until any of the tensors
+it was folded from changes (version counter) or is replaced (identity, storage).
+"""
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+# SE block -> (weak references to the tensors folded, their fingerprint, the folded map). Kept off the
+# module so that pickling and deep-copying a model never carry it (weak references do not pickle).
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _uses_running_stats(norm: nn.Module) -> bool:
+    """Whether ``norm`` normalises with its running statistics, i.e. is a fixed per-channel affine map."""
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training:
+        return False
+    # track_running_stats=False: batch statistics even in eval mode
+    return norm.running_mean is not None and norm.running_var is not None
+
+
+def _declines(z: torch.Tensor, norm: nn.Module) -> bool:
+    """Where the early squeeze must not run: not exact (batch statistics), or inside a tracer.
+
+    ``torch.jit.trace`` would fix this run-time choice for every later input (and the MAC report
+    costs the paper's block); ``torch.compile`` / ``torch.export`` see the plain SE ops and fuse them
+    themselves, with no guard on the input's size; fx symbolic tracing has no values to decide with.
+    """
+    return (isinstance(z, fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or not _uses_running_stats(norm))
+
+
+def squeeze_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.Tensor | None:
+    """The squeeze of ``norm(conv(z))`` computed from ``z``, or None where it must come from the output.
+
+    This is the autograd-friendly form (gradients reach ``conv`` and ``norm`` as through the plain
+    squeeze). Its price is reading ``conv``'s weight again, so it is taken only where one image's map
+    is the larger read (the choice does not depend on the batch size, so neither do the outputs'
+    last bits). None also where `_declines`.
+    """
+    if _declines(z, norm):
+        return None
+    weight = conv.weight.flatten(1)
+    out_channels, in_channels = weight.shape
+    if math.prod(z.shape[2:]) * (out_channels - in_channels) <= weight.numel():
+        return None
+    s = F.linear(z.mean(tuple(range(2, z.dim()))), weight, conv.bias)
+    return F.batch_norm(s, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+
+
+def fc1_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: nn.Module) -> torch.Tensor | None:
+    """``se.fc1`` of the squeeze of ``norm(conv(z))``, computed from ``z``; None where the SE block
+    must average its input itself.
+
+    When autograd needs none of the tensors involved, this is one small matrix product on ``mean(z)``
+    with the folded weight (see the module docstring), for every bottleneck with ``conv`` widening;
+    otherwise `squeeze_through` and ``fc1``, under its rule.
+    """
+    if _declines(z, norm):
+        return None
+    fc1 = se.fc1
+    tensors = (fc1.weight, fc1.bias, conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean,
+               norm.running_var)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z, *tensors)):
+        s = squeeze_through(z, conv, norm)
+        return None if s is None else F.linear(s, fc1.weight.flatten(1), fc1.bias)
+    folded = _folded(se, tensors, norm.eps)
+    if folded is None:
+        return None
+    weight_t, bias = folded
+    return torch.addmm(bias, z.mean(tuple(range(2, z.dim()))), weight_t)
+
+
+def _fingerprint(tensors: tuple[torch.Tensor | None, ...], eps: float) -> tuple | None:
+    """What the folded map depends on: each tensor's storage, version and type; None if untrackable."""
+    try:
+        return (eps, *((None if t is None else (t.data_ptr(), t._version, t.dtype, t.device)) for t in tensors))
+    except RuntimeError:  # inference tensors (made under torch.inference_mode) have no version counter
+        return None
+
+
+def _folded(se: nn.Module, tensors: tuple[torch.Tensor | None, ...], eps: float
+            ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(W'^T, b')`` for ``fc1(norm(conv(m))) = m W'^T + b'``, from the cache or folded now.
+
+    None where ``conv`` does not widen (averaging its input would read no less) or the tensors cannot
+    be tracked for changes.
+    """
+    w1, b1, w3, b3, gamma, beta, mean, var = tensors
+    if w3.shape[0] <= w3.shape[1]:
+        return None
+    key = _fingerprint(tensors, eps)
+    if key is None:
+        return None
+    cached = _CACHE.get(se)
+    if cached is not None:
+        refs, cached_key, folded = cached
+        if cached_key == key and all((r is None and t is None) or (r is not None and r() is t)
+                                     for r, t in zip(refs, tensors)):
+            return folded
+    wide = torch.float32 if w3.device.type == "mps" else torch.float64  # MPS has no float64
+    with torch.inference_mode(False), torch.no_grad():
+        f64 = [None if t is None else t.detach().to(wide) for t in tensors]
+        w1, b1, w3, b3, gamma, beta, mean, var = f64
+        scale = torch.rsqrt(var + eps) * (1.0 if gamma is None else gamma)
+        shift = (0.0 if beta is None else beta) - mean * scale
+        w1 = w1.flatten(1)
+        weight = (w1 * scale) @ w3.flatten(1)
+        bias = w1 @ (shift + (0.0 if b3 is None else b3 * scale)) + (0.0 if b1 is None else b1)
+        dtype = tensors[0].dtype
+        folded = (weight.t().contiguous().to(dtype), bias.to(dtype))
+    refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+    _CACHE[se] = (refs, key, folded)
+    return folded

@@ -1,0 +1,132 @@
+"""fc1 folded through a bottleneck's conv3 and bn3: exact, and never stale when a tensor it came from changes."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from se_retrofit import SEBlock
+from se_retrofit.early_excitation import fc1_through, squeeze_through
+
+from conftest import make_pretrained_like
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def _parts(spatial_dims: int = 2, cin: int = 8, cout: int = 32, bias: bool = True, norm: nn.Module | None = None,
+           dtype: torch.dtype = torch.float64) -> tuple[nn.Module, nn.Module, SEBlock, torch.Tensor]:
+    torch.manual_seed(3)
+    conv = _CONV[spatial_dims](cin, cout, 1, bias=bias)
+    norm = make_pretrained_like(norm if norm is not None else _NORM[spatial_dims](cout)).eval()
+    se = SEBlock(cout, 8, spatial_dims=spatial_dims)
+    z = torch.randn(3, cin, *(6,) * spatial_dims)
+    return conv.to(dtype), norm.to(dtype), se.to(dtype), z.to(dtype)
+
+
+def _reference(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock) -> torch.Tensor:
+    x = norm(conv(z))
+    return se.fc1(x.mean(tuple(range(2, x.dim())), keepdim=True)).flatten(1)
+
+
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3])
+@pytest.mark.parametrize("bias", [True, False], ids=["conv-bias", "no-conv-bias"])
+def test_folded_fc1_equals_fc1_of_the_squeeze(spatial_dims, bias):
+    conv, norm, se, z = _parts(spatial_dims, bias=bias)
+    with torch.no_grad():
+        got, want = fc1_through(z, conv, norm, se), _reference(z, conv, norm, se)
+    assert got is not None, "a widening 1x1 conv with an eval batch norm must take the folded path"
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), f"folded fc1 off by {(got - want).abs().max():.2e}"
+
+
+def test_frozen_and_non_affine_norms_fold_exactly():
+    for norm in (FrozenBatchNorm2d(32), nn.BatchNorm2d(32, affine=False)):
+        conv, norm, se, z = _parts(norm=norm)
+        with torch.no_grad():
+            got = fc1_through(z, conv, norm, se)
+            assert torch.allclose(got, _reference(z, conv, norm, se), rtol=1e-12, atol=1e-12), type(norm).__name__
+
+
+def test_the_fold_follows_every_change_to_the_tensors_it_came_from():
+    conv, norm, se, z = _parts()
+    changes = {
+        "conv weight in place": lambda: conv.weight.mul_(1.5),
+        "bn running mean in place": lambda: norm.running_mean.add_(0.3),
+        "bn eps": lambda: setattr(norm, "eps", 0.1),
+        "fc1 bias in place": lambda: se.fc1.bias.sub_(0.2),
+        "fc1 weight replaced": lambda: setattr(se.fc1, "weight", nn.Parameter(torch.randn_like(se.fc1.weight))),
+        "conv weight .data swapped": lambda: setattr(conv.weight, "data", torch.randn_like(conv.weight)),
+        "bn loaded from a state dict": lambda: norm.load_state_dict(
+            {k: v + 0.5 if v.is_floating_point() else v for k, v in norm.state_dict().items()}),
+    }
+    with torch.no_grad():
+        fc1_through(z, conv, norm, se)
+        for what, change in changes.items():
+            change()
+            got, want = fc1_through(z, conv, norm, se), _reference(z, conv, norm, se)
+            assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), f"stale fold after: {what}"
+
+
+def test_a_dtype_change_refolds():
+    conv, norm, se, z = _parts(dtype=torch.float32)
+    with torch.no_grad():
+        fc1_through(z, conv, norm, se)
+        for m in (conv, norm, se):
+            m.double()
+        got = fc1_through(z.double(), conv, norm, se)
+    assert got.dtype == torch.float64, got.dtype
+
+
+def test_autograd_takes_the_plain_chain_and_reaches_conv_and_norm():
+    conv, norm, se, z = _parts()
+    got = fc1_through(z, conv, norm, se)
+    want = _reference(z, conv, norm, se)
+    assert got.requires_grad, "with parameters needing grad the result must carry the graph"
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    got.sum().backward()
+    assert conv.weight.grad is not None and norm.weight.grad is not None, "no gradient reached conv3 / bn3"
+
+
+def test_declines_where_not_exact_or_not_cheaper():
+    conv, norm, se, z = _parts()
+    with torch.no_grad():
+        assert fc1_through(z, conv, norm.train(), se) is None, "training mode normalises with batch statistics"
+        narrowing = _parts(cin=32, cout=16)
+        narrow_se = SEBlock(16, 8).double()
+        assert fc1_through(narrowing[3], narrowing[0], _NORM[2](16).double().eval(), narrow_se) is None, \
+            "a narrowing conv's input is no cheaper to average"
+
+
+def test_parameters_made_under_inference_mode_fall_back_to_the_plain_squeeze():
+    """Inference tensors have no version counter, so a fold of them could not be kept up to date."""
+    with torch.inference_mode():
+        conv, norm, se, z = _parts()
+        assert fc1_through(z, conv, norm, se) is None
+
+
+def test_a_model_that_ran_pickles_and_deep_copies_without_the_cache():
+    conv, norm, se, z = _parts()
+    model = nn.ModuleDict({"conv": conv, "norm": norm, "se": se})
+    with torch.no_grad():
+        want = fc1_through(z, conv, norm, se)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin["conv"].weight.mul_(2)
+        assert torch.equal(fc1_through(z, loaded["conv"], loaded["norm"], loaded["se"]), want)
+        assert torch.allclose(fc1_through(z, twin["conv"], twin["norm"], twin["se"]),
+                              _reference(z, twin["conv"], twin["norm"], twin["se"]), rtol=1e-12, atol=1e-12)
+        assert torch.equal(fc1_through(z, conv, norm, se), want), "changing a deep copy changed the original"
+
+
+def test_squeeze_through_keeps_its_batch_independent_rule():
+    conv = nn.Conv2d(16, 64, 1)
+    for n in (1, 64):
+        assert squeeze_through(torch.randn(n, 16, 4, 4), conv, nn.BatchNorm2d(64).eval()) is None
