@@ -10,13 +10,16 @@ inside the forward, against the paper's 1.8 % (ResNet-50 on a CPU, 164 -> 167 ms
 
 Models (``--model resnet50`` or ``resnext50_32x4d``): the base model; timm's SE twin; the retrofit
 as ``apply`` builds it; and the retrofit with ``fuse_add=False, early_squeeze=False`` (the
-hand-written block's ops). Each is profiled for ``--rounds`` forwards (batch 8 at 224 px, eval, ``inference_mode``) after warm-up.
+hand-written block's ops). Batch 8 at 224 px, eval, ``inference_mode``; ``--rounds`` interleaved
+rounds of one profiled forward per model (`op_times_by_round`); the figures are medians over rounds
+and SE / base comes with a bootstrap 95 % interval of its per-round values.
 
-    python benchmarks/se_overhead.py [--model resnet50] [--rounds 10] [--batch 8] [--size 224] [--threads N]
+    python benchmarks/se_overhead.py [--model resnet50] [--rounds 15] [--batch 8] [--size 224] [--threads N]
 """
 from __future__ import annotations
 
 import argparse
+import random
 import resource
 import subprocess
 import sys
@@ -26,24 +29,40 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from _common import PAIRS, se_models, write
+from _common import PAIRS, median, ratio_ci, se_models, write
 
 # Ops of the convolutional trunk: identical work in every model, the denominator's bulk.
 TRUNK = ("aten::mkldnn_convolution", "aten::native_batch_norm", "aten::max_pool2d_with_indices")
 
 
-def op_times(model: torch.nn.Module, x: torch.Tensor, rounds: int) -> dict[str, float]:
-    """Self CPU seconds per op name, per forward."""
+def op_times_by_round(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int
+                      ) -> dict[str, list[dict[str, float]]]:
+    """Self CPU seconds per op name of one forward, per model and round.
+
+    The models take turns, one profiled forward each per round in a new (seeded) order, each after an
+    untimed one (as ``latency.py --settle 1``): a slow spell of the machine then hits the base model
+    and the SE models of the same round alike, and the per-round ratios cancel it. Profiling the
+    models one after the other, ten forwards each, gave 1.0 % in one run and 2.4 % in the next for
+    the same code on this shared 2-core machine.
+    """
+    rng = random.Random(0)
+    times: dict[str, list[dict[str, float]]] = {name: [] for name in models}
     with torch.inference_mode():
-        model(x)
-        model(x)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(rounds):
-                model(x)
-    times: dict[str, float] = defaultdict(float)
-    for event in prof.key_averages():
-        times[event.key] += event.self_cpu_time_total / 1e6 / rounds
-    return dict(times)
+        for model in models.values():
+            model(x)
+            model(x)
+        for _ in range(rounds):
+            order = list(models)
+            rng.shuffle(order)
+            for name in order:
+                models[name](x)
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    models[name](x)
+                per_op: dict[str, float] = defaultdict(float)
+                for event in prof.key_averages():
+                    per_op[event.key] += event.self_cpu_time_total / 1e6
+                times[name].append(dict(per_op))
+    return times
 
 
 def page_faults(base: str, variant: str, x_shape: tuple[int, ...], threads: int) -> int:
@@ -88,7 +107,7 @@ def attribute(base: dict[str, float], other: dict[str, float]) -> dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -98,25 +117,33 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     x = torch.rand(args.batch, 3, args.size, args.size)
     models = se_models(args.model)
-    times = {name: op_times(model, x, args.rounds) for name, model in models.items()}
+    times = op_times_by_round(models, x, args.rounds)
     faults = {name: page_faults(args.model, name, tuple(x.shape), args.threads) for name in models}
-    base_total = sum(times["base"].values())
-    base_rest = base_total - sum(times["base"].get(op, 0.0) for op in TRUNK)
+    base_totals = [sum(t.values()) for t in times["base"]]
+    base_total = median(base_totals)
+    base_rest = median([total - sum(t.get(op, 0.0) for op in TRUNK) for t, total in zip(times["base"], base_totals)])
     rows = []
     for name in ("hand-written SE", "retrofitted", "retrofitted, plain ops"):
-        extra = attribute(times["base"], times[name])
-        rows.append({"model": name, "total_s": sum(times[name].values()), "se_s": sum(extra.values()),
-                     "se_over_base_total": sum(extra.values()) / base_total, "by_op_s": extra,
-                     "page_faults_per_forward": faults[name]})
+        extras = [attribute(b, t) for b, t in zip(times["base"], times[name])]
+        se_s = [sum(e.values()) for e in extras]
+        ops = {op for e in extras for op in e}
+        by_op = {op: median([e.get(op, 0.0) for e in extras]) for op in ops}
+        by_op = {op: t for op, t in sorted(by_op.items(), key=lambda kv: -abs(kv[1])) if abs(t) >= 1e-5}
+        rows.append({"model": name, "total_s": median([sum(t.values()) for t in times[name]]), "se_s": median(se_s),
+                     "se_over_base_total": median([s / b for s, b in zip(se_s, base_totals)]),
+                     "se_over_base_ci95": ratio_ci(se_s, base_totals, paired=True),
+                     "se_over_base_per_round": [s / b for s, b in zip(se_s, base_totals)],
+                     "by_op_s": by_op, "page_faults_per_forward": faults[name]})
     print(f"batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, "
-          f"{args.rounds} profiled forwards each; base {args.model}: {base_total * 1e3:.1f} ms of op time "
+          f"{args.rounds} interleaved rounds, medians; base {args.model}: {base_total * 1e3:.1f} ms of op time "
           f"({base_rest * 1e3:.1f} ms outside conv/bn/max-pool)")
     print(f"page faults per forward, base model: {faults['base']:.0f}")
-    print(f"{'model':<24}{'total ms':>9}{'SE ops ms':>10}{'SE / base':>10}{'faults':>8}  largest")
+    print(f"{'model':<24}{'total ms':>9}{'SE ops ms':>10}{'SE / base':>10}{'95% CI':>16}{'faults':>8}  largest")
     for r in rows:
         top = ", ".join(f"{op.removeprefix('aten::')} {t * 1e3:+.1f}" for op, t in list(r["by_op_s"].items())[:4])
+        lo, hi = r["se_over_base_ci95"]
         print(f"{r['model']:<24}{r['total_s'] * 1e3:>9.1f}{r['se_s'] * 1e3:>10.2f}{r['se_over_base_total']:>10.2%}"
-              f"{r['page_faults_per_forward']:>8.0f}  {top}")
+              f"{f'[{lo:.2%}, {hi:.2%}]':>16}{r['page_faults_per_forward']:>8.0f}  {top}")
     name = args.name or ("se_overhead" if args.model == "resnet50" else f"se_overhead_{args.model}")
     print("written", write(name, {"model": args.model, "batch": args.batch, "size": args.size, "rounds": args.rounds,
                                   "base_total_s": base_total, "base_outside_trunk_s": base_rest,

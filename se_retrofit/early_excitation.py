@@ -10,9 +10,17 @@ maps in a row, so ``fc1(norm(conv(m)))`` is one affine map ``W' m + b'`` with ``
 ``hidden x in_channels``: a sixteenth of ``fc1``'s weight and none of ``conv``'s to read per forward.
 `fc1_through` uses it, folded once in float64 and cached on the SE block until any of the tensors
 it was folded from changes (version counter) or is replaced (identity, storage).
+
+Only modules whose arithmetic is known qualify: ``nn.Conv1d/2d/3d`` of kernel 1, stride 1, no padding,
+one group, and ``nn.BatchNorm1d/2d/3d`` or torchvision's ``FrozenBatchNorm2d`` (exact types: a subclass
+may compute something else). `early_squeeze` checks them when it rewrites the graph, and the functions
+here check them again on every call, because the modules can be replaced afterwards: a deployment
+step that fuses ``conv3`` and ``bn3`` leaves ``nn.Identity`` where ``bn3`` was, and the SE block then
+averages its input as usual.
 """
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 
@@ -26,22 +34,56 @@ from torch import nn
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@functools.cache
+def norm_types() -> tuple[type, ...]:
+    """The norms whose eval-mode arithmetic is a known per-channel affine map."""
+    norms: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    try:
+        from torchvision.ops.misc import FrozenBatchNorm2d
+    except ImportError:
+        return norms
+    return (*norms, FrozenBatchNorm2d)
+
+
+def is_pointwise_conv(conv: nn.Module, spatial_dims: int) -> bool:
+    """An exact ``nn.ConvNd`` that is the same linear map at every position: kernel 1, stride 1, no
+    padding, one group."""
+    if type(conv) not in _CONVS:
+        return False
+    weight = _tensor(conv, "weight")
+    return (weight is not None and weight.dim() == spatial_dims + 2 and conv.groups == 1
+            and all(k == 1 for k in conv.kernel_size) and all(s == 1 for s in conv.stride)
+            and (conv.padding == "valid" or all(p == 0 for p in conv.padding)))
+
+
+def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    """A parameter or buffer of ``module``, without ``nn.Module.__getattr__`` (a few microseconds per
+    lookup, which this per-forward path would pay a dozen times per block)."""
+    found = module._parameters.get(name)
+    return module._buffers.get(name) if found is None else found
+
+
 def _uses_running_stats(norm: nn.Module) -> bool:
     """Whether ``norm`` normalises with its running statistics, i.e. is a fixed per-channel affine map."""
     if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training:
         return False
     # track_running_stats=False: batch statistics even in eval mode
-    return norm.running_mean is not None and norm.running_var is not None
+    return _tensor(norm, "running_mean") is not None and _tensor(norm, "running_var") is not None
 
 
-def _declines(z: torch.Tensor, norm: nn.Module) -> bool:
-    """Where the early squeeze must not run: not exact (batch statistics), or inside a tracer.
+def _declines(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> bool:
+    """Where the early squeeze must not run: not exact (batch statistics, modules not of the known
+    kinds), or inside a tracer.
 
     ``torch.jit.trace`` would fix this run-time choice for every later input (and the MAC report
     costs the paper's block); ``torch.compile`` / ``torch.export`` see the plain SE ops and fuse them
     themselves, with no guard on the input's size; fx symbolic tracing has no values to decide with.
     """
     return (isinstance(z, fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or type(norm) not in norm_types() or not is_pointwise_conv(conv, z.dim() - 2)
             or not _uses_running_stats(norm))
 
 
@@ -53,7 +95,7 @@ def squeeze_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.
     is the larger read (the choice does not depend on the batch size, so neither do the outputs'
     last bits). None also where `_declines`.
     """
-    if _declines(z, norm):
+    if _declines(z, conv, norm):
         return None
     weight = conv.weight.flatten(1)
     out_channels, in_channels = weight.shape
@@ -71,12 +113,13 @@ def fc1_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: nn.Module
     with the folded weight (see the module docstring), for every bottleneck with ``conv`` widening;
     otherwise `squeeze_through` and ``fc1``, under its rule.
     """
-    if _declines(z, norm):
+    if _declines(z, conv, norm):
         return None
     fc1 = se.fc1
-    tensors = (fc1.weight, fc1.bias, conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean,
-               norm.running_var)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z, *tensors)):
+    tensors = (_tensor(fc1, "weight"), _tensor(fc1, "bias"), _tensor(conv, "weight"), _tensor(conv, "bias"),
+               _tensor(norm, "weight"), _tensor(norm, "bias"), _tensor(norm, "running_mean"),
+               _tensor(norm, "running_var"))
+    if torch.is_grad_enabled() and (z.requires_grad or any(t is not None and t.requires_grad for t in tensors)):
         s = squeeze_through(z, conv, norm)
         return None if s is None else F.linear(s, fc1.weight.flatten(1), fc1.bias)
     folded = _folded(se, tensors, norm.eps)

@@ -11,27 +11,15 @@ to the SE call as ``hidden``: averaging ``z`` right there reads it while it is s
 and leaves ``z`` free to be released after ``conv3`` as before, so its memory is reused as in the
 original block (held until the SE call, it made every forward map fresh memory for it).
 
-Only modules whose arithmetic is known qualify: ``nn.Conv1d/2d/3d`` of kernel 1, stride 1, no
-padding, one group, and ``nn.BatchNorm1d/2d/3d`` or torchvision's ``FrozenBatchNorm2d`` (exact
-types: a subclass may compute something else), with only ``nn.Identity`` modules between them.
+Only modules whose arithmetic is known qualify (`early_excitation.is_pointwise_conv` and
+`early_excitation.norm_types`; checked again at run time), with only ``nn.Identity`` modules between them.
 """
 from __future__ import annotations
 
 import torch.fx as fx
 from torch import nn
 
-from .early_excitation import fc1_through
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def _norm_types() -> tuple[type, ...]:
-    try:
-        from torchvision.ops.misc import FrozenBatchNorm2d
-    except ImportError:
-        return _NORMS
-    return (*_NORMS, FrozenBatchNorm2d)
+from .early_excitation import fc1_through, is_pointwise_conv, norm_types
 
 
 def _single_input(node: fx.Node) -> fx.Node | None:
@@ -53,16 +41,10 @@ def _producer(node: fx.Node, module: nn.Module) -> tuple[fx.Node, nn.Module] | N
     return None
 
 
-def _is_pointwise_conv(conv: nn.Module, spatial_dims: int) -> bool:
-    return (type(conv) in _CONVS and conv.weight.dim() == spatial_dims + 2 and conv.groups == 1
-            and all(k == 1 for k in conv.kernel_size) and all(s == 1 for s in conv.stride)
-            and (conv.padding == "valid" or all(p == 0 for p in conv.padding)))
-
-
 def hoist_squeezes(graph: fx.Graph, module: nn.Module, targets: set[str]) -> int:
     """Hand ``hidden=fc1_through(z, conv, norm, se)`` to each SE call of ``targets`` whose input is
     ``norm(conv(z))``; count them."""
-    norms = _norm_types()
+    norms = norm_types()
     hoisted = 0
     for se_node in [n for n in graph.nodes if n.op == "call_module" and n.target in targets]:
         spatial_dims = module.get_submodule(se_node.target).spatial_dims
@@ -71,7 +53,7 @@ def hoist_squeezes(graph: fx.Graph, module: nn.Module, targets: set[str]) -> int
             continue
         norm_node = found[0]
         found = _producer(_single_input(norm_node), module)
-        if found is None or not _is_pointwise_conv(found[1], spatial_dims) or _single_input(found[0]) is None:
+        if found is None or not is_pointwise_conv(found[1], spatial_dims) or _single_input(found[0]) is None:
             continue
         conv_node = found[0]
         with graph.inserting_before(conv_node):

@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from se_retrofit import SEBlock
-from se_retrofit.early_excitation import fc1_through, squeeze_through
+from se_retrofit.early_excitation import fc1_through
 
 from conftest import make_pretrained_like
 
@@ -125,8 +125,3 @@ def test_a_model_that_ran_pickles_and_deep_copies_without_the_cache():
                               _reference(z, twin["conv"], twin["norm"], twin["se"]), rtol=1e-12, atol=1e-12)
         assert torch.equal(fc1_through(z, conv, norm, se), want), "changing a deep copy changed the original"
 
-
-def test_squeeze_through_keeps_its_batch_independent_rule():
-    conv = nn.Conv2d(16, 64, 1)
-    for n in (1, 64):
-        assert squeeze_through(torch.randn(n, 16, 4, 4), conv, nn.BatchNorm2d(64).eval()) is None

@@ -188,3 +188,15 @@ def test_compile_and_export_see_the_plain_squeeze():
             want = plain(x)
             assert torch.equal(compiled(x), want), "compiled early-squeeze model differs from the plain one"
             assert torch.equal(program.module()(x), want), "exported early-squeeze model differs from the plain one"
+
+
+def test_fusing_conv3_and_bn3_after_apply_falls_back_to_the_plain_squeeze():
+    """Deployment often fuses each conv with its batch norm, leaving nn.Identity where bn3 was: the
+    hoisted call still names ``self.bn3`` and must then let the SE block average its input."""
+    early, plain = _pair(Net(Bottleneck(nn.Conv2d(8, 32, 1), nn.BatchNorm2d(32))))
+    for model in (early, plain):
+        model.block.conv3 = torch.nn.utils.fusion.fuse_conv_bn_eval(model.block.conv3, model.block.bn3)
+        model.block.bn3 = nn.Identity()
+    with torch.no_grad():
+        a, b = early(X), plain(X)
+    assert torch.equal(a, b), f"after fusion the early-squeeze model differs by {(a - b).abs().max()}"

@@ -24,7 +24,6 @@ from torchvision.models.video.resnet import BasicBlock as VideoBasicBlock
 from torchvision.ops.misc import SqueezeExcitation
 
 import se_retrofit
-from se_retrofit import SEBlock
 
 from conftest import make_pretrained_like
 

@@ -144,11 +144,15 @@ def se_ops(data: dict[str, Any]) -> str:
 def se_overhead(data: dict[str, Any]) -> str:
     model = data.get("model", "resnet50")
     faults = all("page_faults_per_forward" in r for r in data["rows"])
+    paired = all("se_over_base_ci95" in r for r in data["rows"])  # interleaved rounds (older files: one block per model)
     rows = []
     for r in data["rows"]:
         top = ", ".join(f"`{op.removeprefix('aten::')}` {t * 1e3:+.1f}" for op, t in list(r["by_op_s"].items())[:4])
-        rows.append([r["model"], f"{r['total_s'] * 1e3:.1f}", f"{r['se_s'] * 1e3:.2f}",
-                     f"{r['se_over_base_total'] * 100:.2f} %"]
+        share = f"{r['se_over_base_total'] * 100:.2f} %"
+        if paired:
+            lo, hi = r["se_over_base_ci95"]
+            share += f" [{lo * 100:.2f}, {hi * 100:.2f}]"
+        rows.append([r["model"], f"{r['total_s'] * 1e3:.1f}", f"{r['se_s'] * 1e3:.2f}", share]
                     + ([f"{r['page_faults_per_forward']:,.0f}"] if faults else []) + [top])
     fault_note = (f" *page faults*: minor page faults per forward (the base model: "
                   f"{data['base_page_faults_per_forward']:,.0f}); fresh pages cost time that the profiler charges "
@@ -158,11 +162,16 @@ def se_overhead(data: dict[str, Any]) -> str:
     headers = ["model", "op time (ms)", "SE ops (ms)", "SE / base"] + (["page faults"] if faults else [])
     return "\n".join([
         f"Batch {data.get('batch', '?')}, {data.get('size', '?')}x{data.get('size', '?')} input, eval, "
-        f"{data.get('rounds', '?')} profiled forwards per model (`benchmarks/se_overhead.py`). The base "
-        f"`{model}` spends {data['base_total_s'] * 1e3:.1f} ms per forward in ops. *SE ops*: op time the model "
+        + (f"{data.get('rounds', '?')} interleaved rounds of one profiled forward per model, medians over rounds "
+           "(`benchmarks/se_overhead.py`). " if paired else
+           f"{data.get('rounds', '?')} profiled forwards per model, one model after the other "
+           "(`benchmarks/se_overhead.py` before it interleaved rounds). ")
+        + f"The base `{model}` spends {data['base_total_s'] * 1e3:.1f} ms per forward in ops. *SE ops*: op time the model "
         "spends beyond the base model outside convolutions, batch norms and max-pooling, i.e. the squeeze, "
         "excitation, gate and the rescale's cost beyond the residual add; *SE / base*: that over the base "
-        "model's op time (the paper: 1.8 %)." + fault_note + " The last column lists the largest differences "
+        "model's op time (the paper: 1.8 %)"
+        + (", with a bootstrap 95 % interval of its per-round values (each model paired with the base model "
+           "profiled in the same round)." if paired else ".") + fault_note + " The last column lists the largest differences "
         "in ms.\n",
         table(headers + ["largest differences (ms)"], rows)])
 

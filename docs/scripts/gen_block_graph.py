@@ -97,17 +97,17 @@ def bottleneck() -> tuple[str, str]:
             "a leaf. `self.downsample is None` for this block, so the `if` is resolved at trace time and the "
             "shortcut is `x` itself.\n",
             fence(before, title=f"{BLOCK}, traced"),
-            f"**3. After `se_retrofit.apply`**: one `call_module` node is spliced on the end of the residual "
-            f"branch (`bn3`). Its output went straight into the addition, so the SE block is handed the shortcut "
-            f"too and does the addition itself (`shortcut + bn3 * gate` in one `torch.addcmul` pass; "
-            f"`SEConfig(fuse_add=False)` keeps `se = self.se(bn3); add = se + x` instead). torchvision wrote "
-            f"`out += identity`, so `inplace=True`: without autograd the sum goes into `bn3`'s memory, as that "
-            f"line put it there. `bn3` is `bn3(conv3(relu_1))` with a 1x1 `conv3`, so before `conv3` the block computes "
-            f"`fc1_through(relu_1, conv3, bn3, se)` and hands it to the SE call as `hidden`: in eval mode the "
-            f"SE's `fc1` applied to the mean of the narrower `relu_1` mapped through `conv3` and `bn3` (without "
-            f"autograd the three maps folded into one; None in training mode, and the SE block averages `bn3`; "
-            f"`SEConfig(early_squeeze=False)` leaves the call out). The shortcut is "
-            f"untouched. This is the `forward` of the block's new class:\n",
+            "**3. After `se_retrofit.apply`**: one `call_module` node is spliced on the end of the residual "
+            "branch (`bn3`). Its output went straight into the addition, so the SE block is handed the shortcut "
+            "too and does the addition itself (`shortcut + bn3 * gate` in one `torch.addcmul` pass; "
+            "`SEConfig(fuse_add=False)` keeps `se = self.se(bn3); add = se + x` instead). torchvision wrote "
+            "`out += identity`, so `inplace=True`: without autograd the sum goes into `bn3`'s memory, as that "
+            "line put it there. `bn3` is `bn3(conv3(relu_1))` with a 1x1 `conv3`, so before `conv3` the block computes "
+            "`fc1_through(relu_1, conv3, bn3, se)` and hands it to the SE call as `hidden`: in eval mode the "
+            "SE's `fc1` applied to the mean of the narrower `relu_1` mapped through `conv3` and `bn3` (without "
+            "autograd the three maps folded into one; None in training mode, and the SE block averages `bn3`; "
+            "`SEConfig(early_squeeze=False)` leaves the call out). The shortcut is "
+            "untouched. This is the `forward` of the block's new class:\n",
             fence(after, title=f"{BLOCK}, generated forward"),
             "**4. The difference**, line by line:\n",
             fence(diff, "diff"),
