@@ -1,13 +1,20 @@
 """What each op of an SE block costs, at the four ResNet-50 stage shapes, and what the cheaper forms save.
 
 For each stage (batch 8 at 224 px: 256x56x56 ... 2048x7x7) it times, in eval mode without gradients:
-the squeeze (``x.mean``), the excitation as two 1x1 convolution calls and as two matrix products on
+the squeeze (``x.mean``), the squeeze and ``fc1`` as the early squeeze runs them without autograd (the
+mean of ``conv3``'s four-times narrower input, one product with the folded weight), the excitation as
+two 1x1 convolution calls and as two matrix products on
 the ``(N, C)`` squeeze (what `SEBlock` runs), the rescale plus residual add as a multiply and an
 add (the hand-written SE-ResNet) and as one ``torch.addcmul`` (what a fused `SEBlock` runs), the
 plain residual add every ResNet has, and the whole `SEBlock` fused. Then it sums them over a
 ResNet-50 forward (3, 4, 6 and 3 blocks per stage). Medians of ``--repeats`` timings.
 
-    python benchmarks/se_ops.py [--repeats 200] [--threads N]
+Called back to back, an op finds its code and data hot. In a forward it runs after a convolution
+that has displaced both, and small ops then cost several times more. ``--cold`` runs the stage's
+1x1 convolution (``conv3``'s shape) untimed before each timed call, so each op meets what it meets in
+the forward; it writes ``se_ops_cold.json``.
+
+    python benchmarks/se_ops.py [--repeats 200] [--threads N] [--cold]
 """
 from __future__ import annotations
 
@@ -25,26 +32,32 @@ from se_retrofit import SEBlock
 STAGES = [(256, 56, 3), (512, 28, 4), (1024, 14, 6), (2048, 7, 3)]  # channels, size, blocks in ResNet-50
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
+def timed(fn: Callable[[], object], repeats: int, before: Callable[[], object] | None = None) -> float:
     for _ in range(max(5, repeats // 10)):
         fn()
     samples = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
 
-def stage_ops(channels: int, size: int, batch: int, repeats: int) -> dict[str, float]:
+def stage_ops(channels: int, size: int, batch: int, repeats: int, cold: bool = False) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     se = SEBlock(channels, channels // 16, gain=1.0).eval()
     x, shortcut = (torch.randn(batch, channels, size, size, generator=gen) for _ in range(2))
+    z = torch.randn(batch, channels // 4, size, size, generator=gen)  # conv3's input in a bottleneck
+    conv3 = torch.randn(channels, channels // 4, 1, 1, generator=gen)
+    folded_t, folded_bias = torch.randn(channels // 4, se.hidden, generator=gen), torch.randn(se.hidden)
     squeezed = x.mean((2, 3), keepdim=True)
     gate = torch.sigmoid(squeezed)
     w1, w2 = se.fc1.weight.flatten(1), se.fc2.weight.flatten(1)
     ops = {
         "squeeze (mean)": lambda: x.mean((2, 3), keepdim=True),
+        "squeeze + fc1, folded, from z": lambda: torch.addmm(folded_bias, z.mean((2, 3)), folded_t),
         "excitation, 1x1 conv calls": lambda: se.fc2(F.relu(se.fc1(squeezed))),
         "excitation, matrix products": lambda: F.linear(F.relu(F.linear(squeezed.flatten(1), w1, se.fc1.bias)),
                                                          w2, se.fc2.bias),
@@ -53,8 +66,9 @@ def stage_ops(channels: int, size: int, batch: int, repeats: int) -> dict[str, f
         "residual add alone (base model)": lambda: x + shortcut,
         "SEBlock(x, shortcut), whole": lambda: se(x, shortcut),
     }
+    before = (lambda: F.conv2d(z, conv3)) if cold else None
     with torch.inference_mode():
-        return {name: timed(fn, repeats) for name, fn in ops.items()}
+        return {name: timed(fn, repeats, before) for name, fn in ops.items()}
 
 
 def main() -> None:
@@ -62,21 +76,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--cold", action="store_true", help="run conv3 untimed before each timed call")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for channels, size, blocks in STAGES:
-        ops = stage_ops(channels, size, args.batch, args.repeats)
+        ops = stage_ops(channels, size, args.batch, args.repeats, args.cold)
         rows.append({"channels": channels, "size": size, "blocks": blocks, "seconds": ops})
     names = list(rows[0]["seconds"])
-    print(f"batch {args.batch}, {args.threads} thread(s), median of {args.repeats}; microseconds per call")
+    print(f"batch {args.batch}, {args.threads} thread(s), median of {args.repeats}"
+          f"{', each call after conv3' if args.cold else ''}; microseconds per call")
     print(f"{'op':<34}" + "".join(f"{r['channels']:>5}x{r['size']:<3}" for r in rows) + f"{'ResNet-50 ms':>14}")
     totals = {}
     for name in names:
         totals[name] = sum(r["seconds"][name] * r["blocks"] for r in rows)
         print(f"{name:<34}" + "".join(f"{r['seconds'][name] * 1e6:>9.0f}" for r in rows) + f"{totals[name] * 1e3:>14.2f}")
-    print("written", write("se_ops", {"batch": args.batch, "threads": args.threads, "repeats": args.repeats,
-                                      "rows": rows, "resnet50_totals_s": totals}))
+    print("written", write("se_ops_cold" if args.cold else "se_ops",
+                           {"batch": args.batch, "threads": args.threads, "repeats": args.repeats,
+                            "cold": args.cold, "rows": rows, "resnet50_totals_s": totals}))
 
 
 if __name__ == "__main__":

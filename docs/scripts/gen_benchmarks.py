@@ -131,12 +131,20 @@ def se_ops(data: dict[str, Any]) -> str:
     rows = [[name] + [f"{r['seconds'][name] * 1e6:.0f}" for r in rows_in]
             + [f"{data['resnet50_totals_s'][name] * 1e3:.2f}"] for name in names]
     headers = ["op"] + [f"{r['channels']}x{r['size']} (us)" for r in rows_in] + ["per ResNet-50 forward (ms)"]
+    where = ("Each call here runs after the stage's 1x1 convolution (`conv3`'s shape, untimed; `--cold`), as in a "
+             "forward, where the convolution has just displaced the op's code and data: compare with the table "
+             "without `--cold` to see what that costs the small ops (the matrix products on the `(8, C)` squeeze). "
+             "For the large ops the convolution's freed output also sends the next allocation to fresh pages "
+             "(page faults, see above), so compare those rows with the base model's residual add in the same "
+             "table. "
+             if data.get("cold") else
+             "Each op here reads a map that the previous call left in cache; inside a forward the map has just "
+             "been written by the batch norm and is mostly out of cache, which is why the squeeze costs more there "
+             "(see the SE overhead table and the `--cold` table). ")
     return "\n".join([
         f"Batch {data.get('batch', '?')}, {data.get('threads', '?')} thread(s), eval, median of "
         f"{data.get('repeats', '?')} calls per op (`benchmarks/se_ops.py`); the last column weights each stage by "
-        "its number of blocks (3, 4, 6, 3). Each op here reads a map that the previous call left in cache; inside "
-        "a forward the map has just been written by the batch norm and is mostly out of cache, which is why the "
-        "squeeze costs more there (see the SE overhead table). Read the rows as comparisons between forms of the "
+        "its number of blocks (3, 4, 6, 3). " + where + "Read the rows as comparisons between forms of the "
         "same op.\n",
         table(headers, rows)])
 
@@ -189,7 +197,7 @@ RENDERERS = {"accuracy_study": ("Accuracy study", accuracy_study),
              "se_ops": ("The SE block's own ops", se_ops),
              "se_overhead": ("What SE costs inside the forward", se_overhead)}
 # Files named PREFIX_SUFFIX.json (the same benchmark on another machine or setting) get PREFIX's table.
-SUFFIXES = {"h100_host": "on the GPU machine's 16-core CPU", "h100_host_rerun": "on the GPU machine's CPU, a second machine",
+SUFFIXES = {"cold": "each op after a convolution, as in the forward","h100_host": "on the GPU machine's 16-core CPU", "h100_host_rerun": "on the GPU machine's CPU, a second machine",
             "h100_host_4threads": "on the GPU machine's CPU, 4 threads",
             "resnext50_32x4d": "ResNeXt-50 32x4d",
             "resnet50_settled": "ResNet-50, each timed forward after an untimed one",
