@@ -8,8 +8,8 @@ which in a bottleneck has a quarter of the channels (`squeeze_through`).
 Without autograd (inference) the maps go further: ``fc1``, ``norm`` and ``conv`` are three affine
 maps in a row, so ``fc1(norm(conv(m)))`` is one affine map ``W' m + b'`` with ``W' = W1 diag(s) W3``,
 ``hidden x in_channels``: a sixteenth of ``fc1``'s weight and none of ``conv``'s to read per forward.
-`fc1_through` uses it, folded once in float64 and cached on the SE block until any of the tensors
-it was folded from changes (version counter) or is replaced (identity, storage).
+`fc1_through` uses it, folded once in float64 and cached per SE block until any of the tensors it
+was folded from changes (version counter) or is replaced (identity, storage).
 
 Only modules whose arithmetic is known qualify: ``nn.Conv1d/2d/3d`` of kernel 1, stride 1, no padding,
 one group, and ``nn.BatchNorm1d/2d/3d`` or torchvision's ``FrozenBatchNorm2d`` (exact types: a subclass
@@ -95,8 +95,11 @@ def squeeze_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.
     is the larger read (the choice does not depend on the batch size, so neither do the outputs'
     last bits). None also where `_declines`.
     """
-    if _declines(z, conv, norm):
-        return None
+    return None if _declines(z, conv, norm) else _squeeze_from_input(z, conv, norm)
+
+
+def _squeeze_from_input(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.Tensor | None:
+    """`squeeze_through` once `_declines` has been checked."""
     weight = conv.weight.flatten(1)
     out_channels, in_channels = weight.shape
     if math.prod(z.shape[2:]) * (out_channels - in_channels) <= weight.numel():
@@ -120,7 +123,7 @@ def fc1_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: nn.Module
                _tensor(norm, "weight"), _tensor(norm, "bias"), _tensor(norm, "running_mean"),
                _tensor(norm, "running_var"))
     if torch.is_grad_enabled() and (z.requires_grad or any(t is not None and t.requires_grad for t in tensors)):
-        s = squeeze_through(z, conv, norm)
+        s = _squeeze_from_input(z, conv, norm)
         return None if s is None else F.linear(s, fc1.weight.flatten(1), fc1.bias)
     folded = _folded(se, tensors, norm.eps)
     if folded is None:
@@ -144,8 +147,8 @@ def _folded(se: nn.Module, tensors: tuple[torch.Tensor | None, ...], eps: float
     None where ``conv`` does not widen (averaging its input would read no less) or the tensors cannot
     be tracked for changes.
     """
-    w1, b1, w3, b3, gamma, beta, mean, var = tensors
-    if w3.shape[0] <= w3.shape[1]:
+    conv_weight = tensors[2]
+    if conv_weight.shape[0] <= conv_weight.shape[1]:
         return None
     key = _fingerprint(tensors, eps)
     if key is None:
@@ -156,7 +159,7 @@ def _folded(se: nn.Module, tensors: tuple[torch.Tensor | None, ...], eps: float
         if cached_key == key and all((r is None and t is None) or (r is not None and r() is t)
                                      for r, t in zip(refs, tensors)):
             return folded
-    wide = torch.float32 if w3.device.type == "mps" else torch.float64  # MPS has no float64
+    wide = torch.float32 if conv_weight.device.type == "mps" else torch.float64  # MPS has no float64
     with torch.inference_mode(False), torch.no_grad():
         f64 = [None if t is None else t.detach().to(wide) for t in tensors]
         w1, b1, w3, b3, gamma, beta, mean, var = f64
