@@ -1,8 +1,9 @@
 """What each op of an SE block costs, at the four ResNet-50 stage shapes, and what the cheaper forms save.
 
 For each stage (batch 8 at 224 px: 256x56x56 ... 2048x7x7) it times, in eval mode without gradients:
-the squeeze (``x.mean``), the squeeze and ``fc1`` as the early squeeze runs them without autograd (the
-mean of ``conv3``'s four-times narrower input, one product with the folded weight), the excitation as
+the squeeze (``x.mean``), the squeeze and ``fc1`` as the early squeeze runs them without autograd
+(`fc1_through`: the mean of ``conv3``'s four-times narrower input, one product with the folded weight),
+the whole gate as the early squeeze computes it before ``conv3`` (`gate_through`), the excitation as
 two 1x1 convolution calls and as two matrix products on
 the ``(N, C)`` squeeze (what `SEBlock` runs), the rescale plus residual add as a multiply and an
 add (the hand-written SE-ResNet) and as one ``torch.addcmul`` (what a fused `SEBlock` runs), the
@@ -25,9 +26,11 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from _common import write
 from se_retrofit import SEBlock
+from se_retrofit.early_excitation import fc1_through, gate_through
 
 STAGES = [(256, 56, 3), (512, 28, 4), (1024, 14, 6), (2048, 7, 3)]  # channels, size, blocks in ResNet-50
 
@@ -50,14 +53,15 @@ def stage_ops(channels: int, size: int, batch: int, repeats: int, cold: bool = F
     se = SEBlock(channels, channels // 16, gain=1.0).eval()
     x, shortcut = (torch.randn(batch, channels, size, size, generator=gen) for _ in range(2))
     z = torch.randn(batch, channels // 4, size, size, generator=gen)  # conv3's input in a bottleneck
-    conv3 = torch.randn(channels, channels // 4, 1, 1, generator=gen)
-    folded_t, folded_bias = torch.randn(channels // 4, se.hidden, generator=gen), torch.randn(se.hidden)
+    conv3 = nn.Conv2d(channels // 4, channels, 1, bias=False).eval()
+    bn3 = nn.BatchNorm2d(channels).eval()
     squeezed = x.mean((2, 3), keepdim=True)
     gate = torch.sigmoid(squeezed)
     w1, w2 = se.fc1.weight.flatten(1), se.fc2.weight.flatten(1)
     ops = {
         "squeeze (mean)": lambda: x.mean((2, 3), keepdim=True),
-        "squeeze + fc1, folded, from z": lambda: torch.addmm(folded_bias, z.mean((2, 3)), folded_t),
+        "squeeze + fc1, folded, from z": lambda: fc1_through(z, conv3, bn3, se),
+        "gate, folded, from z": lambda: gate_through(z, conv3, bn3, se),
         "excitation, 1x1 conv calls": lambda: se.fc2(F.relu(se.fc1(squeezed))),
         "excitation, matrix products": lambda: F.linear(F.relu(F.linear(squeezed.flatten(1), w1, se.fc1.bias)),
                                                          w2, se.fc2.bias),
@@ -66,7 +70,7 @@ def stage_ops(channels: int, size: int, batch: int, repeats: int, cold: bool = F
         "residual add alone (base model)": lambda: x + shortcut,
         "SEBlock(x, shortcut), whole": lambda: se(x, shortcut),
     }
-    before = (lambda: F.conv2d(z, conv3)) if cold else None
+    before = (lambda: conv3(z)) if cold else None
     with torch.inference_mode():
         return {name: timed(fn, repeats, before) for name, fn in ops.items()}
 

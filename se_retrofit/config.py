@@ -50,7 +50,8 @@ class SEConfig:
         early_squeeze: where the SE input is a 1x1 convolution followed by a batch norm (a
             bottleneck's ``bn3(conv3(z))``), let the block average the convolution's narrower input
             and map the average through both and ``fc1`` (folded into one small map without
-            autograd), which in eval mode is the same result for a quarter of the memory traffic.
+            autograd), computing the gate before the convolution runs; in eval mode the same result
+            for a quarter of the memory traffic.
             Set False to always average the SE input itself.
     """
 

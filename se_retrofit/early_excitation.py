@@ -9,7 +9,8 @@ Without autograd (inference) the maps go further: ``fc1``, ``norm`` and ``conv``
 maps in a row, so ``fc1(norm(conv(m)))`` is one affine map ``W' m + b'`` with ``W' = W1 diag(s) W3``,
 ``hidden x in_channels``: a sixteenth of ``fc1``'s weight and none of ``conv``'s to read per forward.
 `fc1_through` uses it, folded once in float64 and cached per SE block until any of the tensors it
-was folded from changes (version counter) or is replaced (identity, storage).
+was folded from changes (version counter) or is replaced (identity, storage). `gate_through` goes
+on to the gate, so that all of SE's small kernels run before ``conv``, in one place.
 
 Only modules whose arithmetic is known qualify: ``nn.Conv1d/2d/3d`` of kernel 1, stride 1, no padding,
 one group, and ``nn.BatchNorm1d/2d/3d`` or torchvision's ``FrozenBatchNorm2d`` (exact types: a subclass
@@ -28,6 +29,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+
+from .se_block import SEBlock
 
 # SE block -> (weak references to the tensors folded, their fingerprint, the folded map). Kept off the
 # module so that pickling and deep-copying a model never carry it (weak references do not pickle).
@@ -108,7 +111,7 @@ def _squeeze_from_input(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> to
     return F.batch_norm(s, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
 
 
-def fc1_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: nn.Module) -> torch.Tensor | None:
+def fc1_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock) -> torch.Tensor | None:
     """``se.fc1`` of the squeeze of ``norm(conv(z))``, computed from ``z``; None where the SE block
     must average its input itself.
 
@@ -129,7 +132,23 @@ def fc1_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: nn.Module
     if folded is None:
         return None
     weight_t, bias = folded
-    return torch.addmm(bias, z.mean(tuple(range(2, z.dim()))), weight_t)
+    dims = tuple(range(2, z.dim()))
+    if z.dtype == torch.float16:  # a float16 sum over a large map can overflow where the mean does not
+        return torch.addmm(bias, z.mean(dims), weight_t)
+    # the mean's division as the product's alpha: torch.mean is a sum and a division kernel, and on
+    # the CPU each small kernel costs tens of microseconds next to the convolutions, whatever its size
+    return torch.addmm(bias, z.sum(dims), weight_t, alpha=1.0 / math.prod(z.shape[2:]))
+
+
+def gate_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock) -> torch.Tensor | None:
+    """``se``'s ``(N, C)`` gate for the input ``norm(conv(z))``, computed from ``z``; None where the SE
+    block must squeeze its input itself (`fc1_through`).
+
+    Called before ``conv``, it runs all of SE's small kernels in one cluster there, while ``z`` and the
+    dispatcher's code are still in cache; after the norm only the gated residual add is left.
+    """
+    hidden = fc1_through(z, conv, norm, se)
+    return None if hidden is None else se.excite(hidden)
 
 
 def _fingerprint(tensors: tuple[torch.Tensor | None, ...], eps: float) -> tuple | None:

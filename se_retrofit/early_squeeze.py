@@ -1,4 +1,4 @@
-"""Transformation: let an SE block take its squeeze (and ``fc1``) from before the branch's last 1x1 conv and norm.
+"""Transformation: let an SE block take its gate from before the branch's last 1x1 conv and norm.
 
 In a bottleneck the SE input is ``bn3(conv3(z))`` with ``conv3`` a 1x1 convolution that widens
 ``z`` four times. Averaging that wide map is one more pass over the largest tensor of the block, and
@@ -6,10 +6,13 @@ on the CPU most of what SE costs at inference: the map has just been written and
 cache. Averaging ``z`` and mapping the average through ``conv3`` and ``bn3`` gives the same squeeze,
 and without autograd ``fc1 . bn3 . conv3`` is one small folded map (`early_excitation.fc1_through`,
 which also decides at run time whether that is exact and cheaper). Here a call
-``fc1_through(z, self.conv3, self.bn3, self.se)`` is put just before ``conv3`` and its result handed
-to the SE call as ``hidden``: averaging ``z`` right there reads it while it is still in cache,
-and leaves ``z`` free to be released after ``conv3`` as before, so its memory is reused as in the
-original block (held until the SE call, it made every forward map fresh memory for it).
+``gate_through(z, self.conv3, self.bn3, self.se)`` (the squeeze, ``fc1`` and the rest of the
+excitation) is put just before ``conv3`` and its result handed to the SE call as ``gate``, which
+then only does the gated residual add. Averaging ``z`` right there reads it while it is still in
+cache, and leaves ``z`` free to be released after ``conv3`` as before, so its memory is reused as in
+the original block (held until the SE call, it made every forward map fresh memory for it). The
+excitation's small kernels run in the same place, one cluster of small ops instead of two: on the
+CPU the first small kernels after a large one pay for refilling caches, wherever they run.
 
 Only modules whose arithmetic is known qualify (`early_excitation.is_pointwise_conv` and
 `early_excitation.norm_types`; checked again at run time), with only ``nn.Identity`` modules between them.
@@ -19,7 +22,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from .early_excitation import fc1_through, is_pointwise_conv, norm_types
+from .early_excitation import gate_through, is_pointwise_conv, norm_types
 
 
 def _single_input(node: fx.Node) -> fx.Node | None:
@@ -42,7 +45,7 @@ def _producer(node: fx.Node, module: nn.Module) -> tuple[fx.Node, nn.Module] | N
 
 
 def hoist_squeezes(graph: fx.Graph, module: nn.Module, targets: set[str]) -> int:
-    """Hand ``hidden=fc1_through(z, conv, norm, se)`` to each SE call of ``targets`` whose input is
+    """Hand ``gate=gate_through(z, conv, norm, se)`` to each SE call of ``targets`` whose input is
     ``norm(conv(z))``; count them."""
     norms = norm_types()
     hoisted = 0
@@ -60,7 +63,7 @@ def hoist_squeezes(graph: fx.Graph, module: nn.Module, targets: set[str]) -> int
             conv_ref = graph.get_attr(conv_node.target)
             norm_ref = graph.get_attr(norm_node.target)
             se_ref = graph.get_attr(se_node.target)
-            hidden = graph.call_function(fc1_through, (_single_input(conv_node), conv_ref, norm_ref, se_ref))
-        se_node.kwargs = {**se_node.kwargs, "hidden": hidden}
+            gate = graph.call_function(gate_through, (_single_input(conv_node), conv_ref, norm_ref, se_ref))
+        se_node.kwargs = {**se_node.kwargs, "gate": gate}
         hoisted += 1
     return hoisted

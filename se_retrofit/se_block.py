@@ -12,8 +12,8 @@ Given the shortcut as ``residual``, the block also does the residual addition, a
 writes a temporary and an add that reads it back. In eager mode on the CPU that pass is most of
 what SE costs beyond the squeeze; ``apply`` uses it wherever the SE output goes straight into the add,
 and where the original wrote ``x += shortcut`` it writes into ``x`` as that line did (see ``forward``).
-Where ``x`` is the output of a 1x1 convolution and a batch norm, the squeeze and ``fc1`` can be
-computed from the convolution's narrower input (`early_excitation`).
+Where ``x`` is the output of a 1x1 convolution and a batch norm, the whole gate can be computed
+from the convolution's narrower input, before the convolution runs (`early_excitation`).
 """
 from __future__ import annotations
 
@@ -51,35 +51,38 @@ class SEBlock(nn.Module):
         self.fc2 = conv(hidden, channels, kernel_size=1, bias=True)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, inplace: bool = False,
-                hidden: torch.Tensor | None = None) -> torch.Tensor:
+                gate: torch.Tensor | None = None) -> torch.Tensor:
         """``x * gate``, or ``residual + x * gate`` in one pass when given the residual's other operand.
-
-        The excitation runs as two matrix products on the ``(N, C)`` squeeze with the 1x1 convolutions'
-        own weights: the same arithmetic as calling the convolutions on a 1x1 map, at a third of
-        their cost on the CPU (a convolution call on a 1x1 map is mostly overhead).
 
         ``inplace=True`` (set by ``apply`` where the original wrote ``x += shortcut``) writes the sum
         into ``x``, as that line did, whenever autograd does not need ``x`` afterwards (inference,
         ``no_grad``, frozen inputs); under autograd the gate's gradient reads ``x``, so the sum goes to a
         new tensor.
 
-        ``hidden``, when not None, is ``fc1``'s output already computed by the caller: ``apply`` passes
-        `~se_retrofit.early_excitation.fc1_through` of a bottleneck's ``conv3`` input (`early_squeeze`),
-        which is None where it does not apply.
+        ``gate``, when not None, is the ``(N, C)`` gate (before the gain) already computed by the caller:
+        ``apply`` passes `~se_retrofit.early_excitation.gate_through` of a bottleneck's ``conv3`` input
+        (`early_squeeze`), which is None where it does not apply.
 
         The gain goes into ``addcmul``'s scalar rather than into the gate: one op fewer per block, and
         the same bits where the gain is a power of two (scaling by it is exact), as identity init's 2 is.
         """
-        if hidden is None:
-            hidden = F.linear(x.mean(self._dims), self.fc1.weight.flatten(1), self.fc1.bias)
-        s = F.linear(self.act(hidden), self.fc2.weight.flatten(1), self.fc2.bias)
-        gate = torch.sigmoid(s)
+        if gate is None:
+            gate = self.excite(F.linear(x.mean(self._dims), self.fc1.weight.flatten(1), self.fc1.bias))
         gate = gate.view(gate.shape + (1,) * self.spatial_dims)
         if residual is None:
             return x * (gate * self.gain if self.gain != 1.0 else gate)
         if inplace and self._may_overwrite(x, residual, gate):
             return torch.addcmul(residual, x, gate, value=self.gain, out=x)
         return torch.addcmul(residual, x, gate, value=self.gain)
+
+    def excite(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The ``(N, C)`` gate from ``fc1``'s ``(N, hidden)`` output: ReLU, ``fc2``, sigmoid (no gain).
+
+        ``fc2`` runs as a matrix product with the 1x1 convolution's own weight: the same arithmetic as
+        calling the convolution on a 1x1 map, at a third of its cost on the CPU (a convolution call on
+        a 1x1 map is mostly overhead).
+        """
+        return torch.sigmoid(F.linear(self.act(hidden), self.fc2.weight.flatten(1), self.fc2.bias))
 
     @staticmethod
     def _may_overwrite(x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor) -> bool:

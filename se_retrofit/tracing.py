@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 from .augmented import AugmentedProxy
 from .capture import Call, preserved_modes
-from .early_excitation import fc1_through
+from .early_excitation import gate_through
 
 
 class TraceFailure(Exception):
@@ -41,12 +41,12 @@ class BlockTracer(fx.Tracer):
     """An ``fx.Tracer`` for one module: every submodule call stays a ``call_module`` leaf.
 
     timm's registered no-trace functions stay opaque calls too, as they do in timm's own tracer, and
-    so does a retrofitted block's ``fc1_through``.
+    so does a retrofitted block's ``gate_through``.
     ``x += y`` stays in place (``augmented``).
     """
 
     def __init__(self) -> None:
-        super().__init__(autowrap_functions=(*_notrace_functions(), fc1_through), param_shapes_constant=True)
+        super().__init__(autowrap_functions=(*_notrace_functions(), gate_through), param_shapes_constant=True)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True

@@ -8,7 +8,7 @@ from torch import nn
 import torch.fx as fx
 
 from se_retrofit import SEBlock
-from se_retrofit.early_excitation import fc1_through
+from se_retrofit.early_excitation import gate_through
 from se_retrofit.testing import perturb_norms
 
 
@@ -17,10 +17,10 @@ def make_pretrained_like(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 class _GeneratedForwardTracer(fx.Tracer):
-    """Traces a retrofitted block's generated forward as written: SE blocks and fc1_through stay calls."""
+    """Traces a retrofitted block's generated forward as written: SE blocks and gate_through stay calls."""
 
     def __init__(self) -> None:
-        super().__init__(autowrap_functions=(fc1_through,))
+        super().__init__(autowrap_functions=(gate_through,))
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, SEBlock) or super().is_leaf_module(m, qualname)

@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from se_retrofit import SEBlock
-from se_retrofit.early_excitation import fc1_through
+from se_retrofit.early_excitation import fc1_through, gate_through
 
 from conftest import make_pretrained_like
 
@@ -89,6 +89,34 @@ def test_autograd_takes_the_plain_chain_and_reaches_conv_and_norm():
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
     got.sum().backward()
     assert conv.weight.grad is not None and norm.weight.grad is not None, "no gradient reached conv3 / bn3"
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["folded", "autograd"])
+def test_the_early_gate_is_the_gate_of_the_se_input(grad):
+    conv, norm, se, z = _parts(cin=8, cout=64)
+    with torch.no_grad():
+        se.fc2.weight.normal_(0, 0.5)  # a gate that is not the same everywhere
+    with torch.set_grad_enabled(grad):
+        x = norm(conv(z))
+        got = gate_through(z, conv, norm, se)
+        want = torch.sigmoid(se.fc2(torch.relu(se.fc1(x.mean((2, 3), keepdim=True))))).flatten(1)
+    assert got is not None and got.shape == (z.shape[0], 64), got
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), f"early gate off by {(got - want).abs().max():.2e}"
+    assert got.requires_grad == grad
+    with torch.no_grad():
+        assert torch.allclose(se(x, gate=got.detach()), x * want[..., None, None], rtol=1e-12, atol=1e-12)
+
+
+def test_float16_does_not_overflow_in_the_folded_squeeze():
+    """The folded path sums the map and scales by 1/HW; a float16 sum of 64x64 values of 100 is
+    409,600, past float16's 65,504, where the mean (100) is not."""
+    conv, norm, se, _ = _parts(cin=8, cout=32)
+    z = torch.full((2, 8, 64, 64), 100.0)
+    with torch.no_grad():
+        want = _reference(z.double(), conv, norm, se)
+        got = fc1_through(z.half(), conv.half(), norm.half(), se.half())
+    assert got is not None and torch.isfinite(got).all(), "float16 squeeze overflowed"
+    assert torch.allclose(got.double(), want, rtol=2e-2, atol=2e-2), f"off by {(got.double() - want).abs().max():.2e}"
 
 
 def test_declines_where_not_exact_or_not_cheaper():

@@ -14,7 +14,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import se_retrofit
 from se_retrofit import SEConfig, SERetrofitWarning
-from se_retrofit.early_excitation import fc1_through, squeeze_through
+from se_retrofit.early_excitation import gate_through, squeeze_through
 
 from conftest import make_pretrained_like, the_se_call
 
@@ -100,15 +100,15 @@ def test_squeeze_through_declines_where_it_is_not_exact_or_not_cheaper():
 def test_bottleneck_gets_the_early_squeeze_and_keeps_its_function():
     early, plain = _pair(Net(Bottleneck(nn.Conv2d(8, 32, 1, bias=True), nn.BatchNorm2d(32))))
     call = the_se_call(early.block)
-    hidden = call.kwargs["hidden"]
-    assert hidden.target is fc1_through, call.kwargs
-    assert [a.target for a in hidden.args[1:]] == ["conv3", "bn3", "se"], hidden.args
+    gate = call.kwargs["gate"]
+    assert gate.target is gate_through, call.kwargs
+    assert [a.target for a in gate.args[1:]] == ["conv3", "bn3", "se"], gate.args
     conv3 = next(n for n in call.graph.nodes if n.op == "call_module" and n.target == "conv3")
     order = list(call.graph.nodes)
-    assert order.index(hidden) < order.index(conv3), "the squeeze must be taken before conv3 (z freed after it)"
-    z = hidden.args[0]
+    assert order.index(gate) < order.index(conv3), "the squeeze must be taken before conv3 (z freed after it)"
+    z = gate.args[0]
     assert all(order.index(u) <= order.index(conv3) for u in z.users), "z must not live past conv3"
-    assert "hidden" not in the_se_call(plain.block).kwargs, "early_squeeze=False must not hoist"
+    assert "gate" not in the_se_call(plain.block).kwargs, "early_squeeze=False must not hoist"
     with torch.no_grad():
         a, b = early(X), plain(X)
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), f"early squeeze changes the output by {(a - b).abs().max()}"
@@ -122,7 +122,7 @@ def test_bottleneck_gets_the_early_squeeze_and_keeps_its_function():
 ])
 def test_other_chains_average_the_se_input(conv3, bn3, why):
     early, plain = _pair(Net(Bottleneck(conv3, bn3)))
-    assert "hidden" not in the_se_call(early.block).kwargs, f"{why}: the squeeze must not be hoisted"
+    assert "gate" not in the_se_call(early.block).kwargs, f"{why}: the squeeze must not be hoisted"
     with torch.no_grad():
         assert torch.equal(early(X), plain(X))
 
@@ -144,7 +144,7 @@ def test_resnet_bottlenecks_keep_their_function(build):
     """In float64, so that the comparison sees the arithmetic and not float32 rounding amplified by
     16 random-weight gates (about 3e-4 relative in float32, 3e-13 in float64)."""
     early, plain = _pair(build())
-    assert all("hidden" in the_se_call(b).kwargs for b in early.layer1), "layer1 bottlenecks not hoisted"
+    assert all("gate" in the_se_call(b).kwargs for b in early.layer1), "layer1 bottlenecks not hoisted"
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with torch.no_grad():
         a, b = early.double()(x), plain.double()(x)

@@ -50,10 +50,30 @@ def apply_time(data: dict[str, Any]) -> str:
         table(["model", "SE blocks", "build s", "apply s", "apply / build"], rows)])
 
 
+def latency_base_and_retrofit(data: dict[str, Any]) -> str:
+    """``latency.py --base-and-retrofit``: the two models only, with the paired ratio and both intervals."""
+    rows = []
+    for r in data["rows"]:
+        lo, hi = r["retrofitted_over_base_ci95"]
+        plo, phi = r["retrofitted_over_base_paired_ci95"]
+        rows.append([f"`{r['model']}`", r["mode"], f"{r['median_s']['base'] * 1e3:.1f}",
+                     f"{r['median_s']['retrofitted'] * 1e3:.1f}", f"{r['retrofitted_over_base']:.3f}",
+                     f"{lo:.3f} to {hi:.3f}", f"{r['retrofitted_over_base_paired']:.3f}", f"{plo:.3f} to {phi:.3f}"])
+    return "\n".join([
+        f"Batch {data['batch']}, {data['size']}x{data['size']} input, eval mode; only the base model and the "
+        f"retrofit, one timed forward each per round after {data['settle']} untimed one(s), in a new order each "
+        f"round, {data['repeats']} rounds (`benchmarks/latency.py --base-and-retrofit`). Times in ms (medians). "
+        "*paired*: the median of the per-round ratios. Intervals: bootstrap 95 % over rounds.\n",
+        table(["base model", "mode", "base", "retrofitted", "retrofitted / base", "95 % interval", "paired",
+               "95 % interval"], rows)])
+
+
 def latency(data: dict[str, Any]) -> str:
     """Both layouts: files with the "plain ops" retrofit (and intervals) and older ones with "unfused"."""
     rows = []
     first = data["rows"][0]["median_s"]
+    if "hand-written SE" not in first:
+        return latency_base_and_retrofit(data)
     extra, extra_ratio, note = None, None, ""
     if "retrofitted, plain ops" in first:
         extra, extra_ratio = "retrofitted, plain ops", "plain_over_hand_written"

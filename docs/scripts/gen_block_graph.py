@@ -103,10 +103,11 @@ def bottleneck() -> tuple[str, str]:
             "`SEConfig(fuse_add=False)` keeps `se = self.se(bn3); add = se + x` instead). torchvision wrote "
             "`out += identity`, so `inplace=True`: without autograd the sum goes into `bn3`'s memory, as that "
             "line put it there. `bn3` is `bn3(conv3(relu_1))` with a 1x1 `conv3`, so before `conv3` the block computes "
-            "`fc1_through(relu_1, conv3, bn3, se)` and hands it to the SE call as `hidden`: in eval mode the "
-            "SE's `fc1` applied to the mean of the narrower `relu_1` mapped through `conv3` and `bn3` (without "
-            "autograd the three maps folded into one; None in training mode, and the SE block averages `bn3`; "
-            "`SEConfig(early_squeeze=False)` leaves the call out). The shortcut is "
+            "`gate_through(relu_1, conv3, bn3, se)` and hands it to the SE call as `gate`: in eval mode the "
+            "SE's gate computed from the mean of the narrower `relu_1` mapped through `conv3` and `bn3` (without "
+            "autograd `fc1`, `bn3` and `conv3` folded into one map), so that the SE call only does the gated add; "
+            "None in training mode, and the SE block averages `bn3` itself; "
+            "`SEConfig(early_squeeze=False)` leaves the call out. The shortcut is "
             "untouched. This is the `forward` of the block's new class:\n",
             fence(after, title=f"{BLOCK}, generated forward"),
             "**4. The difference**, line by line:\n",
