@@ -223,7 +223,10 @@ SUFFIXES = {"cold": "each op after a convolution, as in the forward","h100_host"
             "resnet50_settled": "ResNet-50, each timed forward after an untimed one",
             "resnet50_settled_81rounds": "ResNet-50, settled, 81 rounds",
             "resnet50_tiny_input": "ResNet-50 at batch 1 and 32x32, where only the per-op overhead is left",
-            "resnet50_settled_malloc_kept": "ResNet-50, settled, glibc malloc keeping freed memory"}
+            "resnet50_settled_malloc_kept": "ResNet-50, settled, glibc malloc keeping freed memory",
+            "resnet50_base_and_retrofit": "ResNet-50, base model and retrofit only",
+            "resnet50_base_and_retrofit_malloc_kept": "ResNet-50, base model and retrofit only, glibc malloc keeping "
+                                                      "freed memory"}
 
 
 def renderer_for(name: str) -> tuple[str | None, Any]:
