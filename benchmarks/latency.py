@@ -98,7 +98,6 @@ def main() -> None:
     print("(times in ms; paired: median of per-round ratios; interval: bootstrap over rounds)")
     print("written", write(args.name or "latency" + ("_compile" if args.compile else ""),
                            {"batch": args.batch, "size": args.size, "repeats": args.repeats, "settle": args.settle,
-                            "models_timed": list(rows[0]["median_s"]) if rows else [],
                             "rows": rows}))
 
 
