@@ -13,7 +13,8 @@ ResNet-50 forward (3, 4, 6 and 3 blocks per stage). Medians of ``--repeats`` tim
 Called back to back, an op finds its code and data hot. In a forward it runs after a convolution
 that has displaced both, and small ops then cost several times more. ``--cold`` runs the stage's
 1x1 convolution (``conv3``'s shape) untimed before each timed call, so each op meets what it meets in
-the forward; it writes ``se_ops_cold.json``.
+the forward; it writes ``se_ops_cold.json``. The last row, adding 1 to an ``(N, C)`` tensor, is no
+part of SE: it is there for scale, what any op with next to no work costs in each setting.
 
     python benchmarks/se_ops.py [--repeats 200] [--threads N] [--cold]
 """
@@ -57,6 +58,7 @@ def stage_ops(channels: int, size: int, batch: int, repeats: int, cold: bool = F
     bn3 = nn.BatchNorm2d(channels).eval()
     squeezed = x.mean((2, 3), keepdim=True)
     gate = torch.sigmoid(squeezed)
+    pooled = squeezed.flatten(1)
     w1, w2 = se.fc1.weight.flatten(1), se.fc2.weight.flatten(1)
     ops = {
         "squeeze (mean)": lambda: x.mean((2, 3), keepdim=True),
@@ -69,6 +71,7 @@ def stage_ops(channels: int, size: int, batch: int, repeats: int, cold: bool = F
         "rescale + add, addcmul": lambda: torch.addcmul(shortcut, x, gate),
         "residual add alone (base model)": lambda: x + shortcut,
         "SEBlock(x, shortcut), whole": lambda: se(x, shortcut),
+        "not SE: (N, C) + 1, for scale": lambda: pooled + 1,
     }
     before = (lambda: conv3(z)) if cold else None
     with torch.inference_mode():

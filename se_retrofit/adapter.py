@@ -5,12 +5,17 @@ base weights stay the library's: ``load(dir, create_model("resnet50", pretrained
 fine-tuned network by re-running `se_retrofit.apply` with the stored config (which is
 deterministic, so it recreates the same SE module names) and filling in the saved weights.
 
+The config also records a fingerprint of the base weights the adapter was trained on, and `load`
+refuses another base (other pretrained weights, another checkpoint): the SE blocks would gate features
+they never saw, a model that runs and quietly loses accuracy.
+
 The adapter holds nothing else by default. A run that also trained the classifier head or the
 backbone must either name those modules in ``extra_modules`` (``("fc",)`` for ``--train se+head``) or
 ship the full ``model.safetensors``; otherwise the loaded model has the base model's head.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -53,12 +58,42 @@ def _module_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return {f"{name}.{key}": value for key, value in module.state_dict().items()}
 
 
+def base_fingerprint(model: nn.Module, left_out: Iterable[str]) -> str:
+    """SHA-256 of every tensor of ``model`` outside the modules ``left_out`` (the SE blocks, the saved head):
+    the base weights the adapter was trained on, which `load` checks, since SE blocks trained on one
+    backbone's features are wrong on another's (other pretrained weights, another checkpoint)."""
+    prefixes = tuple(f"{name}." for name in left_out)
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        if key.startswith(prefixes):
+            continue
+        tensor = value.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{key}|{tensor.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` and (Distributed)DataParallel wrappers, whose names carry a
+    prefix (``_orig_mod.``, ``module.``) that the base model given to `load` does not have."""
+    for _ in range(4):
+        # torch.compile's OptimizedModule, known by name: importing torch._dynamo to check costs seconds
+        if type(model).__name__ == "OptimizedModule" and isinstance(model._modules.get("_orig_mod"), nn.Module):
+            model = model._modules["_orig_mod"]
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            break
+    return model
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: str | None = None,
                  extra_modules: Iterable[str] = (), config: SEConfig | None = None) -> Path:
     """Write ``se_adapter.safetensors`` and ``se_adapter_config.json`` into ``directory``; return the folder.
 
     Args:
-        model: a model returned by `se_retrofit.apply`, fine-tuned or not.
+        model: a model returned by `se_retrofit.apply`, fine-tuned or not (also inside ``torch.compile``
+            or a (Distributed)DataParallel wrapper).
         directory: created if missing; existing adapter files in it are replaced atomically.
         base_model: the name the base model is created from (``"resnet50"``, ``"torchvision:resnet50"``),
             recorded so that whoever loads the adapter knows which base to build.
@@ -71,6 +106,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: 
     """
     import se_retrofit
 
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is a file; save_adapter writes two files into a folder: pass a folder path")
+    model = _unwrapped(model)
     blocks = se_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no SE blocks, so there is no adapter to save; "
@@ -92,12 +131,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: 
         "format_version": FORMAT_VERSION,
         "se_retrofit_version": se_retrofit.__version__,
         "base_model": base_model,
+        "base_fingerprint": base_fingerprint(model, [name for name, _ in blocks] + extra_modules),
         "se_config": config.to_dict(),
         "se_modules": [name for name, _ in blocks],
         "extra_modules": extra_modules,
         "classifier": classifier,
     }
-    directory = Path(directory)
     atomic_save_safetensors(tensors, directory / WEIGHTS_NAME,
                             metadata={"format": "pt", "se_retrofit_version": se_retrofit.__version__})
     text = json.dumps(meta, indent=2) + "\n"
@@ -133,7 +172,20 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"{path} has adapter format version {version!r}, newer than this se_retrofit reads "
                          f"({FORMAT_VERSION}); upgrade se_retrofit.")
+    wrong = [f"{key} ({type(meta.get(key)).__name__})" for key, ok in (
+        ("se_config", isinstance(meta["se_config"], dict)),
+        ("se_modules", _strings(meta["se_modules"])),
+        ("extra_modules", meta.get("extra_modules") is None or _strings(meta.get("extra_modules"))),
+        ("base_fingerprint", meta.get("base_fingerprint") is None or isinstance(meta.get("base_fingerprint"), str)),
+    ) if not ok]
+    if wrong:
+        raise ValueError(f"{path} is damaged: wrong type of {', '.join(wrong)} (se_config is a dict, the module "
+                         "entries are lists of names); re-save the adapter with save_adapter.")
     return meta
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _names_mismatch(expected: list[str], found: list[str], meta: dict[str, Any]) -> str:
@@ -191,7 +243,17 @@ def load(path: str | os.PathLike, base_model: nn.Module, *, strict: bool = True,
     if classifier and num_classes_of(model) != classifier["num_classes"]:
         reset_classifier(model, int(classifier["num_classes"]))
 
-    weights = load_weights(weights_path)
+    saved_print = meta.get("base_fingerprint")  # absent in adapters written before it was recorded
+    if saved_print and base_fingerprint(model, found + list(meta.get("extra_modules") or [])) != saved_print:
+        message = (f"the base model's weights are not those adapter {weights_path} was trained on: its SE blocks "
+                   "learned other features. Create the base model as it was for training (base model "
+                   f"{meta.get('base_model')!r}: the same pretrained weights or checkpoint, the same dtype), "
+                   "or pass strict=False to load anyway.")
+        if strict:
+            raise ValueError(message)
+        problems.append(message)
+
+    weights = load_weights(weights_path, strip_ddp_prefix=False)
     own = model.state_dict()
     unexpected = [k for k in weights if k not in own]
     wanted = set(se_state_dict(model))

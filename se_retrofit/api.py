@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import itertools
 import logging
+import typing
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -144,10 +146,27 @@ def _copy(model: nn.Module) -> nn.Module:
     Some modules' ``__deepcopy__`` calls ``train()`` (torchvision's DualGraphModule, under timm's
     ``features_only=True, feature_cls="fx"``); the copy must not come back in another mode.
     """
-    clone = copy.deepcopy(model)
+    try:
+        clone = copy.deepcopy(model)
+    except Exception as exc:  # deepcopy raises what the failing object raises (RuntimeError, TypeError...)
+        raise ValueError(
+            f"cannot copy {type(model).__name__} to work on ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+            "Models reparametrised with hooks (torch.nn.utils.prune, the old torch.nn.utils.weight_norm) do not "
+            "deep-copy: make the change permanent first (prune.remove, remove_weight_norm), or pass inplace=True "
+            "to apply.") from exc
     for original, copied in zip(model.modules(), clone.modules()):
         copied.training = original.training
     return clone
+
+
+def _check_model(model: Any) -> None:
+    """User errors that would otherwise surface deep inside the analysis."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        raise ValueError(f"{type(model).__name__} has tensors on the meta device: se_retrofit runs the model once "
+                         "to find the residual additions and checks each rewritten block on real values. "
+                         "Materialise it first (model.to_empty(device='cpu') and load its weights).")
 
 
 def _resolve_config(config: SEConfig | None, options: dict[str, Any]) -> SEConfig:
@@ -172,6 +191,13 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
 def _trace_block(name: str, module: nn.Module, call: Call, position: str
                  ) -> tuple[_BlockPlan | None, list[Skipped]]:
     """Trace, check and analyse one module; a module whose forward cannot be trusted is skipped whole."""
+    if call.varies is not None:
+        return None, [Skipped(name, None, "module skipped: called again with other non-tensor arguments "
+                                          f"({call.varies}); a traced forward fixes those of its first call")]
+    if _defines_init_subclass(type(module)):
+        return None, [Skipped(name, None, f"module skipped: {type(module).__name__}'s class hierarchy defines "
+                                          "__init_subclass__, which the rewrite's generated subclass would run "
+                                          "(class registries, required class arguments)")]
     try:
         param_names, concrete = bind_call(module, call)
         if concrete:
@@ -204,6 +230,10 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
     if not all_placements[0]:
         return None, skipped
     return _BlockPlan(name, module, call, graphs, all_placements), skipped
+
+
+def _defines_init_subclass(cls: type) -> bool:
+    return any("__init_subclass__" in vars(k) for k in cls.__mro__ if k not in (nn.Module, object, typing.Generic))
 
 
 def _uncalled_with_adds(name: str, module: nn.Module) -> Skipped | None:
@@ -274,6 +304,7 @@ def _make_se(site: Site, config: SEConfig, like: nn.Module) -> SEBlock:
     se = SEBlock(site.channels, site.hidden, site.spatial_dims, gain=config.gain)
     if config.init == "identity":
         se.init_identity()
+    se.train(like.training)  # a block in eval mode gets its SE in eval mode
     ref = next((t for t in list(like.parameters()) + list(like.buffers()) if t.is_floating_point()), None)
     if ref is not None:
         se.to(device=ref.device, dtype=ref.dtype)
@@ -290,7 +321,7 @@ def _verify(module: nn.Module, call: Call, identity: bool) -> str | None:
     with preserved_modes(module), torch.no_grad():
         module.eval()
         try:
-            out = module(*args, **kwargs)
+            out = module.forward(*args, **kwargs)  # as recorded: what forward saw and returned, hooks aside
         except Exception as exc:  # the rewrite broke the block: report it and undo
             return f"rewritten block fails: {type(exc).__name__}: {exc}".splitlines()[0]
     if identity:
@@ -309,6 +340,7 @@ def find_sites(model: nn.Module, config: SEConfig | None = None, *, reduction: f
     """
     config = _resolve_config(config, dict(reduction=reduction, init=init, position=position,
                                           include=include, exclude=exclude))
+    _check_model(model)
     work = _copy(model)
     plan, _ = _plan(work, config, example_input)
     return plan
@@ -332,6 +364,7 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     """
     config = _resolve_config(config, dict(reduction=reduction, init=init, position=position,
                                           include=include, exclude=exclude))
+    _check_model(model)
     target = model if inplace else _copy(model)
     plan, blocks = _plan(target, config, example_input)
     sites = iter(plan.sites)

@@ -20,11 +20,17 @@ _BATCH = 2  # batch 2, so that a (1, C, H, W) parameter never looks like a featu
 
 @dataclass
 class Call:
-    """The first call of a module: its arguments and its output, cloned so later in-place ops cannot alter them."""
+    """The first call of a module: the arguments its ``forward`` received and what it returned (hooks
+    aside), cloned so later in-place ops cannot alter them.
+
+    ``varies`` describes a later call whose non-tensor arguments differ from the first call's, if any:
+    a traced graph fixes those arguments, so such a module cannot be rewritten from one trace.
+    """
 
     args: tuple
     kwargs: dict
     output: Any
+    varies: str | None = None
 
     def fresh_args(self) -> tuple[tuple, dict]:
         """Clones of the arguments, for a run that may modify its inputs in place."""
@@ -127,15 +133,39 @@ def describe(args: tuple, kwargs: dict) -> str:
     return ", ".join(parts)
 
 
+_TENSOR = object()  # stands for any tensor in the constants of a call
+
+
+def _constants(a: tuple, kw: dict) -> Any:
+    return tree_map(lambda v: _TENSOR if isinstance(v, torch.Tensor) else v, (a, kw))
+
+
+def _same(x: Any, y: Any) -> bool:
+    try:
+        return bool(x == y)
+    except Exception:  # a value without a plain truth for ==, an array say: count it as different
+        return False
+
+
 def _record(model: nn.Module, modules: dict[str, nn.Module], args: tuple, kwargs: dict) -> dict[str, Call]:
-    """One eval-mode, no-grad forward with hooks that keep each module's first call."""
+    """One eval-mode, no-grad forward with hooks that keep each module's first call and note later
+    calls with other constants.
+
+    The pre-hook runs after the user's pre-hooks and the forward hook before the user's forward
+    hooks, so that the call recorded is the one ``forward`` itself saw and made.
+    """
     calls: dict[str, Call] = {}
     pending: dict[str, tuple[tuple, dict]] = {}
+    first: dict[str, Any] = {}
+    varies: dict[str, str] = {}
 
     def pre_hook(name: str):
         def hook(module: nn.Module, a: tuple, kw: dict) -> None:
-            if name not in calls and name not in pending:
+            if name not in first:
+                first[name] = _constants(a, kw)
                 pending[name] = (_clone(a), _clone(kw))
+            elif name not in varies and not _same(first[name], _constants(a, kw)):
+                varies[name] = describe(a, kw)
         return hook
 
     def post_hook(name: str):
@@ -148,7 +178,7 @@ def _record(model: nn.Module, modules: dict[str, nn.Module], args: tuple, kwargs
     handles = []
     for name, module in modules.items():
         handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
-        handles.append(module.register_forward_hook(post_hook(name), with_kwargs=True))
+        handles.append(module.register_forward_hook(post_hook(name), with_kwargs=True, prepend=True))
     try:
         with preserved_modes(model), torch.no_grad(), _small_detection_transforms(model):
             model.eval()
@@ -156,6 +186,8 @@ def _record(model: nn.Module, modules: dict[str, nn.Module], args: tuple, kwargs
     finally:
         for h in handles:
             h.remove()
+    for name, call in calls.items():
+        call.varies = varies.get(name)
     return calls
 
 

@@ -8,11 +8,12 @@ libraries that are optional, so that no role needs a hard dependency.
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .augmented import iadd
 from .se_block import SEBlock
@@ -111,9 +112,19 @@ def count_convs(module: nn.Module) -> int:
     return sum(1 for m in module.modules() if is_conv(m))
 
 
+def _computing_modules(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` and its submodules, leaving out ``torch.nn.utils.parametrize``'s parametrizations: they
+    compute a weight (weight norm, spectral norm), not a map of the feature map."""
+    yield module
+    for name, child in module.named_children():
+        if name == "parametrizations" and parametrize.is_parametrized(module):
+            continue
+        yield from _computing_modules(child)
+
+
 def is_light_module(module: nn.Module) -> bool:
     """True when ``module`` holds no activation and every leaf of it is a linear map (conv, norm, pool...)."""
-    for m in module.modules():
+    for m in _computing_modules(module):
         if is_activation(m):
             return False
         if next(m.children(), None) is None and not is_linear_leaf(m):

@@ -68,6 +68,17 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _file_mode(path: Path) -> int:
+    """The mode a plainly written file would get: the old file's when replacing one, else 0666 less the
+    umask (``mkstemp`` makes its file 0600, which a rename would carry over: weights others cannot read)."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def _atomic_write(path: StrPath, write: Callable[[Path], None], check: Callable[[Path], None] | None = None) -> Path:
     """Run ``write(tmp)`` on a temporary sibling of ``path``, fsync it, optionally ``check(tmp)``, then rename.
 
@@ -81,6 +92,7 @@ def _atomic_write(path: StrPath, write: Callable[[Path], None], check: Callable[
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode(path))  # after the write: a writer may recreate the file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if check is not None:
@@ -249,12 +261,16 @@ def _strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return dict(state)
 
 
-def load_weights(path: StrPath, *, prefer_ema: bool = False) -> dict[str, torch.Tensor]:
+def load_weights(path: StrPath, *, prefer_ema: bool = False, strip_ddp_prefix: bool = True
+                 ) -> dict[str, torch.Tensor]:
     """A model state dict from a ``.safetensors`` file or a weights-only PyTorch checkpoint, on the CPU.
 
     Training checkpoints that wrap the weights (``{"state_dict": ..., "epoch": ...}``) are unwrapped; with
     ``prefer_ema`` an EMA copy (``state_dict_ema``) wins over the raw weights. A pickle that needs
     anything beyond tensors and containers raises `UnsafeCheckpointError` without running it.
+    ``strip_ddp_prefix`` drops a ``module.`` that every key starts with (a user's checkpoint saved from a
+    ``DistributedDataParallel`` wrapper); files this package wrote itself have none to drop, and a
+    model whose only child is named ``module`` needs it kept.
     """
     path = _require_file(path)
     if path.suffix.lower() == ".safetensors":
@@ -268,7 +284,7 @@ def load_weights(path: StrPath, *, prefer_ema: bool = False) -> dict[str, torch.
                              "Re-export it, or pass the original checkpoint.") from None
     else:
         state = _unwrap(_torch_load_weights_only(path), path, prefer_ema)
-    return _strip_module_prefix(state)
+    return _strip_module_prefix(state) if strip_ddp_prefix else dict(state)
 
 
 def load_checkpoint(path: StrPath) -> dict[str, Any]:
@@ -334,11 +350,18 @@ def _few(items: list[str], n: int = 5) -> str:
     return f"{shown}, ... ({len(items)} in all)" if len(items) > n else shown
 
 
+_SE_KEY = re.compile(r"(^|\.)se(_\d+)?\.fc[12]\.(weight|bias)$")
+
+
 def _mismatch_hint(model: nn.Module, missing: list[str], unexpected: list[str], model_keys: set[str]) -> str:
     se_prefixes = tuple(f"{name}." for name, _ in se_blocks(model))
     if missing and se_prefixes and all(k.startswith(se_prefixes) for k in missing) and not unexpected:
         return ("Only SE-block weights are missing: load the base checkpoint before se_retrofit.apply(), "
                 "or pass strict=False (the identity-initialised SE blocks keep the model's function).")
+    se_keys = [k for k in unexpected if _SE_KEY.search(k)]
+    if se_keys and len(se_keys) == len(unexpected) and not se_prefixes:
+        return ("The checkpoint holds SE blocks (" + _few(se_keys, 2) + "): it is a retrofitted model's. Pass the "
+                "base model's weights, load SE runs with se_retrofit.load(run_folder, base_model), or --resume the run.")
     prefixes = {k.split(".", 1)[0] for k in unexpected if "." in k}
     if len(prefixes) == 1:
         prefix = prefixes.pop() + "."

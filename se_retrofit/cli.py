@@ -1,7 +1,8 @@
 """The ``se-retrofit`` command: one subcommand per module in ``se_retrofit.commands``.
 
 Each command module exposes ``register(subparsers)``, which adds its parser and sets ``func`` to the
-function that runs it; ``main`` only dispatches, so ``--help`` stays fast and each command owns its options.
+function that runs it; ``main`` only dispatches, and each command owns its options. User and
+environment errors (bad values, missing or unreadable files) end in one ``error:`` line and exit code 2.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:  # user and environment errors: one line, no traceback
         print(f"se-retrofit {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -6,6 +6,8 @@ and names the option and the values it accepts (the PEFT ``LoraConfig`` pattern)
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -16,10 +18,8 @@ POSITIONS = ("standard", "pre", "post", "identity")
 def _as_patterns(name: str, value: str | Sequence[str] | None) -> tuple[str, ...] | None:
     if value is None:
         return None
-    if isinstance(value, str):
-        value = [value]
     try:
-        patterns = tuple(value)
+        patterns = (value,) if isinstance(value, str) else tuple(value)
     except TypeError:
         raise ValueError(f"{name} must be a pattern string or a list of them, got {value!r}") from None
     if not patterns or not all(isinstance(p, str) and p for p in patterns):
@@ -66,16 +66,20 @@ class SEConfig:
     early_squeeze: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.reduction, bool) or not isinstance(self.reduction, (int, float)) or self.reduction < 1:
-            raise ValueError(f"reduction must be a number >= 1, got {self.reduction!r}")
+        if isinstance(self.reduction, bool) or not isinstance(self.reduction, numbers.Real) \
+                or not math.isfinite(self.reduction) or self.reduction < 1:
+            raise ValueError(f"reduction must be a finite number >= 1, got {self.reduction!r}")
+        # plain Python numbers (a NumPy scalar from a sweep would not go into to_dict's JSON)
+        self.reduction = int(self.reduction) if isinstance(self.reduction, numbers.Integral) else float(self.reduction)
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}; got {self.init!r}")
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {', '.join(map(repr, POSITIONS))}; got {self.position!r}")
         for name in ("min_hidden", "divisor"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            setattr(self, name, int(value))
         for name in ("fuse_add", "early_squeeze"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")

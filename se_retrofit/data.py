@@ -50,7 +50,8 @@ class ImageFiles(Dataset):
                 image = image.convert("RGB")
         except (OSError, SyntaxError, ValueError) as exc:
             raise OSError(f"could not decode image {path} ({exc}); the up-front check only catches broken headers "
-                          "and checksums. Delete or replace the file and restart.") from exc
+                          "and checksums. Replace it with a good copy and --resume, or delete it and start "
+                          "the run again (a run that saved no checkpoint yet restarts with --resume).") from exc
         return (self.transform(image) if self.transform else image), target
 
 
@@ -162,17 +163,53 @@ def _visible(name: str) -> bool:
 
 
 def _class_dirs(root: Path) -> list[Path]:
+    """The class sub-folders of ``root``; at least two, since one class trains to 100% without learning."""
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p.name))
     if not dirs:
         raise ValueError(f"{root} has no class sub-folders. {_LAYOUT_HINT}")
+    if len(dirs) < 2:
+        raise ValueError(f"{root} has 1 class sub-folder ({dirs[0].name!r}), but a classifier needs at least 2 "
+                         "classes (with one, every prediction is right and nothing is learnt). Add a sub-folder "
+                         f"of images for each other class. {_LAYOUT_HINT}")
     return dirs
 
 
+def _unvisited_dirs(folder: Path, names: list[str], visited: set[str]) -> list[str]:
+    """``names`` (sub-folders of ``folder``) whose real path is not in ``visited``, which gains them.
+
+    Links are followed, so without this a link back up the tree (``ln -s . again``) is walked again at
+    every level until the path gets too long, repeating each image dozens of times.
+    """
+    kept = []
+    for name in names:
+        real = os.path.realpath(folder / name)
+        if real not in visited:
+            visited.add(real)
+            kept.append(name)
+    return kept
+
+
+def _unseen_files(paths: list[Path], seen: set[str]) -> list[Path]:
+    """``paths`` whose real path is not in ``seen``, which gains them: a file reachable twice (through a
+    link) counts once, so a stratified split cannot put one copy in train and the other in val."""
+    kept = []
+    for path in paths:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            kept.append(path)
+    return kept
+
+
 def _image_files(class_dir: Path) -> list[Path]:
-    found = []
+    """The images under ``class_dir`` and its sub-folders, following links but each folder and file once."""
+    found: list[Path] = []
+    visited_dirs = {os.path.realpath(class_dir)}
+    seen_files: set[str] = set()
     for folder, subdirs, files in os.walk(class_dir, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if _visible(d))
-        found.extend(Path(folder) / f for f in sorted(files) if _visible(f) and f.lower().endswith(IMG_EXTENSIONS))
+        subdirs[:] = _unvisited_dirs(Path(folder), sorted(d for d in subdirs if _visible(d)), visited_dirs)
+        images = [Path(folder) / f for f in sorted(files) if _visible(f) and f.lower().endswith(IMG_EXTENSIONS)]
+        found.extend(_unseen_files(images, seen_files))
     return found
 
 
@@ -264,7 +301,9 @@ def build_datasets(data: str, model: nn.Module, *, val_split: float = 0.1, seed:
     A folder: ``DIR/train`` and ``DIR/val`` of class sub-folders, used as they are; otherwise the class
     sub-folders of ``DIR`` (or of ``DIR/train`` alone), split per class by ``val_split`` and ``seed``.
     Transforms are timm's for the model's pretrained config (torchvision models get ImageNet's), at
-    ``image_size`` when given. Files without an image extension and hidden files are ignored.
+    ``image_size`` when given. Files without an image extension and hidden files are ignored. Links are
+    followed, but a folder or file reached twice (a link loop, a linked copy) counts once. At least two
+    classes are needed: with one, training reaches 100% accuracy without learning anything.
 
     Corrupt files do not stop the run: every image is opened and ``verify()``-ed up front (header and,
     for PNG, checksums), the unreadable ones are skipped, and one warning gives their number and the

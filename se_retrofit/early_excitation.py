@@ -9,12 +9,16 @@ Without autograd (inference) the maps go further: ``fc1``, ``norm`` and ``conv``
 maps in a row, so ``fc1(norm(conv(m)))`` is one affine map ``W' m + b'`` with ``W' = W1 diag(s) W3``,
 ``hidden x in_channels``: a sixteenth of ``fc1``'s weight and none of ``conv``'s to read per forward.
 `fc1_through` uses it, folded once in float64 and cached per SE block until any of the tensors it
-was folded from changes (version counter) or is replaced (identity, storage). `gate_through` goes
-on to the gate, so that all of SE's small kernels run before ``conv``, in one place.
+was folded from changes (version counter) or is replaced (identity, storage), or the block switches
+between training and eval mode. Changes made through ``.data`` bypass the version counter (as they
+bypass autograd's checks): made in eval mode, they are not seen until the next ``model.train()`` /
+``model.eval()`` pair; `SEConfig(early_squeeze=False)` avoids the fold altogether. `gate_through`
+goes on to the gate, so that all of SE's small kernels run before ``conv``, in one place.
 
 Only modules whose arithmetic is known qualify: ``nn.Conv1d/2d/3d`` of kernel 1, stride 1, no padding,
 one group, and ``nn.BatchNorm1d/2d/3d`` or torchvision's ``FrozenBatchNorm2d`` (exact types: a subclass
-may compute something else). `early_squeeze` checks them when it rewrites the graph, and the functions
+may compute something else), with no forward hooks (nor on the SE block a pre-hook, which could change
+the input it gates). `early_squeeze` checks them when it rewrites the graph, and the functions
 here check them again on every call, because the modules can be replaced afterwards: a deployment
 step that fuses ``conv3`` and ``bn3`` leaves ``nn.Identity`` where ``bn3`` was, and the SE block then
 averages its input as usual.
@@ -29,6 +33,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_state
 
 from .se_block import SEBlock
 
@@ -77,9 +82,18 @@ def _uses_running_stats(norm: nn.Module) -> bool:
     return _tensor(norm, "running_mean") is not None and _tensor(norm, "running_var") is not None
 
 
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether calling these modules runs code besides their class's forward: forward hooks or pre-hooks
+    (their own or global ones), or a ``forward`` set on the instance. The early squeeze redoes their
+    arithmetic itself and would miss what such code changes (a calibration hook, a clipping hook)."""
+    if _module_state._global_forward_hooks or _module_state._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules)
+
+
 def _declines(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> bool:
     """Where the early squeeze must not run: not exact (batch statistics, modules not of the known
-    kinds), or inside a tracer.
+    kinds, hooks or an instance ``forward`` on them), or inside a tracer.
 
     ``torch.jit.trace`` would fix this run-time choice for every later input (and the MAC report
     costs the paper's block); ``torch.compile`` / ``torch.export`` see the plain SE ops and fuse them
@@ -87,7 +101,7 @@ def _declines(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> bool:
     """
     return (isinstance(z, fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling()
             or type(norm) not in norm_types() or not is_pointwise_conv(conv, z.dim() - 2)
-            or not _uses_running_stats(norm))
+            or not _uses_running_stats(norm) or _hooked(conv, norm))
 
 
 def squeeze_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.Tensor | None:
@@ -119,7 +133,8 @@ def fc1_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock) 
     with the folded weight (see the module docstring), for every bottleneck with ``conv`` widening;
     otherwise `squeeze_through` and ``fc1``, under its rule.
     """
-    if _declines(z, conv, norm):
+    # a pre-hook on the SE block may change the input it gates, which the gate from z would not see
+    if _declines(z, conv, norm) or se._forward_pre_hooks:
         return None
     fc1 = se.fc1
     tensors = (_tensor(fc1, "weight"), _tensor(fc1, "bias"), _tensor(conv, "weight"), _tensor(conv, "bias"),
@@ -128,7 +143,7 @@ def fc1_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock) 
     if torch.is_grad_enabled() and (z.requires_grad or any(t is not None and t.requires_grad for t in tensors)):
         s = _squeeze_from_input(z, conv, norm)
         return None if s is None else F.linear(s, fc1.weight.flatten(1), fc1.bias)
-    folded = _folded(se, tensors, norm.eps)
+    folded = _folded(se, tensors, (norm.eps, se.__dict__.get("_mode_switches", 0)))
     if folded is None:
         return None
     weight_t, bias = folded
@@ -151,15 +166,16 @@ def gate_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock)
     return None if hidden is None else se.excite(hidden)
 
 
-def _fingerprint(tensors: tuple[torch.Tensor | None, ...], eps: float) -> tuple | None:
-    """What the folded map depends on: each tensor's storage, version and type; None if untrackable."""
+def _fingerprint(tensors: tuple[torch.Tensor | None, ...], extra: tuple) -> tuple | None:
+    """What the folded map depends on: ``extra`` (the norm's eps, the SE block's mode switches) and each
+    tensor's storage, version and type; None if untrackable."""
     try:
-        return (eps, *((None if t is None else (t.data_ptr(), t._version, t.dtype, t.device)) for t in tensors))
+        return (extra, *((None if t is None else (t.data_ptr(), t._version, t.dtype, t.device)) for t in tensors))
     except RuntimeError:  # inference tensors (made under torch.inference_mode) have no version counter
         return None
 
 
-def _folded(se: nn.Module, tensors: tuple[torch.Tensor | None, ...], eps: float
+def _folded(se: nn.Module, tensors: tuple[torch.Tensor | None, ...], extra: tuple[float, int]
             ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(W'^T, b')`` for ``fc1(norm(conv(m))) = m W'^T + b'``, from the cache or folded now.
 
@@ -169,7 +185,7 @@ def _folded(se: nn.Module, tensors: tuple[torch.Tensor | None, ...], eps: float
     conv_weight = tensors[2]
     if conv_weight.shape[0] <= conv_weight.shape[1]:
         return None
-    key = _fingerprint(tensors, eps)
+    key = _fingerprint(tensors, extra)
     if key is None:
         return None
     cached = _CACHE.get(se)
@@ -178,6 +194,7 @@ def _folded(se: nn.Module, tensors: tuple[torch.Tensor | None, ...], eps: float
         if cached_key == key and all((r is None and t is None) or (r is not None and r() is t)
                                      for r, t in zip(refs, tensors)):
             return folded
+    eps = extra[0]
     wide = torch.float32 if conv_weight.device.type == "mps" else torch.float64  # MPS has no float64
     with torch.inference_mode(False), torch.no_grad():
         f64 = [None if t is None else t.detach().to(wide) for t in tensors]

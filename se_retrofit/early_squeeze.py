@@ -15,7 +15,9 @@ excitation's small kernels run in the same place, one cluster of small ops inste
 CPU the first small kernels after a large one pay for refilling caches, wherever they run.
 
 Only modules whose arithmetic is known qualify (`early_excitation.is_pointwise_conv` and
-`early_excitation.norm_types`; checked again at run time), with only ``nn.Identity`` modules between them.
+`early_excitation.norm_types`; checked again at run time), with only ``nn.Identity`` modules between them
+and nothing writing into the convolution's output in place before the norm reads it (`sites` has
+already checked the same for the norm's output, the SE input).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from .early_excitation import gate_through, is_pointwise_conv, norm_types
+from .mutation import written_between
 
 
 def _single_input(node: fx.Node) -> fx.Node | None:
@@ -59,6 +62,8 @@ def hoist_squeezes(graph: fx.Graph, module: nn.Module, targets: set[str]) -> int
         if found is None or not is_pointwise_conv(found[1], spatial_dims) or _single_input(found[0]) is None:
             continue
         conv_node = found[0]
+        if written_between(graph, module, conv_node, norm_node) is not None:
+            continue  # the norm reads a conv output changed in place: the gate from z would not see the change
         with graph.inserting_before(conv_node):
             conv_ref = graph.get_attr(conv_node.target)
             norm_ref = graph.get_attr(norm_node.target)

@@ -106,13 +106,19 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
         config = _resolved_config(model, train_data, val_data, names, se_config, opts, run_info, dtype, ctx)
 
         saved = None
-        if out is not None and resume:
-            saved = state.load(out / outputs.LAST) if has_checkpoint else None
-            previous = saved["config"] if saved is not None else outputs.read_config(out)
-            outputs.check_same_run(previous, config, out)
+        restart = out is not None and resume and not has_checkpoint and outputs.restartable(out)
+        if out is not None and resume and has_checkpoint:
+            saved = state.load(out / outputs.LAST)
+            outputs.check_same_run(saved["config"], config, out)
+        elif out is not None and resume and not restart:
+            outputs.check_same_run(outputs.read_config(out), config, out)
+        if restart and ctx.is_main and verbose:
+            print(f"no {outputs.LAST} in {out}: that run stopped before its first checkpoint; starting it over",
+                  flush=True)
         set_trainable(model, new_names, trains_backbone(opts.train, stage=1))
         if out is not None:
-            distributed.main_first(lambda: _start_outputs(out, config, original, model, train_data, base_model), ctx)
+            distributed.main_first(lambda: _start_outputs(out, config, original, model, train_data, base_model,
+                                                           restart), ctx)
 
         trainer = Trainer(model=model, train_data=train_data, val_data=val_data, options=opts, device=device,
                           dtype=dtype, ctx=ctx, new_names=new_names, head_name=head[0] if head else None,
@@ -230,11 +236,15 @@ def _resolved_config(model: nn.Module, train_data: Dataset, val_data: Dataset | 
 
 
 def _start_outputs(out: Path, config: dict[str, Any], original: nn.Module | None, model: nn.Module,
-                   train_data: Dataset, name: str | None) -> None:
+                   train_data: Dataset, name: str | None, restart: bool = False) -> None:
+    """The config and the report; a resumed run keeps its report, a run started over gets a new one.
+
+    The config is written every time: a resumed run's matched the saved one (`check_same_run`), and
+    rewriting it repairs a ``config.json`` torn or edited since.
+    """
     outputs.make_out_dir(out)
-    if not (out / outputs.CONFIG).exists():
-        outputs.write_config(out, config)
-    if original is None or (out / "report.md").exists():
+    outputs.write_config(out, config)
+    if original is None or (not restart and (out / "report.md").exists()):
         return
     shape = tuple(getattr(train_data[0][0], "shape", ()))
     if len(shape) != 3:

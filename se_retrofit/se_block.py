@@ -75,6 +75,15 @@ class SEBlock(nn.Module):
             return torch.addcmul(residual, x, gate, value=self.gain, out=x)
         return torch.addcmul(residual, x, gate, value=self.gain)
 
+    def train(self, mode: bool = True) -> SEBlock:
+        """Also count the switch between training and eval mode: `early_excitation` folds its map anew
+        after one. The fold is otherwise checked against the version counters of the weights it came
+        from, which changes made through ``.data`` bypass (as they bypass autograd's checks); such
+        changes made in training mode (an old-style optimizer step) are then seen from ``eval()`` on."""
+        if mode != self.training:
+            self.__dict__["_mode_switches"] = self.__dict__.get("_mode_switches", 0) + 1
+        return super().train(mode)
+
     def excite(self, hidden: torch.Tensor) -> torch.Tensor:
         """The ``(N, C)`` gate from ``fc1``'s ``(N, hidden)`` output: ReLU, ``fc2``, sigmoid (no gain).
 

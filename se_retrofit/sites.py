@@ -17,6 +17,7 @@ from torch import nn
 
 from . import catalog
 from .layout import Layout, expects_channel_first, merge_layouts
+from .mutation import moved_read_problem
 
 
 @dataclass
@@ -241,8 +242,22 @@ def analyze(graph: fx.Graph, owner: nn.Module, layouts: dict[fx.Node, Layout | N
         if add in inner or add not in groups:
             continue
         result = _classify(g, add, groups[add], position)
+        if isinstance(result, Placement):
+            problem = _in_place_problem(g, result)
+            if problem:
+                result = Rejection(add.name, problem)
         (placements if isinstance(result, Placement) else rejections).append(result)
     return placements, rejections
+
+
+def _in_place_problem(g: _Graph, placement: Placement) -> str | None:
+    """Why an in-place write keeps SE from reading ``placement.after`` and feeding its consumers (`mutation`)."""
+    nodes = {n.name: n for n in g.graph.nodes}
+    source = nodes[placement.after]
+    readers = list(source.users) if placement.consumers is None else [nodes[c] for c in placement.consumers]
+    if not readers:  # out.add_(x) with its result unused: the sum is read through `out`, not through the add
+        return f"nothing reads the value of '{source.name}' (the sum of an in-place add is read through its target)"
+    return moved_read_problem(g.graph, g.owner, source, readers)
 
 
 def _group_nodes(g: _Graph, add: fx.Node, terms: list[fx.Node]) -> list[fx.Node]:

@@ -137,3 +137,80 @@ class PlainNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x).mean((2, 3)))
+
+
+class InPlaceWrites(nn.Module):
+    """Residual blocks where an in-place write makes the graph's data flow incomplete.
+
+    ``scaled``: the branch is scaled in place before the add; ``unbound``: ``out.add_(x)`` whose result
+    is dropped and the sum read through ``out``; ``into_clone``: the sum goes into a clone of the input.
+    """
+
+    def __init__(self, channels: int, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.conv1 = conv_bn(channels, channels)
+        self.conv2 = conv_bn(channels, channels)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.relu(self.conv1(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "scaled":
+            out = self.branch(x)
+            out.mul_(0.5)
+            out += x
+            return F.relu(out)
+        if self.kind == "unbound":
+            out = self.branch(x)
+            out.add_(x)
+            return F.relu(out)
+        y = x.clone()
+        y.add_(self.branch(x))
+        return F.relu(y)
+
+
+class ScaledConv3Bottleneck(nn.Module):
+    """A bottleneck whose ``conv3`` output is scaled in place before ``bn3``: a gate computed from
+    ``conv3``'s input (the early squeeze) would not see the scaling."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        mid = channels // 4
+        self.conv1 = nn.Sequential(nn.Conv2d(channels, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU())
+        self.conv3 = nn.Conv2d(mid, channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv3(self.conv1(x))
+        c.mul_(0.5)
+        out = self.bn3(c)
+        out += x
+        return F.relu(out)
+
+
+class CalledTwice(nn.Module):
+    """One residual block called twice with a different flag: one traced graph cannot serve both calls."""
+
+    def __init__(self, channels: int = 16, flag: object = True, other: object = False) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, channels)
+        self.block = FlaggedBlock(channels)
+        self.flags = (flag, other)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block(F.relu(self.stem(x)), self.flags[0])
+        return self.block(x, self.flags[1]).mean((2, 3))
+
+
+class FlaggedBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = conv_bn(channels, channels)
+        self.conv2 = conv_bn(channels, channels)
+
+    def forward(self, x: torch.Tensor, flag: object = True) -> torch.Tensor:
+        out = self.conv2(F.relu(self.conv1(x)))
+        if flag is True or flag == torch.float32:
+            out = out + x
+        return F.relu(out)

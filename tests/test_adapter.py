@@ -101,8 +101,13 @@ def test_load_rebuilds_the_fine_tuned_model_without_touching_the_base(saved, bas
 
 
 def test_se_only_adapter_keeps_the_base_head(saved, base, tuned):
+    """``tuned`` also changed its head; an adapter without it does not rebuild ``tuned``, which the base
+    fingerprint notices (strict), and strict=False loads the SE weights onto the base head."""
     se_only, _ = saved
-    loaded = load(se_only / WEIGHTS_NAME, base, example_input=SMALL)
+    with pytest.raises(ValueError, match="not those adapter"):
+        load(se_only / WEIGHTS_NAME, base, example_input=SMALL)
+    with pytest.warns(UserWarning, match="not those adapter"):
+        loaded = load(se_only / WEIGHTS_NAME, base, strict=False, example_input=SMALL)
     state = loaded.state_dict()
     assert all(torch.equal(state[k], v) for k, v in se_state_dict(tuned).items()), "SE weights not restored"
     assert torch.equal(loaded.fc.weight, base.fc.weight), "without extra_modules the head must stay the base's"
@@ -130,7 +135,9 @@ def test_wrong_base_model_is_refused_with_the_differing_names(saved):
     assert "layer1.1.se" in message and "resnet10t" in message, f"the error should list names and the base: {message}"
     with pytest.warns(UserWarning, match="wrong base model"):
         partial = load(se_only, other, strict=False, example_input=SMALL)
-    saved_weights = se_state_dict(load(se_only, create_model("resnet10t", num_classes=10), example_input=SMALL))
+    with pytest.warns(UserWarning, match="not those adapter"):  # a fresh resnet10t: other weights
+        saved_weights = se_state_dict(load(se_only, create_model("resnet10t", num_classes=10), strict=False,
+                                           example_input=SMALL))
     assert torch.equal(partial.get_submodule("layer1.0.se").fc1.weight, saved_weights["layer1.0.se.fc1.weight"]), \
         "strict=False should still load the blocks whose names match"
 
@@ -161,5 +168,58 @@ def test_load_errors(tmp_path, saved, base, tuned):
     (tmp_path / CONFIG_NAME).write_text(json.dumps({**meta, "format_version": 99}))
     with pytest.raises(ValueError, match="upgrade se_retrofit"):
         load(tmp_path, base)
+    for broken, what in (({"se_config": None}, "se_config"), ({"se_modules": "layer1.0.se"}, "se_modules")):
+        (tmp_path / CONFIG_NAME).write_text(json.dumps({**meta, **broken}))
+        with pytest.raises(ValueError, match=f"damaged: wrong type of {what}"):
+            load(tmp_path, base)
     with pytest.raises(ValueError, match="already has SE blocks"):
         load(se_only, tuned)
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(ValueError, match="is a file"):
+        save_adapter(tuned, tmp_path / "a_file")
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
+class _Wrapper(nn.Module):
+    """A model whose only child is named ``module``: every key starts with ``module.`` legitimately."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.module = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def test_a_model_whose_keys_all_start_with_module_round_trips(base, tmp_path):
+    wrapped = se_retrofit.apply(_Wrapper(copy.deepcopy(base)), reduction=8, example_input=SMALL)
+    for i, (_, block) in enumerate(se_blocks(wrapped)):
+        randomise(block, seed=i)
+    save_adapter(wrapped, tmp_path, base_model="wrapper")
+    loaded = se_retrofit.load(tmp_path, _Wrapper(copy.deepcopy(base)), example_input=SMALL)
+    assert torch.equal(outputs(loaded), outputs(wrapped)), "the adapter of a 'module.'-keyed model did not round-trip"
+
+
+def test_a_compiled_or_data_parallel_model_saves_the_names_of_the_model_inside(tuned, base, tmp_path):
+    for wrapper in (lambda m: torch.compile(m), nn.DataParallel):
+        folder = tmp_path / type(wrapper(nn.Identity())).__name__
+        save_adapter(wrapper(tuned), folder, base_model="resnet10t", extra_modules=("fc",))
+        loaded = se_retrofit.load(folder, base, example_input=SMALL)
+        assert torch.allclose(outputs(loaded), outputs(tuned), atol=1e-6), \
+            f"adapter saved through {folder.name} did not load back"
+
+
+def test_a_base_with_other_weights_is_refused_unless_not_strict(saved, base):
+    """Same architecture, other weights (another pretrained tag, another checkpoint): the SE blocks were
+    trained on other features, so the adapter must not load silently."""
+    se_only, _ = saved
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        other.layer1[0].conv1.weight.mul_(1.01)
+    with pytest.raises(ValueError, match="not those adapter .* was trained on"):
+        load(se_only, other, example_input=SMALL)
+    with pytest.warns(UserWarning, match="not those adapter"):
+        loaded = load(se_only, other, strict=False, example_input=SMALL)
+    assert se_blocks(loaded), "strict=False must still load the SE blocks"
+    meta = json.loads((se_only / CONFIG_NAME).read_text())
+    assert len(meta["base_fingerprint"]) == 64

@@ -12,8 +12,8 @@ import se_retrofit
 from se_retrofit import SEBlock, SERetrofitWarning
 
 from conftest import assert_original_state_kept, make_pretrained_like
-from models_custom import (AddSpelling, FunctionalDropoutBlock, Net, NotResidual, ParallelConvs, PlainNet,
-                           ShortcutArgNet)
+from models_custom import (AddSpelling, CalledTwice, FunctionalDropoutBlock, Net, NotResidual, ParallelConvs,
+                           PlainNet, ShortcutArgNet)
 
 X = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
 
@@ -147,7 +147,8 @@ def test_include_matching_nothing_is_an_error():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(reduction=0), "reduction"), (dict(reduction="16"), "reduction"), (dict(init="zeros"), "init must be one of"),
     (dict(position="after"), "position must be one of 'standard', 'pre', 'post', 'identity'"),
-    (dict(include=[""]), "include"), (dict(exclude=5), "exclude"),
+    (dict(include=[""]), "include"), (dict(exclude=5), "exclude"), (dict(reduction=float("nan")), "reduction"),
+    (dict(reduction=float("inf")), "reduction"),
 ])
 def test_bad_options_name_the_option(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -312,3 +313,83 @@ def test_example_input_follows_the_first_convolution():
     plan = se_retrofit.find_sites(model)
     assert plan.example_input.startswith("Tensor(2, 1,"), plan.example_input
     assert len(plan.sites) == 4
+
+
+def test_numpy_numbers_are_accepted_as_plain_numbers():
+    np = pytest.importorskip("numpy")
+    config = se_retrofit.SEConfig(reduction=np.float32(8), divisor=np.int64(8), min_hidden=np.int64(4))
+    assert type(config.reduction) is float and type(config.divisor) is int and type(config.min_hidden) is int
+    assert config.to_dict()["reduction"] == 8.0
+
+
+@pytest.mark.parametrize("flags", [(True, False), (torch.float32, torch.float64)], ids=["bool", "dtype"])
+def test_a_block_called_with_other_constants_is_left_alone(flags):
+    """fx fixes a traced call's non-tensor arguments; a block called again with others cannot take one graph."""
+    model, se_model = retrofit(CalledTwice(flag=flags[0], other=flags[1]))
+    plan = se_retrofit.get_plan(se_model)
+    assert not plan.sites, f"SE inserted into a block whose calls differ: {plan.sites}"
+    assert any("called again with other non-tensor arguments" in r for r in plan.reasons()), plan.reasons()
+    with torch.no_grad():
+        assert torch.equal(se_model(X), model(X))
+
+
+def test_a_block_called_twice_alike_is_still_converted():
+    _, se_model = retrofit(CalledTwice(flag=True, other=True))
+    assert [s.se_name for s in se_retrofit.get_plan(se_model).sites] == ["block.se"]
+
+
+def test_a_class_with_init_subclass_is_left_alone_and_its_registry_untouched():
+    registry = {}
+
+    class Registered(AddSpelling):
+        def __init_subclass__(cls, **kwargs):
+            super().__init_subclass__(**kwargs)
+            registry[cls.__name__] = cls
+
+    registry.clear()
+    _, se_model = retrofit(Net([Registered(16, "plus")]))
+    assert not registry, f"apply created subclasses that ran the user's __init_subclass__: {list(registry)}"
+    assert any("__init_subclass__" in r for r in se_retrofit.get_plan(se_model).reasons())
+
+
+def test_meta_and_uncopyable_models_are_refused_with_a_hint():
+    with torch.device("meta"):
+        meta = Net([AddSpelling(16, "plus")])
+    with pytest.raises(ValueError, match="meta device.*to_empty"):
+        se_retrofit.apply(meta)
+    from torch.nn.utils import prune
+
+    pruned = Net([AddSpelling(16, "plus")])
+    prune.l1_unstructured(pruned.blocks[0].conv1[0], "weight", 0.5)
+    for call in (se_retrofit.apply, se_retrofit.find_sites):
+        with pytest.raises(ValueError, match="cannot copy Net.*prune.remove.*inplace=True"):
+            call(pruned)
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        se_retrofit.apply("resnet50")
+
+
+def test_new_blocks_take_the_mode_of_the_block_they_join():
+    _, se_model = retrofit(Net([AddSpelling(16, "plus")]))  # retrofit() puts the model in eval mode first
+    assert not se_model.blocks[0].se.training, "an SE block in an eval-mode model was left in training mode"
+
+
+def test_weight_normed_convs_still_count_as_linear_projections():
+    import torchvision
+
+    model = torchvision.models.resnet18()
+    for m in list(model.modules()):
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.utils.parametrizations.weight_norm(m)
+    plan = se_retrofit.find_sites(model)
+    assert len(plan.sites) == 8, f"expected 8 sites with weight-normed convs, got {len(plan.sites)}: {plan.reasons()}"
+
+
+def test_hooks_on_a_block_neither_skip_it_nor_run_twice_in_the_check():
+    model = make_pretrained_like(Net([AddSpelling(16, "plus")])).eval()
+    model.blocks[0].register_forward_pre_hook(lambda m, args: (args[0] * 2.0,))
+    model.blocks[0].register_forward_hook(lambda m, args, out: out + 1.0)
+    se_model = se_retrofit.apply(model)
+    assert [s.se_name for s in se_retrofit.get_plan(se_model).sites] == ["blocks.0.se"], \
+        se_retrofit.get_plan(se_model).reasons()
+    with torch.no_grad():
+        assert torch.equal(se_model(X), model(X)), "the hooked block computes something else after the retrofit"

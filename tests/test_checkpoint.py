@@ -56,6 +56,24 @@ def test_atomic_save_round_trips_and_leaves_no_temp_file(tmp_path):
     assert leftovers(path.parent, {"last.pt"}) == [], "the temporary file should have been renamed away"
 
 
+def test_saved_files_get_the_mode_of_a_plain_write(tmp_path):
+    """mkstemp makes its file 0600; renamed into place it would hide the weights from the user's group."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        atomic_save({"w": torch.ones(2)}, tmp_path / "a.pt")
+        atomic_save_safetensors({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+    finally:
+        os.umask(old)
+    for name in ("a.pt", "a.safetensors"):
+        mode = (tmp_path / name).stat().st_mode & 0o777
+        assert mode == 0o644, f"{name}: mode {oct(mode)}, expected 0o644 under umask 022"
+    (tmp_path / "a.pt").chmod(0o640)
+    atomic_save({"w": torch.zeros(2)}, tmp_path / "a.pt")
+    assert (tmp_path / "a.pt").stat().st_mode & 0o777 == 0o640, "replacing a file must keep its mode"
+
+
 def test_failed_save_keeps_the_old_file_and_removes_the_temp_file(tmp_path):
     path = tmp_path / "last.pt"
     atomic_save({"epoch": 1}, path)
@@ -265,3 +283,12 @@ def test_load_into_hints_at_a_key_prefix():
     prefixed = {f"backbone.{k}": v for k, v in net.state_dict().items()}
     with pytest.raises(WeightsMismatchError, match="'backbone.'"):
         load_into(tiny_net(), prefixed)
+
+
+def test_an_se_models_weights_given_for_a_base_model_get_a_hint():
+    import se_retrofit
+    from torchvision.models import resnet18
+
+    weights = se_retrofit.apply(resnet18()).state_dict()
+    with pytest.raises(WeightsMismatchError, match="holds SE blocks"):
+        load_into(resnet18(), weights)

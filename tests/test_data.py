@@ -135,6 +135,24 @@ def test_non_image_and_hidden_files_are_ignored(tmp_path, model):
     assert names == sorted(["deep.JPG"] + [f"img{i}.png" for i in range(3)] * 2), f"scanned files {names}"
 
 
+def test_symlink_loops_and_linked_copies_count_each_image_once(tmp_path, model):
+    write_class_folders(tmp_path, {"a": 3, "b": 3})
+    write_image(tmp_path / "a" / "nested" / "deep.png", seed=50)
+    try:
+        (tmp_path / "a" / "again").symlink_to(".", target_is_directory=True)
+        (tmp_path / "a" / "alias").symlink_to(tmp_path / "a" / "nested", target_is_directory=True)
+        (tmp_path / "b" / "copy.png").symlink_to(tmp_path / "b" / "img0.png")
+    except OSError as exc:
+        pytest.skip(f"cannot create symlinks here: {exc}")
+    train, val, _ = build_datasets(tmp_path, model, val_split=0.5, image_size=16)
+    samples = train.samples + val.samples
+    real = [p.resolve() for p, _ in samples]
+    assert len(samples) == 7, f"expected 4 + 3 distinct images, got {len(samples)}: {sorted(map(str, real))}"
+    assert len(set(real)) == len(real), f"an image was listed twice: {sorted(map(str, real))}"
+    assert not {p.resolve() for p, _ in train.samples} & {p.resolve() for p, _ in val.samples}, \
+        "the same image file must not be in both train and val"
+
+
 def test_corrupt_files_are_skipped_with_one_warning(tmp_path, model):
     write_class_folders(tmp_path / "train", {"a": 3, "b": 3})
     write_class_folders(tmp_path / "val", {"a": 2, "b": 2})
@@ -188,6 +206,19 @@ def test_folder_without_class_folders_is_an_error(tmp_path, model):
     write_image(tmp_path / "loose.png")
     with pytest.raises(ValueError, match="no class sub-folders"):
         build_datasets(tmp_path, model)
+
+
+@pytest.mark.parametrize("layout", ["single folder", "train and val"])
+def test_a_single_class_is_an_error_naming_the_folder(tmp_path, model, layout):
+    root = tmp_path / "train" if layout == "train and val" else tmp_path
+    write_class_folders(root, {"only": 4})
+    if layout == "train and val":
+        write_class_folders(tmp_path / "val", {"only": 2})
+    with pytest.raises(ValueError, match="1 class sub-folder") as info:
+        build_datasets(tmp_path, model)
+    message = str(info.value)
+    assert str(root) in message and "'only'" in message, f"the error should name the folder and the class: {message}"
+    assert "at least 2 classes" in message, message
 
 
 def test_train_and_val_with_different_classes_is_an_error(tmp_path, model):

@@ -71,6 +71,49 @@ def test_the_fold_follows_every_change_to_the_tensors_it_came_from():
             assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), f"stale fold after: {what}"
 
 
+def test_a_change_through_data_is_seen_after_a_train_eval_switch():
+    """``.data`` writes bypass the version counter; the fold is redone when the SE block switches mode."""
+    conv, norm, se, z = _parts()
+    se.eval()
+    with torch.no_grad():
+        fc1_through(z, conv, norm, se)
+        conv.weight.data.mul_(3.0)
+        norm.running_var.data.mul_(0.1)
+        se.train()
+        se.eval()
+        got, want = fc1_through(z, conv, norm, se), _reference(z, conv, norm, se)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), f"stale fold after a mode switch: {(got - want).abs().max()}"
+
+
+@pytest.mark.parametrize("where", ["conv forward hook", "norm forward hook", "norm pre-hook", "se pre-hook",
+                                   "global forward hook", "instance forward"])
+def test_hooks_on_the_modules_it_redoes_make_it_decline(where):
+    """A hook may change what the conv or the norm returns (calibration, clipping); the early gate,
+    which redoes their arithmetic, would not see it."""
+    conv, norm, se, z = _parts()
+    hook = lambda module, args, out: out * 3.0  # noqa: E731
+    pre = lambda module, args: (args[0] * 2.0,)  # noqa: E731
+    handle = {
+        "conv forward hook": lambda: conv.register_forward_hook(hook),
+        "norm forward hook": lambda: norm.register_forward_hook(hook),
+        "norm pre-hook": lambda: norm.register_forward_pre_hook(pre),
+        "se pre-hook": lambda: se.register_forward_pre_hook(pre),
+        "global forward hook": lambda: nn.modules.module.register_module_forward_hook(hook),
+    }.get(where, lambda: None)()
+    if where == "instance forward":
+        norm.forward = lambda x: nn.BatchNorm2d.forward(norm, x) + 1.0
+    try:
+        with torch.no_grad():
+            assert fc1_through(z, conv, norm, se) is None, f"the early squeeze ignored a {where}"
+            assert gate_through(z, conv, norm, se) is None, f"the early gate ignored a {where}"
+    finally:
+        if handle is not None:
+            handle.remove()
+    if handle is not None:
+        with torch.no_grad():
+            assert fc1_through(z, conv, norm, se) is not None, f"still declining after the {where} was removed"
+
+
 def test_a_dtype_change_refolds():
     conv, norm, se, z = _parts(dtype=torch.float32)
     with torch.no_grad():

@@ -135,6 +135,30 @@ def test_options_resolve_defaults_and_refuse_typos() -> None:
         TrainOptions(epochs=2, warmup_epochs=3)
 
 
+FLOAT_OPTIONS = ("lr", "weight_decay", "momentum", "warmup_epochs", "min_lr", "label_smoothing", "clip_grad",
+                 "ema_decay", "backbone_lr_scale", "checkpoint_every_seconds")
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("name", FLOAT_OPTIONS)
+def test_options_refuse_non_finite_numbers(name: str, value: float) -> None:
+    with pytest.raises(ValueError, match=rf"^{name} must be a finite number, got -?(nan|inf);.*option out"):
+        TrainOptions(**{name: value})
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "inf"), ("--clip-grad", "nan"), ("--min-lr", "nan"),
+                                        ("--warmup-epochs", "nan")])
+def test_cli_refuses_non_finite_options_before_writing(flag: str, value: str, image_folder: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    code = run_cli(fast_args(image_folder, out, flag, value))
+    err = capsys.readouterr().err
+    option = flag[2:].replace("-", "_")
+    assert code == 2, f"{flag} {value}: expected exit code 2, got {code}; stderr:\n{err}"
+    assert f"{option} must be a finite number" in err, f"{flag} {value}: {err}"
+    assert not out.exists() or not any(out.iterdir()), f"{flag} {value}: files were written before the error"
+
+
 def test_checkpoint_every_accepts_steps_and_durations() -> None:
     assert parse_checkpoint_every("200") == (200, 0.0)
     assert parse_checkpoint_every("30s") == (0, 30.0)

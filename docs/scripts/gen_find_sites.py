@@ -148,6 +148,21 @@ class PositionEmbedding(nn.Module):
         return F.relu(self.conv(x)) + self.pos
 
 
+class ScaledInPlace(nn.Module):
+    """The branch is scaled in place before the addition: an SE block inserted after `conv` would read
+    the value before the scaling, which the graph's data flow does not show."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = conv_bn(c, c)
+
+    def forward(self, x):
+        out = self.conv(x)
+        out.mul_(0.5)
+        out += x
+        return F.relu(out)
+
+
 class Cases(nn.Module):
     def __init__(self, c: int = C):
         super().__init__()
@@ -161,18 +176,19 @@ class Cases(nn.Module):
         self.channels_last = ChannelsLast(c)
         self.tokens = Tokens(c)
         self.pos_embed = PositionEmbedding(c)
+        self.scaled_in_place = ScaledInPlace(c)
         self.fc = nn.Linear(c, 10)
 
     def forward(self, x):
         x = F.relu(self.stem(x))
         x = self.upsample(self.projection(self.residual(x)))
         x = self.partial_channel(self.already_se(self.multi_branch(x)))
-        x = self.pos_embed(self.tokens(self.channels_last(x)))
+        x = self.scaled_in_place(self.pos_embed(self.tokens(self.channels_last(x))))
         return self.fc(x.mean((2, 3)))
 
 
 CASE_CLASSES = (Residual, Projection, MultiBranch, AlreadySE, PartialChannel, ChannelsLast, Tokens,
-                PositionEmbedding)
+                PositionEmbedding, ScaledInPlace)
 
 
 def source(obj) -> str:

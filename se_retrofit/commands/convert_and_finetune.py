@@ -132,6 +132,10 @@ def run(args: argparse.Namespace) -> int:
     if args.data != "digits" and not Path(args.data).exists():
         raise FileNotFoundError(f"--data {args.data} does not exist; pass 'digits' for the built-in dataset or an "
                                 "ImageFolder directory (DIR/train + DIR/val, or DIR/CLASS/*.jpg)")
+    if args.data != "digits":
+        _check_apart(Path(args.out), Path(args.data))
+    if args.checkpoint is not None and args.checkpoint.is_dir():
+        raise ValueError(f"--checkpoint {args.checkpoint} is a folder; pass the .safetensors or .pth file in it")
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint} does not exist; pass a .safetensors or .pth file")
 
@@ -158,6 +162,16 @@ def run(args: argparse.Namespace) -> int:
     return INTERRUPTED_EXIT if result.interrupted else 0
 
 
+def _check_apart(out: Path, data: Path) -> None:
+    """Refuse a run folder inside the data (it would become a class of the next run) or around it."""
+    out, data = out.resolve(), data.resolve()
+    if out == data or data in out.parents:
+        raise ValueError(f"--out {out} is inside --data {data}: its files would be read as images of a class "
+                         "by the next run; choose an --out outside the data folder")
+    if out in data.parents:
+        raise ValueError(f"--data {data} is inside --out {out}; choose an --out that does not hold the data")
+
+
 def _fields(opts: TrainOptions) -> dict[str, Any]:
     return opts.to_dict()
 
@@ -175,6 +189,10 @@ def _build_model(spec: str, pretrained: bool, checkpoint: Path | None):
             saved = weights.get(f"{head[0]}.weight")
             if saved is not None and saved.ndim == 2 and saved.shape[0] != head[1].out_features:
                 reset_classifier(model, int(saved.shape[0]))
+            own_head = {k: v for k, v in model.state_dict().items() if k.startswith(f"{head[0]}.")}
+            if not own_head.keys() & weights.keys():
+                # a backbone saved without its classifier (num_classes=0): the head is fitted to the data anyway
+                weights = {**weights, **own_head}
         ckpt.load_into(model, weights, strict=True)
     return model
 

@@ -8,6 +8,7 @@ concrete value, so a run is reproducible from its config alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -181,9 +182,21 @@ def parse_checkpoint_every(text: str) -> tuple[int, float]:
 
 
 def _number(name: str, value: Any) -> float:
+    """``value`` as a float, refusing NaN and infinity.
+
+    Every range check below is a comparison, and a comparison with NaN is always false: without this,
+    ``lr=inf`` or ``clip_grad=nan`` would pass validation and train to NaN weights with exit status 0.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}; nan and inf are not valid settings, "
+                         "give an ordinary number (or leave the option out for its default)")
+    return number
 
 
 def _number_at_least(name: str, value: Any, low: float) -> None:

@@ -45,8 +45,10 @@ def prepare_out_dir(out: Path, resume: bool) -> bool:
     """Check that ``out`` can take this run; return True when there is a checkpoint to resume.
 
     A new run needs a folder that is missing or empty: anything else may be someone's earlier run,
-    and silently mixing or overwriting files is how results get lost. ``resume`` needs ``config.json``
-    (the config comparison happens once the new config is known, in `check_same_run`).
+    and silently mixing or overwriting files is how results get lost. ``resume`` needs ``last.pt``
+    (the config comparison happens once the new config is known, in `check_same_run`), or ``config.json``
+    and none of a run's results: a run that stopped before its first checkpoint starts over when
+    nothing else is there (`restartable`), and is otherwise compared with the new config as well.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -54,22 +56,47 @@ def prepare_out_dir(out: Path, resume: bool) -> bool:
     if out.is_dir():
         entries = sorted(p.name for p in out.iterdir())
         if resume:
-            if CONFIG not in entries:
-                raise FileNotFoundError(f"nothing to resume in {out}: it has no {CONFIG} from an earlier run; "
-                                        "drop --resume to start a new run there (it must be empty)")
+            if CONFIG not in entries and LAST not in entries:
+                raise FileNotFoundError(f"nothing to resume in {out}: it has no {CONFIG} or {LAST} from an earlier "
+                                        "run; drop --resume to start a new run there (it must be empty)")
+            if LAST not in entries:
+                finished = finished_outputs(out)
+                if finished:
+                    raise FileExistsError(
+                        f"--resume: {out} has no {LAST} to resume from but holds the results of a run "
+                        f"({', '.join(finished)}); starting over would overwrite them. Choose another --out "
+                        f"for a new run, or put {LAST} back to continue that one")
             _check_writable(out)
-            return (out / LAST).exists()
+            return LAST in entries
         if entries:
             shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
             what = _describe_run(out) if CONFIG in entries else f"holds {len(entries)} file(s) ({shown})"
+            again = "; it stopped before its first checkpoint, so --resume starts it over" if restartable(out) else ""
             raise FileExistsError(f"--out {out} {what}; refusing to overwrite it. Pass --resume to continue "
-                                  "that run, or choose another --out")
+                                  f"that run{again}, or choose another --out")
         _check_writable(out)
         return False
     if resume:
         raise FileNotFoundError(f"nothing to resume: {out} does not exist; drop --resume to start a new run")
     _check_writable(_existing_ancestor(out))
     return False
+
+
+def finished_outputs(out: Path) -> list[str]:
+    """The files in ``out`` that only training writes: weights, metrics, the adapter (not the config or report)."""
+    results = [p.name for p in sorted(Path(out).iterdir()) if p.name in (MODEL, BEST, METRICS, CURVES)
+               or p.name.startswith("se_adapter")]
+    return results
+
+
+# What a run writes before its first checkpoint: a folder holding only these has no result to lose.
+_STARTED = (CONFIG, "report.md", "report.json")
+
+
+def restartable(out: Path) -> bool:
+    """Whether ``out`` holds a run that stopped before its first checkpoint and nothing else."""
+    names = {p.name for p in Path(out).iterdir()}
+    return LAST not in names and CONFIG in names and names <= set(_STARTED)
 
 
 def make_out_dir(out: Path) -> None:
@@ -156,17 +183,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    ckpt._atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_config(out: Path, config: dict[str, Any]) -> None:

@@ -63,7 +63,11 @@ def save(path: Path, state: dict[str, Any]) -> None:
 
 
 def load(path: Path) -> dict[str, Any]:
-    state = ckpt.load_checkpoint(path)
+    try:
+        state = ckpt.load_checkpoint(path)
+    except (ValueError, RuntimeError, EOFError) as exc:  # what torch.load raises for a torn or foreign file
+        raise ValueError(f"cannot resume: {path} is damaged ({str(exc).splitlines()[0]}). The run's other files "
+                         "are untouched; put back a good copy of it, or start a new run in another --out") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} is not a se_retrofit training checkpoint (format {found!r}, expected {FORMAT!r}); "

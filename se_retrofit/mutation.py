@@ -1,0 +1,118 @@
+"""Analysis: in-place writes that make a block's data-flow graph say less than the code does.
+
+fx records which value each node read, not when: ``out.mul_(0.2)`` or ``out.add_(x)`` changes
+``out`` without making a new value, so a node that reads ``out`` afterwards sees what no edge of the
+graph shows. Splicing SE in moves reads. The SE block reads its input where it is inserted, right
+after the value is made; its consumers then read the SE output. A write into that value between the
+two points would be lost to the SE. And where a consumer itself writes into the value (``out += x``,
+``out.add_(x)``), a later node that reads ``out`` directly would no longer see the write, which now
+lands in the SE output. `moved_read_problem` finds both; `sites` then leaves the addition alone.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Iterable
+
+import torch.fx as fx
+from torch import nn
+
+from . import catalog
+from .augmented import iadd
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift, operator.imatmul, iadd}
+# Ops whose result shares memory with their first input: a write through the result is a write to it.
+_VIEW_NAMES = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",
+               "transpose", "swapaxes", "swapdims", "movedim", "permute", "t", "narrow", "select", "expand",
+               "expand_as", "getitem", "contiguous", "detach", "as_strided", "split", "chunk", "tensor_split",
+               "unbind", "diagonal", "unfold", "real", "imag", "view_as_real", "view_as_complex", "type_as", "to"}
+
+
+def _first_input(node: fx.Node) -> fx.Node | None:
+    first = node.args[0] if node.args else None
+    return first if isinstance(first, fx.Node) else None
+
+
+def _is_inplace_name(name: str) -> bool:
+    if name.startswith("__i") and name.endswith("__"):  # __iadd__, __imul__, ... as call_method
+        return True
+    return name.endswith("_") and not name.startswith("_")
+
+
+def written_input(node: fx.Node, owner: nn.Module) -> fx.Node | None:
+    """The input ``node`` writes into, or None: in-place methods and functions (``add_``, ``torch.relu_``,
+    ``+=``), ``inplace=True`` and ``out=`` arguments, and modules with ``inplace=True`` (``nn.ReLU``)."""
+    if node.op == "call_module":
+        module = owner.get_submodule(node.target)
+        return _first_input(node) if getattr(module, "inplace", False) is True else None
+    if node.op not in ("call_function", "call_method"):
+        return None
+    out = node.kwargs.get("out")
+    if isinstance(out, fx.Node):
+        return out
+    if node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True \
+            or _is_inplace_name(catalog.target_name(node.target)):
+        return _first_input(node)
+    return None
+
+
+def _aliases(node: fx.Node, owner: nn.Module, aliases: set[fx.Node]) -> bool:
+    """Whether ``node``'s value shares memory with one of ``aliases``."""
+    source = _first_input(node)
+    if source is None or source not in aliases:
+        return False
+    if written_input(node, owner) is source:  # an in-place op returns the tensor it wrote into
+        return True
+    if node.op == "call_module":
+        return catalog.is_path_drop(owner.get_submodule(node.target))  # nn.Identity, eval-mode dropout
+    return node.op in ("call_function", "call_method") and catalog.target_name(node.target) in _VIEW_NAMES
+
+
+def moved_read_problem(graph: fx.Graph, owner: nn.Module, source: fx.Node, readers: Iterable[fx.Node]
+                       ) -> str | None:
+    """Why SE must not take ``source``'s value where it is made and feed ``readers`` instead; None if it may.
+
+    ``graph`` is ``owner``'s forward; ``readers`` are the nodes that would read the SE output.
+    """
+    readers = set(readers)
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    last = max(position[r] for r in readers)
+    aliases = {source}
+    writer: fx.Node | None = None  # a reader that wrote into source: later direct reads would miss the write
+    for node in nodes[position[source] + 1:]:
+        if writer is not None:
+            stale = [a for a in node.all_input_nodes if a in aliases]
+            if stale:
+                return (f"'{node.name}' reads '{stale[0].name}' after '{writer.name}' wrote into it in place; "
+                        "with SE the write would go to the SE output")
+            continue
+        if written_input(node, owner) in aliases:
+            if node in readers:
+                writer = node
+                continue
+            if position[node] < last:
+                return f"'{source.name}' is modified in place by '{node.name}' before the addition reads it"
+        if position[node] > last:
+            continue
+        if _aliases(node, owner, aliases):
+            aliases.add(node)
+    return None
+
+
+def written_between(graph: fx.Graph, owner: nn.Module, source: fx.Node, end: fx.Node) -> fx.Node | None:
+    """The first node strictly between ``source`` and ``end`` that writes into ``source`` (or a view of it)."""
+    aliases = {source}
+    started = False
+    for node in graph.nodes:
+        if node is end:
+            return None
+        if not started:
+            started = node is source
+            continue
+        if written_input(node, owner) in aliases:
+            return node
+        if _aliases(node, owner, aliases):
+            aliases.add(node)
+    return None

@@ -1,0 +1,100 @@
+"""The run folder and the inputs of ``convert-and-finetune``: what ``--resume`` may start over, what
+it must refuse, and which user files it must accept.
+
+A finished run whose ``last.pt`` was deleted (it is the largest file, and only needed to resume) must
+not be retrained over; a run that stopped before its first checkpoint holds no result and may start
+over with other arguments; a run folder inside the data folder would become a class of the next run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+
+from se_retrofit.models import create_model
+from test_finetune import MODEL, fast_args, run_cli, write_image_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("data") / "images", classes=2, train_per_class=4,
+                              val_per_class=2)
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_resume_refuses_a_finished_run_without_its_checkpoint(images: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    assert run_cli(fast_args(images, out, "--epochs", "1")) == 0
+    (out / "last.pt").unlink()
+    before = _digest(out)
+    assert run_cli(fast_args(images, out, "--epochs", "1", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "no last.pt to resume from" in err and "model.safetensors" in err, err
+    assert _digest(out) == before, "the finished run's files were changed"
+
+
+def test_resume_starts_over_a_run_that_stopped_before_its_first_checkpoint(images: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    """What a run leaves when it fails after writing its config (a batch larger than the data, say)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"model": {"name": "resnet18"}, "train": {"batch_size": 64}}))
+    assert run_cli(fast_args(images, out, "--epochs", "1")) == 2
+    assert "--resume starts it over" in capsys.readouterr().err
+    assert run_cli(fast_args(images, out, "--epochs", "1", "--resume")) == 0
+    assert "starting it over" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["name"] == "resnet10t", "the config of the run that started over was not rewritten"
+    assert (out / "model.safetensors").exists() and (out / "last.pt").exists()
+
+
+@pytest.mark.parametrize("where", ["inside", "around"])
+def test_out_and_data_must_not_contain_each_other(where: str, images: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    out = images / "run1" if where == "inside" else images.parent
+    before = sorted(p.name for p in images.iterdir())
+    assert run_cli(fast_args(images, out, "--epochs", "1")) == 2
+    err = capsys.readouterr().err
+    assert ("inside --data" if where == "inside" else "is inside --out") in err, err
+    assert sorted(p.name for p in images.iterdir()) == before, "files were written into the data folder"
+
+
+def test_a_damaged_last_pt_is_named_and_nothing_is_touched(images: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    assert run_cli(fast_args(images, out, "--epochs", "1")) == 0
+    (out / "last.pt").write_bytes((out / "last.pt").read_bytes()[:1000])
+    before = _digest(out)
+    assert run_cli(fast_args(images, out, "--epochs", "1", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "last.pt is damaged" in err and "another --out" in err, err
+    assert _digest(out) == before
+
+
+def test_a_backbone_checkpoint_without_its_classifier_is_accepted(images: Path, tmp_path: Path) -> None:
+    """``timm.create_model(..., num_classes=0).state_dict()`` has no head: the run fits one to the data anyway."""
+    path = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in create_model(MODEL, num_classes=0).state_dict().items()}, str(path))
+    assert run_cli(fast_args(images, tmp_path / "run", "--epochs", "1", "--checkpoint", str(path))) == 0
+
+
+def test_a_checkpoint_folder_is_named_as_a_folder(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_cli(fast_args(images, tmp_path / "run", "--checkpoint", str(tmp_path))) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_resume_repairs_a_torn_config(images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert run_cli(fast_args(images, out, "--epochs", "1")) == 0
+    (out / "config.json").write_text("{")
+    assert run_cli(fast_args(images, out, "--epochs", "1", "--resume")) == 0
+    assert json.loads((out / "config.json").read_text())["model"]["name"] == "resnet10t"
