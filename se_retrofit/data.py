@@ -240,7 +240,23 @@ def _scan(root: Path, verify: bool, skipped: list[Path]) -> tuple[list[str], dic
                              "corrupt or not images. Replace them or remove the folder.")
         skipped.extend(bad)
         files[name] = good
+    shared = _first_shared_file(files)
+    if shared:
+        path, first, second = shared
+        raise ValueError(f"the image {path} is in two classes, {first!r} and {second!r} (through a link or a "
+                         "linked folder): a sample has one label. Remove one of the two links.")
     return classes, files
+
+
+def _first_shared_file(groups: dict[str, list[Path]]) -> tuple[Path, str, str] | None:
+    """A file (by real path) found under two of ``groups``, with the two group names, if any."""
+    owner: dict[str, str] = {}
+    for group, paths in groups.items():
+        for path in paths:
+            real = os.path.realpath(path)
+            if owner.setdefault(real, group) != group:
+                return path, owner[real], group
+    return None
 
 
 def _samples(classes: list[str], files: dict[str, list[Path]]) -> list[tuple[Path, int]]:
@@ -270,6 +286,11 @@ def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_siz
             raise ValueError(f"{train_dir} and {val_dir} have different classes (only in train: {only_train[:10]}, "
                              f"only in val: {only_val[:10]}); class indices would not match. "
                              "Give both folders the same class sub-folders.")
+        leak = _first_shared_file({"train": [p for v in train_files.values() for p in v],
+                                   "val": [p for v in val_files.values() for p in v]})
+        if leak:
+            raise ValueError(f"the image {leak[0]} is in both {train_dir} and {val_dir} (through a link): "
+                             "validation would measure memorisation. Remove it from one of them.")
         train_samples, val_samples = _samples(classes, train_files), _samples(classes, val_files)
     else:
         _check_val_split(val_split)
@@ -302,7 +323,8 @@ def build_datasets(data: str, model: nn.Module, *, val_split: float = 0.1, seed:
     sub-folders of ``DIR`` (or of ``DIR/train`` alone), split per class by ``val_split`` and ``seed``.
     Transforms are timm's for the model's pretrained config (torchvision models get ImageNet's), at
     ``image_size`` when given. Files without an image extension and hidden files are ignored. Links are
-    followed, but a folder or file reached twice (a link loop, a linked copy) counts once. At least two
+    followed, but a folder or file reached twice (a link loop, a linked copy) counts once, and one
+    reached from two classes, or from both train and val, is an error. At least two
     classes are needed: with one, training reaches 100% accuracy without learning anything.
 
     Corrupt files do not stop the run: every image is opened and ``verify()``-ed up front (header and,

@@ -153,6 +153,21 @@ def test_symlink_loops_and_linked_copies_count_each_image_once(tmp_path, model):
         "the same image file must not be in both train and val"
 
 
+def test_an_image_linked_into_two_classes_or_into_train_and_val_is_an_error(tmp_path, model):
+    write_class_folders(tmp_path / "flat", {"a": 2, "b": 2})
+    write_class_folders(tmp_path / "split" / "train", {"a": 2, "b": 2})
+    write_class_folders(tmp_path / "split" / "val", {"a": 2, "b": 2})
+    try:
+        (tmp_path / "flat" / "b" / "from_a.png").symlink_to(tmp_path / "flat" / "a" / "img0.png")
+        (tmp_path / "split" / "val" / "a" / "leak.png").symlink_to(tmp_path / "split" / "train" / "a" / "img1.png")
+    except OSError as exc:
+        pytest.skip(f"cannot create symlinks here: {exc}")
+    with pytest.raises(ValueError, match="is in two classes, 'a' and 'b'"):
+        build_datasets(tmp_path / "flat", model, image_size=16)
+    with pytest.raises(ValueError, match="is in both .*train and .*val"):
+        build_datasets(tmp_path / "split", model, image_size=16)
+
+
 def test_corrupt_files_are_skipped_with_one_warning(tmp_path, model):
     write_class_folders(tmp_path / "train", {"a": 3, "b": 3})
     write_class_folders(tmp_path / "val", {"a": 2, "b": 2})

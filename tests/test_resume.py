@@ -293,3 +293,19 @@ def test_sigint_exits_cleanly_with_a_resume_hint(cli_setup: dict, reference_run:
     assert resumed.returncode == 0, f"resume failed:\n{resumed.stdout}\n{resumed.stderr}"
     assert_same_weights(load_file(str(reference_run / "model.safetensors")),
                         load_file(str(out / "model.safetensors")), "SIGINT + resume")
+
+
+def test_a_forked_worker_neither_announces_nor_requests_the_stop(capfd: pytest.CaptureFixture) -> None:
+    """Data-loader workers are forked with the main process's handler; Ctrl-C reaches them too, and each
+    printed the stop message once more before this."""
+    from se_retrofit.training.interrupt import GracefulStop
+
+    with GracefulStop() as stop:
+        pid = os.fork()
+        if pid == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+            os._exit(1 if stop.requested else 0)
+        _, status = os.waitpid(pid, 0)
+        assert not stop.requested, "the worker's signal stopped the main process's run"
+    assert os.waitstatus_to_exitcode(status) == 0, "the forked worker took the stop request for itself"
+    assert "received" not in capfd.readouterr().err, "the forked worker announced the stop"

@@ -153,7 +153,8 @@ def se_ops(data: dict[str, Any]) -> str:
     headers = ["op"] + [f"{r['channels']}x{r['size']} (us)" for r in rows_in] + ["per ResNet-50 forward (ms)"]
     where = ("Each call here runs after the stage's 1x1 convolution (`conv3`'s shape, untimed; `--cold`), as in a "
              "forward, where the convolution has just displaced the op's code and data: compare with the table "
-             "without `--cold` to see what that costs the small ops (the matrix products on the `(8, C)` squeeze). "
+             "without `--cold` to see what that costs the small ops (the matrix products on the `(8, C)` squeeze); "
+             "the last row, no part of SE, is an op with next to no work, which costs as much there. "
              "For the large ops the convolution's freed output also sends the next allocation to fresh pages "
              "(page faults, see above), so compare those rows with the base model's residual add in the same "
              "table. "

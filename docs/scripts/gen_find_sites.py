@@ -149,8 +149,9 @@ class PositionEmbedding(nn.Module):
 
 
 class ScaledInPlace(nn.Module):
-    """The branch is scaled in place before the addition: an SE block inserted after `conv` would read
-    the value before the scaling, which the graph's data flow does not show."""
+    """The branch is scaled in place (`out.mul_`) before the addition, a write the data-flow graph does not show.
+
+    An SE block inserted after `conv` would read the value before the scaling."""
 
     def __init__(self, c):
         super().__init__()

@@ -7,6 +7,7 @@ SIGTERM is handled the same way because schedulers (SLURM, Kubernetes) send it b
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -26,8 +27,10 @@ class GracefulStop:
         self.requested = False
         self.announce = announce
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> "GracefulStop":
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for sig in _SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -42,6 +45,10 @@ class GracefulStop:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:
+            # a forked data-loader worker inherited the handler: the main process stops the run and its
+            # workers, so a worker only waits (Ctrl-C reaches the whole process group, workers included)
+            return
         if self.requested and signum == signal.SIGINT:
             self._restore()
             raise KeyboardInterrupt
