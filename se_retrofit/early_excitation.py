@@ -7,7 +7,7 @@ which in a bottleneck has a quarter of the channels (`squeeze_through`).
 
 Without autograd (inference) the maps go further: ``fc1``, ``norm`` and ``conv`` are three affine
 maps in a row, so ``fc1(norm(conv(m)))`` is one affine map ``W' m + b'`` with ``W' = W1 diag(s) W3``,
-``hidden x in_channels``: a sixteenth of ``fc1``'s weight and none of ``conv``'s to read per forward.
+``hidden x in_channels``: a quarter of ``fc1``'s weight (in a bottleneck) and none of ``conv``'s to read per forward.
 `fc1_through` uses it, folded once in float64 and cached per SE block until any of the tensors it
 was folded from changes (version counter) or is replaced (identity, storage), or the block switches
 between training and eval mode. Changes made through ``.data`` bypass the version counter (as they

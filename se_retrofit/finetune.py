@@ -8,6 +8,7 @@ A model that already has SE blocks is trained in place, like ``Module.fit`` else
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,8 @@ from .training.freeze import new_parameter_names, set_trainable, trains_backbone
 from .training.loop import Trainer, seed_everything
 from .training.options import TrainOptions
 
-CONVERSION_KEYS = ("reduction", "init", "position", "include", "exclude", "min_hidden", "divisor")
+# Keyword options of `finetune` that configure the retrofit rather than the training: every SEConfig field.
+CONVERSION_KEYS = tuple(f.name for f in dataclasses.fields(SEConfig))
 
 
 @dataclass

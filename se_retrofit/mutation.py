@@ -21,7 +21,7 @@ from .augmented import iadd
 
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
-                      operator.ilshift, operator.irshift, operator.imatmul, iadd}
+                      operator.ilshift, operator.irshift, operator.imatmul, operator.setitem, iadd}
 # Ops whose result shares memory with their first input: a write through the result is a write to it.
 _VIEW_NAMES = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",
                "transpose", "swapaxes", "swapdims", "movedim", "permute", "t", "narrow", "select", "expand",
@@ -35,7 +35,7 @@ def _first_input(node: fx.Node) -> fx.Node | None:
 
 
 def _is_inplace_name(name: str) -> bool:
-    if name.startswith("__i") and name.endswith("__"):  # __iadd__, __imul__, ... as call_method
+    if (name.startswith("__i") and name.endswith("__")) or name == "__setitem__":  # __iadd__, x[i] = v
         return True
     return name.endswith("_") and not name.startswith("_")
 

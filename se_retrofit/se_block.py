@@ -99,9 +99,10 @@ class SEBlock(nn.Module):
 
         Never while ``torch.jit.trace`` records (the trace would fix a choice that depends on the grad
         mode of the tracing call; ``trace``'s own check reruns it without grad), nor under fx symbolic
-        tracing, which has no values to decide with: both record the out-of-place ``addcmul``.
+        tracing, which has no values to decide with, nor under ``torch.compile`` / ``torch.export``,
+        whose graphs plan their own memory: all record the out-of-place ``addcmul``.
         """
-        if isinstance(x, fx.Proxy) or torch.jit.is_tracing():
+        if isinstance(x, fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return False
         if residual.shape != x.shape or residual.dtype != x.dtype:
             return False

@@ -143,7 +143,8 @@ class InPlaceWrites(nn.Module):
     """Residual blocks where an in-place write makes the graph's data flow incomplete.
 
     ``scaled``: the branch is scaled in place before the add; ``unbound``: ``out.add_(x)`` whose result
-    is dropped and the sum read through ``out``; ``into_clone``: the sum goes into a clone of the input.
+    is dropped and the sum read through ``out``; ``into_clone``: the sum goes into a clone of the input;
+    ``masked``: one channel of the branch is set to zero by item assignment before the add.
     """
 
     def __init__(self, channels: int, kind: str) -> None:
@@ -161,6 +162,10 @@ class InPlaceWrites(nn.Module):
             out.mul_(0.5)
             out += x
             return F.relu(out)
+        if self.kind == "masked":
+            out = self.branch(x)
+            out[:, 0] = 0.0
+            return F.relu(out + x)
         if self.kind == "unbound":
             out = self.branch(x)
             out.add_(x)

@@ -95,6 +95,17 @@ def test_torch_export_matches_eager(spec):
     check_export(spec)
 
 
+def test_the_in_place_add_stays_out_of_graphs_exported_without_autograd():
+    """Under ``no_grad`` the eager SE block writes the sum into ``x`` (``addcmul(..., out=x)``); an exported
+    graph plans its own memory and must hold the plain ``addcmul``."""
+    _, se_model = retrofitted("timm:resnet18")
+    with torch.no_grad():
+        program = torch.export.export(se_model, (X,))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert not [t for t in targets if t.endswith(".out")], f"out= ops in the exported graph: {targets}"
+    assert sum(t == "aten.addcmul.default" for t in targets) == len(se_retrofit.se_blocks(se_model))
+
+
 @pytest.mark.parametrize("spec", SLOW_ZOO)
 def test_torch_export_matches_eager_named_models(spec):
     check_export(spec)

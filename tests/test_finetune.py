@@ -218,6 +218,16 @@ def test_finetune_se_trains_only_se_and_head() -> None:
     assert not result.interrupted and result.out_dir is None and result.files == {}
 
 
+def test_every_conversion_option_is_a_keyword_of_finetune() -> None:
+    """``fuse_add`` and ``early_squeeze`` were refused as unknown training options."""
+    from se_retrofit import get_config
+
+    result = finetune(pretrained_like(create_model(MODEL)), Quadrants(8), epochs=1, batch_size=8, fuse_add=False,
+                      early_squeeze=False, reduction=8, verbose=False, progress=False)
+    config = get_config(result.model)
+    assert (config.fuse_add, config.early_squeeze, config.reduction) == (False, False, 8), config
+
+
 def test_finetune_all_and_staged_change_the_backbone() -> None:
     torch.manual_seed(0)
     model = pretrained_like(create_model(MODEL, num_classes=3))
