@@ -34,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError, RuntimeError) as exc:  # user and environment errors: one line, no traceback
-        print(f"se-retrofit {args.command}: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "echo_of_rank0", False):  # under torchrun, once (by rank 0), not once per rank
+            print(f"se-retrofit {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -51,8 +51,10 @@ class FinetuneResult:
         return dict(self.history[-1]) if self.history else {}
 
     def summary(self) -> str:
-        best = (f"best top-1 {self.best_top1:.2f}% (epoch {self.best_epoch})" if self.best_top1 is not None
-                else "no validation set")
+        if self.best_top1 is not None:
+            best = f"best top-1 {self.best_top1:.2f}% (epoch {self.best_epoch})"
+        else:  # no epoch finished (stopped in the first), or one did but there is nothing to validate on
+            best = "no epoch validated yet" if not self.history else "no validation set"
         where = (f"; files in {self.out_dir}: {', '.join(n for n in self.files if n != outputs.LAST)}"
                  if self.out_dir is not None else "")
         state_word = "stopped after" if self.interrupted else "done:"

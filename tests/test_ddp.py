@@ -116,10 +116,8 @@ def test_two_gloo_processes_match_one_process_with_twice_the_batch(tmp_path: Pat
     assert (out / "se_adapter.safetensors").exists() and (out / "model.safetensors").exists()
 
 
-@pytest.mark.slow
-def test_torchrun_cli_trains_with_two_processes(tmp_path: Path) -> None:
-    """The real launcher, ``--train staged --ema``: stage 2 re-wraps DDP over the whole network."""
-    data = write_image_folder(tmp_path / "images", train_per_class=8, val_per_class=3)
+def _driver(tmp_path: Path) -> Path:
+    """A script that runs the CLI, for torchrun to start (torchrun takes a script, not a console entry point)."""
     driver = tmp_path / "driver.py"
     driver.write_text(
         "import argparse, sys\n"
@@ -131,9 +129,21 @@ def test_torchrun_cli_trains_with_two_processes(tmp_path: Path) -> None:
         "convert_and_finetune.register(parser.add_subparsers(dest='command'))\n"
         "args = parser.parse_args(sys.argv[1:])\n"
         "sys.exit(args.func(args))\n")
+    return driver
+
+
+def _torchrun_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+
+@pytest.mark.slow
+def test_torchrun_cli_trains_with_two_processes(tmp_path: Path) -> None:
+    """The real launcher, ``--train staged --ema``: stage 2 re-wraps DDP over the whole network."""
+    data = write_image_folder(tmp_path / "images", train_per_class=8, val_per_class=3)
+    driver = _driver(tmp_path)
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = _torchrun_env()
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
          "convert-and-finetune", MODEL, "--data", str(data), "--out", str(out), "--no-pretrained",
@@ -151,3 +161,21 @@ def test_torchrun_cli_trains_with_two_processes(tmp_path: Path) -> None:
         assert (out / name).is_file(), f"{name} missing after the DDP run"
     assert not (out / "se_adapter.safetensors").exists(), "staged training changes the backbone: no adapter"
     assert "stage 2" in done.stdout, f"the switch to stage 2 (and the DDP re-wrap) did not happen:\n{done.stdout}"
+
+
+@pytest.mark.slow
+def test_torchrun_reports_a_refused_out_once(tmp_path: Path) -> None:
+    """Every rank re-raises rank 0's refusal (so none waits in a collective); only rank 0 prints it."""
+    data = write_image_folder(tmp_path / "images", train_per_class=2, val_per_class=1)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(_driver(tmp_path)),
+         "convert-and-finetune", MODEL, "--data", str(data), "--out", str(out), "--no-pretrained",
+         "--image-size", str(SIZE), "--device", "cpu", "--workers", "0"],
+        env=_torchrun_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0, "a refused --out must fail the launch"
+    printed = (done.stdout + done.stderr).count("refusing to overwrite it")
+    assert printed == 1, f"the refusal was printed {printed} times:\n{done.stderr[-3000:]}"
+    assert (out / "notes.txt").read_text() == "mine"

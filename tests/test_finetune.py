@@ -383,3 +383,13 @@ def test_cli_refuses_unwritable_out_and_empty_resume(image_folder: Path, tmp_pat
     assert run_cli(fast_args(image_folder, tmp_path / "fresh", "--resume")) == 2
     err = capsys.readouterr().err
     assert "nothing to resume" in err and "drop --resume" in err, err
+
+
+def test_the_summary_tells_a_run_stopped_in_its_first_epoch_from_one_without_validation() -> None:
+    from se_retrofit.finetune import FinetuneResult
+
+    common = dict(model=nn.Identity(), best_top1=None, best_epoch=None, seconds=1.0, out_dir=None, config={})
+    stopped = FinetuneResult(history=[], epochs=0, interrupted=True, **common)
+    unvalidated = FinetuneResult(history=[{"epoch": 1, "train_loss": 0.5}], epochs=1, interrupted=False, **common)
+    assert "no epoch validated yet" in stopped.summary(), stopped.summary()
+    assert "no validation set" in unvalidated.summary(), unvalidated.summary()

@@ -114,7 +114,9 @@ def main_first(fn: Callable[[], T], ctx: DistContext) -> T:
             box[0] = (next(c.__name__ for c in type(exc).__mro__ if c.__name__ in _ERRORS), str(exc))
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
-        raise _ERRORS.get(box[0][0], RuntimeError)(box[0][1])
+        error = _ERRORS.get(box[0][0], RuntimeError)(box[0][1])
+        error.echo_of_rank0 = not ctx.is_main  # rank 0 reports it; the CLI leaves the copies unprinted
+        raise error
     return box[1]
 
 
