@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from .early_excitation import gate_through, is_pointwise_conv, norm_types
-from .mutation import written_between
+from .mutation import moved_read_problem
 
 
 def _single_input(node: fx.Node) -> fx.Node | None:
@@ -62,7 +62,7 @@ def hoist_squeezes(graph: fx.Graph, module: nn.Module, targets: set[str]) -> int
         if found is None or not is_pointwise_conv(found[1], spatial_dims) or _single_input(found[0]) is None:
             continue
         conv_node = found[0]
-        if written_between(graph, module, conv_node, norm_node) is not None:
+        if moved_read_problem(graph, module, conv_node, [norm_node]) is not None:
             continue  # the norm reads a conv output changed in place: the gate from z would not see the change
         with graph.inserting_before(conv_node):
             conv_ref = graph.get_attr(conv_node.target)

@@ -6,7 +6,8 @@ graph shows. Splicing SE in moves reads. The SE block reads its input where it i
 after the value is made; its consumers then read the SE output. A write into that value between the
 two points would be lost to the SE. And where a consumer itself writes into the value (``out += x``,
 ``out.add_(x)``), a later node that reads ``out`` directly would no longer see the write, which now
-lands in the SE output. `moved_read_problem` finds both; `sites` then leaves the addition alone.
+lands in the SE output. `moved_read_problem` finds both; `sites` then leaves the addition alone, and
+`early_squeeze` does not take the gate before a write into ``conv3``'s output.
 """
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def moved_read_problem(graph: fx.Graph, owner: nn.Module, source: fx.Node, reade
                        ) -> str | None:
     """Why SE must not take ``source``'s value where it is made and feed ``readers`` instead; None if it may.
 
-    ``graph`` is ``owner``'s forward; ``readers`` are the nodes that would read the SE output.
+    ``graph`` is ``owner``'s forward; ``readers`` are the nodes whose reads move: to the SE output, or,
+    for the early squeeze, to a gate computed from ``source``'s value where it is made.
     """
     readers = set(readers)
     nodes = list(graph.nodes)
@@ -100,19 +102,3 @@ def moved_read_problem(graph: fx.Graph, owner: nn.Module, source: fx.Node, reade
             aliases.add(node)
     return None
 
-
-def written_between(graph: fx.Graph, owner: nn.Module, source: fx.Node, end: fx.Node) -> fx.Node | None:
-    """The first node strictly between ``source`` and ``end`` that writes into ``source`` (or a view of it)."""
-    aliases = {source}
-    started = False
-    for node in graph.nodes:
-        if node is end:
-            return None
-        if not started:
-            started = node is source
-            continue
-        if written_input(node, owner) in aliases:
-            return node
-        if _aliases(node, owner, aliases):
-            aliases.add(node)
-    return None

@@ -84,9 +84,8 @@ def prepare_out_dir(out: Path, resume: bool) -> bool:
 
 def finished_outputs(out: Path) -> list[str]:
     """The files in ``out`` that only training writes: weights, metrics, the adapter (not the config or report)."""
-    results = [p.name for p in sorted(Path(out).iterdir()) if p.name in (MODEL, BEST, METRICS, CURVES)
-               or p.name.startswith("se_adapter")]
-    return results
+    return [p.name for p in sorted(Path(out).iterdir()) if p.name in (MODEL, BEST, METRICS, CURVES)
+            or p.name.startswith("se_adapter")]
 
 
 # What a run writes before its first checkpoint: a folder holding only these has no result to lose.
