@@ -3,8 +3,9 @@
 #
 #     bash benchmarks/gpu_checks.sh OUT_DIR [PART ...]
 #
-# PART is any of: env, finetune, torchrun, throughput, compile, cpu-latency, cpu-latency-compile, train-step,
-# cpu-latency-threads, gpu-tests (default: env finetune torchrun throughput cpu-latency).
+# PART is any of: env, finetune, torchrun, throughput, compile, cpu-latency, cpu-overhead, cpu-latency-compile,
+# train-step, cpu-latency-threads, gpu-tests (default: env finetune torchrun throughput cpu-latency).
+# LATENCY_MODELS (default: the script's pairs) narrows the cpu-latency part to some base models.
 # Each part appends to OUT_DIR/gpu_checks.log and copies its small results (metrics, JSON) into OUT_DIR.
 # The model weights of the fine-tuning runs stay in a temporary folder: they are large and random-init.
 set -uo pipefail
@@ -57,7 +58,16 @@ for part in $PARTS; do
         ;;
     cpu-latency)
         # The GPU machine's CPU is otherwise idle: a quieter place for the CPU latency ratios.
-        CUDA_VISIBLE_DEVICES= step "$PYTHON" "$HERE/latency.py" --repeats 31 && cp "$HERE/results/latency.json" "$OUT/latency_gpu_host.json"
+        CUDA_VISIBLE_DEVICES= step "$PYTHON" "$HERE/latency.py" --repeats 31 ${LATENCY_MODELS:+--models $LATENCY_MODELS} \
+            && cp "$HERE/results/latency.json" "$OUT/latency_gpu_host.json"
+        ;;
+    cpu-overhead)
+        # The retrofit's overhead over the base model alone (twice the rounds per minute), at 16 and 4 threads.
+        for t in 16 4; do
+            CUDA_VISIBLE_DEVICES= step "$PYTHON" "$HERE/latency.py" --models resnet50 --base-and-retrofit \
+                --threads $t --repeats $((t == 16 ? 101 : 41)) --name latency_overhead_t$t \
+                && cp "$HERE/results/latency_overhead_t$t.json" "$OUT/latency_overhead_t${t}_gpu_host.json"
+        done
         ;;
     cpu-latency-threads)
         for t in 16 4; do
@@ -74,8 +84,7 @@ for part in $PARTS; do
         CUDA_VISIBLE_DEVICES= step "$PYTHON" "$HERE/train_step.py" --json "$OUT/train_step_gpu_host.json"
         ;;
     gpu-tests)
-        step "$PYTHON" -m pytest -q -p no:cacheprovider "$HERE/../tests/test_gpu.py" "$HERE/../tests/test_fusion.py" \
-            "$HERE/../tests/test_finetune.py"
+        step "$PYTHON" -m pytest -q -p no:cacheprovider "$HERE/../tests/test_gpu.py" "$HERE/../tests/test_fusion.py"
         ;;
     *)
         echo "unknown part $part"; status=2

@@ -218,8 +218,14 @@ RENDERERS = {"accuracy_study": ("Accuracy study", accuracy_study),
              "se_ops": ("The SE block's own ops", se_ops),
              "se_overhead": ("What SE costs inside the forward", se_overhead)}
 # Files named PREFIX_SUFFIX.json (the same benchmark on another machine or setting) get PREFIX's table.
-SUFFIXES = {"cold": "each op after a convolution, as in the forward","h100_host": "on the GPU machine's 16-core CPU", "h100_host_rerun": "on the GPU machine's CPU, a second machine",
-            "h100_host_4threads": "on the GPU machine's CPU, 4 threads",
+SUFFIXES = {"cold": "each op after a convolution, as in the forward",
+            "h100_host": "on the H100 machine's 16-core CPU (older code)",
+            "h200_host": "on the H200 machine's 16-core CPU",
+            "h200_host_base_and_retrofit_16threads": "on the H200 machine's CPU, base model and retrofit only, "
+                                                     "16 threads",
+            "h200_host_base_and_retrofit_4threads": "on the H200 machine's CPU, base model and retrofit only, "
+                                                    "4 threads",
+            "compile_infer": "inference, eager and torch.compile",
             "resnext50_32x4d": "ResNeXt-50 32x4d",
             "resnet50_settled": "ResNet-50, each timed forward after an untimed one",
             "resnet50_settled_81rounds": "ResNet-50, settled, 81 rounds",
