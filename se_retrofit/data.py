@@ -19,6 +19,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
+from .pixels import to_rgb, unsupported_mode
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DIGITS_SIZE = 32
 _LAYOUT_HINT = ("Expected DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg, or DIR/CLASS/*.jpg (split by --val-split), "
@@ -47,11 +49,15 @@ class ImageFiles(Dataset):
         path, target = self.samples[index]
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
+                problem = unsupported_mode(image)
+                if problem is None:
+                    image = to_rgb(image)
         except (OSError, SyntaxError, ValueError) as exc:
             raise OSError(f"could not decode image {path} ({exc}); the up-front check only catches broken headers "
                           "and checksums. Replace it with a good copy and --resume, or delete it and start "
                           "the run again (a run that saved no checkpoint yet restarts with --resume).") from exc
+        if problem is not None:
+            raise ValueError(f"cannot use image {path}: {problem}")
         return (self.transform(image) if self.transform else image), target
 
 
@@ -213,13 +219,15 @@ def _image_files(class_dir: Path) -> list[Path]:
     return found
 
 
-def _is_readable(path: Path) -> bool:
+def _check_image(path: Path) -> tuple[bool, str | None]:
+    """``(readable, why its pixels cannot be used)``: the header and, for PNG, checksums, and the pixel type."""
     try:
         with Image.open(path) as image:
+            problem = unsupported_mode(image)
             image.verify()
     except Exception:
-        return False
-    return True
+        return False, None
+    return True, problem
 
 
 def _scan(root: Path, verify: bool, skipped: list[Path]) -> tuple[list[str], dict[str, list[Path]]]:
@@ -232,7 +240,9 @@ def _scan(root: Path, verify: bool, skipped: list[Path]) -> tuple[list[str], dic
         if not candidates:
             raise ValueError(f"class folder {class_dir} holds no images (looked for {', '.join(IMG_EXTENSIONS)}); "
                              "add images to it or remove the folder.")
-        readable = [_is_readable(p) for p in candidates] if verify else [True] * len(candidates)
+        checks = [_check_image(p) for p in candidates] if verify else [(True, None)] * len(candidates)
+        _refuse_unsupported(candidates, [problem for _, problem in checks])
+        readable = [ok for ok, _ in checks]
         good = [p for p, ok in zip(candidates, readable) if ok]
         bad = [p for p, ok in zip(candidates, readable) if not ok]
         if not good:
@@ -246,6 +256,14 @@ def _scan(root: Path, verify: bool, skipped: list[Path]) -> tuple[list[str], dic
         raise ValueError(f"the image {path} is in two classes, {first!r} and {second!r} (through a link or a "
                          "linked folder): a sample has one label. Remove one of the two links.")
     return classes, files
+
+
+def _refuse_unsupported(paths: list[Path], problems: list[str | None]) -> None:
+    """An error naming the images whose pixels cannot be used: skipping them would change the data set."""
+    bad = [(path, problem) for path, problem in zip(paths, problems) if problem]
+    if bad:
+        shown = ", ".join(str(path) for path, _ in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise ValueError(f"{len(bad)} image(s) cannot be used as they are ({shown}): {bad[0][1]}")
 
 
 def _first_shared_file(groups: dict[str, list[Path]]) -> tuple[Path, str, str] | None:
@@ -332,7 +350,9 @@ def build_datasets(data: str, model: nn.Module, *, val_split: float = 0.1, seed:
     first few names; a class left with no readable image is an error, since training without it would
     silently change the label set. ``verify_images=False`` skips the check for very large folders.
     A file that passes ``verify`` but fails to decode later (a truncated JPEG) raises an ``OSError``
-    naming it.
+    naming it. 16-bit grayscale images are scaled to 8 bits rather than clipped at 255 (which turns
+    them white); float and 32-bit integer images are refused, since their value range is unknown
+    (see ``se_retrofit.pixels``).
     """
     if isinstance(data, str) and data == "digits":
         return _digits(model, val_split, seed, image_size)

@@ -256,3 +256,50 @@ def test_torchvision_model_gets_default_transforms(tmp_path):
     train, val, classes = build_datasets(tmp_path, tv_model, val_split=0.5)
     assert tuple(val[0][0].shape) == (3, 224, 224), f"default input size should be 224, got {tuple(val[0][0].shape)}"
     assert len(classes) == 2
+
+
+# ------------------------------------------------------------------------------------ pixel types
+
+def _gray16(path: Path, seed: int = 0, size: int = 12) -> tuple[Path, np.ndarray]:
+    """A 16-bit grayscale PNG spanning most of the 16-bit range (what a microscope or depth camera writes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    values = np.random.default_rng(seed).integers(1024, 65536, (size, size), dtype=np.uint16)
+    Image.fromarray(values).save(path)
+    return path, values
+
+
+def test_16_bit_gray_images_are_scaled_to_8_bits_not_clipped_white(tmp_path, model):
+    write_class_folders(tmp_path, {"a": 2, "b": 2})
+    path, values = _gray16(tmp_path / "a" / "deep.png")
+    with Image.open(path) as image:
+        assert image.mode.startswith("I"), f"the test image should open as 16-bit gray, opened as {image.mode}"
+    train, val, _ = build_datasets(tmp_path, model, val_split=0.4, image_size=16)
+    dataset = next(d for d in (train, val) if any(p == path for p, _ in d.samples))
+    transform, dataset.transform = dataset.transform, None
+    try:
+        image, _ = dataset[next(i for i, (p, _) in enumerate(dataset.samples) if p == path)]
+    finally:
+        dataset.transform = transform
+    pixels = np.asarray(image)
+    assert image.mode == "RGB" and pixels.shape == (12, 12, 3), f"decoded as {image.mode} {pixels.shape}"
+    expected = np.rint(values / 257.0).astype(np.uint8)
+    assert np.array_equal(pixels[..., 0], expected), "16-bit values were not scaled by 1/257"
+    assert (pixels == 255).mean() < 0.05, f"{(pixels == 255).mean():.0%} of the pixels are white: clipped"
+
+
+def test_float_images_are_refused_up_front_naming_them(tmp_path, model):
+    write_class_folders(tmp_path, {"a": 2, "b": 2})
+    Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)).save(tmp_path / "b" / "depth.tif")
+    with pytest.raises(ValueError, match=r"1 image\(s\) cannot be used.*depth\.tif.*32-bit floats.*Convert"):
+        build_datasets(tmp_path, model, val_split=0.4, image_size=16)
+
+
+def test_float_images_are_refused_when_loaded_if_the_scan_is_off(tmp_path, model):
+    write_class_folders(tmp_path, {"a": 3, "b": 3})
+    float_path = tmp_path / "b" / "depth.tif"
+    Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)).save(float_path)
+    train, val, _ = build_datasets(tmp_path, model, val_split=0.3, image_size=16, verify_images=False)
+    dataset = next(d for d in (train, val) if any(p == float_path for p, _ in d.samples))
+    index = next(i for i, (p, _) in enumerate(dataset.samples) if p == float_path)
+    with pytest.raises(ValueError, match=r"depth\.tif.*32-bit floats"):
+        dataset[index]
