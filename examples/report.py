@@ -30,6 +30,9 @@ def main() -> None:
 
     print(f"\n{len(result.blocks)} SE blocks add {result.params_delta:,} parameters "
           f"({result.params_delta_pct:+.2f}%) and {result.macs_delta:,} MACs ({result.macs_delta_pct:+.2f}%).")
+    if not result.blocks:
+        print("No residual addition of this model could take an SE block: `se-retrofit sites MODEL` says why.")
+        return
     heaviest = max(result.blocks, key=lambda b: b.params)
     costliest = max(result.blocks, key=lambda b: b.macs)
     print(f"Most parameters: {heaviest.name} ({heaviest.params:,}); most MACs: {costliest.name} ({costliest.macs:,}).")

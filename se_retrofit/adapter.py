@@ -29,6 +29,7 @@ from .checkpoint import _atomic_write, _few, atomic_save_safetensors, load_weigh
 from .config import SEConfig
 from .models import classifier_of, num_classes_of, reset_classifier
 from .se_block import se_blocks
+from .wrappers import unwrapped
 
 WEIGHTS_NAME = "se_adapter.safetensors"
 CONFIG_NAME = "se_adapter_config.json"
@@ -73,20 +74,6 @@ def base_fingerprint(model: nn.Module, left_out: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """The model inside ``torch.compile`` and (Distributed)DataParallel wrappers, whose names carry a
-    prefix (``_orig_mod.``, ``module.``) that the base model given to `load` does not have."""
-    for _ in range(4):
-        # torch.compile's OptimizedModule, known by name: importing torch._dynamo to check costs seconds
-        if type(model).__name__ == "OptimizedModule" and isinstance(model._modules.get("_orig_mod"), nn.Module):
-            model = model._modules["_orig_mod"]
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            break
-    return model
-
-
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: str | None = None,
                  extra_modules: Iterable[str] = (), config: SEConfig | None = None) -> Path:
     """Write ``se_adapter.safetensors`` and ``se_adapter_config.json`` into ``directory``; return the folder.
@@ -109,7 +96,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: 
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory} is a file; save_adapter writes two files into a folder: pass a folder path")
-    model = _unwrapped(model)
+    model = unwrapped(model)
     blocks = se_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no SE blocks, so there is no adapter to save; "

@@ -35,11 +35,13 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
     return "timm", spec
 
 
-def create_model(spec: str, pretrained: bool = False, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
+def create_model(spec: str, pretrained: bool = False, num_classes: int | None = None, *,
+                 offline_hint: str | None = None, **kwargs: Any) -> nn.Module:
     """Create the model named by ``spec``.
 
     ``pretrained=True`` downloads the library's weights; without a network that fails, and the error
-    says how to pass a local file instead. ``num_classes`` replaces the classifier at creation time
+    ends with ``offline_hint``, what the caller offers instead (default: convert-and-finetune's
+    ``--no-pretrained --checkpoint FILE``). ``num_classes`` replaces the classifier at creation time
     (only meaningful without pretrained weights; with them, use `reset_classifier`).
     """
     library, name = parse_model_spec(spec)
@@ -57,7 +59,7 @@ def create_model(spec: str, pretrained: bool = False, num_classes: int | None = 
             model = torchvision.models.get_model(name, weights=weights, **kwargs)
         except (OSError, RuntimeError) as exc:
             if pretrained:
-                raise RuntimeError(_offline_hint(spec, exc)) from exc
+                raise RuntimeError(_offline_hint(spec, exc, offline_hint)) from exc
             raise
         if num_classes is not None and pretrained:
             reset_classifier(model, num_classes)
@@ -75,7 +77,7 @@ def create_model(spec: str, pretrained: bool = False, num_classes: int | None = 
             return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError) as exc:
         if pretrained:
-            raise RuntimeError(_offline_hint(spec, exc)) from exc
+            raise RuntimeError(_offline_hint(spec, exc, offline_hint)) from exc
         raise
 
 
@@ -119,10 +121,10 @@ def _hub_offline_when_unreachable() -> Iterator[None]:
         constants.HF_HUB_OFFLINE = False
 
 
-def _offline_hint(spec: str, exc: Exception) -> str:
-    return (f"could not fetch pretrained weights for {spec!r} ({type(exc).__name__}: {exc}). "
-            "Without a network, create the model with --no-pretrained and pass your weights with "
-            "--checkpoint FILE (a .safetensors or .pth state dict).")
+def _offline_hint(spec: str, exc: Exception, hint: str | None) -> str:
+    hint = hint or ("Without a network, create the model with --no-pretrained and pass your weights with "
+                    "--checkpoint FILE (a .safetensors or .pth state dict).")
+    return f"could not fetch pretrained weights for {spec!r} ({type(exc).__name__}: {exc}). {hint}"
 
 
 def num_classes_of(model: nn.Module) -> int | None:

@@ -57,6 +57,13 @@ def test_missing_pretrained_weights_fail_at_once_with_a_hint(no_network, tmp_pat
         models.create_model("resnet18", pretrained=True)
 
 
+def test_the_offline_hint_is_the_callers(no_network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(RuntimeError, match="could not fetch.*resnet18.*run without --pretrained") as caught:
+        models.create_model("resnet18", pretrained=True, offline_hint="Costs need no weights: run without --pretrained.")
+    assert "--checkpoint" not in str(caught.value), "the default hint names options the caller may not have"
+
+
 def test_unknown_names_get_suggestions() -> None:
     with pytest.raises(ValueError, match="Did you mean.*resnet18"):
         models.create_model("resnet18x")

@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -263,9 +264,78 @@ def test_uncalled_and_absent_se_blocks_are_reported():
     assert rep.uncalled_blocks == ["spare"], f"a never-called SE block must be flagged: {rep.uncalled_blocks}"
     assert rep.blocks[0].macs == 0 and rep.blocks[0].input_shape is None
     assert "never called" in str(rep)
-    same = report(original, original, input_size=8)
+    same = report(original, Tiny(), input_size=8)
     assert same.blocks == [] and same.macs_delta == 0 and same.params_delta == 0
     assert "No SE blocks" in str(same)
+
+
+def test_one_model_twice_or_swapped_arguments_are_refused():
+    original, se_model = tiny_pair()
+    with pytest.raises(ValueError, match=r"same model.*inplace=True.*deepcopy"):
+        report(se_model, se_model, input_size=8)
+    with pytest.raises(ValueError, match="same model"):
+        report(original, torch.nn.DataParallel(original), input_size=8)
+    with pytest.raises(ValueError, match="swapped"):
+        report(se_model, original, input_size=8)
+
+
+def test_meta_models_are_refused_with_a_hint():
+    with torch.device("meta"):
+        original, se_model = Tiny(), Tiny(se=SEBlock(16, 8))
+    with pytest.raises(ValueError, match=r"original is on the meta device.*to_empty"):
+        report(original, se_model, input_size=8)
+
+
+def test_compiled_and_data_parallel_wrappers_count_the_network_inside():
+    original, se_model = tiny_pair()
+    plain = report(original, se_model, input_size=8).to_dict()
+    compiled = torch.compile(se_model)  # compiles at its first call, which the report never makes
+    for wrapped in (compiled, torch.nn.DataParallel(se_model)):
+        got = report(original, wrapped, input_size=8).to_dict()
+        assert got == plain, f"{type(wrapped).__name__}: the report differs from the unwrapped model's"
+
+
+class Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bn(self.conv(x)))
+
+
+class Reused(nn.Module):
+    """One residual block called at two resolutions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.block = Residual(32)
+        self.pool = nn.AvgPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.pool(self.block(self.stem(x))))
+
+
+def test_a_block_called_twice_says_so_and_counts_both_calls():
+    original = Reused().eval()
+    se_model = se_retrofit.apply(original)
+    rep = report(original, se_model, input_size=16)
+    (block,) = rep.blocks
+    assert block.calls == 2 and block.input_shape == (1, 32, 16, 16), f"calls {block.calls}, {block.input_shape}"
+
+    def one_call(side: int) -> int:  # squeeze and rescale per element, two 1x1 convolutions, the sigmoid
+        return 2 * 32 * side * side + 2 * 32 * block.hidden + 32
+
+    assert block.macs == one_call(16) + one_call(8), f"MACs {block.macs}, expected {one_call(16)} + {one_call(8)}"
+    assert "32x16x16 (2 calls)" in str(rep), str(rep)
+    assert rep.to_dict()["blocks"][0]["calls"] == 2
+
+
+@pytest.mark.parametrize("size", [np.int64(32), torch.tensor(32), (np.int32(32), np.int64(32))])
+def test_integer_scalars_of_numpy_and_torch_are_sizes(size):
+    assert input_shape(size) == (1, 3, 32, 32)
 
 
 def test_formats_label_macs_and_round_trip():

@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from ..report import report
 
     config = SEConfig(**conversion_kwargs(args))
-    model = create_model(args.model, pretrained=args.pretrained)
+    model = create_model(args.model, pretrained=args.pretrained,
+                         offline_hint="Parameters and MACs do not depend on the weights: run without --pretrained.")
     se_model = apply(model, config)
     result = report(model, se_model, input_size=args.input_size, name=args.model)
     if args.format == "json":
