@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import inspect
 import os
 import socket
 from typing import Any, Iterator
@@ -54,6 +55,9 @@ def create_model(spec: str, pretrained: bool = False, num_classes: int | None = 
                              "List them with torchvision.models.list_models().")
         if num_classes is not None and not pretrained:
             kwargs["num_classes"] = num_classes
+        if not pretrained and _takes(torchvision.models.get_model_builder(name), "weights_backbone"):
+            # detectors and segmenters default to an ImageNet backbone, a download "no weights" must not start
+            kwargs.setdefault("weights_backbone", None)
         weights = "DEFAULT" if pretrained else None
         try:
             model = torchvision.models.get_model(name, weights=weights, **kwargs)
@@ -79,6 +83,13 @@ def create_model(spec: str, pretrained: bool = False, num_classes: int | None = 
         if pretrained:
             raise RuntimeError(_offline_hint(spec, exc, offline_hint)) from exc
         raise
+
+
+def _takes(builder: Any, parameter: str) -> bool:
+    try:
+        return parameter in inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -64,6 +64,15 @@ def test_the_offline_hint_is_the_callers(no_network, tmp_path: Path, monkeypatch
     assert "--checkpoint" not in str(caught.value), "the default hint names options the caller may not have"
 
 
+@pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_320_fpn", "lraspp_mobilenet_v3_large"])
+def test_torchvision_detectors_without_weights_download_no_backbone(name: str, no_network, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached backbone to hide a download attempt
+    model = models.create_model(f"torchvision:{name}")
+    assert isinstance(model, torch.nn.Module), f"{name} was not built"
+    assert not any(tmp_path.rglob("*.pth")), f"{name}: a backbone checkpoint was fetched"
+
+
 def test_unknown_names_get_suggestions() -> None:
     with pytest.raises(ValueError, match="Did you mean.*resnet18"):
         models.create_model("resnet18x")
