@@ -235,7 +235,21 @@ def capture_calls(model: nn.Module, modules: dict[str, nn.Module], example_input
             return _record(model, modules, args, kwargs), (args, kwargs)
         except Exception as exc:  # any failure means "try the next input"; all are reported below
             errors.append(f"input {describe(args, kwargs)}: {type(exc).__name__}: {exc}".splitlines()[0][:300])
-    tried = "\n  ".join(errors)
-    raise ValueError(
-        f"could not run an example forward through {type(model).__name__}; tried:\n  {tried}\n"
-        "Pass example_input= with an input the model accepts (a tensor, a tuple of arguments or a dict).")
+    raise NoExampleInput(type(model).__name__, errors)
+
+
+class NoExampleInput(ValueError):
+    """No example input ran through the model; the message lists what was tried and ends with a hint.
+
+    The hint names the Python argument; a command line names its own option with `with_hint`.
+    """
+
+    API_HINT = "Pass example_input= with an input the model accepts (a tensor, a tuple of arguments or a dict)."
+
+    def __init__(self, model_name: str, tried: list[str], hint: str = API_HINT) -> None:
+        self.model_name, self.tried, self.hint = model_name, tried, hint
+        listed = "\n  ".join(tried)
+        super().__init__(f"could not run an example forward through {model_name}; tried:\n  {listed}\n{hint}")
+
+    def with_hint(self, hint: str) -> NoExampleInput:
+        return NoExampleInput(self.model_name, self.tried, hint)

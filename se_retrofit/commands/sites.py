@@ -14,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "left alone with the reason for each.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--input-size", type=int, default=None, metavar="PX",
-                   help="side of the example image (default: found automatically)")
+                   help="height and width of the example input (default: found automatically); a video "
+                        "model keeps its automatic number of frames")
     p.add_argument("--format", choices=("table", "json"), default="table")
     add_conversion_options(p)
     p.set_defaults(func=run)
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..api import find_sites
-    from ..capture import candidate_inputs
+    from ..capture import NoExampleInput, candidate_inputs
     from ..config import SEConfig
     from ..models import create_model
 
@@ -34,7 +35,13 @@ def run(args: argparse.Namespace) -> int:
         if args.input_size < 1:
             raise ValueError(f"--input-size must be a positive number of pixels, got {args.input_size}")
         (x,), _ = candidate_inputs(model)[0]
-        example = torch.rand(x.shape[0], x.shape[1], *([args.input_size] * (x.dim() - 2)))
-    plan = find_sites(model, SEConfig(**conversion_kwargs(args)), example_input=example)
+        resized = min(2, x.dim() - 2)  # height and width; frames and 1-D lengths past them stay automatic
+        example = torch.rand(*x.shape[:x.dim() - resized], *([args.input_size] * resized))
+    try:
+        plan = find_sites(model, SEConfig(**conversion_kwargs(args)), example_input=example)
+    except NoExampleInput as exc:
+        hint = ("Try another --input-size, or leave it out to use the model's own size."
+                if args.input_size is not None else "Try --input-size with a size the model accepts.")
+        raise exc.with_hint(hint) from None
     print(json.dumps(plan.to_dict(), indent=1) if args.format == "json" else plan)
     return 0
