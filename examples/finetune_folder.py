@@ -14,6 +14,7 @@ randomised as a stand-in for trained ones; with a network, start from ``pretrain
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,8 +56,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet10t", help="timm name or torchvision:NAME (default resnet10t)")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--keep", type=Path, default=None, help="copy the run folder here instead of deleting it")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="copy the run folder to this new folder (it must not exist) instead of deleting it")
     args = parser.parse_args()
+    if args.keep is not None and os.path.lexists(args.keep):
+        # Checked now, not when copying: the copy comes after the whole training run.
+        parser.error(f"--keep {args.keep}: already exists; name a folder that does not exist yet")
 
     with tempfile.TemporaryDirectory() as tmp:
         data = write_image_folder(Path(tmp) / "images")
@@ -68,7 +73,10 @@ def main() -> None:
         result = finetune(model, train, val, out_dir=out, epochs=args.epochs, batch_size=8, lr=1e-2,
                           warmup_epochs=0, train="se", device="cpu", workers=0, base_model=args.model,
                           progress=False)
-        print("\nrun folder:", ", ".join(sorted(p.name for p in out.iterdir())))
+        files = sorted(p.name for p in out.iterdir())
+        missing = {"config.json", "metrics.csv", "model.safetensors", "se_adapter.safetensors"} - set(files)
+        assert not missing, f"run folder lacks {sorted(missing)}"
+        print("\nrun folder:", ", ".join(files))
         print((out / "metrics.csv").read_text().strip())
 
         # The adapter holds the SE blocks and the new 3-class head; the backbone comes from the base model.

@@ -23,5 +23,13 @@ OUT=${1:-$(mktemp -d)/run}
     --epochs 1 --batch-size 32 --image-size 32 \
     --device cpu --workers 0 --no-progress
 
-echo "run folder $OUT:"
+# Check what the run promises: rank 0 wrote the run folder, with the weights, the adapter and a config
+# that records every process. Exit non-zero (and say why) otherwise.
+for name in config.json metrics.csv model.safetensors se_adapter.safetensors; do
+    test -f "$OUT/$name" || { echo "error: $OUT/$name was not written" >&2; exit 1; }
+done
+grep -Eq "\"world_size\": $NPROC([^0-9]|\$)" "$OUT/config.json" \
+    || { echo "error: $OUT/config.json does not record world_size $NPROC" >&2; exit 1; }
+
+echo "run folder $OUT ($NPROC processes):"
 ls "$OUT"

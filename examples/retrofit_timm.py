@@ -4,15 +4,20 @@
 
 1. every original weight is still there, bit-identical, and only SE tensors are new;
 2. with the default ``init="identity"`` the outputs do not change;
-3. each block keeps its class (a generated subclass of it);
+3. a converted block (the first site of the plan) keeps its class: its new class is a generated
+   subclass of the original one;
 4. for ``resnet50``, ``init="paper"`` gives timm's hand-written ``seresnet50``: same parameter count,
    same state_dict keys, and the same outputs once given the same weights;
 5. a backward pass reaches the new SE blocks.
 
+A model in which ``apply`` finds no place for an SE block (``--model seresnet18``, which has its own)
+prints the plan, says so and exits 0.
+
 Runs offline on the CPU: the model is built with ``pretrained=False`` and its norm layers are given
-random statistics as a stand-in for trained weights (a freshly built timm ResNet zeroes the last
-BatchNorm of every residual branch, so its branches output exactly 0 and check 2 would be vacuous).
-With a network, use ``timm.create_model(name, pretrained=True)`` and drop ``perturb_norms``.
+random statistics as a stand-in for trained weights. A freshly built timm ResNet zeroes the last
+BatchNorm of every residual branch, so its branches output exactly 0: check 2 would hold whatever
+the SE blocks compute, and so would check 4 (the ``seresnet50`` it compares with gets the same
+treatment). With a network, use ``timm.create_model(name, pretrained=True)`` and drop ``perturb_norms``.
 """
 from __future__ import annotations
 
@@ -40,6 +45,11 @@ def main() -> None:
     plan = se_retrofit.get_plan(se_model)
     print(f"se_retrofit.apply({args.model}): {len(plan.sites)} SE blocks in {seconds:.1f} s")
     print(plan)
+    if not plan.sites:
+        assert se_model.state_dict().keys() == model.state_dict().keys() and not se_retrofit.se_blocks(se_model)
+        print(f"\nNo SE block was inserted into {args.model}: the lines above say why for each residual "
+              "addition. Nothing to check.")
+        return
 
     # 1. The original state_dict is a subset of the new one, tensor for tensor.
     before, after = model.state_dict(), se_model.state_dict()
@@ -58,26 +68,36 @@ def main() -> None:
     assert diff < 1e-5, diff
     print(f"2. identity init: max |output difference| = {diff:.2e}")
 
-    # 3. Classes are kept.
-    name, block = next((n, m) for n, m in se_model.named_modules() if hasattr(m, "se") and n)
-    original_class = type(model.get_submodule(name))
-    assert isinstance(block, original_class)
-    print(f"3. {name} is a {type(block).__name__}, a subclass of {original_class.__module__}."
-          f"{original_class.__name__}")
+    # 3. Classes are kept: the block of the first site really was converted, into a subclass of its class.
+    site = plan.sites[0]
+    block = se_model.get_submodule(site.block)
+    original_class = type(model.get_submodule(site.block))
+    assert type(block) is not original_class, f"{site.block} was not converted"
+    assert isinstance(block, original_class), (type(block), original_class)
+    assert dict(se_retrofit.se_blocks(se_model)).get(site.se_name) is se_model.get_submodule(site.se_name)
+    print(f"3. {site.block or '<root>'} is a {type(block).__name__}, a subclass of {original_class.__module__}."
+          f"{original_class.__name__}, holding the SE block {site.se_name}")
 
-    # 4. resnet50 + init="paper" is seresnet50.
+    # 4. resnet50 + init="paper" is seresnet50. The reference gets random norm statistics too: as built,
+    # its residual branches output 0, and the comparison would pass whatever the SE blocks computed.
     if args.model == "resnet50":
-        hand = timm.create_model("seresnet50", pretrained=False).eval()
+        hand = perturb_norms(timm.create_model("seresnet50", pretrained=False)).eval()
         paper = se_retrofit.apply(model, init="paper").eval()
         n_paper = sum(p.numel() for p in paper.parameters())
         n_hand = sum(p.numel() for p in hand.parameters())
         assert n_paper == n_hand, (n_paper, n_hand)
         paper.load_state_dict(hand.state_dict())      # strict: the very same keys and shapes
+        plain = timm.create_model("resnet50", pretrained=False).eval()
+        plain.load_state_dict({k: v for k, v in hand.state_dict().items() if ".se." not in k})
         with torch.no_grad():
-            gap = (paper(x) - hand(x)).abs().max().item()
+            reference = hand(x)
+            gap = (paper(x) - reference).abs().max().item()
+            without_se = (plain(x) - reference).abs().max().item()
         assert gap < 1e-4, gap
+        assert without_se > 1e3 * gap, (without_se, gap)   # the SE blocks do shape these outputs
         print(f"4. init='paper': {n_paper:,} parameters, as timm's seresnet50 ({n_hand:,}); with its weights "
-              f"loaded, max |output difference| = {gap:.2e}")
+              f"loaded, max |output difference| = {gap:.2e} (the same weights without the SE blocks: "
+              f"{without_se:.2e})")
 
     # 5. Gradients reach the SE blocks (fc2 on the first step; fc1 once fc2 is no longer zero).
     se_model.train()
