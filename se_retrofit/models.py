@@ -46,13 +46,12 @@ def create_model(spec: str, pretrained: bool = False, num_classes: int | None = 
     (only meaningful without pretrained weights; with them, use `reset_classifier`).
     """
     library, name = parse_model_spec(spec)
+    unknown = unknown_model_message(library, name)
+    if unknown:
+        raise ValueError(unknown)
     if library == "torchvision":
         import torchvision
 
-        names = torchvision.models.list_models()
-        if name not in names:
-            raise ValueError(f"unknown torchvision model {name!r}.{_suggest(name, names)} "
-                             "List them with torchvision.models.list_models().")
         if num_classes is not None and not pretrained:
             kwargs["num_classes"] = num_classes
         if not pretrained and _takes(torchvision.models.get_model_builder(name), "weights_backbone"):
@@ -71,9 +70,6 @@ def create_model(spec: str, pretrained: bool = False, num_classes: int | None = 
 
     import timm
 
-    if not timm.is_model(name):
-        raise ValueError(f"unknown timm model {name!r}.{_suggest(name, timm.list_models())} "
-                         "List them with timm.list_models('pattern*').")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     try:
@@ -83,6 +79,26 @@ def create_model(spec: str, pretrained: bool = False, num_classes: int | None = 
         if pretrained:
             raise RuntimeError(_offline_hint(spec, exc, offline_hint)) from exc
         raise
+
+
+def unknown_model_message(library: str, name: str) -> str | None:
+    """Why ``name`` is no model of ``library`` (with the closest names), or None when it is one.
+
+    One wording for every command, so a misspelt name gets the same hint wherever it is typed.
+    """
+    if library == "torchvision":
+        import torchvision
+
+        names = torchvision.models.list_models()
+        if name in names:
+            return None
+        return (f"unknown torchvision model {name!r}.{_suggest(name, names)} "
+                "List them with torchvision.models.list_models().")
+    import timm
+
+    if timm.is_model(name):
+        return None
+    return f"unknown timm model {name!r}.{_suggest(name, timm.list_models())} List them with timm.list_models('pattern*')."
 
 
 def _takes(builder: Any, parameter: str) -> bool:
