@@ -241,7 +241,7 @@ def _scan(root: Path, verify: bool, skipped: list[Path]) -> tuple[list[str], dic
             raise ValueError(f"class folder {class_dir} holds no images (looked for {', '.join(IMG_EXTENSIONS)}); "
                              "add images to it or remove the folder.")
         checks = [_check_image(p) for p in candidates] if verify else [(True, None)] * len(candidates)
-        _refuse_unsupported(candidates, [problem for _, problem in checks])
+        _refuse_unsupported(class_dir, candidates, [problem for _, problem in checks])
         readable = [ok for ok, _ in checks]
         good = [p for p, ok in zip(candidates, readable) if ok]
         bad = [p for p, ok in zip(candidates, readable) if not ok]
@@ -258,12 +258,12 @@ def _scan(root: Path, verify: bool, skipped: list[Path]) -> tuple[list[str], dic
     return classes, files
 
 
-def _refuse_unsupported(paths: list[Path], problems: list[str | None]) -> None:
+def _refuse_unsupported(class_dir: Path, paths: list[Path], problems: list[str | None]) -> None:
     """An error naming the images whose pixels cannot be used: skipping them would change the data set."""
     bad = [(path, problem) for path, problem in zip(paths, problems) if problem]
     if bad:
         shown = ", ".join(str(path) for path, _ in bad[:5]) + (", ..." if len(bad) > 5 else "")
-        raise ValueError(f"{len(bad)} image(s) cannot be used as they are ({shown}): {bad[0][1]}")
+        raise ValueError(f"{len(bad)} image(s) in {class_dir} cannot be used as they are ({shown}): {bad[0][1]}")
 
 
 def _first_shared_file(groups: dict[str, list[Path]]) -> tuple[Path, str, str] | None:

@@ -290,7 +290,7 @@ def test_16_bit_gray_images_are_scaled_to_8_bits_not_clipped_white(tmp_path, mod
 def test_float_images_are_refused_up_front_naming_them(tmp_path, model):
     write_class_folders(tmp_path, {"a": 2, "b": 2})
     Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)).save(tmp_path / "b" / "depth.tif")
-    with pytest.raises(ValueError, match=r"1 image\(s\) cannot be used.*depth\.tif.*32-bit floats.*Convert"):
+    with pytest.raises(ValueError, match=r"1 image\(s\) in .*b cannot be used.*depth\.tif.*32-bit floats.*Convert"):
         build_datasets(tmp_path, model, val_split=0.4, image_size=16)
 
 
