@@ -207,8 +207,11 @@ def _check_model(zoo: str, family: str, name: str) -> CoverageRow:
     return row
 
 
-def _backward_ok(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+def _backward_ok(model: nn.Module, args: tuple, kwargs: dict) -> bool | None:
     """Does a backward pass reach every SE block (a non-zero gradient on the bias of its last layer)?
+
+    None (not checked) when the outputs hold no element to differentiate, as a random-weight
+    detector's empty detections do: no gradient then says nothing about the blocks.
 
     The bias, not the weight: under the identity init the weight's gradient is the outer product of
     the gate's gradient and the hidden ReLU's output, and on two near-identical example images all of
@@ -219,9 +222,9 @@ def _backward_ok(model: nn.Module, args: tuple, kwargs: dict) -> bool:
     """
     model.eval()
     try:
-        outs = _tensors(model(*args, **kwargs))
+        outs = [t for t in _tensors(model(*args, **kwargs)) if t.numel()]
         if not outs:
-            return False
+            return None
         gen = torch.Generator().manual_seed(0)
         loss = sum((t.float() * torch.randn(t.shape, generator=gen)).sum() for t in outs)
         loss.backward()

@@ -219,6 +219,27 @@ def test_ctrl_c_writes_the_rows_so_far(tmp_path: Path, capsys: pytest.CaptureFix
     assert checked == ["resnet10t", "resnet18"], checked
 
 
+class EmptyDetections(torch.nn.Module):
+    """A residual model whose output, like a random-weight detector's, holds no element."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.BatchNorm2d(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        x = torch.relu(x + self.body(x))
+        return x.flatten(1)[:, :0]
+
+
+def test_backward_is_not_checked_when_the_outputs_are_empty():
+    se_model = se_retrofit.apply(EmptyDetections().eval())
+    assert se_retrofit.se_blocks(se_model), "the test model should get an SE block"
+    got = coverage._backward_ok(se_model, (torch.rand(2, 3, 16, 16),), {})
+    assert got is None, f"no element to differentiate must read 'not checked', not {got}"
+
+
 def test_max_diff_of_empty_outputs_is_zero():
     empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0)}
     assert coverage._max_diff(empty, empty) == 0.0, "a detector that found nothing must not fail the identity check"
