@@ -253,3 +253,8 @@ class NoExampleInput(ValueError):
 
     def with_hint(self, hint: str) -> NoExampleInput:
         return NoExampleInput(self.model_name, self.tried, hint)
+
+    def __reduce__(self) -> tuple[type, tuple[str, list[str], str]]:
+        # Exceptions pickle as ``cls(*args)`` with the message as the only argument; a worker process
+        # (a process pool running apply) must hand this one back whole.
+        return type(self), (self.model_name, self.tried, self.hint)

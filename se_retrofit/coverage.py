@@ -46,6 +46,10 @@ class SweepInterrupted(KeyboardInterrupt):
         super().__init__(f"interrupted after {len(rows)} models")
         self.rows = rows
 
+    def __reduce__(self) -> tuple[type, tuple[list[CoverageRow]]]:
+        # Exceptions pickle as ``cls(*args)``, and ``args`` holds the message, not the rows.
+        return type(self), (self.rows,)
+
 
 @dataclass
 class CoverageRow:

@@ -351,7 +351,7 @@ def build_datasets(data: str, model: nn.Module, *, val_split: float = 0.1, seed:
     silently change the label set. ``verify_images=False`` skips the check for very large folders.
     A file that passes ``verify`` but fails to decode later (a truncated JPEG) raises an ``OSError``
     naming it. 16-bit grayscale images are scaled to 8 bits rather than clipped at 255 (which turns
-    them white); float and 32-bit integer images are refused, since their value range is unknown
+    them white); float and signed or 32-bit integer images are refused, since their value range is unknown
     (see ``se_retrofit.pixels``).
     """
     if isinstance(data, str) and data == "digits":

@@ -299,7 +299,7 @@ def input_shape(input_size: int | Sequence[int]) -> tuple[int, ...]:
 
 def _is_integer(value: Any) -> bool:
     """An int or integer scalar (``numpy.int64``, a 0-d integer tensor), not a bool or a sequence."""
-    if isinstance(value, (bool, Sequence)) or getattr(value, "ndim", 0) != 0:
+    if _is_bool(value) or isinstance(value, Sequence) or getattr(value, "ndim", 0) != 0:
         return False
     try:
         operator.index(value)
@@ -308,9 +308,14 @@ def _is_integer(value: Any) -> bool:
     return True
 
 
+def _is_bool(value: Any) -> bool:
+    """``True`` is an int to Python and a 0-d bool tensor has ``__index__``; neither is a size."""
+    return isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+
+
 def _is_positive_int(value: Any) -> bool:
     """An int, or an integer scalar such as ``numpy.int64`` or a ``torch.Size`` entry, above zero."""
-    if isinstance(value, bool):
+    if _is_bool(value):
         return False
     try:
         return operator.index(value) > 0

@@ -299,3 +299,11 @@ class OverflowingNet(torch.nn.Module):
         x = self.stem(x)
         x = torch.relu(x + self.bn(self.conv(x)))
         return torch.exp(x.mean((2, 3)) * 1e4)
+
+
+def test_an_interrupted_sweep_keeps_its_rows_through_pickling():
+    import pickle
+
+    rows = [coverage.CoverageRow("timm", "-", f"m{i}", built=True) for i in range(3)]
+    back = pickle.loads(pickle.dumps(coverage.SweepInterrupted(rows)))
+    assert back.rows == rows and "after 3 models" in str(back), f"{back!r} lost its rows"

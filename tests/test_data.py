@@ -290,7 +290,7 @@ def test_16_bit_gray_images_are_scaled_to_8_bits_not_clipped_white(tmp_path, mod
 def test_float_images_are_refused_up_front_naming_them(tmp_path, model):
     write_class_folders(tmp_path, {"a": 2, "b": 2})
     Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)).save(tmp_path / "b" / "depth.tif")
-    with pytest.raises(ValueError, match=r"1 image\(s\) in .*b cannot be used.*depth\.tif.*32-bit floats.*Convert"):
+    with pytest.raises(ValueError, match=r"1 image\(s\) in .*b cannot be used.*depth\.tif.*floats.*Convert"):
         build_datasets(tmp_path, model, val_split=0.4, image_size=16)
 
 
@@ -301,5 +301,24 @@ def test_float_images_are_refused_when_loaded_if_the_scan_is_off(tmp_path, model
     train, val, _ = build_datasets(tmp_path, model, val_split=0.3, image_size=16, verify_images=False)
     dataset = next(d for d in (train, val) if any(p == float_path for p, _ in d.samples))
     index = next(i for i, (p, _) in enumerate(dataset.samples) if p == float_path)
-    with pytest.raises(ValueError, match=r"depth\.tif.*32-bit floats"):
+    with pytest.raises(ValueError, match=r"depth\.tif.*floats"):
         dataset[index]
+
+
+def test_16_bit_pgm_images_are_scaled_like_16_bit_png(tmp_path, model):
+    write_class_folders(tmp_path, {"a": 2, "b": 2})
+    values = (np.arange(12 * 12).reshape(12, 12) * 400).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "a" / "deep.pgm")
+    Image.fromarray(values).save(tmp_path / "a" / "deep.png")
+    train, val, _ = build_datasets(tmp_path, model, val_split=0.4, image_size=16)
+    decoded = {}
+    for dataset in (train, val):
+        transform, dataset.transform = dataset.transform, None
+        try:
+            for i, (path, _) in enumerate(dataset.samples):
+                if path.stem == "deep":
+                    decoded[path.suffix] = np.asarray(dataset[i][0])
+        finally:
+            dataset.transform = transform
+    assert set(decoded) == {".pgm", ".png"}, f"both 16-bit files should be in the data set: {sorted(decoded)}"
+    assert np.array_equal(decoded[".pgm"], decoded[".png"]), "a 16-bit PGM decodes unlike the same pixels as PNG"

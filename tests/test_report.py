@@ -338,6 +338,12 @@ def test_integer_scalars_of_numpy_and_torch_are_sizes(size):
     assert input_shape(size) == (1, 3, 32, 32)
 
 
+@pytest.mark.parametrize("size", [True, torch.tensor(True), (torch.tensor(True), 32)])
+def test_booleans_are_no_sizes(size):
+    with pytest.raises(ValueError, match="input size"):
+        input_shape(size)
+
+
 def test_formats_label_macs_and_round_trip():
     original, se_model = tiny_pair()
     rep = report(original, se_model, input_size=8, name="tiny")

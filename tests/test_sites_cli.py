@@ -32,3 +32,13 @@ def test_an_unknown_model_is_one_error_line_with_a_suggestion(capsys: pytest.Cap
     assert cli.main(["sites", "resnt10t"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "error:" in err and "resnet10t" in err, err
+
+
+def test_no_example_input_survives_pickling_as_a_worker_process_returns_it() -> None:
+    import pickle
+
+    from se_retrofit.capture import NoExampleInput
+
+    error = NoExampleInput("Net", ["input Tensor(2, 3, 64, 64): ValueError: no"]).with_hint("Try --input-size.")
+    back = pickle.loads(pickle.dumps(error))
+    assert isinstance(back, NoExampleInput) and str(back) == str(error) and back.hint == "Try --input-size.", back

@@ -52,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
 
     config = SEConfig(**conversion_kwargs(args))
     model = create_model(args.model, pretrained=args.pretrained,
-                         offline_hint="Parameters and MACs do not depend on the weights: run without --pretrained.")
+                         offline_hint="The counts do not depend on the weights' values: run without --pretrained "
+                                      "(a torchvision detector then has plain instead of frozen BatchNorm in "
+                                      "its backbone, which changes its counts slightly).")
     se_model = apply(model, config)
     result = report(model, se_model, input_size=args.input_size, name=args.model)
     if args.format == "json":
