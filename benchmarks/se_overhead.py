@@ -15,6 +15,11 @@ rounds of one profiled forward per model (`op_times_by_round`); the figures are 
 and SE / base comes with a bootstrap 95 % interval of its per-round values.
 
     python benchmarks/se_overhead.py [--model resnet50] [--rounds 15] [--batch 8] [--size 224] [--threads N]
+                                     [--variants retrofitted ...] [--no-page-faults]
+
+``--variants`` profiles only some of the SE models (the base model always runs) and
+``--no-page-faults`` skips the page-fault counts, which cost a fresh process per model: together they
+make the run short enough for a borrowed machine with many cores, where every forward is profiled.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from _common import PAIRS, median, ratio_ci, se_models, write
 
+VARIANTS = ("hand-written SE", "retrofitted", "retrofitted, plain ops")
 # Ops of the convolutional trunk: identical work in every model, the denominator's bulk.
 TRUNK = ("aten::mkldnn_convolution", "aten::native_batch_norm", "aten::max_pool2d_with_indices")
 
@@ -112,18 +118,22 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--model", choices=list(PAIRS), default="resnet50")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="the SE models to profile against the base model (default: all three)")
+    parser.add_argument("--no-page-faults", action="store_true", help="skip the page-fault counts (a process per model)")
     parser.add_argument("--name", default=None, help="results/NAME.json (default se_overhead, se_overhead_MODEL)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x = torch.rand(args.batch, 3, args.size, args.size)
-    models = se_models(args.model)
+    models = {name: model for name, model in se_models(args.model).items() if name == "base" or name in args.variants}
     times = op_times_by_round(models, x, args.rounds)
-    faults = {name: page_faults(args.model, name, tuple(x.shape), args.threads) for name in models}
+    faults = ({} if args.no_page_faults else
+              {name: page_faults(args.model, name, tuple(x.shape), args.threads) for name in models})
     base_totals = [sum(t.values()) for t in times["base"]]
     base_total = median(base_totals)
     base_rest = median([total - sum(t.get(op, 0.0) for op in TRUNK) for t, total in zip(times["base"], base_totals)])
     rows = []
-    for name in ("hand-written SE", "retrofitted", "retrofitted, plain ops"):
+    for name in (v for v in VARIANTS if v in args.variants):
         extras = [attribute(b, t) for b, t in zip(times["base"], times[name])]
         se_s = [sum(e.values()) for e in extras]
         ops = {op for e in extras for op in e}
@@ -133,21 +143,22 @@ def main() -> None:
                      "se_over_base_total": median([s / b for s, b in zip(se_s, base_totals)]),
                      "se_over_base_ci95": ratio_ci(se_s, base_totals, paired=True),
                      "se_over_base_per_round": [s / b for s, b in zip(se_s, base_totals)],
-                     "by_op_s": by_op, "page_faults_per_forward": faults[name]})
+                     "by_op_s": by_op, **({"page_faults_per_forward": faults[name]} if faults else {})})
     print(f"batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, "
           f"{args.rounds} interleaved rounds, medians; base {args.model}: {base_total * 1e3:.1f} ms of op time "
           f"({base_rest * 1e3:.1f} ms outside conv/bn/max-pool)")
-    print(f"page faults per forward, base model: {faults['base']:.0f}")
+    if faults:
+        print(f"page faults per forward, base model: {faults['base']:.0f}")
     print(f"{'model':<24}{'total ms':>9}{'SE ops ms':>10}{'SE / base':>10}{'95% CI':>16}{'faults':>8}  largest")
     for r in rows:
         top = ", ".join(f"{op.removeprefix('aten::')} {t * 1e3:+.1f}" for op, t in list(r["by_op_s"].items())[:4])
         lo, hi = r["se_over_base_ci95"]
         print(f"{r['model']:<24}{r['total_s'] * 1e3:>9.1f}{r['se_s'] * 1e3:>10.2f}{r['se_over_base_total']:>10.2%}"
-              f"{f'[{lo:.2%}, {hi:.2%}]':>16}{r['page_faults_per_forward']:>8.0f}  {top}")
+              f"{f'[{lo:.2%}, {hi:.2%}]':>16}{r.get('page_faults_per_forward', float('nan')):>8.0f}  {top}")
     name = args.name or ("se_overhead" if args.model == "resnet50" else f"se_overhead_{args.model}")
     print("written", write(name, {"model": args.model, "batch": args.batch, "size": args.size, "rounds": args.rounds,
                                   "base_total_s": base_total, "base_outside_trunk_s": base_rest,
-                                  "base_page_faults_per_forward": faults["base"],
+                                  **({"base_page_faults_per_forward": faults["base"]} if faults else {}),
                                   "rows": rows}))
 
 

@@ -9,11 +9,11 @@ Without autograd (inference) the maps go further: ``fc1``, ``norm`` and ``conv``
 maps in a row, so ``fc1(norm(conv(m)))`` is one affine map ``W' m + b'`` with ``W' = W1 diag(s) W3``,
 ``hidden x in_channels``: a quarter of ``fc1``'s weight (in a bottleneck) and none of ``conv``'s to read per forward.
 `fc1_through` uses it, folded once in float64 and cached per SE block until any of the tensors it
-was folded from changes (version counter) or is replaced (identity, storage), or the block switches
-between training and eval mode. Changes made through ``.data`` bypass the version counter (as they
-bypass autograd's checks): made in eval mode, they are not seen until the next ``model.train()`` /
-``model.eval()`` pair; `SEConfig(early_squeeze=False)` avoids the fold altogether. `gate_through`
-goes on to the gate, so that all of SE's small kernels run before ``conv``, in one place.
+was folded from, or ``fc2``'s, changes (version counter) or is replaced (identity, storage), or the
+block switches between training and eval mode. Changes made through ``.data`` bypass the version
+counter (as they bypass autograd's checks): made in eval mode, they are not seen until the next
+``model.train()`` / ``model.eval()`` pair; `SEConfig(early_squeeze=False)` avoids the fold altogether.
+`gate_through` goes on to the gate, so that all of SE's small kernels run before ``conv``, in one place.
 
 Only modules whose arithmetic is known qualify: ``nn.Conv1d/2d/3d`` of kernel 1, stride 1, no padding,
 one group, and ``nn.BatchNorm1d/2d/3d`` or torchvision's ``FrozenBatchNorm2d`` (exact types: a subclass
@@ -37,8 +37,8 @@ from torch.nn.modules import module as _module_state
 
 from .se_block import SEBlock
 
-# SE block -> (weak references to the tensors folded, their fingerprint, the folded map). Kept off the
-# module so that pickling and deep-copying a model never carry it (weak references do not pickle).
+# SE block -> its `_Fold`. Kept off the module so that pickling and deep-copying a model never carry it
+# (weak references do not pickle).
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -91,6 +91,16 @@ def _hooked(*modules: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules)
 
 
+def _in_tracer(z: torch.Tensor) -> bool:
+    """Inside a tracer, where a run-time choice must not be made (see `_declines`)."""
+    return isinstance(z, fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def _exact(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> bool:
+    """Whether ``norm(conv(z))`` is an affine map of known arithmetic at every position."""
+    return (type(norm) in norm_types() and is_pointwise_conv(conv, z.dim() - 2) and _uses_running_stats(norm))
+
+
 def _declines(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> bool:
     """Where the early squeeze must not run: not exact (batch statistics, modules not of the known
     kinds, hooks or an instance ``forward`` on them), or inside a tracer.
@@ -99,9 +109,7 @@ def _declines(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> bool:
     costs the paper's block); ``torch.compile`` / ``torch.export`` see the plain SE ops and fuse them
     themselves, with no guard on the input's size; fx symbolic tracing has no values to decide with.
     """
-    return (isinstance(z, fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or type(norm) not in norm_types() or not is_pointwise_conv(conv, z.dim() - 2)
-            or not _uses_running_stats(norm) or _hooked(conv, norm))
+    return _in_tracer(z) or not _exact(z, conv, norm) or _hooked(conv, norm)
 
 
 def squeeze_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.Tensor | None:
@@ -133,26 +141,13 @@ def fc1_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock) 
     with the folded weight (see the module docstring), for every bottleneck with ``conv`` widening;
     otherwise `squeeze_through` and ``fc1``, under its rule.
     """
-    # a pre-hook on the SE block may change the input it gates, which the gate from z would not see
-    if _declines(z, conv, norm) or se._forward_pre_hooks:
+    if _declines_at_once(z, conv, norm, se):
         return None
-    fc1 = se.fc1
-    tensors = (_tensor(fc1, "weight"), _tensor(fc1, "bias"), _tensor(conv, "weight"), _tensor(conv, "bias"),
-               _tensor(norm, "weight"), _tensor(norm, "bias"), _tensor(norm, "running_mean"),
-               _tensor(norm, "running_var"))
-    if torch.is_grad_enabled() and (z.requires_grad or any(t is not None and t.requires_grad for t in tensors)):
-        s = _squeeze_from_input(z, conv, norm)
-        return None if s is None else F.linear(s, fc1.weight.flatten(1), fc1.bias)
-    folded = _folded(se, tensors, (norm.eps, se.__dict__.get("_mode_switches", 0)))
-    if folded is None:
-        return None
-    weight_t, bias = folded
-    dims = tuple(range(2, z.dim()))
-    if z.dtype == torch.float16:  # a float16 sum over a large map can overflow where the mean does not
-        return torch.addmm(bias, z.mean(dims), weight_t)
-    # the mean's division as the product's alpha: torch.mean is a sum and a division kernel, and on
-    # the CPU each small kernel costs tens of microseconds next to the convolutions, whatever its size
-    return torch.addmm(bias, z.sum(dims), weight_t, alpha=1.0 / math.prod(z.shape[2:]))
+    tensors = _sources(conv, norm, se)
+    if _needs_grad(z, tensors):
+        return _fc1_with_autograd(z, conv, norm, se)
+    fold = _current_fold(z, conv, norm, se, tensors)
+    return None if fold is None else fold.fc1(z)
 
 
 def gate_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock) -> torch.Tensor | None:
@@ -161,41 +156,152 @@ def gate_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock)
 
     Called before ``conv``, it runs all of SE's small kernels in one cluster there, while ``z`` and the
     dispatcher's code are still in cache; after the norm only the gated residual add is left.
+
+    A bottleneck calls this once per forward. The cached fold is checked against everything it came
+    from on every call (`_Fold.holds`), in a few microseconds, and then runs the five kernels of the
+    gate with nothing between them (`_Fold.gate`): the full checks of `_declines`, a fold's bookkeeping
+    made anew and the module calls of `SEBlock.excite` cost more than those kernels on small maps.
     """
-    hidden = fc1_through(z, conv, norm, se)
-    return None if hidden is None else se.excite(hidden)
-
-
-def _fingerprint(tensors: tuple[torch.Tensor | None, ...], extra: tuple) -> tuple | None:
-    """What the folded map depends on: ``extra`` (the norm's eps, the SE block's mode switches) and each
-    tensor's storage, version and type; None if untrackable."""
-    try:
-        return (extra, *((None if t is None else (t.data_ptr(), t._version, t.dtype, t.device)) for t in tensors))
-    except RuntimeError:  # inference tensors (made under torch.inference_mode) have no version counter
+    if _declines_at_once(z, conv, norm, se):
         return None
+    tensors = _sources(conv, norm, se)
+    if _needs_grad(z, tensors):
+        hidden = _fc1_with_autograd(z, conv, norm, se)
+        return None if hidden is None else se.excite(hidden)
+    fold = _current_fold(z, conv, norm, se, tensors)
+    return None if fold is None else fold.gate(z, se)
 
 
-def _folded(se: nn.Module, tensors: tuple[torch.Tensor | None, ...], extra: tuple[float, int]
-            ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(W'^T, b')`` for ``fc1(norm(conv(m))) = m W'^T + b'``, from the cache or folded now.
+def _declines_at_once(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock) -> bool:
+    """The checks of `_declines` that no cached fold can answer: tracers and hooks (a pre-hook on the
+    SE block may change the input it gates, which the gate from ``z`` would not see)."""
+    return _in_tracer(z) or _hooked(conv, norm) or bool(se._forward_pre_hooks)
 
-    None where ``conv`` does not widen (averaging its input would read no less) or the tensors cannot
-    be tracked for changes.
+
+def _needs_grad(z: torch.Tensor, tensors: tuple[torch.Tensor | None, ...]) -> bool:
+    return torch.is_grad_enabled() and (z.requires_grad or any(t is not None and t.requires_grad for t in tensors))
+
+
+def _fc1_with_autograd(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock) -> torch.Tensor | None:
+    """``fc1`` of `squeeze_through`'s squeeze, for autograd: no fold, gradients reach every module."""
+    if not _exact(z, conv, norm):
+        return None
+    s = _squeeze_from_input(z, conv, norm)
+    return None if s is None else F.linear(s, se.fc1.weight.flatten(1), se.fc1.bias)
+
+
+def _current_fold(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock,
+                  tensors: tuple[torch.Tensor | None, ...]) -> _Fold | None:
+    """The cached fold if it still holds, else a new one (cached), else None where none can be made."""
+    fold = _CACHE.get(se)
+    if fold is not None and fold.holds(z, conv, norm, se, tensors):
+        return fold
+    fold = _Fold.make(z, conv, norm, se, tensors) if _exact(z, conv, norm) else None
+    if fold is not None:
+        _CACHE[se] = fold
+    return fold
+
+
+def _sources(conv: nn.Module, norm: nn.Module, se: SEBlock) -> tuple[torch.Tensor | None, ...]:
+    """The tensors a fold is made of or reads (``fc2``'s), in `_fold`'s order."""
+    fc1, fc2 = se._modules["fc1"], se._modules["fc2"]  # as se.fc1, without nn.Module.__getattr__
+    return (_tensor(fc1, "weight"), _tensor(fc1, "bias"), _tensor(conv, "weight"), _tensor(conv, "bias"),
+            _tensor(norm, "weight"), _tensor(norm, "bias"), _tensor(norm, "running_mean"),
+            _tensor(norm, "running_var"), _tensor(fc2, "weight"), _tensor(fc2, "bias"))
+
+
+def _stamp(t: torch.Tensor) -> tuple:
+    """What changes when a tensor's values may have: its storage, version and type. Raises RuntimeError
+    for inference tensors (made under ``torch.inference_mode``), which have no version counter."""
+    return (t.data_ptr(), t._version, t.dtype, t.device)
+
+
+class _Fold:
+    """``fc1 . norm . conv`` folded into ``m W'^T + b'`` for one SE block, with what it was folded from.
+
+    Kept in `_CACHE` (weakly keyed by the SE block, off the module, so that pickling and deep-copying a
+    model never carry it) and used only while `holds` finds all of that unchanged.
     """
+
+    __slots__ = ("types", "geometry", "batchnorm", "extra", "refs", "stamps", "dims",
+                 "weight_t", "bias", "fc2_weight_t", "fc2_bias")
+
+    @classmethod
+    def make(cls, z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock,
+             tensors: tuple[torch.Tensor | None, ...]) -> _Fold | None:
+        """Fold now; None where ``conv`` does not widen (averaging its input would read no less) or
+        the tensors cannot be tracked for changes."""
+        conv_weight, fc2_weight = tensors[2], tensors[8]
+        if conv_weight.shape[0] <= conv_weight.shape[1] or fc2_weight is None:
+            return None
+        try:
+            stamps = tuple(None if t is None else _stamp(t) for t in tensors)
+        except RuntimeError:
+            return None
+        fold = cls()
+        fold.types = (type(conv), type(norm))
+        fold.geometry = _geometry(conv)
+        fold.batchnorm = isinstance(norm, nn.modules.batchnorm._BatchNorm)
+        fold.extra = (norm.eps, se.__dict__.get("_mode_switches", 0))
+        fold.refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        fold.stamps = stamps
+        fold.dims = tuple(range(2, z.dim()))
+        fold.weight_t, fold.bias = _fold(tensors[:8], norm.eps)
+        with torch.inference_mode(False), torch.no_grad():  # a view to read later, outside inference mode too
+            fold.fc2_weight_t = fc2_weight.flatten(1).t()
+        fold.fc2_bias = tensors[9]
+        return fold
+
+    def holds(self, z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock,
+              tensors: tuple[torch.Tensor | None, ...]) -> bool:
+        """Whether this fold is still exact for these modules: modules of the same types and geometry,
+        the norm still using running statistics with the same eps, no mode switch of the SE block since
+        (see `SEBlock.train`), and each tensor the same object with the same storage, version and type:
+        what `_declines` and `make` check, at a fraction of their cost. (Other module objects holding
+        the same tensors compute the same map.)"""
+        if ((type(conv), type(norm)) != self.types
+                or z.dim() != len(self.dims) + 2 or (self.batchnorm and norm.training)
+                or (norm.eps, se.__dict__.get("_mode_switches", 0)) != self.extra
+                or _geometry(conv) != self.geometry):
+            return False
+        for ref, stamp, t in zip(self.refs, self.stamps, tensors):
+            if t is None:
+                if ref is not None:
+                    return False
+            elif ref is None or ref() is not t or _stamp(t) != stamp:
+                return False
+        return True
+
+    def fc1(self, z: torch.Tensor) -> torch.Tensor:
+        """``fc1(norm(conv(mean(z))))``: one sum and one matrix product."""
+        if z.dtype == torch.float16:  # a float16 sum over a large map can overflow where the mean does not
+            return torch.addmm(self.bias, z.mean(self.dims), self.weight_t)
+        # the mean's division as the product's alpha: torch.mean is a sum and a division kernel, and on
+        # the CPU each small kernel costs tens of microseconds next to the convolutions, whatever its size
+        return torch.addmm(self.bias, z.sum(self.dims), self.weight_t, alpha=1.0 / math.prod(z.shape[2:]))
+
+    def gate(self, z: torch.Tensor, se: SEBlock) -> torch.Tensor:
+        """`SEBlock.excite` of `fc1`, with the same kernels and bits (``F.linear`` of a matrix is this
+        ``addmm``); through ``se.excite`` where its activation is not a plain ReLU or has hooks."""
+        hidden = self.fc1(z)
+        act = se.act
+        if type(act) is not nn.ReLU or _hooked(act):
+            return se.excite(hidden)
+        if self.fc2_bias is None:
+            return torch.mm(hidden.relu_(), self.fc2_weight_t).sigmoid_()
+        return torch.addmm(self.fc2_bias, hidden.relu_(), self.fc2_weight_t).sigmoid_()
+
+
+def _geometry(conv: nn.Module) -> tuple:
+    """The attributes `is_pointwise_conv` reads besides the weight, to see them change."""
+    return (conv.kernel_size, conv.stride, conv.padding, conv.groups)
+
+
+def _fold(tensors: tuple[torch.Tensor | None, ...], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W'^T, b')`` for ``fc1(norm(conv(m))) = m W'^T + b'``, computed in float64 (float32 on MPS, which
+    has no float64) and returned in ``fc1``'s dtype."""
     conv_weight = tensors[2]
-    if conv_weight.shape[0] <= conv_weight.shape[1]:
-        return None
-    key = _fingerprint(tensors, extra)
-    if key is None:
-        return None
-    cached = _CACHE.get(se)
-    if cached is not None:
-        refs, cached_key, folded = cached
-        if cached_key == key and all((r is None and t is None) or (r is not None and r() is t)
-                                     for r, t in zip(refs, tensors)):
-            return folded
-    eps = extra[0]
-    wide = torch.float32 if conv_weight.device.type == "mps" else torch.float64  # MPS has no float64
+    wide = torch.float32 if conv_weight.device.type == "mps" else torch.float64
     with torch.inference_mode(False), torch.no_grad():
         f64 = [None if t is None else t.detach().to(wide) for t in tensors]
         w1, b1, w3, b3, gamma, beta, mean, var = f64
@@ -205,7 +311,4 @@ def _folded(se: nn.Module, tensors: tuple[torch.Tensor | None, ...], extra: tupl
         weight = (w1 * scale) @ w3.flatten(1)
         bias = w1 @ (shift + (0.0 if b3 is None else b3 * scale)) + (0.0 if b1 is None else b1)
         dtype = tensors[0].dtype
-        folded = (weight.t().contiguous().to(dtype), bias.to(dtype))
-    refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
-    _CACHE[se] = (refs, key, folded)
-    return folded
+        return weight.t().contiguous().to(dtype), bias.to(dtype)

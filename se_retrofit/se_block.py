@@ -91,7 +91,8 @@ class SEBlock(nn.Module):
         calling the convolution on a 1x1 map, at a third of its cost on the CPU (a convolution call on
         a 1x1 map is mostly overhead).
         """
-        return torch.sigmoid(F.linear(self.act(hidden), self.fc2.weight.flatten(1), self.fc2.bias))
+        fc2 = self.fc2
+        return torch.sigmoid(F.linear(self.act(hidden), fc2.weight.flatten(1), fc2.bias))
 
     @staticmethod
     def _may_overwrite(x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor) -> bool:

@@ -71,6 +71,85 @@ def test_the_fold_follows_every_change_to_the_tensors_it_came_from():
             assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), f"stale fold after: {what}"
 
 
+def _gate_reference(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock) -> torch.Tensor:
+    x = norm(conv(z))
+    return torch.sigmoid(se.fc2(se.act(se.fc1(x.mean(tuple(range(2, x.dim())), keepdim=True))))).flatten(1)
+
+
+def test_the_cached_gate_follows_every_change_made_after_it_ran():
+    """The gate's fast path reads a cached fold and a view of ``fc2``'s weight; each change to what they
+    came from, or to the modules around them, must be seen on the next call."""
+    conv, norm, se, z = _parts(cin=8, cout=64)
+    with torch.no_grad():
+        se.fc2.weight.normal_(0, 0.5)
+    changes = {
+        "fc2 weight in place": lambda: se.fc2.weight.mul_(-1.5),
+        "fc2 bias in place": lambda: se.fc2.bias.add_(0.7),
+        "fc2 weight replaced": lambda: setattr(se.fc2, "weight", nn.Parameter(torch.randn_like(se.fc2.weight))),
+        "fc2 replaced without bias": lambda: setattr(se, "fc2", nn.Conv2d(8, 64, 1, bias=False).double()),
+        "act replaced by SiLU": lambda: setattr(se, "act", nn.SiLU()),
+        "act back to ReLU": lambda: setattr(se, "act", nn.ReLU()),
+        "conv weight in place": lambda: conv.weight.mul_(0.5),
+        "norm running var in place": lambda: norm.running_var.mul_(3.0),
+        "norm eps": lambda: setattr(norm, "eps", 0.5),
+    }
+    with torch.no_grad():
+        gate_through(z, conv, norm, se)
+        for what, change in changes.items():
+            change()
+            got, want = gate_through(z, conv, norm, se), _gate_reference(z, conv, norm, se)
+            assert got is not None, f"the early gate declined after: {what}"
+            assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), \
+                f"stale gate after: {what} (off by {(got - want).abs().max():.2e})"
+
+
+def test_the_cached_gate_has_the_bits_of_the_excitation():
+    """The fast path runs ``addmm`` where `SEBlock.excite` runs ``F.linear``: the same kernel, the same bits."""
+    conv, norm, se, z = _parts(cin=8, cout=64, dtype=torch.float32)
+    with torch.no_grad():
+        se.fc2.weight.normal_(0, 0.5)
+        for _ in range(2):  # the first call folds, the second reads the cache
+            got = gate_through(z, conv, norm, se)
+        assert torch.equal(got, se.excite(fc1_through(z, conv, norm, se))), "the fast path changed the gate's bits"
+
+
+@pytest.mark.parametrize("change", ["conv stride", "conv groups", "norm to training", "norm class", "act hook",
+                                    "se pre-hook", "parameters need grad", "another conv"])
+def test_a_cached_fold_is_not_used_where_the_checks_now_fail(change):
+    """Every condition `_declines` checks before a fold is made is checked again once it is cached."""
+    conv, norm, se, z = _parts(cin=8, cout=64)
+    with torch.no_grad():
+        assert gate_through(z, conv, norm, se) is not None
+    other_conv = copy.deepcopy(conv)
+    if change == "conv stride":
+        conv.stride = (2, 2)
+    elif change == "conv groups":
+        conv.groups = 2
+    elif change == "norm to training":
+        norm.train()
+    elif change == "norm class":
+        norm.__class__ = type("ScaledNorm", (nn.BatchNorm2d,), {"forward": lambda self, x: 2 * super().forward(x)})
+    elif change == "act hook":
+        se.act.register_forward_hook(lambda module, args, out: out * 3.0)
+    elif change == "se pre-hook":
+        se.register_forward_pre_hook(lambda module, args: (args[0] * 2.0,))
+    elif change == "another conv":
+        with torch.no_grad():
+            other_conv.weight.mul_(2.0)
+        conv = other_conv
+    grad = change == "parameters need grad"
+    with torch.set_grad_enabled(grad):
+        got = gate_through(z, conv, norm, se)
+    if change in ("conv stride", "conv groups", "norm to training", "norm class", "se pre-hook"):
+        assert got is None, f"a cached fold was used after: {change}"
+        return
+    assert got is not None, change
+    with torch.set_grad_enabled(grad):
+        want = _gate_reference(z, conv, norm, se)
+    assert got.requires_grad == grad, f"after {change}: requires_grad {got.requires_grad}"
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), f"after {change}: off by {(got - want).abs().max():.2e}"
+
+
 def test_a_change_through_data_is_seen_after_a_train_eval_switch():
     """``.data`` writes bypass the version counter; the fold is redone when the SE block switches mode."""
     conv, norm, se, z = _parts()
