@@ -3,8 +3,8 @@
 #
 #     bash benchmarks/gpu_checks.sh OUT_DIR [PART ...]
 #
-# PART is any of: env, finetune, torchrun, throughput, compile, cpu-latency, cpu-overhead, cpu-latency-compile,
-# train-step, cpu-latency-threads, gpu-tests (default: env finetune torchrun throughput cpu-latency).
+# PART is any of: env, finetune, torchrun, throughput, compile, cpu-latency, cpu-overhead, cpu-profile, cpu-python,
+# cpu-latency-compile, train-step, cpu-latency-threads, gpu-tests (default: env finetune torchrun throughput cpu-latency).
 # LATENCY_MODELS (default: the script's pairs) narrows the cpu-latency part to some base models.
 # Each part appends to OUT_DIR/gpu_checks.log and copies its small results (metrics, JSON) into OUT_DIR.
 # The model weights of the fine-tuning runs stay in a temporary folder: they are large and random-init.
@@ -68,6 +68,16 @@ for part in $PARTS; do
                 --threads $t --repeats $((t == 16 ? 101 : 41)) --name latency_overhead_t$t \
                 && cp "$HERE/results/latency_overhead_t$t.json" "$OUT/latency_overhead_t${t}_gpu_host.json"
         done
+        ;;
+    cpu-profile)
+        # Where the retrofit's time goes at 16 threads: profiler op times, base model and retrofit only (~1 min).
+        CUDA_VISIBLE_DEVICES= step "$PYTHON" "$HERE/se_overhead.py" --threads 16 --rounds 15 --variants retrofitted \
+            --no-page-faults --name se_overhead_t16 && cp "$HERE/results/se_overhead_t16.json" "$OUT/se_overhead_t16_gpu_host.json"
+        ;;
+    cpu-python)
+        # The Python around SE's kernels on this machine's cores (one thread; ~20 s).
+        CUDA_VISIBLE_DEVICES= step "$PYTHON" "$HERE/gate_overhead.py" --name gate_overhead_host \
+            && cp "$HERE/results/gate_overhead_host.json" "$OUT/gate_overhead_gpu_host.json"
         ;;
     cpu-latency-threads)
         for t in 16 4; do

@@ -33,6 +33,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.modules import module as _module_state
 
 from .se_block import SEBlock
@@ -210,10 +211,27 @@ def _sources(conv: nn.Module, norm: nn.Module, se: SEBlock) -> tuple[torch.Tenso
             _tensor(norm, "running_var"), _tensor(fc2, "weight"), _tensor(fc2, "bias"))
 
 
-def _stamp(t: torch.Tensor) -> tuple:
-    """What changes when a tensor's values may have: its storage, version and type. Raises RuntimeError
-    for inference tensors (made under ``torch.inference_mode``), which have no version counter."""
-    return (t.data_ptr(), t._version, t.dtype, t.device)
+_storage_expired = torch.UntypedStorage._expired
+
+
+class _Record:
+    """One tensor a fold was made from: the tensor (weakly), its storage (weakly: an address alone does
+    not name a storage, since once the folded storage is freed the next one of its size usually lands
+    there), and the address, version and dtype it had."""
+
+    __slots__ = ("tensor", "storage", "ptr", "version", "dtype")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        # inference tensors (made under torch.inference_mode) have no version counter: RuntimeError
+        self.version = t._version
+        self.tensor, self.storage = weakref.ref(t), StorageWeakRef(t.untyped_storage())
+        self.ptr, self.dtype = t.data_ptr(), t.dtype
+
+    def holds(self, t: torch.Tensor | None) -> bool:
+        """Whether ``t`` is that tensor, on that storage, unchanged since (a device or dtype change
+        means another storage, or, for a dtype view, another dtype)."""
+        return (t is not None and self.tensor() is t and not _storage_expired(self.storage.cdata)
+                and t.data_ptr() == self.ptr and t._version == self.version and t.dtype == self.dtype)
 
 
 class _Fold:
@@ -223,8 +241,8 @@ class _Fold:
     model never carry it) and used only while `holds` finds all of that unchanged.
     """
 
-    __slots__ = ("types", "geometry", "batchnorm", "extra", "refs", "stamps", "dims",
-                 "weight_t", "bias", "fc2_weight_t", "fc2_bias")
+    __slots__ = ("types", "geometry", "batchnorm", "extra", "records", "dims", "weight_t", "bias",
+                 "fc2_weight_t", "fc2_bias")
 
     @classmethod
     def make(cls, z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock,
@@ -235,7 +253,7 @@ class _Fold:
         if conv_weight.shape[0] <= conv_weight.shape[1] or fc2_weight is None:
             return None
         try:
-            stamps = tuple(None if t is None else _stamp(t) for t in tensors)
+            records = tuple(None if t is None else _Record(t) for t in tensors)
         except RuntimeError:
             return None
         fold = cls()
@@ -243,8 +261,7 @@ class _Fold:
         fold.geometry = _geometry(conv)
         fold.batchnorm = isinstance(norm, nn.modules.batchnorm._BatchNorm)
         fold.extra = (norm.eps, se.__dict__.get("_mode_switches", 0))
-        fold.refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
-        fold.stamps = stamps
+        fold.records = records
         fold.dims = tuple(range(2, z.dim()))
         fold.weight_t, fold.bias = _fold(tensors[:8], norm.eps)
         with torch.inference_mode(False), torch.no_grad():  # a view to read later, outside inference mode too
@@ -256,19 +273,16 @@ class _Fold:
               tensors: tuple[torch.Tensor | None, ...]) -> bool:
         """Whether this fold is still exact for these modules: modules of the same types and geometry,
         the norm still using running statistics with the same eps, no mode switch of the SE block since
-        (see `SEBlock.train`), and each tensor the same object with the same storage, version and type:
-        what `_declines` and `make` check, at a fraction of their cost. (Other module objects holding
-        the same tensors compute the same map.)"""
+        (see `SEBlock.train`), and each tensor unchanged (`_Record.holds`): what `_declines` and `make`
+        check, at a fraction of their cost. (Other module objects holding the same tensors compute the
+        same map.)"""
         if ((type(conv), type(norm)) != self.types
                 or z.dim() != len(self.dims) + 2 or (self.batchnorm and norm.training)
                 or (norm.eps, se.__dict__.get("_mode_switches", 0)) != self.extra
                 or _geometry(conv) != self.geometry):
             return False
-        for ref, stamp, t in zip(self.refs, self.stamps, tensors):
-            if t is None:
-                if ref is not None:
-                    return False
-            elif ref is None or ref() is not t or _stamp(t) != stamp:
+        for record, t in zip(self.records, tensors):
+            if (t is not None) if record is None else not record.holds(t):
                 return False
         return True
 
@@ -283,13 +297,13 @@ class _Fold:
     def gate(self, z: torch.Tensor, se: SEBlock) -> torch.Tensor:
         """`SEBlock.excite` of `fc1`, with the same kernels and bits (``F.linear`` of a matrix is this
         ``addmm``); through ``se.excite`` where its activation is not a plain ReLU or has hooks."""
-        hidden = self.fc1(z)
-        act = se.act
+        act = se._modules["act"]
         if type(act) is not nn.ReLU or _hooked(act):
-            return se.excite(hidden)
+            return se.excite(self.fc1(z))
+        hidden = self.fc1(z).relu_()
         if self.fc2_bias is None:
-            return torch.mm(hidden.relu_(), self.fc2_weight_t).sigmoid_()
-        return torch.addmm(self.fc2_bias, hidden.relu_(), self.fc2_weight_t).sigmoid_()
+            return torch.mm(hidden, self.fc2_weight_t).sigmoid_()
+        return torch.addmm(self.fc2_bias, hidden, self.fc2_weight_t).sigmoid_()
 
 
 def _geometry(conv: nn.Module) -> tuple:

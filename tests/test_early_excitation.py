@@ -103,6 +103,26 @@ def test_the_cached_gate_follows_every_change_made_after_it_ran():
                 f"stale gate after: {what} (off by {(got - want).abs().max():.2e})"
 
 
+def test_a_new_tensor_at_the_address_of_the_folded_one_refolds():
+    """``.data`` replaced twice, or ``.half()`` then ``.float()``: the allocator tends to put the new
+    storage where the folded one was freed, with the same dtype and the parameter's version counter
+    unchanged. Only knowing that the folded storage was freed tells the fold is stale."""
+    conv, norm, se, z = _parts(cin=8, cout=64, dtype=torch.float32)
+    with torch.no_grad():
+        se.fc2.weight.normal_(0, 0.5)
+        for _ in range(50):
+            gate_through(z, conv, norm, se)
+            folded_at, shape = conv.weight.data_ptr(), conv.weight.shape
+            conv.weight.data = torch.empty(0)  # frees the folded storage
+            conv.weight.data = torch.randn(shape)  # the next allocation of its size
+            if conv.weight.data_ptr() == folded_at:
+                got, want = gate_through(z, conv, norm, se), _gate_reference(z, conv, norm, se)
+                assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), \
+                    f"stale gate from a freed storage (off by {(got - want).abs().max():.2e})"
+                return
+    pytest.skip("the allocator never put a new weight where the folded one was")
+
+
 def test_the_cached_gate_has_the_bits_of_the_excitation():
     """The fast path runs ``addmm`` where `SEBlock.excite` runs ``F.linear``: the same kernel, the same bits."""
     conv, norm, se, z = _parts(cin=8, cout=64, dtype=torch.float32)

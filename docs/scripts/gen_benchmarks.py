@@ -205,6 +205,26 @@ def se_overhead(data: dict[str, Any]) -> str:
         table(headers + ["largest differences (ms)"], rows)])
 
 
+def gate_overhead(data: dict[str, Any]) -> str:
+    rows = []
+    for r in data["rows"]:
+        s = r["seconds"]
+        rows.append([f"`{r['stage']}` ({r['channels']} ch)", f"{s['early gate'] * 1e6:.1f}", f"{s['its kernels'] * 1e6:.1f}",
+                     f"{r['gate_overhead_s'] * 1e6:.1f}", f"{s['SE call'] * 1e6:.1f}", f"{s['its kernel'] * 1e6:.1f}",
+                     f"{r['call_overhead_s'] * 1e6:.1f}"])
+    total, kernels = data["per_forward_s"], data["kernels_per_forward_s"]
+    return "\n".join([
+        f"Batch {data.get('batch', '?')}, maps of 1x1, {data.get('threads', '?')} thread(s), eval, medians of "
+        f"{data.get('rounds', '?')} rounds of {data.get('calls', '?')} calls (`benchmarks/gate_overhead.py`). "
+        "Microseconds per call of the two SE calls in a retrofitted bottleneck's forward and of the kernels they "
+        "run, called directly; *overhead*: the difference, paired within each round, i.e. the Python around the "
+        "kernels. Over a ResNet-50 forward (3, 4, 6, 3 bottlenecks) that Python takes "
+        f"**{total * 1e3:.2f} ms**, {total / kernels:.2f}x the time of the kernels on these 1x1 maps "
+        f"({kernels * 1e3:.2f} ms).\n",
+        table(["block", "early gate", "its kernels", "overhead", "SE call", "its kernel (`addcmul`)", "overhead"],
+              rows)])
+
+
 def accuracy_study(data: dict) -> str:
     return "The transfer study has its own page, with its table and plot: [Accuracy after transfer](accuracy.md).\n"
 
@@ -216,7 +236,8 @@ RENDERERS = {"accuracy_study": ("Accuracy study", accuracy_study),
              "latency": ("Inference latency", latency),
              "gpu_throughput": ("GPU training and inference throughput", gpu_throughput),
              "se_ops": ("The SE block's own ops", se_ops),
-             "se_overhead": ("What SE costs inside the forward", se_overhead)}
+             "se_overhead": ("What SE costs inside the forward", se_overhead),
+             "gate_overhead": ("The Python around SE's kernels", gate_overhead)}
 # Files named PREFIX_SUFFIX.json (the same benchmark on another machine or setting) get PREFIX's table.
 SUFFIXES = {"cold": "each op after a convolution, as in the forward",
             "h100_host": "on the H100 machine's 16-core CPU (older code)",
@@ -227,6 +248,8 @@ SUFFIXES = {"cold": "each op after a convolution, as in the forward",
                                                     "4 threads",
             "compile_infer": "inference, eager and torch.compile",
             "resnext50_32x4d": "ResNeXt-50 32x4d",
+            "batch1": "ResNet-50 at batch 1, the paper's setting (one 224x224 image)",
+            "previous_code": "the code before the cached fold's quick checks (0600c8b)",
             "resnet50_settled": "ResNet-50, each timed forward after an untimed one",
             "resnet50_settled_81rounds": "ResNet-50, settled, 81 rounds",
             "resnet50_tiny_input": "ResNet-50 at batch 1 and 32x32, where only the per-op overhead is left",

@@ -1,0 +1,137 @@
+"""What the retrofit's Python costs around its SE kernels, per bottleneck and per ResNet-50 forward.
+
+A retrofitted bottleneck runs SE as two calls in its generated forward: the early gate
+(``gate_through(z, conv3, bn3, se)``: checks that the cached fold still holds, then a sum, two matrix
+products, a ReLU and a sigmoid) and the SE module's call (``se(x, shortcut, gate=...)``: checks, then
+one ``addcmul``). Each call is timed against its kernels called directly, with weights this script
+folds itself, on maps of one pixel so that the kernels cost as little as they can: the difference is
+the Python (checks, calls, bookkeeping) that every forward pays on top of the kernels, whatever the
+input size. The profiler's op times (``se_overhead.py``) do not include it; on a CPU with many cores,
+where a ResNet-50 forward takes tens of milliseconds, it is part of what SE costs.
+
+Blocks ``layerN[1]`` of timm's ``resnet50`` retrofitted with ``init="paper"``; batch ``--batch``.
+``--rounds`` rounds, each running every function ``--calls`` times in a row in a new (seeded) order;
+the overheads are medians over rounds of the difference within each round (a slow spell of the
+machine hits both terms alike), the times medians over rounds. The shared 2-core machine's speed moves
+by up to 2x between runs, Python and kernels alike: the overhead as a multiple of the kernels' time
+moves less than the overhead in ms.
+
+    python benchmarks/gate_overhead.py [--rounds 41] [--calls 200] [--batch 1] [--threads 1] [--name NAME]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from _common import write
+
+STAGES = (("layer1", 3), ("layer2", 4), ("layer3", 6), ("layer4", 3))  # blocks per stage in ResNet-50
+
+
+def _folded(conv: nn.Module, norm: nn.Module, fc1: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W'^T, b')`` with ``fc1(norm(conv(m))) = m W'^T + b'``, computed here, not by se_retrofit."""
+    scale = norm.running_var.double().add(norm.eps).rsqrt() * norm.weight.double()
+    shift = norm.bias.double() - norm.running_mean.double() * scale
+    w1 = fc1.weight.double().flatten(1)
+    weight = (w1 * scale) @ conv.weight.double().flatten(1)
+    bias = w1 @ shift + fc1.bias.double()
+    return weight.t().contiguous().float(), bias.float()
+
+
+def stage_functions(block: nn.Module, batch: int) -> dict[str, Callable[[], object]]:
+    from se_retrofit.early_excitation import gate_through
+
+    conv, norm, se = block.conv3, block.bn3, block.se
+    z = torch.randn(batch, conv.in_channels, 1, 1)
+    x, shortcut = torch.randn(batch, conv.out_channels, 1, 1), torch.randn(batch, conv.out_channels, 1, 1)
+    w1t, b1 = _folded(conv, norm, se.fc1)
+    w2t, b2 = se.fc2.weight.flatten(1).t(), se.fc2.bias
+    gate = gate_through(z, conv, norm, se)
+    if gate is None:
+        raise SystemExit("the early gate declined on a plain retrofitted resnet50: nothing to measure")
+    gate4 = gate.view(*gate.shape, 1, 1)
+    return {
+        "early gate": lambda: gate_through(z, conv, norm, se),
+        "its kernels": lambda: torch.addmm(b2, torch.addmm(b1, z.sum((2, 3)), w1t).relu_(), w2t).sigmoid_(),
+        "SE call": lambda: se(x, shortcut, inplace=True, gate=gate),
+        "its kernel": lambda: torch.addcmul(shortcut, x, gate4, value=se.gain, out=x),
+    }
+
+
+def timed_rounds(fns: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict[str, list[float]]:
+    """Seconds per call, one value per round; each round runs every function ``calls`` times."""
+    rng = random.Random(0)
+    for fn in fns.values():
+        for _ in range(calls):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        order = list(fns)
+        rng.shuffle(order)
+        for name in order:
+            fn = fns[name]
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - start) / calls)
+    return samples
+
+
+def paired_overhead(samples: dict[str, list[float]], call: str, kernels: str) -> tuple[float, float]:
+    """Median over rounds of ``call - kernels`` (seconds), and of the same over ``kernels``: paired
+    within each round, so that a slow spell of the machine hits both terms alike."""
+    pairs = list(zip(samples[call], samples[kernels]))
+    return statistics.median(c - k for c, k in pairs), statistics.median((c - k) / k for c, k in pairs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=41)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default="gate_overhead", help="results/NAME.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import timm
+
+    import se_retrofit
+
+    torch.manual_seed(0)
+    model = se_retrofit.apply(timm.create_model("resnet50"), init="paper").eval()
+    rows = []
+    with torch.inference_mode():
+        for stage, blocks in STAGES:
+            block = getattr(model, stage)[1]
+            samples = timed_rounds(stage_functions(block, args.batch), args.rounds, args.calls)
+            gate, gate_share = paired_overhead(samples, "early gate", "its kernels")
+            call, call_share = paired_overhead(samples, "SE call", "its kernel")
+            rows.append({"stage": stage, "blocks": blocks, "channels": block.conv3.out_channels,
+                         "seconds": {name: statistics.median(s) for name, s in samples.items()},
+                         "gate_overhead_s": gate, "gate_overhead_over_kernels": gate_share,
+                         "call_overhead_s": call, "call_overhead_over_kernel": call_share})
+    per_forward = sum((r["gate_overhead_s"] + r["call_overhead_s"]) * r["blocks"] for r in rows)
+    kernels = sum((r["seconds"]["its kernels"] + r["seconds"]["its kernel"]) * r["blocks"] for r in rows)
+    print(f"batch {args.batch}, 1x1 maps, {args.threads} thread(s), median of {args.rounds} rounds x {args.calls} calls;"
+          " microseconds per call")
+    print(f"{'stage':<8}{'early gate':>11}{'kernels':>9}{'overhead':>9}{'SE call':>9}{'kernel':>8}{'overhead':>9}")
+    for r in rows:
+        s = r["seconds"]
+        print(f"{r['stage']:<8}{s['early gate'] * 1e6:>11.1f}{s['its kernels'] * 1e6:>9.1f}{r['gate_overhead_s'] * 1e6:>9.1f}"
+              f"{s['SE call'] * 1e6:>9.1f}{s['its kernel'] * 1e6:>8.1f}{r['call_overhead_s'] * 1e6:>9.1f}")
+    print(f"Python beyond the kernels per ResNet-50 forward (16 bottlenecks): {per_forward * 1e3:.3f} ms, "
+          f"{per_forward / kernels:.2f}x the time of those kernels on 1x1 maps ({kernels * 1e3:.3f} ms)")
+    print("written", write(args.name, {"batch": args.batch, "threads": args.threads, "rounds": args.rounds,
+                                       "calls": args.calls, "rows": rows, "per_forward_s": per_forward,
+                                       "kernels_per_forward_s": kernels}))
+
+
+if __name__ == "__main__":
+    main()
