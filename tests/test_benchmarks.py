@@ -1,0 +1,98 @@
+"""The benchmark scripts still run, and the docs generator renders what they write and what is committed.
+
+Nothing here times anything (the scripts measure; the tests only check that they work at the
+smallest settings). Each script runs in this interpreter, writing into a temporary results folder,
+and its JSON goes through `docs/scripts/gen_benchmarks.py` as `make docs-gen` would put it on the
+Benchmarks page. The cheapest script runs in the fast suite, the others in the slow one.
+"""
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+DOC_SCRIPTS = REPO / "docs" / "scripts"
+
+
+@pytest.fixture
+def gen_benchmarks(monkeypatch):
+    monkeypatch.syspath_prepend(str(DOC_SCRIPTS))
+    import gen_benchmarks
+
+    return gen_benchmarks
+
+
+@pytest.fixture
+def run_script(monkeypatch, tmp_path):
+    """Run ``benchmarks/NAME`` with ``args`` as ``__main__``; return the JSON files it wrote."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import _common
+
+    monkeypatch.setattr(_common, "RESULTS", tmp_path)
+    threads = torch.get_num_threads()
+
+    def run(name: str, *args: str) -> dict[str, dict]:
+        monkeypatch.setattr(sys, "argv", [name, *args])
+        try:
+            runpy.run_path(str(BENCHMARKS / name), run_name="__main__")
+        finally:
+            torch.set_num_threads(threads)  # the scripts set their own
+        written = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+        if not written:
+            raise AssertionError(f"{name} {' '.join(args)} wrote no JSON into the results folder")
+        return written
+
+    return run
+
+
+def _rendered(gen_benchmarks, name: str, data: dict) -> str:
+    title, renderer = gen_benchmarks.renderer_for(name)
+    assert renderer is not None, f"no renderer in gen_benchmarks.py for results/{name}.json"
+    text = renderer(data)
+    # the accuracy study links to its own page, where its table is; every other result is a table here
+    assert "| --- |" in text or "(accuracy.md)" in text, f"{name}: the rendered section has no table:\n{text}"
+    return text
+
+
+def test_every_committed_result_renders(gen_benchmarks):
+    files = sorted((BENCHMARKS / "results").glob("*.json"))
+    assert files, "benchmarks/results/ holds no result"
+    for path in files:
+        _rendered(gen_benchmarks, path.stem, json.loads(path.read_text()))
+
+
+def test_gate_overhead_runs_and_renders(run_script, gen_benchmarks):
+    data = run_script("gate_overhead.py", "--rounds", "2", "--calls", "2")["gate_overhead"]
+    assert [r["stage"] for r in data["rows"]] == ["layer1", "layer2", "layer3", "layer4"], data["rows"]
+    assert data["kernels_per_forward_s"] > 0, data
+    text = _rendered(gen_benchmarks, "gate_overhead", data)
+    assert "`layer4` (2048 ch)" in text, text
+
+
+@pytest.mark.slow
+def test_se_overhead_short_run_renders_without_page_faults(run_script, gen_benchmarks):
+    written = run_script("se_overhead.py", "--batch", "1", "--size", "32", "--rounds", "2", "--no-page-faults",
+                         "--variants", "retrofitted", "--name", "se_overhead_smoke")
+    data = written["se_overhead_smoke"]
+    assert [r["model"] for r in data["rows"]] == ["retrofitted"], data["rows"]
+    assert "base_page_faults_per_forward" not in data, "page faults were counted despite --no-page-faults"
+    assert "page faults" not in _rendered(gen_benchmarks, "se_overhead", data)
+
+
+@pytest.mark.slow
+def test_latency_base_and_retrofit_runs_and_renders(run_script, gen_benchmarks):
+    written = run_script("latency.py", "--batch", "1", "--size", "32", "--repeats", "3", "--models", "resnet50",
+                         "--base-and-retrofit", "--name", "latency_smoke")
+    _rendered(gen_benchmarks, "latency", written["latency_smoke"])
+
+
+@pytest.mark.slow
+def test_se_ops_runs_and_renders(run_script, gen_benchmarks):
+    written = run_script("se_ops.py", "--batch", "1", "--repeats", "2")
+    _rendered(gen_benchmarks, "se_ops", written["se_ops"])
