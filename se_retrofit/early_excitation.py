@@ -9,11 +9,15 @@ Without autograd (inference) the maps go further: ``fc1``, ``norm`` and ``conv``
 maps in a row, so ``fc1(norm(conv(m)))`` is one affine map ``W' m + b'`` with ``W' = W1 diag(s) W3``,
 ``hidden x in_channels``: a quarter of ``fc1``'s weight (in a bottleneck) and none of ``conv``'s to read per forward.
 `fc1_through` uses it, folded once in float64 and cached per SE block until any of the tensors it
-was folded from, or ``fc2``'s, changes (version counter) or is replaced (identity, storage), or the
-block switches between training and eval mode. Changes made through ``.data`` bypass the version
-counter (as they bypass autograd's checks): made in eval mode, they are not seen until the next
-``model.train()`` / ``model.eval()`` pair; `SEConfig(early_squeeze=False)` avoids the fold altogether.
-`gate_through` goes on to the gate, so that all of SE's small kernels run before ``conv``, in one place.
+was folded from, or ``fc2``'s, changes (version counter, or the norm's batch count for statistics
+re-estimated in training mode) or is replaced (identity, storage, shape), or the block switches
+between training and eval mode. Tensors that are not registered parameters or buffers (a
+parametrization, a plain attribute) are not folded at all. Writes that bypass the version counter
+(in place through ``.data``, through a NumPy array or another tensor sharing the storage without its
+version counter, as ``vector_to_parameters`` leaves them) bypass autograd's checks too: made in eval
+mode, they are not seen until the next ``model.train()`` / ``model.eval()`` pair;
+`SEConfig(early_squeeze=False)` avoids the fold altogether. `gate_through` goes on to the gate, so
+that all of SE's small kernels run before ``conv``, in one place.
 
 Only modules whose arithmetic is known qualify: ``nn.Conv1d/2d/3d`` of kernel 1, stride 1, no padding,
 one group, and ``nn.BatchNorm1d/2d/3d`` or torchvision's ``FrozenBatchNorm2d`` (exact types: a subclass
@@ -33,6 +37,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.modules import module as _module_state
 
@@ -93,8 +98,11 @@ def _hooked(*modules: nn.Module) -> bool:
 
 
 def _in_tracer(z: torch.Tensor) -> bool:
-    """Inside a tracer, where a run-time choice must not be made (see `_declines`)."""
-    return isinstance(z, fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling()
+    """Inside a tracer, where a run-time choice must not be made (see `_declines`), or under a dispatch
+    mode (``make_fx``, fake tensors, ``FlopCounterMode``), which records or counts the ops it sees: a
+    cached fold would enter ``make_fx``'s graph as constants, and a FLOP count would not be the block's."""
+    return (isinstance(z, fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or torch._C._len_torch_dispatch_stack() > 0)
 
 
 def _exact(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> bool:
@@ -145,7 +153,7 @@ def fc1_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock) 
     if _declines_at_once(z, conv, norm, se):
         return None
     tensors = _sources(conv, norm, se)
-    if _needs_grad(z, tensors):
+    if _needs_grad(z, tensors or ()):
         return _fc1_with_autograd(z, conv, norm, se)
     fold = _current_fold(z, conv, norm, se, tensors)
     return None if fold is None else fold.fc1(z)
@@ -166,11 +174,11 @@ def gate_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock)
     if _declines_at_once(z, conv, norm, se):
         return None
     tensors = _sources(conv, norm, se)
-    if _needs_grad(z, tensors):
+    if _needs_grad(z, tensors or ()):
         hidden = _fc1_with_autograd(z, conv, norm, se)
         return None if hidden is None else se.excite(hidden)
     fold = _current_fold(z, conv, norm, se, tensors)
-    return None if fold is None else fold.gate(z, se)
+    return None if fold is None else fold.gate(z, se, tensors)
 
 
 def _declines_at_once(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock) -> bool:
@@ -180,6 +188,10 @@ def _declines_at_once(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEB
 
 
 def _needs_grad(z: torch.Tensor, tensors: tuple[torch.Tensor | None, ...]) -> bool:
+    """Whether autograd needs the ops themselves: backward (a tensor requiring grad) or forward mode
+    (inside ``forward_ad.dual_level``, where any of them may carry a tangent the fold would drop)."""
+    if forward_ad._current_level >= 0:
+        return True
     return torch.is_grad_enabled() and (z.requires_grad or any(t is not None and t.requires_grad for t in tensors))
 
 
@@ -192,65 +204,86 @@ def _fc1_with_autograd(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SE
 
 
 def _current_fold(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock,
-                  tensors: tuple[torch.Tensor | None, ...]) -> _Fold | None:
-    """The cached fold if it still holds, else a new one (cached), else None where none can be made."""
+                  tensors: tuple[torch.Tensor | None, ...] | None) -> _Fold | None:
+    """The cached fold if it still holds, else a new one (cached), else None where none can be made
+    (and the stale one is dropped, with what it kept alive)."""
     fold = _CACHE.get(se)
-    if fold is not None and fold.holds(z, conv, norm, se, tensors):
+    if fold is not None and tensors is not None and fold.holds(z, conv, norm, se, tensors):
         return fold
-    fold = _Fold.make(z, conv, norm, se, tensors) if _exact(z, conv, norm) else None
+    fold = _Fold.make(z, conv, norm, se, tensors) if tensors is not None and _exact(z, conv, norm) else None
     if fold is not None:
         _CACHE[se] = fold
+    else:
+        _CACHE.pop(se, None)
     return fold
 
 
-def _sources(conv: nn.Module, norm: nn.Module, se: SEBlock) -> tuple[torch.Tensor | None, ...]:
-    """The tensors a fold is made of or reads (``fc2``'s), in `_fold`'s order."""
-    fc1, fc2 = se._modules["fc1"], se._modules["fc2"]  # as se.fc1, without nn.Module.__getattr__
-    return (_tensor(fc1, "weight"), _tensor(fc1, "bias"), _tensor(conv, "weight"), _tensor(conv, "bias"),
-            _tensor(norm, "weight"), _tensor(norm, "bias"), _tensor(norm, "running_mean"),
-            _tensor(norm, "running_var"), _tensor(fc2, "weight"), _tensor(fc2, "bias"))
+def _sources(conv: nn.Module, norm: nn.Module, se: SEBlock) -> tuple[torch.Tensor | None, ...] | None:
+    """The tensors a fold is made of or reads, in `_fold`'s order, then ``fc2``'s and the norm's batch
+    count (its version moves with every training-mode pass, which updates the running statistics
+    without moving theirs).
+
+    None where one of them is neither a registered parameter or buffer nor registered as None (no
+    bias): a plain attribute (``del m.bias; m.bias = t``) or a parametrization's property, which the
+    checks cannot follow and the plain SE path reads as it is. Inline, without `_tensor` or
+    ``nn.Module.__getattr__``: this runs on every forward of every bottleneck.
+    """
+    fc1, fc2 = se._modules["fc1"], se._modules["fc2"]
+    found = []
+    for module, name in ((fc1, "weight"), (fc1, "bias"), (conv, "weight"), (conv, "bias"), (norm, "weight"),
+                         (norm, "bias"), (norm, "running_mean"), (norm, "running_var"), (fc2, "weight"),
+                         (fc2, "bias")):
+        params = module._parameters
+        t = params.get(name)
+        if t is None:
+            buffers = module._buffers
+            t = buffers.get(name)
+            if (t is None and name not in params and name not in buffers
+                    and (name in module.__dict__ or hasattr(type(module), name))):
+                return None
+        found.append(t)
+    found.append(norm._buffers.get("num_batches_tracked"))
+    return tuple(found)
 
 
 _storage_expired = torch.UntypedStorage._expired
 
 
 class _Record:
-    """One tensor a fold was made from: the tensor (weakly), its storage (weakly: an address alone does
-    not name a storage, since once the folded storage is freed the next one of its size usually lands
-    there), and the address, version and dtype it had."""
+    """One tensor a fold was made from, as it was then: which object (by id: a weak reference would
+    make ``torch.utils.swap_tensors``, which module conversion can use, refuse the tensor), its storage
+    (by a weak reference: an address alone does not name a storage, since once the folded storage is
+    freed the next one of its size usually lands there), and its address, version, dtype, shape and
+    strides (a ``.data`` slice from index 0 keeps address and version). `_Fold.holds` compares them
+    with the tensor now; a device change means another storage."""
 
-    __slots__ = ("tensor", "storage", "ptr", "version", "dtype")
+    __slots__ = ("id", "storage", "ptr", "version", "dtype", "shape", "strides")
 
     def __init__(self, t: torch.Tensor) -> None:
         # inference tensors (made under torch.inference_mode) have no version counter: RuntimeError
         self.version = t._version
-        self.tensor, self.storage = weakref.ref(t), StorageWeakRef(t.untyped_storage())
-        self.ptr, self.dtype = t.data_ptr(), t.dtype
+        self.id, self.storage = id(t), StorageWeakRef(t.untyped_storage())
+        self.ptr, self.dtype, self.shape, self.strides = t.data_ptr(), t.dtype, t.shape, t.stride()
 
-    def holds(self, t: torch.Tensor | None) -> bool:
-        """Whether ``t`` is that tensor, on that storage, unchanged since (a device or dtype change
-        means another storage, or, for a dtype view, another dtype)."""
-        return (t is not None and self.tensor() is t and not _storage_expired(self.storage.cdata)
-                and t.data_ptr() == self.ptr and t._version == self.version and t.dtype == self.dtype)
 
 
 class _Fold:
     """``fc1 . norm . conv`` folded into ``m W'^T + b'`` for one SE block, with what it was folded from.
 
     Kept in `_CACHE` (weakly keyed by the SE block, off the module, so that pickling and deep-copying a
-    model never carry it) and used only while `holds` finds all of that unchanged.
+    model never carry it) and used only while `holds` finds all of that unchanged. It keeps no
+    reference to the model's tensors, only the folded ones it made.
     """
 
-    __slots__ = ("types", "geometry", "batchnorm", "extra", "records", "dims", "weight_t", "bias",
-                 "fc2_weight_t", "fc2_bias")
+    __slots__ = ("types", "geometry", "batchnorm", "extra", "records", "dims", "weight_t", "bias")
 
     @classmethod
     def make(cls, z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock,
              tensors: tuple[torch.Tensor | None, ...]) -> _Fold | None:
-        """Fold now; None where ``conv`` does not widen (averaging its input would read no less) or
-        the tensors cannot be tracked for changes."""
-        conv_weight, fc2_weight = tensors[2], tensors[8]
-        if conv_weight.shape[0] <= conv_weight.shape[1] or fc2_weight is None:
+        """Fold now; None where ``conv`` does not widen (averaging its input would read no less) or the
+        tensors cannot be tracked for changes."""
+        conv_weight = tensors[2]
+        if conv_weight.shape[0] <= conv_weight.shape[1] or tensors[0] is None or tensors[8] is None:
             return None
         try:
             records = tuple(None if t is None else _Record(t) for t in tensors)
@@ -264,16 +297,13 @@ class _Fold:
         fold.records = records
         fold.dims = tuple(range(2, z.dim()))
         fold.weight_t, fold.bias = _fold(tensors[:8], norm.eps)
-        with torch.inference_mode(False), torch.no_grad():  # a view to read later, outside inference mode too
-            fold.fc2_weight_t = fc2_weight.flatten(1).t()
-        fold.fc2_bias = tensors[9]
         return fold
 
     def holds(self, z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock,
               tensors: tuple[torch.Tensor | None, ...]) -> bool:
         """Whether this fold is still exact for these modules: modules of the same types and geometry,
         the norm still using running statistics with the same eps, no mode switch of the SE block since
-        (see `SEBlock.train`), and each tensor unchanged (`_Record.holds`): what `_declines` and `make`
+        (see `SEBlock.train`), and each tensor unchanged (`_Record`): what `_declines` and `make`
         check, at a fraction of their cost. (Other module objects holding the same tensors compute the
         same map.)"""
         if ((type(conv), type(norm)) != self.types
@@ -281,8 +311,13 @@ class _Fold:
                 or (norm.eps, se.__dict__.get("_mode_switches", 0)) != self.extra
                 or _geometry(conv) != self.geometry):
             return False
-        for record, t in zip(self.records, tensors):
-            if (t is not None) if record is None else not record.holds(t):
+        for record, t in zip(self.records, tensors):  # `_Record.holds`, inline: it runs for every tensor
+            if record is None:
+                if t is not None:
+                    return False
+            elif (t is None or id(t) != record.id or _storage_expired(record.storage.cdata)
+                  or t.data_ptr() != record.ptr or t._version != record.version or t.dtype != record.dtype
+                  or t.shape != record.shape or t.stride() != record.strides):
                 return False
         return True
 
@@ -294,16 +329,20 @@ class _Fold:
         # the CPU each small kernel costs tens of microseconds next to the convolutions, whatever its size
         return torch.addmm(self.bias, z.sum(self.dims), self.weight_t, alpha=1.0 / math.prod(z.shape[2:]))
 
-    def gate(self, z: torch.Tensor, se: SEBlock) -> torch.Tensor:
+    def gate(self, z: torch.Tensor, se: SEBlock, tensors: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
         """`SEBlock.excite` of `fc1`, with the same kernels and bits (``F.linear`` of a matrix is this
-        ``addmm``); through ``se.excite`` where its activation is not a plain ReLU or has hooks."""
+        ``addmm``) on ``fc2``'s current weight and bias (``tensors``, checked by `holds`); through
+        ``se.excite`` itself where that is not `SEBlock`'s, or the activation is not a plain ReLU or has
+        hooks."""
         act = se._modules["act"]
-        if type(act) is not nn.ReLU or _hooked(act):
+        if (type(act) is not nn.ReLU or _hooked(act) or type(se).excite is not SEBlock.excite
+                or "excite" in se.__dict__):
             return se.excite(self.fc1(z))
         hidden = self.fc1(z).relu_()
-        if self.fc2_bias is None:
-            return torch.mm(hidden, self.fc2_weight_t).sigmoid_()
-        return torch.addmm(self.fc2_bias, hidden, self.fc2_weight_t).sigmoid_()
+        fc2_weight_t, fc2_bias = tensors[8].flatten(1).t(), tensors[9]
+        if fc2_bias is None:
+            return torch.mm(hidden, fc2_weight_t).sigmoid_()
+        return torch.addmm(fc2_bias, hidden, fc2_weight_t).sigmoid_()
 
 
 def _geometry(conv: nn.Module) -> tuple:

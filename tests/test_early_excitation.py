@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import gc
 import io
+import weakref
 
 import pytest
 import torch
@@ -121,6 +123,141 @@ def test_a_new_tensor_at_the_address_of_the_folded_one_refolds():
                     f"stale gate from a freed storage (off by {(got - want).abs().max():.2e})"
                 return
     pytest.skip("the allocator never put a new weight where the folded one was")
+
+
+class _Shift(nn.Module):
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        return b + 1.0
+
+
+def _detach_into_attribute(module: nn.Module, name: str) -> None:
+    value = getattr(module, name).detach() + 0.5
+    delattr(module, name)
+    setattr(module, name, value)  # a plain tensor attribute, not a registered parameter
+
+
+@pytest.mark.parametrize("change", ["fc2 bias parametrized", "fc1 bias parametrized", "fc1 weight parametrized",
+                                    "fc2 bias a plain attribute", "conv bias a plain attribute",
+                                    "norm weight a plain attribute"])
+def test_tensors_the_checks_cannot_follow_make_it_decline(change):
+    """A parametrization computes its tensor on each access and a plain attribute is no registered
+    tensor: the gate must not fold (or drop) what it cannot watch; the SE block then reads them itself."""
+    conv, norm, se, z = _parts(cin=8, cout=64, bias=True)
+    with torch.no_grad():
+        se.fc2.weight.normal_(0, 0.5)
+        assert gate_through(z, conv, norm, se) is not None  # a fold is cached before the change
+    module, name = {"fc2": (se.fc2, "bias"), "fc1": (se.fc1, "bias"), "conv": (conv, "bias"),
+                    "norm": (norm, "weight")}[change.split()[0]]
+    if "weight parametrized" in change:
+        nn.utils.parametrize.register_parametrization(se.fc1, "weight", _Shift())
+    elif "parametrized" in change:
+        nn.utils.parametrize.register_parametrization(module, name, _Shift())
+    else:
+        _detach_into_attribute(module, name)
+    with torch.no_grad():
+        assert gate_through(z, conv, norm, se) is None, f"the early gate folded around: {change}"
+        assert fc1_through(z, conv, norm, se) is None, f"fc1_through folded around: {change}"
+
+
+def test_an_excite_of_its_own_is_called():
+    class HardSE(SEBlock):
+        def excite(self, hidden: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.hardsigmoid(torch.nn.functional.linear(
+                self.act(hidden), self.fc2.weight.flatten(1), self.fc2.bias))
+
+    conv, norm, se, z = _parts(cin=8, cout=64)
+    hard = HardSE(64, 8).double()
+    hard.load_state_dict(se.state_dict())
+    with torch.no_grad():
+        hard.fc2.weight.normal_(0, 0.5)
+        got = gate_through(z, conv, norm, hard)
+        want = hard.excite(hard.fc1(norm(conv(z)).mean((2, 3), keepdim=True)).flatten(1))
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), "a subclass's excite was bypassed"
+
+
+def test_a_slice_through_data_at_the_same_address_refolds():
+    """Pruning hidden units by slicing ``.data`` from 0 keeps each tensor's address and version."""
+    conv, norm, se, z = _parts(cin=8, cout=64)
+    with torch.no_grad():
+        se.fc2.weight.normal_(0, 0.5)
+        gate_through(z, conv, norm, se)
+        se.fc1.weight.data, se.fc1.bias.data = se.fc1.weight.data[:4], se.fc1.bias.data[:4]
+        se.fc2.weight.data = se.fc2.weight.data[:, :4]
+        got, want = gate_through(z, conv, norm, se), _gate_reference(z, conv, norm, se)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), f"stale gate after a slice (off by {(got - want).abs().max():.2e})"
+
+
+def test_running_statistics_refreshed_in_training_mode_refold():
+    """Re-estimating a norm's statistics (AdaBN, recalibration after pruning) updates them inside the
+    kernel, without moving their version counters; the batch count moves."""
+    conv, norm, se, z = _parts(cin=8, cout=64)
+    with torch.no_grad():
+        se.fc2.weight.normal_(0, 0.5)
+        gate_through(z, conv, norm, se)
+        norm.train()
+        norm(conv(3 * z + 1))
+        norm.eval()
+        got, want = gate_through(z, conv, norm, se), _gate_reference(z, conv, norm, se)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), f"stale statistics (off by {(got - want).abs().max():.2e})"
+
+
+def test_module_conversion_by_swapping_tensors_works_after_a_cached_call():
+    """``torch.utils.swap_tensors`` refuses a tensor that has a weak reference to it: the fold keeps none."""
+    conv, norm, se, z = _parts(cin=8, cout=64, dtype=torch.float32)
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        with torch.no_grad():
+            gate_through(z, conv, norm, se)
+        for module in (conv, norm, se):
+            module.double()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+    with torch.no_grad():
+        got, want = gate_through(z.double(), conv, norm, se), _gate_reference(z.double(), conv, norm, se)
+    assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_cached_fold_keeps_no_tensor_of_the_model_alive():
+    conv, norm, se, z = _parts(cin=8, cout=64)
+    with torch.no_grad():
+        gate_through(z, conv, norm, se)
+    old = weakref.ref(se.fc2.weight)
+    se.fc2 = nn.Conv2d(8, 64, 1).double()
+    gc.collect()
+    assert old() is None, "the cached fold keeps the replaced fc2 weight alive"
+
+
+def test_make_fx_records_the_plain_ops_even_with_a_fold_cached():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    conv, norm, se, z = _parts(cin=8, cout=64)
+
+    def block(z: torch.Tensor) -> torch.Tensor:
+        return se(norm(conv(z)), gate=gate_through(z, conv, norm, se))
+
+    with torch.no_grad():
+        se.fc2.weight.normal_(0, 0.5)
+        block(z)  # a fold is cached
+        graph = make_fx(block)(z)
+        se.fc2.weight.mul_(-1)
+        conv.weight.mul_(2)
+        assert torch.allclose(graph(z), se(norm(conv(z))), rtol=1e-12, atol=1e-12), \
+            "make_fx baked the cached fold into its graph"
+
+
+def test_forward_mode_tangents_reach_the_gate():
+    import torch.autograd.forward_ad as fwAD
+
+    conv, norm, se, z = _parts(cin=8, cout=64)
+    tangent = torch.randn_like(conv.weight)
+    with torch.no_grad():
+        gate_through(z, conv, norm, se)  # a fold is cached
+        with fwAD.dual_level():
+            conv._parameters["weight"] = fwAD.make_dual(conv.weight.detach(), tangent)  # as functional_call does
+            got = fwAD.unpack_dual(gate_through(z, conv, norm, se)).tangent
+            want = fwAD.unpack_dual(_gate_reference(z, conv, norm, se)).tangent
+    assert got is not None and torch.allclose(got, want, rtol=1e-10, atol=1e-12), "the weight's tangent was dropped"
 
 
 def test_the_cached_gate_has_the_bits_of_the_excitation():
