@@ -3,8 +3,8 @@
 #
 #     bash benchmarks/gpu_checks.sh OUT_DIR [PART ...]
 #
-# PART is any of: env, finetune, torchrun, throughput, compile, cpu-latency, cpu-overhead, cpu-profile, cpu-python,
-# cpu-latency-compile, train-step, cpu-latency-threads, gpu-tests (default: env finetune torchrun throughput cpu-latency).
+# PART is any of: env, finetune, torchrun, throughput, compile, compile-train, cpu-latency, cpu-overhead, cpu-profile,
+# cpu-python, cpu-latency-compile, train-step, cpu-latency-threads, gpu-tests (default: env finetune torchrun throughput cpu-latency).
 # LATENCY_MODELS (default: the script's pairs) narrows the cpu-latency part to some base models.
 # Each part appends to OUT_DIR/gpu_checks.log and copies its small results (metrics, JSON) into OUT_DIR.
 # The model weights of the fine-tuning runs stay in a temporary folder: they are large and random-init.
@@ -55,6 +55,12 @@ for part in $PARTS; do
     compile)
         step "$PYTHON" "$HERE/gpu_throughput.py" --rounds 7 --steps 10 --compile --name gpu_throughput_compile \
             && cp "$HERE/results/gpu_throughput_compile.json" "$OUT/"
+        ;;
+    compile-train)
+        # Compiled training only, the three models the issue compares (compiling each takes a minute or more).
+        step "$PYTHON" "$HERE/gpu_throughput.py" --rounds 5 --steps 10 --compiled-only --kinds train \
+            --configs base hand retro --name gpu_throughput_compile_train \
+            && cp "$HERE/results/gpu_throughput_compile_train.json" "$OUT/"
         ;;
     cpu-latency)
         # The GPU machine's CPU is otherwise idle: a quieter place for the CPU latency ratios.

@@ -9,6 +9,10 @@ over ``--rounds`` rounds. Peak memory is ``torch.cuda.max_memory_allocated`` abo
 before the configuration's steps (its activations and gradients; weights and optimizer state excluded).
 
     python benchmarks/gpu_throughput.py [--batch 128] [--size 224] [--rounds 7] [--steps 10] [--compile]
+        [--compiled-only] [--configs base hand retro plain retro-se] [--kinds train infer]
+
+``--compiled-only --configs base hand retro`` is the short compiled run: compiling a training
+configuration takes a minute or more, and the GPU machine is lent by the minute.
 """
 from __future__ import annotations
 
@@ -26,6 +30,12 @@ TRAIN = {"resnet50 (base), all": ("base", "all"), "seresnet50 (timm), all": ("ha
          "retrofitted resnet50, se": ("retrofitted", "se")}
 INFER = {"resnet50 (base)": "base", "seresnet50 (timm)": "hand-written SE", "retrofitted resnet50": "retrofitted",
          "retro. resnet50 plain ops": "retrofitted, plain ops"}
+# --configs keys: which rows of TRAIN and INFER run (retro-se has no inference row: it is the same model).
+CONFIGS = {"base": ("resnet50 (base), all", "resnet50 (base)"),
+           "hand": ("seresnet50 (timm), all", "seresnet50 (timm)"),
+           "retro": ("retrofitted resnet50, all", "retrofitted resnet50"),
+           "plain": ("retro. resnet50 plain ops, all", "retro. resnet50 plain ops"),
+           "retro-se": ("retrofitted resnet50, se", None)}
 
 
 def make_infer_step(model: torch.nn.Module, batch: int, size: int, dtype: torch.dtype | None,
@@ -77,14 +87,19 @@ def run(kind: str, args: argparse.Namespace, dtype: torch.dtype | None, compiled
     models = se_models("resnet50")
     batch = args.batch if kind == "train" else args.infer_batch
     steps: dict[str, Callable[[], None]] = {}
+    chosen = {CONFIGS[key][0 if kind == "train" else 1] for key in args.configs}
     if kind == "train":
         for name, (which, mode) in TRAIN.items():
+            if name not in chosen:
+                continue
             model = models[which] if mode == "all" or which != "retrofitted" else se_models("resnet50", only=which)[which]
             if compiled:
                 model = torch.compile(model)
             steps[name] = make_train_step(model, mode, batch, args.size, "cuda", dtype, args.channels_last)
     else:
         for name, which in INFER.items():
+            if name not in chosen:
+                continue
             model = models[which]
             step = make_infer_step(model, batch, args.size, dtype, args.channels_last)
             steps[name] = step if not compiled else make_infer_step(torch.compile(model), batch, args.size, dtype,
@@ -94,7 +109,7 @@ def run(kind: str, args: argparse.Namespace, dtype: torch.dtype | None, compiled
     rows = []
     hand = "seresnet50 (timm)" + (", all" if kind == "train" else "")
     retro = "retrofitted resnet50" + (", all" if kind == "train" else "")
-    paired = median([r / h for r, h in zip(times[retro], times[hand])])
+    paired = median([r / h for r, h in zip(times[retro], times[hand])]) if hand in times and retro in times else None
     for name, values in times.items():
         rows.append({"kind": kind, "compiled": compiled, "config": name, "batch": batch,
                      "median_step_s": median(values), "images_per_s": batch / median(values),
@@ -116,6 +131,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    parser.add_argument("--compiled-only", action="store_true", help="time only torch.compile'd models")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                        help="configurations to time (default: all); hand and retro give the paired ratio")
     parser.add_argument("--kinds", nargs="+", choices=["train", "infer"], default=["train", "infer"])
     parser.add_argument("--name", default="gpu_throughput", help="results/NAME.json")
     args = parser.parse_args()
@@ -124,7 +142,8 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
     rows = []
-    for compiled in [False, True] if args.compile else [False]:
+    modes = [True] if args.compiled_only else [False, True] if args.compile else [False]
+    for compiled in modes:
         for kind in args.kinds:
             rows += run(kind, args, dtype, compiled)
     print(f"{torch.cuda.get_device_name(0)}, {args.dtype} autocast, channels_last={args.channels_last}, "
@@ -137,9 +156,11 @@ def main() -> None:
     for kind in args.kinds:
         for compiled in sorted({r["compiled"] for r in rows}):
             group = {r["config"]: r for r in rows if r["kind"] == kind and r["compiled"] == compiled}
-            hand = group["seresnet50 (timm)" + (", all" if kind == "train" else "")]
-            retro = group["retrofitted resnet50" + (", all" if kind == "train" else "")]
-            base = group["resnet50 (base)" + (", all" if kind == "train" else "")]
+            hand = group.get("seresnet50 (timm)" + (", all" if kind == "train" else ""))
+            retro = group.get("retrofitted resnet50" + (", all" if kind == "train" else ""))
+            base = group.get("resnet50 (base)" + (", all" if kind == "train" else ""))
+            if hand is None or retro is None or base is None:
+                continue
             print(f"{kind} {'compiled' if compiled else 'eager'}: retrofitted/hand-written step time "
                   f"{retro['median_step_s'] / hand['median_step_s']:.3f} (per-round "
                   f"{retro['retrofitted_over_hand_written_time_paired']:.3f}); hand-written/base "
