@@ -11,11 +11,13 @@ maps in a row, so ``fc1(norm(conv(m)))`` is one affine map ``W' m + b'`` with ``
 `fc1_through` uses it, folded once in float64 and cached per SE block until any of the tensors it
 was folded from, or ``fc2``'s, changes (version counter, or the norm's batch count for statistics
 re-estimated in training mode) or is replaced (identity, storage, shape), or the block switches
-between training and eval mode. Tensors that are not registered parameters or buffers (a
-parametrization, a plain attribute) are not folded at all. Writes that bypass the version counter
-(in place through ``.data``, through a NumPy array or another tensor sharing the storage without its
-version counter, as ``vector_to_parameters`` leaves them) bypass autograd's checks too: made in eval
-mode, they are not seen until the next ``model.train()`` / ``model.eval()`` pair;
+between training and eval mode, or any ``torch.optim`` optimizer takes a step (fused optimizers,
+``fused=True``, write the parameters without moving their version counters). Tensors that are not
+registered parameters or buffers (a parametrization, a plain attribute) are not folded at all. Other
+writes that bypass the version counter (in place through ``.data``, through a NumPy array or another
+tensor sharing the storage without its version counter, as ``vector_to_parameters`` leaves them, and
+``torch.distributed`` collectives such as ``broadcast`` into a parameter) bypass autograd's checks
+too: made in eval mode, they are not seen until the next ``model.train()`` / ``model.eval()`` pair;
 `SEConfig(early_squeeze=False)` avoids the fold altogether. `gate_through` goes on to the gate, so
 that all of SE's small kernels run before ``conv``, in one place.
 
@@ -40,6 +42,7 @@ from torch import nn
 from torch.autograd import forward_ad
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.modules import module as _module_state
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .se_block import SEBlock
 
@@ -49,6 +52,25 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class _OptimizerSteps:
+    """How many ``torch.optim`` optimizer steps this process has taken since the first fold, counted by
+    a global step hook registered with that fold: fused optimizers (``fused=True``) write parameters
+    without moving their version counters, which `_Fold.holds` would otherwise trust. One hook for the
+    process, added only once the early squeeze is used; it costs an increment per step."""
+
+    count = 0
+    _handle = None
+
+    @classmethod
+    def start(cls) -> None:
+        if cls._handle is None:
+            cls._handle = register_optimizer_step_post_hook(cls._step)
+
+    @classmethod
+    def _step(cls, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        cls.count += 1
 
 
 @functools.cache
@@ -293,7 +315,8 @@ class _Fold:
         fold.types = (type(conv), type(norm))
         fold.geometry = _geometry(conv)
         fold.batchnorm = isinstance(norm, nn.modules.batchnorm._BatchNorm)
-        fold.extra = (norm.eps, se.__dict__.get("_mode_switches", 0))
+        _OptimizerSteps.start()
+        fold.extra = (norm.eps, se.__dict__.get("_mode_switches", 0), _OptimizerSteps.count)
         fold.records = records
         fold.dims = tuple(range(2, z.dim()))
         fold.weight_t, fold.bias = _fold(tensors[:8], norm.eps)
@@ -302,13 +325,13 @@ class _Fold:
     def holds(self, z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock,
               tensors: tuple[torch.Tensor | None, ...]) -> bool:
         """Whether this fold is still exact for these modules: modules of the same types and geometry,
-        the norm still using running statistics with the same eps, no mode switch of the SE block since
-        (see `SEBlock.train`), and each tensor unchanged (`_Record`): what `_declines` and `make`
-        check, at a fraction of their cost. (Other module objects holding the same tensors compute the
+        the norm still using running statistics with the same eps, no mode switch of the SE block (see
+        `SEBlock.train`) and no optimizer step since, and each tensor unchanged (`_Record`): what
+        `_declines` and `make` check, at a fraction of their cost. (Other module objects holding the same tensors compute the
         same map.)"""
         if ((type(conv), type(norm)) != self.types
                 or z.dim() != len(self.dims) + 2 or (self.batchnorm and norm.training)
-                or (norm.eps, se.__dict__.get("_mode_switches", 0)) != self.extra
+                or (norm.eps, se.__dict__.get("_mode_switches", 0), _OptimizerSteps.count) != self.extra
                 or _geometry(conv) != self.geometry):
             return False
         for record, t in zip(self.records, tensors):  # `_Record.holds`, inline: it runs for every tensor

@@ -321,6 +321,22 @@ def test_a_change_through_data_is_seen_after_a_train_eval_switch():
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), f"stale fold after a mode switch: {(got - want).abs().max()}"
 
 
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.AdamW])
+def test_a_fused_optimizer_step_refolds(optimizer):
+    """Fused optimizers write the parameters without moving their version counters: any optimizer step
+    makes the fold stale (training SE in eval mode, then evaluating, never switches mode)."""
+    conv, norm, se, z = _parts()
+    params = [*conv.parameters(), *norm.parameters(), *se.parameters()]
+    opt = optimizer(params, lr=0.1, fused=True)
+    with torch.no_grad():
+        fc1_through(z, conv, norm, se)
+    _gate_reference(z, conv, norm, se).square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        got, want = fc1_through(z, conv, norm, se), _reference(z, conv, norm, se)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), f"stale fold after a fused step: {(got - want).abs().max()}"
+
+
 @pytest.mark.parametrize("where", ["conv forward hook", "norm forward hook", "norm pre-hook", "se pre-hook",
                                    "global forward hook", "instance forward"])
 def test_hooks_on_the_modules_it_redoes_make_it_decline(where):
