@@ -23,6 +23,7 @@ from .rewrite import Undo, free_name, rewrite_block
 from .se_block import SEBlock, hidden_width
 from .sites import Placement, analyze, tensor_adds
 from .tracing import TraceFailure, bind_call, cached_trace, clear_cache, propagate_shapes, trace_forward
+from .wrappers import unwrapped
 
 logger = logging.getLogger("se_retrofit")
 
@@ -163,6 +164,12 @@ def _check_model(model: Any) -> None:
     """User errors that would otherwise surface deep inside the analysis."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if unwrapped(model) is not model:
+        inner = "_orig_mod" if type(model).__name__ == "OptimizedModule" else "module"
+        raise ValueError(f"model is wrapped ({type(model).__name__}): compiled code would run where se_retrofit "
+                         "checks each rewritten block against the original's output, and (Distributed)DataParallel "
+                         f"would not see the new parameters. Pass the model inside, model.{inner}, and compile or "
+                         "wrap the model apply returns.")
     if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
         raise ValueError(f"{type(model).__name__} has tensors on the meta device: se_retrofit runs the model once "
                          "to find the residual additions and checks each rewritten block on real values. "
@@ -357,6 +364,11 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     outputs are unchanged until training moves the new weights. ``example_input`` is only needed
     when the model does not take a batch of images (it is found for timm, torchvision classifiers
     and detectors). With ``inplace=False`` (default) ``model`` itself is never touched.
+
+    To find the residual additions and check each rewritten block, ``apply`` (as ``find_sites``) runs
+    one eval-mode forward without gradients on ``example_input`` or a random batch. A deep copy keeps
+    the functions of the model's hooks, so a hook that collects activations or statistics into the
+    user's objects sees that forward too: register such hooks after ``apply``.
 
     Raises:
         ValueError: a bad option (naming it and the allowed values), an include/exclude pattern that

@@ -39,6 +39,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch._C._functorch import peek_interpreter_stack
 from torch.autograd import forward_ad
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.modules import module as _module_state
@@ -122,9 +123,11 @@ def _hooked(*modules: nn.Module) -> bool:
 def _in_tracer(z: torch.Tensor) -> bool:
     """Inside a tracer, where a run-time choice must not be made (see `_declines`), or under a dispatch
     mode (``make_fx``, fake tensors, ``FlopCounterMode``), which records or counts the ops it sees: a
-    cached fold would enter ``make_fx``'s graph as constants, and a FLOP count would not be the block's."""
+    cached fold would enter ``make_fx``'s graph as constants, and a FLOP count would not be the block's;
+    or under a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``), whose wrapped tensors the fold's
+    records cannot follow."""
     return (isinstance(z, fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or torch._C._len_torch_dispatch_stack() > 0)
+            or torch._C._len_torch_dispatch_stack() > 0 or peek_interpreter_stack() is not None)
 
 
 def _exact(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> bool:

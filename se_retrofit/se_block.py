@@ -21,6 +21,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch._C._functorch import peek_interpreter_stack
+from torch.autograd import forward_ad
 
 _CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -57,7 +59,7 @@ class SEBlock(nn.Module):
         ``inplace=True`` (set by ``apply`` where the original wrote ``x += shortcut``) writes the sum
         into ``x``, as that line did, whenever autograd does not need ``x`` afterwards (inference,
         ``no_grad``, frozen inputs); under autograd the gate's gradient reads ``x``, so the sum goes to a
-        new tensor.
+        new tensor, in ``x``'s dtype as that line's result is.
 
         ``gate``, when not None, is the ``(N, C)`` gate (before the gain) already computed by the caller:
         ``apply`` passes `~se_retrofit.early_excitation.gate_through` of a bottleneck's ``conv3`` input
@@ -71,9 +73,13 @@ class SEBlock(nn.Module):
         gate = gate.view(gate.shape + (1,) * self.spatial_dims)
         if residual is None:
             return x * (gate * self.gain if self.gain != 1.0 else gate)
-        if inplace and self._may_overwrite(x, residual, gate):
+        if not inplace:
+            return torch.addcmul(residual, x, gate, value=self.gain)
+        if self._may_overwrite(x, residual, gate):
             return torch.addcmul(residual, x, gate, value=self.gain, out=x)
-        return torch.addcmul(residual, x, gate, value=self.gain)
+        out = torch.addcmul(residual, x, gate, value=self.gain)
+        # ``x += shortcut`` keeps x's dtype (a bfloat16 branch under autocast with a float32 shortcut)
+        return out if isinstance(x, fx.Proxy) or out.dtype == x.dtype else out.to(x.dtype)
 
     def train(self, mode: bool = True) -> SEBlock:
         """Also count the switch between training and eval mode: `early_excitation` folds its map anew
@@ -101,9 +107,13 @@ class SEBlock(nn.Module):
         Never while ``torch.jit.trace`` records (the trace would fix a choice that depends on the grad
         mode of the tracing call; ``trace``'s own check reruns it without grad), nor under fx symbolic
         tracing, which has no values to decide with, nor under ``torch.compile`` / ``torch.export``,
-        whose graphs plan their own memory: all record the out-of-place ``addcmul``.
+        whose graphs plan their own memory: all record the out-of-place ``addcmul``. Nor with
+        forward-mode AD or under a ``torch.func`` transform (``jvp``, ``vmap``): an ``out=`` op has no
+        forward derivative and no batching rule.
         """
         if isinstance(x, fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return False
+        if forward_ad._current_level >= 0 or peek_interpreter_stack() is not None:
             return False
         if residual.shape != x.shape or residual.dtype != x.dtype:
             return False

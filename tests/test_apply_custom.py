@@ -368,6 +368,16 @@ def test_meta_and_uncopyable_models_are_refused_with_a_hint():
         se_retrofit.apply("resnet50")
 
 
+def test_wrapped_models_are_refused_with_the_model_inside_named():
+    """A compiled model would check each rewrite against compiled outputs (last-bit differences read as
+    untraceable blocks); DataParallel would not see the new parameters."""
+    model = Net([AddSpelling(16, "plus")])
+    for wrapped, inner in ((torch.compile(model), "_orig_mod"), (torch.nn.DataParallel(model), "module")):
+        for call in (se_retrofit.apply, se_retrofit.find_sites):
+            with pytest.raises(ValueError, match=rf"wrapped \({type(wrapped).__name__}\).*model\.{inner}"):
+                call(wrapped)
+
+
 def test_new_blocks_take_the_mode_of_the_block_they_join():
     _, se_model = retrofit(Net([AddSpelling(16, "plus")]))  # retrofit() puts the model in eval mode first
     assert not se_model.blocks[0].se.training, "an SE block in an eval-mode model was left in training mode"

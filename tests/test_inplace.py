@@ -132,9 +132,11 @@ def test_se_block_in_place_falls_back_when_the_input_cannot_hold_the_sum():
         xb = x.clone()
         out = se(wide, xb, inplace=True)  # the sum is 5x5: it cannot go into the 1x1 input
         assert out.shape == (2, 8, 5, 5) and out.data_ptr() != wide.data_ptr()
-        xf = x.clone()
-        out = se(xf, r.double(), inplace=True)  # float64 shortcut: the sum is float64, a new tensor
-        assert out.dtype == torch.float64 and out.data_ptr() != xf.data_ptr()
+        xf, want = x.clone(), x.clone()
+        want += se(x.clone()).double() - x.double() + r.double()  # x += r64 sums in float64, keeps x's dtype
+        out = se(xf, r.double(), inplace=True)  # float64 shortcut: a new tensor, in x's dtype as x += r gives
+        assert out.dtype == torch.float32 and out.data_ptr() != xf.data_ptr()
+        assert torch.allclose(out, want, rtol=1e-6, atol=1e-6), "mixed-dtype fused add differs from x += r"
     x.requires_grad_()
     out = se(x, r, inplace=True)
     out.sum().backward()
@@ -153,3 +155,46 @@ def test_timm_resnet_writes_the_sum_where_timm_does():
     with torch.inference_mode():
         retro(torch.rand(1, 3, 32, 32))
     assert ptr["bn3"] == ptr["se"], "the fused SE add allocated a new feature map in inference"
+
+
+def test_a_mixed_dtype_in_place_add_keeps_the_branch_dtype_under_autocast():
+    """``out += x`` with a bfloat16 branch (autocast) and a float32 shortcut (a block's input that no
+    autocast op made) stays bfloat16; so must the fused add, or identity init would not reproduce the
+    original."""
+    model = make_pretrained_like(Net([AddSpelling(16, "iadd")])).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SERetrofitWarning)
+        retro = se_retrofit.apply(model)
+    features = torch.rand(2, 16, 8, 8, generator=torch.Generator().manual_seed(4))  # a float32 shortcut
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                want, got = model.blocks[0](features), retro.blocks[0](features)
+            assert got.dtype == want.dtype, f"grad={grad}: output dtype {got.dtype}, original {want.dtype}"
+            assert torch.equal(got, want), f"grad={grad}: identity retrofit differs by {(got - want).abs().max()}"
+
+
+@pytest.mark.parametrize("transform", ["forward AD", "jvp", "vmap"])
+def test_the_in_place_add_steps_aside_for_forward_ad_and_torch_func(transform):
+    """An ``out=`` op has no forward derivative and no batching rule: under forward-mode AD and
+    ``torch.func`` transforms the fused add must compute out of place, as the original's ``+=`` allows."""
+    from torch.autograd import forward_ad
+    from torch.func import jvp, vmap
+
+    model = make_pretrained_like(Net([AddSpelling(16, "iadd")])).eval().requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SERetrofitWarning)
+        retro = se_retrofit.apply(model)
+    tangent = torch.rand_like(X)
+
+    def run(m: nn.Module) -> torch.Tensor:
+        if transform == "forward AD":
+            with torch.no_grad(), forward_ad.dual_level():
+                return forward_ad.unpack_dual(m(forward_ad.make_dual(X, tangent))).tangent
+        if transform == "jvp":
+            return jvp(m, (X,), (tangent,))[1]
+        with torch.no_grad():
+            return vmap(lambda xi: m(xi.unsqueeze(0)).squeeze(0))(X)
+
+    want, got = run(model), run(retro)
+    assert torch.equal(got, want), f"{transform}: identity retrofit differs by {(got - want).abs().max()}"
