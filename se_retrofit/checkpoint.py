@@ -31,9 +31,11 @@ WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema")
 _CONVERT_HINT = (
     "If you trust the file, convert it once to safetensors: "
     "python -c \"import torch, safetensors.torch as st; "
-    "sd = torch.load('IN.pth', map_location='cpu', weights_only=False); "
-    "sd = sd.get('state_dict', sd); "
-    "st.save_file({k: v.contiguous() for k, v in sd.items()}, 'OUT.safetensors')\""
+    "obj = torch.load('IN.pth', map_location='cpu', weights_only=False); "
+    "sd = obj.state_dict() if hasattr(obj, 'state_dict') else obj.get('state_dict', obj.get('model', obj)); "
+    "sd = sd.state_dict() if hasattr(sd, 'state_dict') else sd; "
+    "st.save_file({k: v.detach().clone().contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}, "
+    "'OUT.safetensors')\""
 )
 
 
@@ -382,7 +384,11 @@ def load_into(model: nn.Module, weights: Mapping[str, torch.Tensor], *, strict: 
     Returns PyTorch's ``(missing_keys, unexpected_keys)`` named tuple.
     """
     own = model.state_dict()
-    missing = [k for k in own if k not in weights]
+    # a batch norm fills in a missing batch count itself (checkpoints from before PyTorch 0.4.1 lack it,
+    # torchvision's ImageNet ResNets among them), as load_state_dict(strict=True) accepts
+    norms = {name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)}
+    missing = [k for k in own if k not in weights
+               and not (k.rpartition(".")[2] == "num_batches_tracked" and k.rpartition(".")[0] in norms)]
     unexpected = [k for k in weights if k not in own]
     mismatched = [(k, tuple(weights[k].shape), tuple(own[k].shape)) for k in own
                   if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]

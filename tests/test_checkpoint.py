@@ -258,6 +258,42 @@ def test_load_into_fits_and_reports_what_does_not(tmp_path):
     assert isinstance(info.value, ValueError)
 
 
+def test_a_checkpoint_without_batch_counts_loads_as_load_state_dict_allows():
+    """Checkpoints from before PyTorch 0.4.1 (torchvision's ImageNet ResNets) have no
+    ``num_batches_tracked``; a batch norm fills it in, so it is not missing."""
+    source, target = tiny_net(), tiny_net()
+    with torch.no_grad():
+        source[1].running_mean.add_(1)
+    old = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    load_into(target, old)
+    assert torch.equal(target[1].running_mean, source[1].running_mean), "the statistics should have been loaded"
+    with pytest.raises(WeightsMismatchError, match="missing from the checkpoint: 1.running_mean"):
+        load_into(tiny_net(), {k: v for k, v in old.items() if k != "1.running_mean"})
+
+
+@pytest.mark.parametrize("saved", ["whole model", "training checkpoint"])
+def test_the_conversion_hint_of_an_unsafe_pickle_works(tmp_path, saved):
+    import re
+    import subprocess
+    import sys
+
+    model = tiny_net()
+    obj = model if saved == "whole model" else {"model": model.state_dict(), "epoch": 3, "log_dir": tmp_path}
+    path = tmp_path / "in.pth"
+    torch.save(obj, path)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_weights(path)
+    command = re.search(r'python -c "(.*)"', str(info.value))
+    assert command, f"no one-liner in: {info.value}"
+    code = command.group(1).replace("IN.pth", str(path)).replace("OUT.safetensors", str(tmp_path / "out.safetensors"))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, f"the printed conversion failed: {done.stderr[-500:]}"
+    converted = tiny_net()
+    load_into(converted, load_weights(tmp_path / "out.safetensors"))
+    for name, value in model.state_dict().items():
+        assert torch.equal(converted.state_dict()[name], value), f"{name} changed in the conversion"
+
+
 def test_load_into_shape_mismatch_points_at_the_classifier():
     wide = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1000))
     narrow = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 10))
