@@ -168,11 +168,35 @@ def _visible(name: str) -> bool:
     return not name.startswith(".")
 
 
+# How dataset exports name their splits (torchvision and timm: train/val; Kaggle and Roboflow: valid).
+_TRAIN_NAMES = ("train", "training")
+_VAL_NAMES = ("val", "valid", "validation")
+_SPLIT_NAMES = _TRAIN_NAMES + _VAL_NAMES + ("test", "testing")
+
+
+def _split_dir(root: Path, names: tuple[str, ...]) -> Path | None:
+    """The sub-folder of ``root`` named for a split (any of ``names``, in any case) that holds class
+    folders, if there is one; a folder of images named ``train`` is a class (of vehicles, say)."""
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.lower() in names
+             and any(q.is_dir() and _visible(q.name) for q in p.iterdir())]
+    if len(found) > 1:
+        raise ValueError(f"{root} has {len(found)} folders for one split ({', '.join(sorted(p.name for p in found))}): "
+                         f"which one to use is a guess. Keep one of them. {_LAYOUT_HINT}")
+    return found[0] if found else None
+
+
 def _class_dirs(root: Path) -> list[Path]:
-    """The class sub-folders of ``root``; at least two, since one class trains to 100% without learning."""
+    """The class sub-folders of ``root``; at least two, since one class trains to 100% without learning.
+
+    Sub-folders that are all named like splits (``Train`` and ``Test``) are a layout one level off, not
+    classes: trained on, they would teach which split an image is in."""
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p.name))
     if not dirs:
         raise ValueError(f"{root} has no class sub-folders. {_LAYOUT_HINT}")
+    if len(dirs) > 1 and all(p.name.lower() in _SPLIT_NAMES for p in dirs):
+        raise ValueError(f"the sub-folders of {root} ({', '.join(p.name for p in dirs)}) are named like dataset "
+                         f"splits, not classes. {_LAYOUT_HINT} (split folder names: any case of "
+                         f"{'/'.join(_TRAIN_NAMES)} and {'/'.join(_VAL_NAMES)}).")
     if len(dirs) < 2:
         raise ValueError(f"{root} has 1 class sub-folder ({dirs[0].name!r}), but a classifier needs at least 2 "
                          "classes (with one, every prediction is right and nothing is learnt). Add a sub-folder "
@@ -290,12 +314,13 @@ def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_siz
                                 f"Check the path. {_LAYOUT_HINT}")
     if not root.is_dir():
         raise ValueError(f"data path {str(root)!r} is a file, not a folder. {_LAYOUT_HINT}")
-    train_dir, val_dir = root / "train", root / "val"
-    if val_dir.is_dir() and not train_dir.is_dir():
-        raise ValueError(f"{root} has a 'val' folder but no 'train' folder; add {train_dir}. {_LAYOUT_HINT}")
+    train_dir, val_dir = _split_dir(root, _TRAIN_NAMES), _split_dir(root, _VAL_NAMES)
+    if val_dir is not None and train_dir is None:
+        raise ValueError(f"{root} has a {val_dir.name!r} folder but no 'train' folder; add {root / 'train'}. "
+                         f"{_LAYOUT_HINT}")
 
     skipped: list[Path] = []
-    if train_dir.is_dir() and val_dir.is_dir():
+    if train_dir is not None and val_dir is not None:
         classes, train_files = _scan(train_dir, verify, skipped)
         val_classes, val_files = _scan(val_dir, verify, skipped)
         if classes != val_classes:
@@ -312,7 +337,7 @@ def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_siz
         train_samples, val_samples = _samples(classes, train_files), _samples(classes, val_files)
     else:
         _check_val_split(val_split)
-        classes, files = _scan(train_dir if train_dir.is_dir() else root, verify, skipped)
+        classes, files = _scan(train_dir or root, verify, skipped)
         samples = _samples(classes, files)
         train_idx, val_idx = _stratified_split([t for _, t in samples], val_split, seed)
         train_samples, val_samples = [samples[i] for i in train_idx], [samples[i] for i in val_idx]

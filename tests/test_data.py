@@ -101,6 +101,33 @@ def test_train_and_val_folders_are_used_as_they_are(tmp_path, model):
     assert tuple(train[0][0].shape) == (3, 16, 16), "training transform should give 16 px images"
 
 
+@pytest.mark.parametrize("train_name,val_name", [("Train", "Val"), ("train", "valid"), ("TRAINING", "Validation")])
+def test_split_folders_are_found_in_any_case_and_by_their_usual_names(tmp_path, model, train_name, val_name):
+    write_class_folders(tmp_path / train_name, {"cat": 3, "dog": 4})
+    write_class_folders(tmp_path / val_name, {"cat": 1, "dog": 2})
+    train, val, classes = build_datasets(str(tmp_path), model, image_size=16)
+    assert classes == ["cat", "dog"], f"{train_name}/{val_name} read as the classes {classes}"
+    assert (len(train), len(val)) == (7, 3), f"{val_name} not used as the validation set: {(len(train), len(val))}"
+
+
+@pytest.mark.parametrize("layout", [("Test", "Testing"), ("val", "valid")])
+def test_split_named_class_folders_and_two_folders_for_one_split_are_errors(tmp_path, model, layout):
+    """``DIR/Test`` + ``DIR/Testing`` would train a 'which split' classifier; ``val`` + ``valid``: which one?"""
+    write_class_folders(tmp_path / "train" if layout[0] == "val" else tmp_path / "x", {"cat": 2, "dog": 2})
+    for name in layout:
+        write_class_folders(tmp_path / name, {"cat": 2, "dog": 2})
+    if layout[0] != "val":
+        (tmp_path / "x").rename(tmp_path / ".x")  # only the split-named folders are visible
+    with pytest.raises(ValueError, match="named like dataset splits|folders for one split"):
+        build_datasets(tmp_path, model)
+
+
+def test_a_class_named_like_a_split_among_others_is_a_class(tmp_path, model):
+    write_class_folders(tmp_path, {"bus": 3, "car": 3, "train": 3})
+    _, _, classes = build_datasets(tmp_path, model, val_split=0.3, image_size=16)
+    assert classes == ["bus", "car", "train"], f"classes {classes}"
+
+
 def test_single_folder_is_split_per_class_deterministically(tmp_path, model):
     write_class_folders(tmp_path, {"a": 10, "b": 10, "c": 2})
     train, val, classes = build_datasets(tmp_path, model, val_split=0.3, seed=3, image_size=16)
