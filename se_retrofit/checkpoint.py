@@ -81,11 +81,14 @@ def _file_mode(path: Path) -> int:
         return 0o666 & ~umask
 
 
-def _atomic_write(path: StrPath, write: Callable[[Path], None], check: Callable[[Path], None] | None = None) -> Path:
+def _atomic_write(path: StrPath, write: Callable[[Path], None], check: Callable[[Path], None] | None = None,
+                  exclusive: bool = False) -> Path:
     """Run ``write(tmp)`` on a temporary sibling of ``path``, fsync it, optionally ``check(tmp)``, then rename.
 
     The temporary file lives in the same folder so that ``os.replace`` is a rename on one file system,
-    which POSIX and Windows make atomic.
+    which POSIX and Windows make atomic. ``exclusive`` publishes it only where ``path`` does not exist
+    yet (``FileExistsError`` otherwise): a hard link, which fails rather than replaces, so that of two
+    processes claiming one name exactly one succeeds.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +102,10 @@ def _atomic_write(path: StrPath, write: Callable[[Path], None], check: Callable[
             os.fsync(f.fileno())
         if check is not None:
             check(tmp)
-        os.replace(tmp, path)
+        if exclusive:
+            _publish_exclusively(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -130,6 +136,19 @@ def _find_unsafe(obj: Any, where: str = "checkpoint", depth: int = 0) -> str | N
         if found:
             return found
     return None
+
+
+def _publish_exclusively(tmp: Path, path: Path) -> None:
+    """Give ``tmp`` the name ``path`` unless ``path`` exists (``FileExistsError``)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links on this file system: claim the name empty, then fill it in
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
 
 
 def atomic_save(obj: Any, path: StrPath, *, check_weights_only: bool = True) -> Path:

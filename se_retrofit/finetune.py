@@ -24,6 +24,7 @@ from .training import distributed, outputs, state
 from .training.devices import amp_dtype, resolve_device
 from .training.freeze import new_parameter_names, set_trainable, trains_backbone
 from .training.loop import Trainer, seed_everything
+from .training.sampling import check_one_batch
 from .training.options import TrainOptions
 
 # Keyword options of `finetune` that configure the retrofit rather than the training: every SEConfig field.
@@ -120,9 +121,10 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
             print(f"no {outputs.LAST} in {out}: that run stopped before its first checkpoint; starting it over",
                   flush=True)
         set_trainable(model, new_names, trains_backbone(opts.train, stage=1))
+        check_one_batch(len(train_data), opts.batch_size, ctx.world_size)
         if out is not None:
             distributed.main_first(lambda: _start_outputs(out, config, original, model, train_data, base_model,
-                                                           restart), ctx)
+                                                           restart, new_run=not resume), ctx)
 
         trainer = Trainer(model=model, train_data=train_data, val_data=val_data, options=opts, device=device,
                           dtype=dtype, ctx=ctx, new_names=new_names, head_name=head[0] if head else None,
@@ -240,14 +242,14 @@ def _resolved_config(model: nn.Module, train_data: Dataset, val_data: Dataset | 
 
 
 def _start_outputs(out: Path, config: dict[str, Any], original: nn.Module | None, model: nn.Module,
-                   train_data: Dataset, name: str | None, restart: bool = False) -> None:
+                   train_data: Dataset, name: str | None, restart: bool = False, new_run: bool = False) -> None:
     """The config and the report; a resumed run keeps its report, a run started over gets a new one.
 
     The config is written every time: a resumed run's matched the saved one (`check_same_run`), and
     rewriting it repairs a ``config.json`` torn or edited since.
     """
     outputs.make_out_dir(out)
-    outputs.write_config(out, config)
+    outputs.write_config(out, config, new_run=new_run)
     if original is None or (not restart and (out / "report.md").exists()):
         return
     shape = tuple(getattr(train_data[0][0], "shape", ()))

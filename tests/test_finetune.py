@@ -322,14 +322,14 @@ CUDA_CASE = pytest.param("cuda without CUDA", marks=pytest.mark.skipif(torch.cud
 
 
 @pytest.mark.parametrize("case", ["missing data", "unknown model", "pretrained offline", "bad checkpoint path",
-                                  CUDA_CASE])
+                                  "batch larger than the data", CUDA_CASE])
 def test_cli_refuses_bad_input_before_writing(case: str, image_folder: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
     args = fast_args(image_folder, out)
     expected = {"missing data": "does not exist", "unknown model": "Did you mean",
                 "pretrained offline": "--checkpoint", "bad checkpoint path": "does not exist",
-                "cuda without CUDA": "CUDA is not available"}[case]
+                "batch larger than the data": "fewer than one batch", "cuda without CUDA": "CUDA is not available"}[case]
     if case == "missing data":
         args[args.index("--data") + 1] = str(tmp_path / "nowhere")
     elif case == "unknown model":
@@ -347,6 +347,8 @@ def test_cli_refuses_bad_input_before_writing(case: str, image_folder: Path, tmp
         args.append("--pretrained")
     elif case == "bad checkpoint path":
         args += ["--checkpoint", str(tmp_path / "missing.pth")]
+    elif case == "batch larger than the data":
+        args += ["--batch-size", "512"]
     else:
         args += ["--device", "cuda"]
     code = run_cli(args)

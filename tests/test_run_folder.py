@@ -98,3 +98,27 @@ def test_resume_repairs_a_torn_config(images: Path, tmp_path: Path) -> None:
     (out / "config.json").write_text("{")
     assert run_cli(fast_args(images, out, "--epochs", "1", "--resume")) == 0
     assert json.loads((out / "config.json").read_text())["model"]["name"] == "resnet10t"
+
+
+def test_a_run_started_at_the_same_time_on_the_same_out_stops_before_writing(
+        images: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs on one ``--out`` both find it empty; the one whose config comes second must write nothing
+    (both used to finish, leaving one run's config beside the other's weights)."""
+    from se_retrofit.training import outputs
+
+    out = tmp_path / "run"
+    check, calls = outputs.prepare_out_dir, []
+
+    def the_other_run_starts_meanwhile(folder: Path, resume: bool) -> bool:
+        found = check(folder, resume)
+        calls.append(folder)
+        if len(calls) == 2:  # the command checks the folder up front, then finetune() again before its config
+            folder.mkdir(exist_ok=True)
+            (folder / "config.json").write_text('{"the other run": true}\n')
+        return found
+
+    monkeypatch.setattr(outputs, "prepare_out_dir", the_other_run_starts_meanwhile)
+    assert run_cli(fast_args(images, out, "--epochs", "1")) == 2
+    assert "taken by another run started at the same time" in capsys.readouterr().err
+    assert _digest(out) == {"config.json": hashlib.sha256(b'{"the other run": true}\n').hexdigest()}, \
+        f"the second run wrote into the first one's folder: {sorted(p.name for p in out.iterdir())}"

@@ -177,16 +177,19 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: Path, text: str, exclusive: bool = False) -> None:
+    ckpt._atomic_write(path, lambda tmp: tmp.write_bytes(text.encode()), exclusive=exclusive)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    ckpt._atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
-def write_config(out: Path, config: dict[str, Any]) -> None:
-    atomic_write_text(out / CONFIG, json.dumps(config, indent=2, default=str) + "\n")
+def write_config(out: Path, config: dict[str, Any], new_run: bool = False) -> None:
+    """Write ``config.json``; for a new run, only where none exists: the config claims the folder, and a
+    second run started on the same ``--out`` at the same time, which found it empty too, stops here
+    before writing anything."""
+    try:
+        atomic_write_text(out / CONFIG, json.dumps(config, indent=2, default=str) + "\n", exclusive=new_run)
+    except FileExistsError:
+        raise FileExistsError(f"--out {out} was taken by another run started at the same time (its {CONFIG} "
+                              "appeared after this run found the folder empty); choose another --out") from None
 
 
 def write_metrics(out: Path, history: list[dict[str, float]]) -> None:
@@ -228,7 +231,8 @@ def plot_curves(out: Path, history: list[dict[str, float]]) -> None:
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    _atomic_write_bytes(out / CURVES, buffer.getvalue())
+    data = buffer.getvalue()
+    ckpt._atomic_write(out / CURVES, lambda tmp: tmp.write_bytes(data))
 
 
 def write_report(out: Path, original: nn.Module, se_model: nn.Module, input_size: tuple[int, ...],

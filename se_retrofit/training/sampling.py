@@ -10,6 +10,7 @@ would shift every later random number between an interrupted and an uninterrupte
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Iterator, Sized
 
 import torch
@@ -52,21 +53,27 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+def check_one_batch(n_images: int, batch_size: int, world_size: int) -> None:
+    """Refuse a training set that gives no full batch per process (incomplete batches are dropped):
+    called before a run writes anything, and again by `TrainBatches`."""
+    if n_images == 0:
+        raise ValueError("the training set is empty; check --data")
+    if math.ceil(n_images / world_size) < batch_size:
+        raise ValueError(f"the training set has {n_images} images, fewer than one batch of {batch_size} "
+                         f"per process ({world_size} process(es)); lower --batch-size")
+
+
 class TrainBatches:
     """The training loader: ``epoch(e, skip)`` iterates epoch ``e`` from batch ``skip`` on."""
 
     def __init__(self, dataset: Dataset, batch_size: int, workers: int, seed: int, ctx: DistContext,
                  pin_memory: bool = False) -> None:
-        if len(dataset) == 0:
-            raise ValueError("the training set is empty; check --data")
+        check_one_batch(len(dataset), batch_size, ctx.world_size)
         self.seed = seed
         self.batch_size = batch_size
         inner = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
         self.sampler = SkippingSampler(inner)
         self.steps_per_epoch = len(inner) // batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"the training set has {len(dataset)} images, fewer than one batch of {batch_size} "
-                             f"per process ({ctx.world_size} process(es)); lower --batch-size")
         self.generator = torch.Generator()
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                  drop_last=True, pin_memory=pin_memory, generator=self.generator)
