@@ -105,6 +105,10 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
         seed_everything(opts.seed)
         names = _class_names(class_names, num_classes, train_data)
         n_classes = num_classes if num_classes is not None else (len(names) if names else None)
+        if verbose and ctx.is_main and retrofit and not se_blocks(model) and _head_fits(model, n_classes):
+            print(f"keeping the model's classifier head: it has {n_classes} outputs, as the data has classes "
+                  "(they must be the classes it was trained on, in the same order: sorted folder names for an "
+                  "image folder). For a new head, pass a checkpoint without the classifier's weights.", flush=True)
         model, original, se_config = _prepare_model(model, n_classes, se_config, retrofit, opts.train)
         new_names = new_parameter_names(model) if se_blocks(model) else _head_names(model)
         head = classifier_of(model)
@@ -208,7 +212,7 @@ def _prepare_model(model: nn.Module, n_classes: int | None, se_config: SEConfig 
             reset_classifier(model, n_classes)
         return model, None, None
     original = model
-    if n_classes is not None and num_classes_of(model) != n_classes:
+    if n_classes is not None and not _head_fits(model, n_classes):
         original = copy.deepcopy(model)
         reset_classifier(original, n_classes)
     se_config = se_config or SEConfig()
@@ -217,6 +221,11 @@ def _prepare_model(model: nn.Module, n_classes: int | None, se_config: SEConfig 
         raise ValueError(f"se_retrofit.apply found no residual branch to put SE blocks in {type(model).__name__} "
                          f"(options {se_config.to_dict()}); check --include/--exclude, or see `se-retrofit sites`")
     return se_model, original, se_config
+
+
+def _head_fits(model: nn.Module, n_classes: int | None) -> bool:
+    """Whether the model's classifier already has one output per class, so that it is kept."""
+    return n_classes is not None and classifier_of(model) is not None and num_classes_of(model) == n_classes
 
 
 def _head_names(model: nn.Module) -> set[str]:

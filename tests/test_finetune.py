@@ -228,6 +228,21 @@ def test_every_conversion_option_is_a_keyword_of_finetune() -> None:
     assert (config.fuse_add, config.early_squeeze, config.reduction) == (False, False, 8), config
 
 
+@pytest.mark.parametrize("width", [3, 5])
+def test_a_head_with_one_output_per_class_is_kept_and_said_so(width: int, capsys: pytest.CaptureFixture) -> None:
+    """A model trained on the data's classes keeps its head (identity retrofit: it starts where it was);
+    any other width gets a new head."""
+    model = pretrained_like(create_model(MODEL, num_classes=width))
+    head = model.get_classifier().weight.detach().clone()
+    result = finetune(model, Quadrants(8), epochs=1, batch_size=8, lr=1e-12, progress=False)
+    said = "keeping the model's classifier head" in capsys.readouterr().out
+    new_head = result.model.get_classifier().weight.detach()
+    if width == 3:
+        assert said and torch.allclose(new_head, head, atol=1e-6), "a fitting head should be kept, and the log say so"
+    else:
+        assert not said and new_head.shape[0] == 3, f"a {width}-output head should be replaced by a 3-output one"
+
+
 def test_finetune_all_and_staged_change_the_backbone() -> None:
     torch.manual_seed(0)
     model = pretrained_like(create_model(MODEL, num_classes=3))
