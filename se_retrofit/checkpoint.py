@@ -255,8 +255,17 @@ def _torch_load_weights_only(path: Path) -> Any:
                          "it may be truncated or another kind of file. Pass a .safetensors or .pth/.pt file.") from None
 
 
-def _unwrap(obj: Any, path: Path, prefer_ema: bool) -> Any:
-    """Dig the state dict out of a training checkpoint (timm, Lightning-less trainers, the ImageNet example)."""
+def _unwrap(obj: Any, path: Path, prefer_ema: bool | None) -> Any:
+    """Dig the state dict out of a training checkpoint (timm, Lightning-less trainers, the ImageNet example).
+
+    A file holding both raw and EMA weights (timm's train.py with ``--model-ema``, whose best epoch is
+    chosen by the EMA's score) gets the raw ones unless ``prefer_ema``, and a warning where the caller
+    did not choose (``None``): which of the two fine-tuning starts from should not pass unsaid."""
+    if (prefer_ema is None and isinstance(obj, Mapping) and isinstance(obj.get("state_dict_ema"), Mapping)
+            and isinstance(obj.get("state_dict"), Mapping)):
+        warnings.warn(f"{str(path)!r} holds raw weights (state_dict) and EMA weights (state_dict_ema); loading the "
+                      "raw ones. Pass prefer_ema=True (the command: --checkpoint-ema) for the EMA weights, or "
+                      "prefer_ema=False to silence this.", stacklevel=3)
     keys = ("state_dict_ema",) + WRAPPER_KEYS if prefer_ema else WRAPPER_KEYS
     for _ in range(3):
         if not isinstance(obj, Mapping):
@@ -282,12 +291,13 @@ def _strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return dict(state)
 
 
-def load_weights(path: StrPath, *, prefer_ema: bool = False, strip_ddp_prefix: bool = True
+def load_weights(path: StrPath, *, prefer_ema: bool | None = None, strip_ddp_prefix: bool = True
                  ) -> dict[str, torch.Tensor]:
     """A model state dict from a ``.safetensors`` file or a weights-only PyTorch checkpoint, on the CPU.
 
     Training checkpoints that wrap the weights (``{"state_dict": ..., "epoch": ...}``) are unwrapped; with
-    ``prefer_ema`` an EMA copy (``state_dict_ema``) wins over the raw weights. A pickle that needs
+    ``prefer_ema`` an EMA copy (``state_dict_ema``) wins over the raw weights (left as None, a file with
+    both loads the raw ones and warns). A pickle that needs
     anything beyond tensors and containers raises `UnsafeCheckpointError` without running it.
     ``strip_ddp_prefix`` drops a ``module.`` that every key starts with (a user's checkpoint saved from a
     ``DistributedDataParallel`` wrapper); files this package wrote itself have none to drop, and a

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -147,8 +148,12 @@ def test_timm_train_py_checkpoint_loads_with_its_args_namespace(tmp_path):
     torch.save({"epoch": 7, "arch": "resnet18", "state_dict": weights, "state_dict_ema": ema,
                 "optimizer": {"state": {}, "param_groups": []}, "version": 2, "metric": 71.2,
                 "args": argparse.Namespace(model="resnet18", lr=0.1, aa="rand-m9", layers=[1, 2])}, path)
-    assert torch.equal(load_weights(path)["fc.weight"], weights["fc.weight"]), "state_dict not taken"
+    with pytest.warns(UserWarning, match=r"raw weights \(state_dict\) and EMA weights.*--checkpoint-ema"):
+        assert torch.equal(load_weights(path)["fc.weight"], weights["fc.weight"]), "state_dict not taken"
     assert torch.equal(load_weights(path, prefer_ema=True)["fc.weight"], ema["fc.weight"]), "EMA weights not taken"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a choice made is not warned about
+        assert torch.equal(load_weights(path, prefer_ema=False)["fc.weight"], weights["fc.weight"])
 
 
 def test_the_marker_payload_really_runs_code_when_unpickled(tmp_path):

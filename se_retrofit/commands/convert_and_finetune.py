@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                             "default: yes, unless --checkpoint is given")
     model.add_argument("--checkpoint", type=Path, default=None, metavar="FILE",
                        help="local weights (.safetensors or .pth state dict) loaded before conversion")
+    model.add_argument("--checkpoint-ema", action=argparse.BooleanOptionalAction, default=None,
+                       help="from a training checkpoint holding raw and EMA weights (timm's train.py with "
+                            "--model-ema), load the EMA ones (default: the raw ones, with a warning)")
     _add_conversion_options(parser)
 
     train = parser.add_argument_group("training")
@@ -145,12 +148,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         distributed.main_first(lambda: outputs.prepare_out_dir(args.out, args.resume), ctx)
         seed_everything(opts.seed)
-        model = _build_model(args.model, pretrained, args.checkpoint)
+        model = _build_model(args.model, pretrained, args.checkpoint, args.checkpoint_ema)
         train_ds, val_ds, class_names = data_module.build_datasets(
             args.data, model, val_split=args.val_split, seed=opts.seed, image_size=args.image_size)
         run_info = {
             "model": {"name": args.model, "pretrained": pretrained,
-                      "checkpoint": str(args.checkpoint.resolve()) if args.checkpoint else None},
+                      "checkpoint": str(args.checkpoint.resolve()) if args.checkpoint else None,
+                      **({"checkpoint_ema": args.checkpoint_ema} if args.checkpoint_ema is not None else {})},
             "data": {"data": args.data if args.data == "digits" else str(Path(args.data).resolve()),
                      "val_split": args.val_split, "image_size": args.image_size},
         }
@@ -176,14 +180,14 @@ def _fields(opts: TrainOptions) -> dict[str, Any]:
     return opts.to_dict()
 
 
-def _build_model(spec: str, pretrained: bool, checkpoint: Path | None):
+def _build_model(spec: str, pretrained: bool, checkpoint: Path | None, prefer_ema: bool | None = None):
     """Create the model and load ``--checkpoint`` into it, resizing the head to the file's first."""
     from .. import checkpoint as ckpt
     from ..models import classifier_of, create_model, reset_classifier
 
     model = create_model(spec, pretrained=pretrained)
     if checkpoint is not None:
-        weights = ckpt.load_weights(checkpoint)
+        weights = ckpt.load_weights(checkpoint, prefer_ema=prefer_ema)
         head = classifier_of(model)
         if head is not None:
             saved = weights.get(f"{head[0]}.weight")
