@@ -137,9 +137,11 @@ def run(args: argparse.Namespace) -> int:
                                 "ImageFolder directory (DIR/train + DIR/val, or DIR/CLASS/*.jpg)")
     if args.data != "digits":
         _check_apart(Path(args.out), Path(args.data))
-    if args.checkpoint is not None and args.checkpoint.is_dir():
+    # last.pt holds every weight of a resumed run: the starting weights need not be there (moved, offline)
+    from_last = args.resume and (Path(args.out) / outputs.LAST).is_file()
+    if args.checkpoint is not None and not from_last and args.checkpoint.is_dir():
         raise ValueError(f"--checkpoint {args.checkpoint} is a folder; pass the .safetensors or .pth file in it")
-    if args.checkpoint is not None and not args.checkpoint.is_file():
+    if args.checkpoint is not None and not from_last and not args.checkpoint.is_file():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint} does not exist; pass a .safetensors or .pth file")
 
     device = resolve_device(opts.device, distributed.local_rank(), distributed.launched_world_size())
@@ -148,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         distributed.main_first(lambda: outputs.prepare_out_dir(args.out, args.resume), ctx)
         seed_everything(opts.seed)
-        model = _build_model(args.model, pretrained, args.checkpoint, args.checkpoint_ema)
+        model = (_build_model(args.model, False, None) if from_last else
+                 _build_model(args.model, pretrained, args.checkpoint, args.checkpoint_ema))
         train_ds, val_ds, class_names = data_module.build_datasets(
             args.data, model, val_split=args.val_split, seed=opts.seed, image_size=args.image_size)
         run_info = {
