@@ -330,8 +330,8 @@ class _Fold:
         """Whether this fold is still exact for these modules: modules of the same types and geometry,
         the norm still using running statistics with the same eps, no mode switch of the SE block (see
         `SEBlock.train`) and no optimizer step since, and each tensor unchanged (`_Record`): what
-        `_declines` and `make` check, at a fraction of their cost. (Other module objects holding the same tensors compute the
-        same map.)"""
+        `_declines` and `make` check, at a fraction of their cost. (Other module objects holding the
+        same tensors compute the same map.)"""
         if ((type(conv), type(norm)) != self.types
                 or z.dim() != len(self.dims) + 2 or (self.batchnorm and norm.training)
                 or (norm.eps, se.__dict__.get("_mode_switches", 0), _OptimizerSteps.count) != self.extra

@@ -24,8 +24,8 @@ from .training import distributed, outputs, state
 from .training.devices import amp_dtype, resolve_device
 from .training.freeze import new_parameter_names, set_trainable, trains_backbone
 from .training.loop import Trainer, seed_everything
-from .training.sampling import check_one_batch
 from .training.options import TrainOptions
+from .training.sampling import check_one_batch
 
 # Keyword options of `finetune` that configure the retrofit rather than the training: every SEConfig field.
 CONVERSION_KEYS = tuple(f.name for f in dataclasses.fields(SEConfig))
