@@ -112,12 +112,15 @@ def _uses_running_stats(norm: nn.Module) -> bool:
 
 
 def _hooked(*modules: nn.Module) -> bool:
-    """Whether calling these modules runs code besides their class's forward: forward hooks or pre-hooks
-    (their own or global ones), or a ``forward`` set on the instance. The early squeeze redoes their
-    arithmetic itself and would miss what such code changes (a calibration hook, a clipping hook)."""
-    if _module_state._global_forward_hooks or _module_state._global_forward_pre_hooks:
+    """Whether calling these modules runs code besides their class's forward: forward or backward hooks
+    or pre-hooks (their own or global ones), or a ``forward`` set on the instance. The early squeeze
+    redoes their arithmetic itself and would miss what such code changes (a calibration hook, a
+    clipping hook), and under autograd its gradient would go around a backward hook's module."""
+    if (_module_state._global_forward_hooks or _module_state._global_forward_pre_hooks
+            or _module_state._global_backward_hooks or _module_state._global_backward_pre_hooks):
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules)
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               or "forward" in m.__dict__ for m in modules)
 
 
 def _in_tracer(z: torch.Tensor) -> bool:

@@ -338,10 +338,11 @@ def test_a_fused_optimizer_step_refolds(optimizer):
 
 
 @pytest.mark.parametrize("where", ["conv forward hook", "norm forward hook", "norm pre-hook", "se pre-hook",
-                                   "global forward hook", "instance forward"])
+                                   "global forward hook", "instance forward", "conv backward hook",
+                                   "norm backward pre-hook", "global backward hook"])
 def test_hooks_on_the_modules_it_redoes_make_it_decline(where):
     """A hook may change what the conv or the norm returns (calibration, clipping); the early gate,
-    which redoes their arithmetic, would not see it."""
+    which redoes their arithmetic, would not see it, and its gradient would go around a backward hook."""
     conv, norm, se, z = _parts()
     hook = lambda module, args, out: out * 3.0  # noqa: E731
     pre = lambda module, args: (args[0] * 2.0,)  # noqa: E731
@@ -351,6 +352,9 @@ def test_hooks_on_the_modules_it_redoes_make_it_decline(where):
         "norm pre-hook": lambda: norm.register_forward_pre_hook(pre),
         "se pre-hook": lambda: se.register_forward_pre_hook(pre),
         "global forward hook": lambda: nn.modules.module.register_module_forward_hook(hook),
+        "conv backward hook": lambda: conv.register_full_backward_hook(lambda m, gi, go: None),
+        "norm backward pre-hook": lambda: norm.register_full_backward_pre_hook(lambda m, go: None),
+        "global backward hook": lambda: nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: None),
     }.get(where, lambda: None)()
     if where == "instance forward":
         norm.forward = lambda x: nn.BatchNorm2d.forward(norm, x) + 1.0
