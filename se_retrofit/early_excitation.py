@@ -23,8 +23,8 @@ that all of SE's small kernels run before ``conv``, in one place.
 
 Only modules whose arithmetic is known qualify: ``nn.Conv1d/2d/3d`` of kernel 1, stride 1, no padding,
 one group, and ``nn.BatchNorm1d/2d/3d`` or torchvision's ``FrozenBatchNorm2d`` (exact types: a subclass
-may compute something else), with no forward hooks (nor on the SE block a pre-hook, which could change
-the input it gates). `early_squeeze` checks them when it rewrites the graph, and the functions
+may compute something else), with no forward or backward hooks (nor on the SE block a pre-hook,
+which could change the input it gates). `early_squeeze` checks them when it rewrites the graph, and the functions
 here check them again on every call, because the modules can be replaced afterwards: a deployment
 step that fuses ``conv3`` and ``bn3`` leaves ``nn.Identity`` where ``bn3`` was, and the SE block then
 averages its input as usual.
