@@ -337,6 +337,10 @@ def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_siz
         train_samples, val_samples = _samples(classes, train_files), _samples(classes, val_files)
     else:
         _check_val_split(val_split)
+        test_dir = _split_dir(root, ("test", "testing")) if train_dir is not None else None
+        if test_dir is not None:
+            warnings.warn(f"{test_dir} is not used: with no validation folder beside {train_dir.name!r}, validation "
+                          f"is a --val-split of it. To validate on {test_dir.name!r}, rename it 'val'.", stacklevel=3)
         classes, files = _scan(train_dir or root, verify, skipped)
         samples = _samples(classes, files)
         train_idx, val_idx = _stratified_split([t for _, t in samples], val_split, seed)

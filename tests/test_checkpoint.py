@@ -293,6 +293,8 @@ def test_the_conversion_hint_of_an_unsafe_pickle_works(tmp_path, saved):
     code = command.group(1).replace("IN.pth", str(path)).replace("OUT.safetensors", str(tmp_path / "out.safetensors"))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, f"the printed conversion failed: {done.stderr[-500:]}"
+    offline_guide = (Path(__file__).parents[1] / "docs" / "guides" / "offline.md").read_text()
+    assert command.group(0) in offline_guide, "docs/guides/offline.md shows another conversion command"
     converted = tiny_net()
     load_into(converted, load_weights(tmp_path / "out.safetensors"))
     for name, value in model.state_dict().items():

@@ -122,6 +122,14 @@ def test_split_named_class_folders_and_two_folders_for_one_split_are_errors(tmp_
         build_datasets(tmp_path, model)
 
 
+def test_a_test_folder_beside_train_alone_is_named_as_unused(tmp_path, model):
+    write_class_folders(tmp_path / "Train", {"cat": 5, "dog": 5})
+    write_class_folders(tmp_path / "Test", {"cat": 2, "dog": 2})
+    with pytest.warns(UserWarning, match="Test is not used.*--val-split"):
+        train, val, classes = build_datasets(tmp_path, model, val_split=0.2, image_size=16)
+    assert classes == ["cat", "dog"] and (len(train), len(val)) == (8, 2), f"{classes} {(len(train), len(val))}"
+
+
 def test_a_class_named_like_a_split_among_others_is_a_class(tmp_path, model):
     write_class_folders(tmp_path, {"bus": 3, "car": 3, "train": 3})
     _, _, classes = build_datasets(tmp_path, model, val_split=0.3, image_size=16)
