@@ -133,6 +133,9 @@ def test_options_resolve_defaults_and_refuse_typos() -> None:
         TrainOptions.from_kwargs({"lrate": 0.1})
     with pytest.raises(ValueError, match="warmup_epochs"):
         TrainOptions(epochs=2, warmup_epochs=3)
+    with pytest.raises(ValueError, match=r"amp_dtype='float16' only applies with amp=True \(--amp\)"):
+        TrainOptions(amp_dtype="float16")  # recorded in the config, it used to change nothing
+    assert TrainOptions(amp=True, amp_dtype="bfloat16").amp_dtype == "bfloat16"
 
 
 FLOAT_OPTIONS = ("lr", "weight_decay", "momentum", "warmup_epochs", "min_lr", "label_smoothing", "clip_grad",

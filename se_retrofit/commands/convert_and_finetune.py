@@ -84,7 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     runtime.add_argument("--device", default="auto", help="auto (default: CUDA when available), cpu, cuda or cuda:N")
     runtime.add_argument("--amp", action="store_true",
                          help="mixed precision: bfloat16 on the CPU and recent GPUs, else float16 with a grad scaler")
-    runtime.add_argument("--amp-dtype", choices=AMP_DTYPES, default="auto", help="force the AMP dtype (default auto)")
+    runtime.add_argument("--amp-dtype", choices=AMP_DTYPES, default="auto", help="with --amp, force the AMP dtype (default auto)")
     runtime.add_argument("--channels-last", action="store_true", help="NHWC memory format")
     runtime.add_argument("--compile", action="store_true",
                          help="torch.compile the training forward (minutes of compiling on the CPU)")

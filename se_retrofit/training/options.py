@@ -143,6 +143,9 @@ class TrainOptions:
                                  f"with {self.epochs} epochs try {max(1, self.epochs // 2)}")
         elif self.stage1_epochs is not None:
             raise ValueError(f"stage1_epochs only applies to train='staged', not {self.train!r}; drop it")
+        if self.amp_dtype != "auto" and not self.amp:
+            raise ValueError(f"amp_dtype={self.amp_dtype!r} only applies with amp=True (--amp), which is off; "
+                             "turn it on or drop the dtype")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
