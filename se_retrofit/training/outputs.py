@@ -178,7 +178,11 @@ def _jsonable(value: Any) -> Any:
 
 
 def atomic_write_text(path: Path, text: str, exclusive: bool = False) -> None:
-    ckpt._atomic_write(path, lambda tmp: tmp.write_bytes(text.encode()), exclusive=exclusive)
+    _atomic_write_bytes(path, text.encode(), exclusive)
+
+
+def _atomic_write_bytes(path: Path, data: bytes, exclusive: bool = False) -> None:
+    ckpt._atomic_write(path, lambda tmp: tmp.write_bytes(data), exclusive=exclusive)
 
 
 def write_config(out: Path, config: dict[str, Any], new_run: bool = False) -> None:
@@ -231,8 +235,7 @@ def plot_curves(out: Path, history: list[dict[str, float]]) -> None:
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    data = buffer.getvalue()
-    ckpt._atomic_write(out / CURVES, lambda tmp: tmp.write_bytes(data))
+    _atomic_write_bytes(out / CURVES, buffer.getvalue())
 
 
 def write_report(out: Path, original: nn.Module, se_model: nn.Module, input_size: tuple[int, ...],
