@@ -186,8 +186,7 @@ def _names_mismatch(expected: list[str], found: list[str], meta: dict[str, Any])
         lines.append(f"  in the adapter only: {_few(only_adapter)}")
     if only_model:
         lines.append(f"  in the model only: {_few(only_model)}")
-    lines.append(f"Is this the wrong base model?{trained_on} Pass the architecture the adapter was trained on, "
-                 "or strict=False to load the blocks whose names match.")
+    lines.append(f"Is this the wrong base model?{trained_on} Pass the architecture the adapter was trained on.")
     return "\n".join(lines)
 
 
@@ -220,11 +219,14 @@ def load(path: str | os.PathLike, base_model: nn.Module, *, strict: bool = True,
     expected = list(meta["se_modules"])
     found = [name for name, _ in se_blocks(model)]
     problems = []
-    if set(expected) != set(found):
-        message = _names_mismatch(expected, found, meta)
+
+    def refuse_or_note(message: str, loads_anyway: str) -> None:
         if strict:
-            raise ValueError(message)
+            raise ValueError(f"{message} Or pass strict=False to {loads_anyway}.")
         problems.append(message)
+
+    if set(expected) != set(found):
+        refuse_or_note(_names_mismatch(expected, found, meta), "load the blocks whose names match")
 
     classifier = meta.get("classifier")
     if classifier and num_classes_of(model) != classifier["num_classes"]:
@@ -234,11 +236,8 @@ def load(path: str | os.PathLike, base_model: nn.Module, *, strict: bool = True,
     if saved_print and base_fingerprint(model, found + list(meta.get("extra_modules") or [])) != saved_print:
         message = (f"the base model's weights are not those adapter {weights_path} was trained on: its SE blocks "
                    "learned other features. Create the base model as it was for training (base model "
-                   f"{meta.get('base_model')!r}: the same pretrained weights or checkpoint, the same dtype), "
-                   "or pass strict=False to load anyway.")
-        if strict:
-            raise ValueError(message)
-        problems.append(message)
+                   f"{meta.get('base_model')!r}: the same pretrained weights or checkpoint, the same dtype).")
+        refuse_or_note(message, "load anyway")
 
     weights = load_weights(weights_path, strip_ddp_prefix=False)
     own = model.state_dict()
@@ -256,11 +255,9 @@ def load(path: str | os.PathLike, base_model: nn.Module, *, strict: bool = True,
     if unexpected or missing:
         message = (f"adapter {weights_path} and the rebuilt model disagree: keys not in the model: "
                    f"{_few(unexpected) or 'none'}; keys the adapter lacks: {_few(missing) or 'none'}. "
-                   "Re-save the adapter, or pass strict=False to load what matches.")
-        if strict:
-            raise ValueError(message)
-        problems.append(message)
+                   "Re-save the adapter.")
+        refuse_or_note(message, "load what matches")
     model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
     if problems:
-        warnings.warn("\n".join(problems), stacklevel=2)
+        warnings.warn("loaded with strict=False despite:\n" + "\n".join(problems), stacklevel=2)
     return model

@@ -28,8 +28,7 @@ StrPath = str | os.PathLike
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema")
 
-_CONVERT_HINT = (
-    "If you trust the file, convert it once to safetensors: "
+_CONVERT_COMMAND = (
     "python -c \"import torch, safetensors.torch as st; "
     "obj = torch.load('IN.pth', map_location='cpu', weights_only=False); "
     "sd = obj.state_dict() if hasattr(obj, 'state_dict') else obj.get('state_dict', obj.get('model', obj)); "
@@ -37,6 +36,24 @@ _CONVERT_HINT = (
     "st.save_file({k: v.detach().clone().contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}, "
     "'OUT.safetensors')\""
 )
+_SHELL_UNSAFE = re.compile(r"[\"'`$\\\n!]")
+
+
+def _convert_hint(path: Path) -> str:
+    """The one-liner that converts ``path``, with its real name where it can be pasted into a shell as is.
+
+    The output goes beside the input under a name that does not exist yet, so running the hint never
+    overwrites a file the user has; paths a double-quoted shell string would mangle keep the placeholders.
+    """
+    source = path.expanduser().absolute()
+    target = source.with_suffix(".safetensors")
+    if target.exists():
+        target = source.with_name(f"{source.stem}.converted.safetensors")
+    if target.exists() or _SHELL_UNSAFE.search(str(source)):
+        return ("If you trust the file, convert it once to safetensors, with IN.pth and OUT.safetensors "
+                f"replaced by its path and a new file's: {_CONVERT_COMMAND}")
+    command = _CONVERT_COMMAND.replace("IN.pth", str(source)).replace("OUT.safetensors", str(target))
+    return f"If you trust the file, convert it once to safetensors (it writes {target}): {command}"
 
 
 class UnsafeCheckpointError(ValueError):
@@ -246,7 +263,7 @@ def _torch_load_weights_only(path: Path) -> Any:
             raise UnsafeCheckpointError(
                 f"refusing to load {str(path)!r}: it is a pickle that would import or run code when loaded ({reason}). "
                 "Only safetensors files and weights-only PyTorch checkpoints are accepted, because unpickling an "
-                f"untrusted file can execute arbitrary code. {_CONVERT_HINT}"
+                f"untrusted file can execute arbitrary code. {_convert_hint(path)}"
             ) from None
         raise ValueError(f"{str(path)!r} is not a PyTorch checkpoint ({exc}); "
                          "pass a .safetensors or .pth/.pt file.") from None

@@ -216,10 +216,14 @@ def test_a_base_with_other_weights_is_refused_unless_not_strict(saved, base):
     other = copy.deepcopy(base)
     with torch.no_grad():
         other.layer1[0].conv1.weight.mul_(1.01)
-    with pytest.raises(ValueError, match="not those adapter .* was trained on"):
+    with pytest.raises(ValueError, match="not those adapter .* was trained on") as info:
         load(se_only, other, example_input=SMALL)
-    with pytest.warns(UserWarning, match="not those adapter"):
+    assert "pass strict=False" in str(info.value), f"the refusal should say how to load anyway: {info.value}"
+    with pytest.warns(UserWarning, match="not those adapter") as caught:
         loaded = load(se_only, other, strict=False, example_input=SMALL)
+    warned = str(caught[0].message)
+    assert "pass strict=False" not in warned and "loaded with strict=False" in warned, \
+        f"the warning of a strict=False load should not suggest strict=False: {warned}"
     assert se_blocks(loaded), "strict=False must still load the SE blocks"
     meta = json.loads((se_only / CONFIG_NAME).read_text())
     assert len(meta["base_fingerprint"]) == 64

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import random
+import sys
 import warnings
 from pathlib import Path
 
@@ -277,10 +278,10 @@ def test_a_checkpoint_without_batch_counts_loads_as_load_state_dict_allows():
 
 
 @pytest.mark.parametrize("saved", ["whole model", "training checkpoint"])
-def test_the_conversion_hint_of_an_unsafe_pickle_works(tmp_path, saved):
+def test_the_conversion_hint_of_an_unsafe_pickle_works_as_printed(tmp_path, saved):
     import re
+    import shlex
     import subprocess
-    import sys
 
     model = tiny_net()
     obj = model if saved == "whole model" else {"model": model.state_dict(), "epoch": 3, "log_dir": tmp_path}
@@ -288,17 +289,37 @@ def test_the_conversion_hint_of_an_unsafe_pickle_works(tmp_path, saved):
     torch.save(obj, path)
     with pytest.raises(UnsafeCheckpointError) as info:
         load_weights(path)
-    command = re.search(r'python -c "(.*)"', str(info.value))
+    command = re.search(r'python -c ".*"', str(info.value))
     assert command, f"no one-liner in: {info.value}"
-    code = command.group(1).replace("IN.pth", str(path)).replace("OUT.safetensors", str(tmp_path / "out.safetensors"))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert str(path) in command.group(0), f"the one-liner does not name the refused file: {command.group(0)}"
+    python = shlex.split(command.group(0))
+    done = subprocess.run([sys.executable, *python[1:]], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, f"the printed conversion failed: {done.stderr[-500:]}"
     offline_guide = (Path(__file__).parents[1] / "docs" / "guides" / "offline.md").read_text()
-    assert command.group(0) in offline_guide, "docs/guides/offline.md shows another conversion command"
+    generic = command.group(0).replace(str(path), "IN.pth").replace(str(tmp_path / "in.safetensors"), "OUT.safetensors")
+    assert generic in offline_guide, "docs/guides/offline.md shows another conversion command"
     converted = tiny_net()
-    load_into(converted, load_weights(tmp_path / "out.safetensors"))
+    load_into(converted, load_weights(tmp_path / "in.safetensors"))
     for name, value in model.state_dict().items():
         assert torch.equal(converted.state_dict()[name], value), f"{name} changed in the conversion"
+
+
+def test_the_conversion_hint_never_points_at_an_existing_file(tmp_path):
+    import re
+
+    for taken in ("in.safetensors", "in.converted.safetensors"):
+        (tmp_path / taken).write_bytes(b"the user's own file")
+        path = tmp_path / "in.pth"
+        torch.save(tiny_net(), path)
+        with pytest.raises(UnsafeCheckpointError) as info:
+            load_weights(path)
+        command = re.search(r'python -c ".*"', str(info.value)).group(0)
+        assert taken not in command, f"the hint would overwrite {taken}: {command}"
+    assert "IN.pth" in command and "OUT.safetensors" in command, f"with both names taken, placeholders: {command}"
+    quoted = tmp_path / "it's $HOME.pth"
+    torch.save(tiny_net(), quoted)
+    with pytest.raises(UnsafeCheckpointError, match="IN.pth and OUT.safetensors replaced by"):
+        load_weights(quoted)
 
 
 def test_load_into_shape_mismatch_points_at_the_classifier():
