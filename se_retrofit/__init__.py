@@ -21,7 +21,7 @@ _EXPORTS = {
     "UnsafeCheckpointError": "checkpoint",
     "SEConfig": "config",
     "FinetuneResult": "finetune", "finetune": "finetune",
-    "Report": "report", "report": "report",
+    "BlockCost": "report", "Report": "report", "report": "report",
     "SEBlock": "se_block", "se_blocks": "se_block",
 }
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .checkpoint import UnsafeCheckpointError
     from .config import SEConfig
     from .finetune import FinetuneResult, finetune
-    from .report import Report, report
+    from .report import BlockCost, Report, report
     from .se_block import SEBlock, se_blocks
 
 

@@ -25,8 +25,9 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .checkpoint import _atomic_write, _few, atomic_save_safetensors, load_weights
+from .checkpoint import _atomic_write, atomic_save_safetensors, load_weights
 from .config import SEConfig
+from .messages import few
 from .models import classifier_of, num_classes_of, reset_classifier
 from .se_block import se_blocks
 from .wrappers import unwrapped
@@ -183,9 +184,9 @@ def _names_mismatch(expected: list[str], found: list[str], meta: dict[str, Any])
     trained_on = f" It was saved for base model {base!r}." if base else ""
     lines = ["the adapter's SE blocks do not match those se_retrofit.apply made on this base model."]
     if only_adapter:
-        lines.append(f"  in the adapter only: {_few(only_adapter)}")
+        lines.append(f"  in the adapter only: {few(only_adapter)}")
     if only_model:
-        lines.append(f"  in the model only: {_few(only_model)}")
+        lines.append(f"  in the model only: {few(only_model)}")
     lines.append(f"Is this the wrong base model?{trained_on} Pass the architecture the adapter was trained on.")
     return "\n".join(lines)
 
@@ -207,7 +208,7 @@ def load(path: str | os.PathLike, base_model: nn.Module, *, strict: bool = True,
     weights_path, config_path = _adapter_files(path)
     meta = _read_config(config_path)
     if se_blocks(base_model):
-        raise ValueError(f"base_model already has SE blocks ({_few([n for n, _ in se_blocks(base_model)])}); "
+        raise ValueError(f"base_model already has SE blocks ({few([n for n, _ in se_blocks(base_model)])}); "
                          "pass the model without SE, the one se_retrofit.apply was called on.")
     config = SEConfig.from_dict(meta["se_config"])
     try:
@@ -250,11 +251,11 @@ def load(path: str | os.PathLike, base_model: nn.Module, *, strict: bool = True,
                   for k, v in weights.items() if k in own and v.shape != own[k].shape]
     if mismatched:
         raise ValueError(f"adapter {weights_path} does not fit this base model: shape mismatch for "
-                         f"{_few(mismatched, 3)}. Was it trained on a different variant or with another reduction? "
+                         f"{few(mismatched, 3)}. Was it trained on a different variant or with another reduction? "
                          "Pass the base model it was saved for.")
     if unexpected or missing:
         message = (f"adapter {weights_path} and the rebuilt model disagree: keys not in the model: "
-                   f"{_few(unexpected) or 'none'}; keys the adapter lacks: {_few(missing) or 'none'}. "
+                   f"{few(unexpected) or 'none'}; keys the adapter lacks: {few(missing) or 'none'}. "
                    "Re-save the adapter.")
         refuse_or_note(message, "load what matches")
     model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import itertools
 import logging
 import typing
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.fx as fx
@@ -19,13 +20,22 @@ from . import catalog, layout
 from .capture import Call, capture_calls, describe, preserved_modes
 from .config import SEConfig
 from .fusion import fused_calls
+from .messages import first_line
 from .rewrite import Undo, free_name, rewrite_block
 from .se_block import SEBlock, hidden_width
 from .sites import Placement, analyze, tensor_adds
-from .tracing import TraceFailure, bind_call, cached_trace, clear_cache, propagate_shapes, trace_forward
+from .tracing import (
+    TraceFailure,
+    bind_call,
+    cached_trace,
+    clear_cache,
+    propagate_shapes,
+    trace_forward,
+)
 from .wrappers import unwrapped
 
 logger = logging.getLogger("se_retrofit")
+T = TypeVar("T")
 
 CONFIG_ATTR = "_se_retrofit_config"
 
@@ -151,7 +161,7 @@ def _copy(model: nn.Module) -> nn.Module:
         clone = copy.deepcopy(model)
     except Exception as exc:  # deepcopy raises what the failing object raises (RuntimeError, TypeError...)
         raise ValueError(
-            f"cannot copy {type(model).__name__} to work on ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+            f"cannot copy {type(model).__name__} to work on ({first_line(exc)}). "
             "Models reparametrised with hooks (torch.nn.utils.prune, the old torch.nn.utils.weight_norm) do not "
             "deep-copy: make the change permanent first (prune.remove, remove_weight_norm), or pass inplace=True "
             "to apply.") from exc
@@ -176,15 +186,31 @@ def _check_model(model: Any) -> None:
                          "Materialise it first (model.to_empty(device='cpu') and load its weights).")
 
 
+_CONFIG_KEYWORDS = ("reduction", "init", "position", "include", "exclude")
+
+
+def _config_or_keywords(function: Callable[..., T]) -> Callable[..., T]:
+    """Refuse a ``config`` together with SE options as keywords, even ones equal to the defaults.
+
+    Only the call itself knows which keywords were passed (``apply(m, SEConfig(reduction=8),
+    reduction=16)`` would otherwise use 8 without a word); the wrapper keeps the signature for the docs.
+    """
+    @functools.wraps(function)
+    def checked(model: nn.Module, config: SEConfig | None = None, **keywords: Any) -> T:
+        given = sorted(k for k in _CONFIG_KEYWORDS if keywords.get(k) is not None)
+        if config is not None and given:
+            raise ValueError(f"pass options either in config or as keywords, not both (got config and {given}); "
+                             f"put them in the config: dataclasses.replace(config, {given[0]}=...)")
+        return function(model, config, **keywords)
+    return checked
+
+
 def _resolve_config(config: SEConfig | None, options: dict[str, Any]) -> SEConfig:
     if config is None:
         return SEConfig(**options)
     if not isinstance(config, SEConfig):
-        raise ValueError(f"config must be an SEConfig, got {type(config).__name__}")
-    defaults = SEConfig()
-    changed = {k: v for k, v in options.items() if v != getattr(defaults, k)}
-    if changed:
-        raise ValueError(f"pass options either in config or as keywords, not both (got config and {sorted(changed)})")
+        raise TypeError(f"config must be an SEConfig, got {type(config).__name__}; build one with "
+                        "se_retrofit.SEConfig(reduction=..., ...) or SEConfig.from_dict(...)")
     return config
 
 
@@ -258,7 +284,7 @@ def _plan(model: nn.Module, config: SEConfig, example_input: Any) -> tuple[SiteP
     candidates = {name: m for name, m in model.named_modules() if _is_candidate(m)}
     calls, used = capture_calls(model, candidates, example_input)
     plan = SitePlan(type(model).__name__, config, example_input=describe(*used), example_args=used)
-    plan.skipped.extend(Skipped(name or "<root>", None, _GRAPH_MODULE_REASON) for name, m in model.named_modules()
+    plan.skipped.extend(Skipped(name, None, _GRAPH_MODULE_REASON) for name, m in model.named_modules()
                         if isinstance(m, fx.GraphModule) and tensor_adds(m.graph))
     blocks: list[_BlockPlan] = []
     try:
@@ -330,7 +356,7 @@ def _verify(module: nn.Module, call: Call, identity: bool) -> str | None:
         try:
             out = module.forward(*args, **kwargs)  # as recorded: what forward saw and returned, hooks aside
         except Exception as exc:  # the rewrite broke the block: report it and undo
-            return f"rewritten block fails: {type(exc).__name__}: {exc}".splitlines()[0]
+            return f"rewritten block fails: {first_line(exc)}"
     if identity:
         return None if same_outputs(out, call.output) else "rewritten block changes the output under the identity init"
     shapes = [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
@@ -338,6 +364,7 @@ def _verify(module: nn.Module, call: Call, identity: bool) -> str | None:
     return None if shapes == expected else "rewritten block changes the output shape"
 
 
+@_config_or_keywords
 def find_sites(model: nn.Module, config: SEConfig | None = None, *, reduction: float = 16,
                init: str = "identity", position: str = "standard", include: str | Sequence[str] | None = None,
                exclude: str | Sequence[str] | None = None, example_input: Any = None) -> SitePlan:
@@ -353,6 +380,7 @@ def find_sites(model: nn.Module, config: SEConfig | None = None, *, reduction: f
     return plan
 
 
+@_config_or_keywords
 def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float = 16, init: str = "identity",
           position: str = "standard", include: str | Sequence[str] | None = None,
           exclude: str | Sequence[str] | None = None, inplace: bool = False, example_input: Any = None

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from .messages import first_line
+
 _DEFAULT_SIZES = (64, 224, 299)
 _BATCH = 2  # batch 2, so that a (1, C, H, W) parameter never looks like a feature map
 
@@ -234,7 +236,7 @@ def capture_calls(model: nn.Module, modules: dict[str, nn.Module], example_input
         try:
             return _record(model, modules, args, kwargs), (args, kwargs)
         except Exception as exc:  # any failure means "try the next input"; all are reported below
-            errors.append(f"input {describe(args, kwargs)}: {type(exc).__name__}: {exc}".splitlines()[0][:300])
+            errors.append(f"input {describe(args, kwargs)}: {first_line(exc, 300)}")
     raise NoExampleInput(type(model).__name__, errors)
 
 

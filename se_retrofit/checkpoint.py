@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .messages import few
 from .se_block import se_blocks
 
 StrPath = str | os.PathLike
@@ -393,11 +394,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------------------------- fitting
 
-def _few(items: list[str], n: int = 5) -> str:
-    shown = ", ".join(items[:n])
-    return f"{shown}, ... ({len(items)} in all)" if len(items) > n else shown
-
-
 _SE_KEY = re.compile(r"(^|\.)se(_\d+)?\.fc[12]\.(weight|bias)$")
 
 
@@ -408,7 +404,7 @@ def _mismatch_hint(model: nn.Module, missing: list[str], unexpected: list[str], 
                 "or pass strict=False (the identity-initialised SE blocks keep the model's function).")
     se_keys = [k for k in unexpected if _SE_KEY.search(k)]
     if se_keys and len(se_keys) == len(unexpected) and not se_prefixes:
-        return ("The checkpoint holds SE blocks (" + _few(se_keys, 2) + "): it is a retrofitted model's. Pass the "
+        return ("The checkpoint holds SE blocks (" + few(se_keys, 2) + "): it is a retrofitted model's. Pass the "
                 "base model's weights, load SE runs with se_retrofit.load(run_folder, base_model), or --resume the run.")
     prefixes = {k.split(".", 1)[0] for k in unexpected if "." in k}
     if len(prefixes) == 1:
@@ -441,12 +437,12 @@ def load_into(model: nn.Module, weights: Mapping[str, torch.Tensor], *, strict: 
     if mismatched or (strict and (missing or unexpected)):
         lines = [f"the weights do not fit {type(model).__name__}:"]
         if missing and strict:
-            lines.append(f"  missing from the checkpoint: {_few(missing)}")
+            lines.append(f"  missing from the checkpoint: {few(missing)}")
         if unexpected and strict:
-            lines.append(f"  not in the model: {_few(unexpected)}")
+            lines.append(f"  not in the model: {few(unexpected)}")
         if mismatched:
             shown = [f"{k} (checkpoint {list(a)} vs model {list(b)})" for k, a, b in mismatched]
-            lines.append(f"  shape mismatch: {_few(shown, 3)}")
+            lines.append(f"  shape mismatch: {few(shown, 3)}")
         if mismatched and all(k.rsplit(".", 1)[0] == mismatched[0][0].rsplit(".", 1)[0] for k, _, _ in mismatched):
             hint = ("Only one layer differs in shape (often the classifier): create the model with the "
                     "checkpoint's number of classes, load, then reset the classifier.")

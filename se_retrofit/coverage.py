@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .api import apply, get_plan
+from .messages import first_line
 from .models import create_model, parse_model_spec, unknown_model_message
 from .se_block import se_blocks
 from .testing import perturb_norms
@@ -206,7 +207,7 @@ def _check_model(zoo: str, family: str, name: str) -> CoverageRow:
             row.backward_ok = _backward_ok(se_model, args, kwargs)
         row.check_failed = failed_checks(row)
     except Exception as exc:  # the sweep reports failures instead of stopping on them
-        row.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        row.error = first_line(exc, 300)
         row.error += " | " + traceback.format_exc().strip().splitlines()[-3].strip()[:200]
     return row
 

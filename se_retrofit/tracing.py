@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten
 from .augmented import AugmentedProxy
 from .capture import Call, preserved_modes
 from .early_excitation import gate_through
+from .messages import first_line
 
 
 class TraceFailure(Exception):
@@ -128,7 +129,7 @@ def trace_forward(module: nn.Module, concrete_args: dict[str, Any], param_names:
     try:
         graph = BlockTracer().trace(module, concrete_args=concrete_args or None)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError...): all mean "cannot trace"
-        first = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        first = first_line(exc)
         raise TraceFailure(f"fx cannot trace its forward ({first[:240]})") from None
     finally:
         read = module.__dict__.pop("_se_training_read", False)
@@ -245,7 +246,7 @@ def propagate_shapes(module: nn.Module, graph: fx.Graph, call: Call, check_outpu
         try:
             out = _ShapeProp(gm).propagate(*flat)
         except Exception as exc:  # the graph failed on real inputs: it does not describe this module
-            first = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            first = first_line(exc)
             raise TraceFailure(f"the traced graph fails on the recorded input ({first[:240]})") from None
     if check_output and not same_outputs(out, call.output):
         raise TraceFailure("the traced graph does not reproduce the module's output "

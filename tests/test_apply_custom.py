@@ -156,8 +156,19 @@ def test_bad_options_name_the_option(kwargs, match):
 
 
 def test_config_object_and_keywords_do_not_mix():
+    net = Net([AddSpelling(16, "plus")])
     with pytest.raises(ValueError, match="either in config or as keywords"):
-        se_retrofit.apply(Net([AddSpelling(16, "plus")]), se_retrofit.SEConfig(), reduction=8)
+        se_retrofit.apply(net, se_retrofit.SEConfig(), reduction=8)
+    # a keyword equal to its default still conflicts with a config that says otherwise
+    for call in (se_retrofit.apply, se_retrofit.find_sites):
+        with pytest.raises(ValueError, match=r"not both \(got config and \['reduction'\]\)"):
+            call(net, se_retrofit.SEConfig(reduction=8), reduction=16)
+        with pytest.raises(ValueError, match="init"):
+            call(net, config=se_retrofit.SEConfig(init="paper"), init="identity")
+    unset = se_retrofit.apply(net, se_retrofit.SEConfig(reduction=8), include=None, exclude=None)
+    assert se_retrofit.get_config(unset).reduction == 8, "None for include/exclude is 'not given'"
+    with pytest.raises(TypeError, match="config must be an SEConfig.*SEConfig.from_dict"):
+        se_retrofit.apply(net, {"reduction": 8})
 
 
 def test_reduction_and_floor_set_the_hidden_width():

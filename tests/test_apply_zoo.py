@@ -104,17 +104,20 @@ def test_backward_reaches_se_and_backbone(case):
 
 
 def test_train_mode_matches_original(case):
-    """BatchNorm must use batch statistics in train mode and update its buffers, as in the original."""
+    """BatchNorm must use batch statistics in train mode and update its buffers, as in the original.
+
+    SE draws no random numbers, so with the same seed dropout and stochastic depth drop the same
+    units in both models and the outputs must still agree.
+    """
     spec, _, model, se_model, x = case
-    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()) or \
-            any(type(m).__name__ in ("DropPath", "StochasticDepth") and getattr(m, "p", getattr(m, "drop_prob", 0))
-                for m in model.modules()):
-        pytest.skip("stochastic layers make train-mode outputs differ run to run")
     import copy
 
     m1, m2 = copy.deepcopy(model).train(), copy.deepcopy(se_model).train()
     with torch.no_grad():
-        a, b = m1(x), m2(x)
+        torch.manual_seed(0)
+        a = m1(x)
+        torch.manual_seed(0)
+        b = m2(x)
     assert torch.allclose(a, b, atol=1e-5), f"{spec}: train-mode outputs differ by {(a - b).abs().max()}"
     bn_before = [t for k, t in model.state_dict().items() if k.endswith("running_mean")]
     bn_after = [t for k, t in m2.state_dict().items() if k.endswith("running_mean") and ".se" not in k]

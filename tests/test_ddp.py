@@ -120,15 +120,9 @@ def _driver(tmp_path: Path) -> Path:
     """A script that runs the CLI, for torchrun to start (torchrun takes a script, not a console entry point)."""
     driver = tmp_path / "driver.py"
     driver.write_text(
-        "import argparse, sys\n"
+        "import sys\n"
         "from se_retrofit import cli\n"
-        "from se_retrofit.commands import convert_and_finetune\n"
-        "if 'convert_and_finetune' in cli.COMMANDS:\n"
-        "    sys.exit(cli.main(sys.argv[1:]))\n"
-        "parser = argparse.ArgumentParser(prog='se-retrofit')\n"
-        "convert_and_finetune.register(parser.add_subparsers(dest='command'))\n"
-        "args = parser.parse_args(sys.argv[1:])\n"
-        "sys.exit(args.func(args))\n")
+        "sys.exit(cli.main(sys.argv[1:]))\n")
     return driver
 
 

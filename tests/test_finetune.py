@@ -6,10 +6,8 @@ timm ResNet zeroes each branch's last BN, which would make every SE block see ze
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from se_retrofit.commands import convert_and_finetune
 from se_retrofit.finetune import finetune
 from se_retrofit.models import create_model
 from se_retrofit.se_block import se_blocks
@@ -80,19 +77,10 @@ def write_image_folder(root: Path, classes: int = 3, train_per_class: int = 8, v
 
 
 def run_cli(argv: list[str]) -> int:
-    """``se-retrofit ARGV`` in-process, through cli.main once the command is registered there."""
+    """``se-retrofit ARGV`` in-process, errors handled as the installed command handles them."""
     from se_retrofit import cli
 
-    if "convert_and_finetune" in cli.COMMANDS:
-        return cli.main(argv)
-    parser = argparse.ArgumentParser(prog="se-retrofit")
-    convert_and_finetune.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as exc:
-        print(f"se-retrofit {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return cli.main(argv)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 # SE_TEST_INTERRUPT, blocks before the next checkpoint write (so the test's SIGKILL lands after at least
 # one step of lost work, never after a later checkpoint) or sends itself SIGINT (Ctrl-C).
 DRIVER = textwrap.dedent('''
-    import argparse, os, signal, sys, time
+    import os, signal, sys, time
     import torch
     torch.set_num_threads(1)
     import se_retrofit.checkpoint as ckpt
@@ -60,13 +60,7 @@ DRIVER = textwrap.dedent('''
     ckpt.atomic_save = atomic_save
 
     from se_retrofit import cli
-    from se_retrofit.commands import convert_and_finetune
-    if "convert_and_finetune" in cli.COMMANDS:
-        sys.exit(cli.main(sys.argv[1:]))
-    parser = argparse.ArgumentParser(prog="se-retrofit")
-    convert_and_finetune.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(sys.argv[1:])
-    sys.exit(args.func(args))
+    sys.exit(cli.main(sys.argv[1:]))
 ''')
 
 

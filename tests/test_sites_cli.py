@@ -21,6 +21,18 @@ def test_input_size_sets_height_and_width_and_keeps_a_video_models_frames(capsys
     assert "example input Tensor(2, 3, 8, 16, 16)" in out, f"--input-size should size height and width only:\n{out}"
 
 
+def test_input_size_takes_the_syntax_of_report(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["sites", "resnet10t", "--input-size", "48x32"]) == 0
+    assert "example input Tensor(2, 3, 48, 32)" in capsys.readouterr().out, "HxW should set height, then width"
+    assert cli.main(["sites", "resnet10t", "--input-size", "1x3x40x40"]) == 0
+    assert "example input Tensor(1, 3, 40, 40)" in capsys.readouterr().out, "a full shape is taken as given"
+    assert cli.main(["sites", "torchvision:r3d_18", "--input-size", "24x16"]) == 0
+    assert "example input Tensor(2, 3, 8, 24, 16)" in capsys.readouterr().out, "a video keeps its frames"
+    with pytest.raises(SystemExit):
+        cli.main(["sites", "resnet10t", "--input-size", "0"])
+    assert "positive integers" in capsys.readouterr().err
+
+
 def test_an_input_the_model_refuses_gets_a_command_line_hint(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["sites", "vit_tiny_patch16_224", "--input-size", "64"]) == 2
     err = capsys.readouterr().err

@@ -441,3 +441,13 @@ def test_se_blocks_are_used_by_forward_features():
     with torch.no_grad():
         d = max_diff(model.forward_features(x), se_model.eval().forward_features(x))
     assert d > 1e-3, f"resnet18: forward_features ignores the SE blocks (changed by only {d:.3g} with init='paper')"
+
+
+def test_a_traced_root_is_named_as_every_other_model_itself():
+    """``Skipped.block`` is '' for the model itself (its docstring; the JSON of ``se-retrofit sites``)."""
+    import torch.fx as fx
+
+    plan = se_retrofit.find_sites(fx.symbolic_trace(timm.create_model("resnet10t", pretrained=False)))
+    roots = [s for s in plan.skipped if "GraphModule" in s.reason]
+    assert [s.block for s in roots] == [""], f"the traced root should be skipped once, as '': {roots}"
+    assert "<root>" in str(plan), "the printed plan still shows the root as <root>"

@@ -9,13 +9,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from typing import Any
 
 from ..config import INITS, POSITIONS, SEConfig
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SEConfig)}
-_OPTION_NAMES = ("reduction", "init", "position", "include", "exclude", "min_hidden", "divisor", "fuse_add",
-                 "early_squeeze")
+_OPTION_NAMES = tuple(_DEFAULTS)
+
+INTERRUPTED_EXIT = 130  # the shell's code for "stopped by SIGINT"
+
+
+def parse_input_size(text: str) -> int | tuple[int, ...]:
+    """``224``, ``224x192`` (height x width) or a full shape ``1x3x224x224``: one syntax for every command."""
+    parts = [p for p in re.split(r"[x,\s]+", text.strip().lower()) if p]
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(
+            f"input size must be S, HxW or a full shape like 1x3x224x224 of positive integers, got {text!r}")
+    return dims[0] if len(dims) == 1 else dims
 
 
 def _number(text: str) -> int | float:

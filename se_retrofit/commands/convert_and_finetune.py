@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..training.options import AMP_DTYPES, OPTIMIZERS, TRAIN_MODES, TrainOptions, parse_checkpoint_every
-
-INTERRUPTED_EXIT = 130  # the shell's code for "stopped by SIGINT"
+from ._options import INTERRUPTED_EXIT, add_conversion_options, conversion_kwargs
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -39,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     model.add_argument("--checkpoint-ema", action=argparse.BooleanOptionalAction, default=None,
                        help="from a training checkpoint holding raw and EMA weights (timm's train.py with "
                             "--model-ema), load the EMA ones (default: the raw ones, with a warning)")
-    _add_conversion_options(parser)
+    add_conversion_options(parser)
 
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=10, metavar="N", help="default 10")
@@ -98,12 +97,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
-def _add_conversion_options(parser: argparse.ArgumentParser) -> None:
-    from ._options import add_conversion_options
-
-    add_conversion_options(parser)
-
-
 def training_options(args: argparse.Namespace) -> TrainOptions:
     steps, seconds = parse_checkpoint_every(args.checkpoint_every)
     return TrainOptions(
@@ -123,7 +116,6 @@ def run(args: argparse.Namespace) -> int:
     from ..training import distributed, outputs
     from ..training.devices import amp_dtype, resolve_device
     from ..training.loop import seed_everything
-    from ._options import conversion_kwargs
 
     opts = training_options(args)
     se_config = SEConfig(**conversion_kwargs(args))

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-INTERRUPTED_EXIT = 130  # the shell's code for "stopped by SIGINT", as convert-and-finetune returns
+from ._options import INTERRUPTED_EXIT
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -6,24 +6,10 @@ the retrofit with the given conversion options and prints `se_retrofit.report.re
 from __future__ import annotations
 
 import argparse
-import re
 
-from ._options import add_conversion_options, conversion_kwargs
+from ._options import add_conversion_options, conversion_kwargs, parse_input_size
 
 FORMATS = ("table", "markdown", "json")
-
-
-def parse_input_size(text: str) -> int | tuple[int, ...]:
-    """``224``, ``224x192`` (height x width) or a full shape ``1x3x224x224``, as `report` takes it."""
-    parts = [p for p in re.split(r"[x,\s]+", text.strip().lower()) if p]
-    try:
-        dims = tuple(int(p) for p in parts)
-    except ValueError:
-        dims = ()
-    if not dims or any(d <= 0 for d in dims):
-        raise argparse.ArgumentTypeError(
-            f"input size must be S, HxW or a full shape like 1x3x224x224 of positive integers, got {text!r}")
-    return dims[0] if len(dims) == 1 else dims
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

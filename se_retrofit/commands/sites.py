@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
-from ._options import add_conversion_options, conversion_kwargs
+from ._options import add_conversion_options, conversion_kwargs, parse_input_size
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,30 +14,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "list the residual sites SE would be inserted at, and the additions "
                                           "left alone with the reason for each.")
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--input-size", type=int, default=None, metavar="PX",
-                   help="height and width of the example input (default: found automatically); a video "
-                        "model keeps its automatic number of frames")
+    p.add_argument("--input-size", type=parse_input_size, default=None, metavar="SIZE",
+                   help="S (height and width), HxW, or a full input shape such as 1x3x224x224 (default: found "
+                        "automatically); with S or HxW a video model keeps its automatic number of frames")
     p.add_argument("--format", choices=("table", "json"), default="table")
     add_conversion_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..api import find_sites
-    from ..capture import NoExampleInput, candidate_inputs
+    from ..capture import NoExampleInput
     from ..config import SEConfig
     from ..models import create_model
 
     model = create_model(args.model, pretrained=False)
     example = None
     if args.input_size is not None:
-        if args.input_size < 1:
-            raise ValueError(f"--input-size must be a positive number of pixels, got {args.input_size}")
-        (x,), _ = candidate_inputs(model)[0]
-        resized = min(2, x.dim() - 2)  # height and width; frames and 1-D lengths past them stay automatic
-        example = torch.rand(*x.shape[:x.dim() - resized], *([args.input_size] * resized))
+        example = _example_input(model, args.input_size)
     try:
         plan = find_sites(model, SEConfig(**conversion_kwargs(args)), example_input=example)
     except NoExampleInput as exc:
@@ -45,3 +40,18 @@ def run(args: argparse.Namespace) -> int:
         raise exc.with_hint(hint) from None
     print(json.dumps(plan.to_dict(), indent=1) if args.format == "json" else plan)
     return 0
+
+
+def _example_input(model: Any, size: int | tuple[int, ...]) -> Any:
+    """A full shape is taken as given; S or HxW replace the trailing spatial sizes of the input found for
+    the model, so its channels and a video model's frames stay as they must be."""
+    import torch
+
+    from ..capture import candidate_inputs
+
+    if isinstance(size, tuple) and len(size) > 2:
+        return torch.rand(*size)
+    spatial = (size, size) if isinstance(size, int) else size
+    (x,), _ = candidate_inputs(model)[0]
+    resized = min(len(spatial), x.dim() - 2)  # frames and 1-D lengths past height and width stay automatic
+    return torch.rand(*x.shape[:x.dim() - resized], *spatial[len(spatial) - resized:])

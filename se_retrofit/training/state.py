@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from .. import checkpoint as ckpt
+from ..messages import first_line
 
 FORMAT = "se_retrofit.train_state/1"
 
@@ -66,7 +67,7 @@ def load(path: Path) -> dict[str, Any]:
     try:
         state = ckpt.load_checkpoint(path)
     except (ValueError, RuntimeError, EOFError) as exc:  # what torch.load raises for a torn or foreign file
-        raise ValueError(f"cannot resume: {path} is damaged ({str(exc).splitlines()[0]}). The run's other files "
+        raise ValueError(f"cannot resume: {path} is damaged ({first_line(exc)}). The run's other files "
                          "are untouched; put back a good copy of it, or start a new run in another --out") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__

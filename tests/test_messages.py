@@ -1,0 +1,49 @@
+"""Shared message pieces: one-line failures and shortened lists, including the odd exceptions."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+from torch import nn
+
+import se_retrofit
+from se_retrofit.messages import few, first_line
+
+
+@pytest.mark.parametrize("exc, expected", [
+    (RuntimeError(), "RuntimeError"),
+    (ValueError("bad\nmore detail"), "ValueError: bad"),
+    (OSError("\n  indented first line\nsecond"), "OSError: indented first line"),
+    (TypeError("   \n"), "TypeError"),
+])
+def test_first_line_survives_odd_messages(exc, expected):
+    assert first_line(exc) == expected, f"first_line({exc!r}) = {first_line(exc)!r}"
+
+
+def test_first_line_is_cut_to_the_limit_with_a_mark():
+    text = first_line(ValueError("x" * 500), 40)
+    assert len(text) == 40 and text.endswith("..."), f"{len(text)} characters: {text!r}"
+
+
+def test_few_counts_what_it_leaves_out():
+    assert few(["a", "b"]) == "a, b"
+    assert few([str(i) for i in range(9)], 3) == "0, 1, 2, ... (9 in all)"
+
+
+class _Uncopyable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def __deepcopy__(self, memo: dict) -> nn.Module:
+        raise RuntimeError()
+
+    def forward(self, x):
+        return self.conv(x) + self.conv(x)
+
+
+def test_a_copy_failing_without_a_message_still_gives_the_hint():
+    with pytest.raises(ValueError, match=r"cannot copy _Uncopyable to work on \(RuntimeError\).*inplace=True"):
+        se_retrofit.apply(_Uncopyable())
+    with pytest.raises(RuntimeError):
+        copy.deepcopy(_Uncopyable())
