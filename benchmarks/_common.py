@@ -26,12 +26,42 @@ def machine() -> dict:
     except OSError:
         pass
     info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+            "torch": torch.__version__, "timm": _version("timm"), "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "host": platform.node(), **code_version()}
     allocator = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
     if allocator:  # glibc malloc tuning or a preloaded allocator changes CPU timings a lot
         info["allocator_env"] = allocator
     return info
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def code_version() -> dict:
+    """Which code measured: the commit, and whether the tree had uncommitted changes.
+
+    Tables from different code states sit side by side in the docs; without this only prose could say
+    which is which. A copy without ``.git`` (the GPU machine gets the working tree) takes the commit
+    from ``SE_RETROFIT_COMMIT`` (``SE_RETROFIT_COMMIT=$(git rev-parse HEAD)`` where the copy was made).
+    """
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                    capture_output=True, text=True, timeout=10, check=True).stdout.strip())
+        return {"commit": commit, "uncommitted_changes": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": os.environ.get("SE_RETROFIT_COMMIT"), "uncommitted_changes": None}
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,

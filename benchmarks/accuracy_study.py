@@ -481,7 +481,11 @@ def main() -> int:
                         "Markdown from the JSON of an earlier run (in --out, else benchmarks/results)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for the JSON, PNG and Markdown (default: benchmarks/results + docs/generated)")
+    parser.add_argument("--check", action="store_true", help="with --render-only: write nothing, exit 1 when the "
+                        "Markdown differs from what the JSON gives (the PNG is not compared: renderers differ)")
     args = parser.parse_args()
+    if args.check and not args.render_only:
+        parser.error("--check compares the rendered Markdown: use it with --render-only")
     if args.quick:
         args.seeds, args.epochs, args.base_epochs = 1, 2, 2
         args.out = args.out or Path(tempfile.mkdtemp(prefix=f"{NAME}_quick_"))
@@ -495,6 +499,13 @@ def main() -> int:
             parser.error(f"--render-only: no {json_path}; run the study first (or point --out at its folder)")
         result = json.loads(json_path.read_text(encoding="utf-8"))
         result["summary"] = summarise(result["seeds"])
+        if args.check:
+            page = docs / f"{NAME}.md"
+            if not page.is_file() or page.read_text(encoding="utf-8") != markdown(result):
+                print(f"{page} is stale: regenerate it with `make docs-gen`", file=sys.stderr)
+                return 1
+            print(f"{page} is up to date")
+            return 0
         print_table(result)
         write_outputs(result, json_path, docs)
         return 0

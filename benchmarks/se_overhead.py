@@ -47,9 +47,8 @@ def op_times_by_round(models: dict[str, torch.nn.Module], x: torch.Tensor, round
 
     The models take turns, one profiled forward each per round in a new (seeded) order, each after an
     untimed one (as ``latency.py --settle 1``): a slow spell of the machine then hits the base model
-    and the SE models of the same round alike, and the per-round ratios cancel it. Profiling the
-    models one after the other, ten forwards each, gave 1.0 % in one run and 2.4 % in the next for
-    the same code on this shared 2-core machine.
+    and the SE models of the same round alike, and the per-round ratios cancel it; profiled one after
+    the other, a slow spell of this shared 2-core machine hits one model and not the others.
     """
     rng = random.Random(0)
     times: dict[str, list[dict[str, float]]] = {name: [] for name in models}
@@ -78,8 +77,8 @@ def page_faults(base: str, variant: str, x_shape: tuple[int, ...], threads: int)
     forward, one fault per 4 KiB page, charged to whichever op first writes the page (usually a
     convolution): an SE block that keeps a tensor alive longer, or allocates one more, shows here rather
     than in its own ops. The count depends on the process's allocation history, so each model gets a
-    process of its own and the fourth forward is counted; even so it moves by 10-20 % between identical
-    runs, so read it as the order of magnitude of this cost, not as a difference between the models.
+    process of its own and the fourth forward is counted; even so it changes between identical runs,
+    so read it as the order of magnitude of this cost, not as a difference between the models.
     """
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import se_overhead; "
             f"print(se_overhead._faults_here({base!r}, {variant!r}, {tuple(x_shape)!r}, {threads}))")

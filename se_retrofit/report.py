@@ -2,9 +2,9 @@
 
 The paper answers "what does SE cost?" for ResNet-50 with +~10% parameters and +0.26% GFLOPs; this
 module answers the same question, measured, for any pair (original, retrofitted) of models. For
-ResNet-50 at 224 px it finds the paper's parameters exactly (+2,530,992) and +0.33% MACs: the
-excitation's convolutions alone are +0.06%, and the rest is the squeeze, gate and rescale, one per
-element (see below), which the paper's figure does not break down.
+ResNet-50 at 224 px it finds the parameters of timm's ``seresnet50`` exactly (+2,530,992, the paper's
+~2.5M) and +0.33% MACs: the excitation's convolutions alone are +0.06%, and the rest is the squeeze,
+gate and rescale, one per element (see below), which the paper's figure does not break down.
 
 Counts come from fvcore (``FlopCountAnalysis``, ``parameter_count``) so that they agree with the
 numbers people already quote for these models. fvcore counts one fused multiply-add as one "flop";
@@ -85,6 +85,8 @@ class Report:
         blocks: one `BlockCost` per SE block of the SE model, in module order.
         unsupported_ops: ops of the SE model that fvcore could not cost, with how often they ran;
             neither MAC total includes them, so a large entry here means the totals undercount.
+        unsupported_ops_before: the same for the original model (its residual adds, for one, where
+            the SE model's blocks took them over).
         uncalled_blocks: SE blocks that never ran through their own ``__call__`` during the count;
             their MACs read 0 and their convolutions, if run, are attributed to the caller.
         name: what was measured, for the table's title.
@@ -100,6 +102,7 @@ class Report:
     unsupported_ops: dict[str, int] = field(default_factory=dict)
     uncalled_blocks: list[str] = field(default_factory=list)
     name: str | None = None
+    unsupported_ops_before: dict[str, int] = field(default_factory=dict)
 
     @property
     def params_delta(self) -> int:
@@ -181,9 +184,12 @@ class Report:
         parts = [f"## {title}" if markdown else title, "", totals, "", self.trainable_summary(), ""]
         parts += [blocks] if self.blocks else ["No SE blocks in the SE model."]
         notes = [MACS_UNIT + "; inside SE blocks the squeeze, gate and rescale count one per element."]
-        if self.unsupported_ops:
-            ops = ", ".join(f"{op} x{n}" for op, n in sorted(self.unsupported_ops.items()))
-            notes.append(f"fvcore could not cost these ops of the SE model, so no total includes them: {ops}.")
+        for which, counted in (("original", self.unsupported_ops_before), ("SE model", self.unsupported_ops)):
+            if counted:
+                ops = ", ".join(f"{op} x{n}" for op, n in sorted(counted.items()))
+                notes.append(f"fvcore could not cost these ops of the {which}, so its total leaves them out: {ops}.")
+        notes.append("fvcore also counts nothing, by design, for ReLU, clamp and data movement (view, cat, "
+                     "copy...), in both models.")
         if self.uncalled_blocks:
             notes.append(f"SE blocks never called during the count (MACs 0): {', '.join(self.uncalled_blocks)}.")
         bullet = "- " if markdown else ""
@@ -217,7 +223,7 @@ def report(original: nn.Module, se_model: nn.Module, input_size: int | Sequence[
     (``SEConfig.early_squeeze``), an eval-mode shortcut to the same gate, is not taken while fvcore
     traces. A block that does the residual add (``SEConfig.fuse_add``) is costed for its rescale
     alone, like the add it replaces, which fvcore does not count; so the SE model's residual adds do
-    not appear in ``unsupported_ops`` either.
+    not appear in ``unsupported_ops``, while the original's are in ``unsupported_ops_before``.
 
     Raises:
         TypeError: a model is not an ``nn.Module``.
@@ -256,6 +262,7 @@ def report(original: nn.Module, se_model: nn.Module, input_size: int | Sequence[
         trainable_params=trainable,
         blocks=rows,
         unsupported_ops=dict(sorted(after.unsupported.items())),
+        unsupported_ops_before=dict(sorted(before.unsupported.items())),
         uncalled_blocks=[n for n, _ in blocks if after.canonical(n) in after.uncalled],
         name=name,
     )

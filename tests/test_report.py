@@ -355,6 +355,7 @@ def test_formats_label_macs_and_round_trip():
         assert f"{rep.macs_after:,}" in rendered and "se" in rendered
         assert "aten::sigmoid x1" in rendered, "uncosted ops must be listed"
     assert "| SE block" in markdown and "|:" in markdown
+    assert "by design, for ReLU" in text, "the ops fvcore ignores without saying so must be named"
     data = json.loads(rep.to_json())
     for key in ("params_before", "params_after", "macs_before", "macs_after", "trainable_params", "unsupported_ops"):
         assert data[key] == getattr(rep, key), f"JSON {key} differs from the report"
@@ -430,3 +431,14 @@ def test_cli_main_dispatches_report(capsys):
     assert "| SE block" in capsys.readouterr().out
     assert cli.main(["report", "resnet10t", "--input-size", "1x5x32x32"]) == 2
     assert "1x5x32x32" in capsys.readouterr().err
+
+
+def test_ops_the_original_leaves_uncosted_are_listed_too():
+    """A residual ``add`` fvcore cannot cost is in the original's total as little as in the SE model's."""
+    original = timm.create_model("resnet10t", pretrained=False).eval()
+    rep = report(original, se_retrofit.apply(original), input_size=32)
+    assert rep.unsupported_ops_before.get("aten::add_", 0) >= 4, \
+        f"the original's residual adds should be listed as uncosted: {rep.unsupported_ops_before}"
+    assert "aten::add_" not in rep.unsupported_ops, f"fused blocks cost their add: {rep.unsupported_ops}"
+    assert "ops of the original" in str(rep) and "aten::add_ x" in str(rep), str(rep)
+    assert json.loads(rep.to_json())["unsupported_ops_before"] == rep.unsupported_ops_before

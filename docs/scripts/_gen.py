@@ -28,7 +28,7 @@ def fence(code: str, lang: str = "python", title: str | None = None) -> str:
 def write(path: Path, text: str) -> int:
     """Write ``text`` to ``path``; with ``--check`` on the command line only compare. Returns an exit code."""
     text = text.rstrip() + "\n"
-    rel = path.relative_to(REPO)
+    rel = path.relative_to(REPO) if path.resolve().is_relative_to(REPO) else path
     if "--check" in sys.argv[1:]:
         current = path.read_text(encoding="utf-8") if path.exists() else None
         if current != text:

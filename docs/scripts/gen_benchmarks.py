@@ -36,7 +36,10 @@ def machine_line(data: dict[str, Any]) -> str:
         parts.append(f"{m['torch_threads']} torch threads")
     if m.get("cuda"):
         parts.append(f"GPU {m['cuda']}")
-    parts.append(f"torch {m.get('torch', '?')}, Python {m.get('python', '?')}")
+    parts.append(f"torch {m.get('torch', '?')}" + (f", timm {m['timm']}" if m.get("timm") else "")
+                 + f", Python {m.get('python', '?')}")
+    if m.get("commit"):
+        parts.append(f"code at commit `{m['commit'][:7]}`" + (" with uncommitted changes" if m.get("uncommitted_changes") else ""))
     if m.get("allocator_env"):
         parts.append("allocator settings " + " ".join(f"`{k}={v}`" for k, v in sorted(m["allocator_env"].items())))
     return "Measured on: " + ", ".join(parts) + "."
@@ -186,7 +189,7 @@ def se_overhead(data: dict[str, Any]) -> str:
     fault_note = (f" *page faults*: minor page faults per forward (the base model: "
                   f"{data['base_page_faults_per_forward']:,.0f}); fresh pages cost time that the profiler charges "
                   "to whichever op first writes them, usually a convolution, so they are not in *SE ops*; the count "
-                  "moves by 10-20 % between identical runs (see the page-fault section above)."
+                  "changes between identical runs (see the page-fault section above)."
                   if faults else "")
     headers = ["model", "op time (ms)", "SE ops (ms)", "SE / base"] + (["page faults"] if faults else [])
     return "\n".join([
