@@ -84,7 +84,13 @@ def is_path_drop(module: nn.Module) -> bool:
 
 
 def is_layer_scale(module: nn.Module) -> bool:
-    return bool(_class_names(module) & _LAYER_SCALE_NAMES)
+    names = _class_names(module)
+    if names & _LAYER_SCALE_NAMES:
+        return True
+    # timm's MetaFormer (PoolFormer) calls its layer scale plain `Scale`: too common a name to trust
+    # alone, so it must also look like one, a leaf holding a single per-channel vector
+    return "Scale" in names and not any(True for _ in module.children()) \
+        and [p.dim() for p in module.parameters()] == [1] and not any(True for _ in module.buffers())
 
 
 def is_activation(module: nn.Module) -> bool:
