@@ -118,6 +118,8 @@ class SitePlan:
         for s in self.skipped:
             where = f"{s.block or '<root>'}" + (f" [{s.add}]" if s.add else "")
             lines.append(f"  - {where:<40} {s.reason}")
+        if not self.sites and not self.skipped:
+            lines.append(f"  {_NO_ADDITIONS}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,6 +148,8 @@ def _is_candidate(module: nn.Module) -> bool:
     return next(module.children(), None) is not None
 
 
+_NO_ADDITIONS = ("no tensor addition in any traced module, so no residual branch to put SE on (networks that "
+                 "only concatenate, such as DenseNet or VoVNet, have none)")
 _GRAPH_MODULE_REASON = ("module skipped: an fx GraphModule regenerates its forward from its graph (recompile, "
                         "and the train/eval switch of torchvision's feature extractors), which would drop inserted "
                         "SE blocks; retrofit the model before tracing it with fx")
@@ -174,6 +178,10 @@ def _check_model(model: Any) -> None:
     """User errors that would otherwise surface deep inside the analysis."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ValueError(f"model is a TorchScript module ({type(model).__name__}): its forward is compiled code that "
+                         "se_retrofit cannot trace or rewrite. Pass the eager model it was scripted from, and script "
+                         "or export the model apply returns if you need to.")
     if unwrapped(model) is not model:
         inner = "_orig_mod" if type(model).__name__ == "OptimizedModule" else "module"
         raise ValueError(f"model is wrapped ({type(model).__name__}): compiled code would run where se_retrofit "
@@ -428,7 +436,7 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     setattr(target, CONFIG_ATTR, config)
     target._se_retrofit_plan = plan
     if not done:
-        reasons = "; ".join(f"{r} ({n}x)" for r, n in plan.reasons().most_common(4)) or "it has no additions"
+        reasons = "; ".join(f"{r} ({n}x)" for r, n in plan.reasons().most_common(4)) or _NO_ADDITIONS
         warnings.warn(f"se_retrofit.apply: no SE block inserted into {type(model).__name__}: {reasons}. "
                       "The model is returned unchanged.", SERetrofitWarning, stacklevel=2)
     logger.info("se_retrofit: %d SE block(s) inserted into %s, %d addition(s) left alone",

@@ -374,12 +374,19 @@ def _attention_rejection(g: _Graph, add: fx.Node, exclusive: list[set[fx.Node]],
     return Rejection(add.name, f"already has channel attention: {attention}") if attention else None
 
 
+def _through_identities(g: _Graph, node: fx.Node) -> fx.Node:
+    """What a chain of ``nn.Identity`` calls passes on (timm's ``self.shortcut = nn.Identity()``)."""
+    while node.op == "call_module" and isinstance(g.module(node), nn.Identity) and g.tensor_input(node) is not None:
+        node = g.tensor_input(node)
+    return node
+
+
 def _residual(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list[set[fx.Node]],
               identity: list[bool], b: int, group: list[fx.Node], position: str) -> Placement | Rejection:
     branch = terms[b]
     others = [i for i in range(len(terms)) if i != b]
     shortcut = "projection"
-    if len(others) == 1 and identity[others[0]]:
+    if len(others) == 1 and (identity[others[0]] or _through_identities(g, terms[others[0]]) in g.ancestors[branch]):
         shortcut = "identity"
     elif len(others) == 1 and terms[others[0]].op == "placeholder":
         shortcut = "argument"

@@ -77,11 +77,22 @@ def test_non_residual_additions_are_left_alone_with_reasons():
 
 def test_model_without_additions_comes_back_unchanged_with_a_warning():
     model = PlainNet()
-    with pytest.warns(SERetrofitWarning, match="no additions"):
+    with pytest.warns(SERetrofitWarning, match="no tensor addition in any traced module"):
         se_model = se_retrofit.apply(model)
     assert se_model is not model
     assert_original_state_kept(model, se_model)
     assert set(se_model.state_dict()) == set(model.state_dict())
+    printed = str(se_retrofit.find_sites(model))
+    assert "0 SE site(s), 0 skipped" in printed and "no tensor addition" in printed, \
+        f"the dry run should say why nothing would change:\n{printed}"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_a_scripted_model_is_refused_with_the_eager_one_asked_for():
+    scripted = torch.jit.script(Net([AddSpelling(16, "plus")]))
+    for call in (se_retrofit.apply, se_retrofit.find_sites):
+        with pytest.raises(ValueError, match="TorchScript.*Pass the eager model"):
+            call(scripted)
 
 
 def test_multi_branch_sum_gets_one_se_after_the_sum():

@@ -61,3 +61,14 @@ def test_a_module_called_scale_must_look_like_a_layer_scale():
     with_child = Scale((16,))
     with_child.inner = nn.Conv2d(16, 16, 1)
     assert not catalog.is_layer_scale(with_child), "a Scale with submodules is no layer scale"
+
+
+@pytest.mark.parametrize("name, expected", [("convnext_atto", {"identity": 12}),
+                                            ("resnet33ts", {"identity": 6, "projection": 4})])
+def test_an_identity_module_on_the_shortcut_is_an_identity_shortcut(name, expected):
+    """timm writes ``self.shortcut = nn.Identity()``; only a real projection (conv + norm) is one."""
+    from collections import Counter
+
+    plan = se_retrofit.find_sites(timm.create_model(name, pretrained=False))
+    found = dict(Counter(s.shortcut for s in plan.sites))
+    assert found == expected, f"{name}: shortcut labels {found}, expected {expected}"
