@@ -438,7 +438,7 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     if not done:
         reasons = "; ".join(f"{r} ({n}x)" for r, n in plan.reasons().most_common(4)) or _NO_ADDITIONS
         warnings.warn(f"se_retrofit.apply: no SE block inserted into {type(model).__name__}: {reasons}. "
-                      "The model is returned unchanged.", SERetrofitWarning, stacklevel=2)
+                      "The model is returned unchanged.", SERetrofitWarning, stacklevel=3)  # past the keyword check wrapping apply
     logger.info("se_retrofit: %d SE block(s) inserted into %s, %d addition(s) left alone",
                 len(done), type(model).__name__, len(plan.skipped))
     return target

@@ -120,10 +120,32 @@ def retrofitted_class(base: type, text: str, specs: dict[str, Any], local_global
     for name in ("forward", "_se_forward_train", "_se_forward_eval"):
         if name in ns:
             attrs[name] = ns[name]
+    for name in DEPLOY_METHODS:
+        if callable(getattr(base, name, None)):
+            attrs[name] = _refuse_deploy(base, name)
     cls = type(f"SE{base.__name__}", (base,), attrs)
     if not local_globals:
         _CLASS_CACHE[key] = cls
     return cls
+
+
+# The methods timm's ``reparameterize_model`` (and RepVGG-style code generally) calls to fuse a block's
+# training-time branches into one convolution.
+DEPLOY_METHODS = ("reparameterize", "switch_to_deploy", "fuse")
+
+
+def _refuse_deploy(base: type, name: str) -> Any:
+    """A stand-in for ``base.<name>``: fusing would delete (``reparameterize``) or drop (``fuse``, which
+    returns a plain module) what the generated forward calls, so say so instead of failing later or
+    returning a block without its SE."""
+    def refuse(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            f"{base.__qualname__}.{name}() cannot run on a block se_retrofit rewrote: the generated forward "
+            "calls the training-time branches (and the SE block) that it would fuse away. Re-parameterise the "
+            "model before se_retrofit.apply (a fused block has no residual sum left and gets no SE), or keep "
+            "this block unfused; for training, the retrofitted model is the right form.")
+    refuse.__name__ = refuse.__qualname__ = name
+    return refuse
 
 
 def _reduce_ex(self: Any, protocol: int) -> tuple:

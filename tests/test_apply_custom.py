@@ -77,8 +77,9 @@ def test_non_residual_additions_are_left_alone_with_reasons():
 
 def test_model_without_additions_comes_back_unchanged_with_a_warning():
     model = PlainNet()
-    with pytest.warns(SERetrofitWarning, match="no tensor addition in any traced module"):
+    with pytest.warns(SERetrofitWarning, match="no tensor addition in any traced module") as caught:
         se_model = se_retrofit.apply(model)
+    assert caught[0].filename == __file__, f"the warning should point at the caller, not at {caught[0].filename}"
     assert se_model is not model
     assert_original_state_kept(model, se_model)
     assert set(se_model.state_dict()) == set(model.state_dict())

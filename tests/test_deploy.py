@@ -295,3 +295,25 @@ def test_saved_model_and_exported_program_load_in_a_fresh_process(spec, tmp_path
     assert result["pt2_imported"] == [], f"loading the .pt2 imported {result['pt2_imported']}"
     assert result["blocks"] == len(se_retrofit.se_blocks(se_model)), result
     assert result["config"] == se_retrofit.get_config(se_model).to_dict(), result
+
+
+@pytest.mark.parametrize("name, method", [("repvgg_a0", "reparameterize"), ("repvit_m0_9", "fuse")])
+def test_deploy_time_fusion_of_a_rewritten_block_is_refused_with_the_way_out(name, method):
+    """timm's ``reparameterize_model`` fuses a RepVGG-style block's branches into one convolution:
+    ``reparameterize()`` would delete what the generated forward calls, ``fuse()`` would return a
+    plain module without the SE block. Both must stop with the reason, not crash later or drop SE."""
+    from timm.utils.model import reparameterize_model
+
+    model = timm.create_model(name, pretrained=False).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", se_retrofit.SERetrofitWarning)
+        se_model = se_retrofit.apply(model)
+    with pytest.raises(RuntimeError, match=rf"\.{method}\(\) cannot run on a block se_retrofit rewrote.*before "
+                                           "se_retrofit.apply"):
+        reparameterize_model(se_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", se_retrofit.SERetrofitWarning)  # RepVGG fused has no residual left
+        fused_first = se_retrofit.apply(reparameterize_model(model))
+    with torch.no_grad():
+        assert torch.equal(fused_first(X), reparameterize_model(model)(X)), \
+            f"{name}: re-parameterised before apply, the model should keep its outputs"
