@@ -249,6 +249,13 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
                  for n in fused_calls(eval_graph, module)]
         if not tensor_adds(eval_graph):
             return None, fused
+        quantized = [n for n, child in module.named_children() if catalog.is_quantization_functional(child)]
+        if quantized:
+            return None, [Skipped(name, None, f"module skipped: its additions go through '{quantized[0]}', a "
+                                              f"{type(getattr(module, quantized[0])).__name__} for eager-mode "
+                                              "quantization, which turns them into quantized adds that an SE block "
+                                              "would bypass; retrofit the float model instead (torchvision.models.NAME, "
+                                              "not torchvision.models.quantization.NAME)")]
         propagate_shapes(module, eval_graph, call, check_output=True)
         graphs = [eval_graph]
         if reads_training:

@@ -83,6 +83,12 @@ def is_path_drop(module: nn.Module) -> bool:
         _class_names(module) & _PATH_DROP_NAMES)
 
 
+def is_quantization_functional(module: nn.Module) -> bool:
+    """torch.ao's ``FloatFunctional`` and kin: the adds of eager-mode quantizable models (torchvision's
+    ``models.quantization``), which ``convert`` swaps for quantized ops."""
+    return bool(_class_names(module) & {"FloatFunctional", "FXFloatFunctional", "QFunctional"})
+
+
 def is_layer_scale(module: nn.Module) -> bool:
     names = _class_names(module)
     if names & _LAYER_SCALE_NAMES:

@@ -451,3 +451,16 @@ def test_a_traced_root_is_named_as_every_other_model_itself():
     roots = [s for s in plan.skipped if "GraphModule" in s.reason]
     assert [s.block for s in roots] == [""], f"the traced root should be skipped once, as '': {roots}"
     assert "<root>" in str(plan), "the printed plan still shows the root as <root>"
+
+
+def test_eager_quantizable_blocks_are_left_alone_with_the_float_model_named():
+    """Their adds go through FloatFunctional, which quantization's convert swaps for quantized adds: an SE
+    block folded into the add would bypass it, and convert would break the SE block's float weights."""
+    import torchvision.models.quantization as quantizable
+
+    model = quantizable.resnet18(weights=None, quantize=False).eval()
+    with pytest.warns(se_retrofit.SERetrofitWarning, match="FloatFunctional"):
+        se_model = se_retrofit.apply(model)
+    assert not se_retrofit.se_blocks(se_model), "no SE block should go into an eager-quantizable block"
+    reasons = {s.reason for s in se_retrofit.get_plan(se_model).skipped}
+    assert any("'add_relu'" in r and "torchvision.models.NAME" in r for r in reasons), reasons
