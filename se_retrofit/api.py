@@ -21,6 +21,7 @@ from .capture import Call, capture_calls, describe, preserved_modes
 from .config import SEConfig
 from .fusion import fused_calls
 from .messages import first_line
+from .neighbours import attention_after
 from .rewrite import Undo, free_name, rewrite_block
 from .se_block import SEBlock, hidden_width
 from .sites import Placement, analyze, tensor_adds
@@ -280,6 +281,18 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
     return _BlockPlan(name, module, call, graphs, all_placements), skipped
 
 
+def _drop_sites_beside_attention(model: nn.Module, block: _BlockPlan, plan: SitePlan) -> bool:
+    """Reject the block's sites whose sum the parent hands straight to channel attention; False when none is left."""
+    beside = attention_after(model, block.name, block.module, block.graphs[0], [p.add for p in block.placements[0]])
+    if not beside:
+        return True
+    keep = [i for i, p in enumerate(block.placements[0]) if p.add not in beside]
+    plan.skipped.extend(Skipped(block.name, add, f"already has channel attention: {where} (applied by the parent "
+                                                 "to this module's output)") for add, where in beside.items())
+    block.placements = [[placed[i] for i in keep] for placed in block.placements]
+    return bool(keep)
+
+
 def _defines_init_subclass(cls: type) -> bool:
     return any("__init_subclass__" in vars(k) for k in cls.__mro__ if k not in (nn.Module, object, typing.Generic))
 
@@ -311,7 +324,7 @@ def _plan(model: nn.Module, config: SEConfig, example_input: Any) -> tuple[SiteP
                 continue
             block, skipped = _trace_block(name, module, calls[name], config.position)
             plan.skipped.extend(skipped)
-            if block is not None:
+            if block is not None and _drop_sites_beside_attention(model, block, plan):
                 blocks.append(block)
     finally:
         clear_cache()

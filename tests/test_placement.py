@@ -72,3 +72,41 @@ def test_an_identity_module_on_the_shortcut_is_an_identity_shortcut(name, expect
     plan = se_retrofit.find_sites(timm.create_model(name, pretrained=False))
     found = dict(Counter(s.shortcut for s in plan.sites))
     assert found == expected, f"{name}: shortcut labels {found}, expected {expected}"
+
+
+class _RepDw(nn.Module):
+    """RepViT's RepVggDw: a re-parameterisable sum, returned through a norm."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c))
+        self.conv1 = nn.Conv2d(c, c, 1, groups=c)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(self.conv(x) + self.conv1(x) + x)
+
+
+class _RepViTLike(nn.Module):
+    def __init__(self, c: int, attention: nn.Module) -> None:
+        super().__init__()
+        self.token_mixer = _RepDw(c)
+        self.se = attention
+        self.channel_mixer = nn.Sequential(nn.Conv2d(c, 2 * c, 1), nn.ReLU(), nn.Conv2d(2 * c, c, 1))
+
+    def forward(self, x):
+        x = self.se(self.token_mixer(x))
+        return x + self.channel_mixer(x)
+
+
+def test_attention_the_parent_applies_to_a_blocks_sum_counts_as_the_units():
+    """No second SE right before the parent's own (RepViT, RepGhostNet): nothing but a norm between them."""
+    from torchvision.ops import SqueezeExcitation
+
+    with_se = se_retrofit.find_sites(_RepViTLike(16, SqueezeExcitation(16, 8)))
+    beside = [s for s in with_se.skipped if s.block == "token_mixer"]
+    assert [s.block for s in with_se.sites] == [""], f"only the outer residual should get SE:\n{with_se}"
+    assert beside and all("already has channel attention: se (applied by the parent" in s.reason for s in beside), \
+        f"the mixer's sum should be left alone for the parent's SE:\n{with_se}"
+    without = se_retrofit.find_sites(_RepViTLike(16, nn.Identity()))
+    assert sorted(s.block for s in without.sites) == ["", "token_mixer"], f"control, no parent SE:\n{without}"
