@@ -11,6 +11,7 @@ fx can silently take the wrong branch of Python control flow.
 from __future__ import annotations
 
 import inspect
+import threading
 from typing import Any
 
 import torch
@@ -140,7 +141,14 @@ def trace_forward(module: nn.Module, concrete_args: dict[str, Any], param_names:
     return graph, read
 
 
-_CACHE: dict[int, tuple[fx.Graph, bool] | TraceFailure] = {}
+class _Traces(threading.local):
+    """Per thread, so that ``apply`` calls in two threads neither clear nor read each other's traces."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, tuple[fx.Graph, bool] | TraceFailure] = {}
+
+
+_CACHE = _Traces()
 
 
 def cached_trace(module: nn.Module) -> tuple[fx.Graph, bool]:
@@ -149,21 +157,22 @@ def cached_trace(module: nn.Module) -> tuple[fx.Graph, bool]:
     Within one ``apply`` the same module is traced as a candidate block and again when a parent's layout
     needs to see inside it; one trace serves both. ``clear_cache`` ends its life with the ``apply`` call.
     """
+    cache = _CACHE.by_id
     key = id(module)
-    if key not in _CACHE:
+    if key not in cache:
         names = [p for p in inspect.signature(type(module).forward).parameters][1:]
         try:
-            _CACHE[key] = trace_forward(module, {}, names, training=False)
+            cache[key] = trace_forward(module, {}, names, training=False)
         except TraceFailure as exc:
-            _CACHE[key] = exc
-    hit = _CACHE[key]
+            cache[key] = exc
+    hit = cache[key]
     if isinstance(hit, TraceFailure):
         raise hit
     return hit
 
 
 def clear_cache() -> None:
-    _CACHE.clear()
+    _CACHE.by_id.clear()
 
 
 def _restore_parameter_names(graph: fx.Graph, param_names: list[str]) -> None:

@@ -136,7 +136,8 @@ def test_load_weights_unwraps_training_checkpoints_and_strips_ddp_prefix(tmp_pat
         assert loaded.keys() == sd.keys(), f"{name}: keys {list(loaded)[:3]}"
         assert all(torch.equal(loaded[k], sd[k]) for k in sd), f"{name}: values differ"
     torch.save({"state_dict": sd, "state_dict_ema": ema}, tmp_path / "ema.pth")
-    assert torch.equal(load_weights(tmp_path / "ema.pth")["0.weight"], sd["0.weight"]), "raw weights by default"
+    with pytest.warns(UserWarning, match="holds raw weights .* and EMA weights"):
+        assert torch.equal(load_weights(tmp_path / "ema.pth")["0.weight"], sd["0.weight"]), "raw weights by default"
     assert torch.equal(load_weights(tmp_path / "ema.pth", prefer_ema=True)["0.weight"], ema["0.weight"]), \
         "prefer_ema should pick the EMA weights"
 
