@@ -287,8 +287,8 @@ def _drop_sites_beside_attention(model: nn.Module, block: _BlockPlan, plan: Site
     if not beside:
         return True
     keep = [i for i, p in enumerate(block.placements[0]) if p.add not in beside]
-    plan.skipped.extend(Skipped(block.name, add, f"already has channel attention: {where} (applied by the parent "
-                                                 "to this module's output)") for add, where in beside.items())
+    plan.skipped.extend(Skipped(block.name, add, f"already has channel attention: {where} in the parent, "
+                                                 "on this module's output") for add, where in beside.items())
     block.placements = [[placed[i] for i in keep] for placed in block.placements]
     return bool(keep)
 

@@ -45,21 +45,23 @@ def _reaches(owner: nn.Module, start: Iterable[fx.Node], stop: Callable[[fx.Node
 
 
 def _attention_after_call(parent: nn.Module, graph: fx.Graph, child: str) -> str | None:
-    """Name of a channel-attention module the parent applies to ``child``'s output before any convolution."""
+    """``"SEModule at 'se'"``: channel attention the parent applies to ``child``'s output before any convolution."""
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == child]
 
     def is_attention(node: fx.Node) -> bool:
         return node.op == "call_module" and catalog.is_channel_attention(parent.get_submodule(node.target))
 
     found = _reaches(parent, calls, is_attention)
-    return str(found.target) if found is not None else None
+    if found is None:
+        return None
+    return f"{type(parent.get_submodule(found.target)).__name__} at '{found.target}'"
 
 
 def attention_after(model: nn.Module, name: str, module: nn.Module, graph: fx.Graph,
                     adds: Iterable[str]) -> dict[str, str]:
     """For each add (node name in ``graph``, the eval graph of block ``name``) whose value reaches the
-    block's output without a convolution: the qualified name of channel attention the parent applies
-    to that output before any convolution. Adds without such a neighbour are left out."""
+    block's output without a convolution: the channel attention the parent applies to that output
+    before any convolution (``"SEModule at 'se'"``, named in the parent). Adds without one are left out."""
     if not name:
         return {}
     parent_name, _, child = name.rpartition(".")
@@ -75,5 +77,5 @@ def attention_after(model: nn.Module, name: str, module: nn.Module, graph: fx.Gr
     found = {}
     for add in adds:
         if add in nodes and _reaches(module, [nodes[add]], lambda n: n.op == "output") is not None:
-            found[add] = f"{parent_name}.{attention}" if parent_name else attention
+            found[add] = attention
     return found

@@ -106,7 +106,7 @@ def test_attention_the_parent_applies_to_a_blocks_sum_counts_as_the_units():
     with_se = se_retrofit.find_sites(_RepViTLike(16, SqueezeExcitation(16, 8)))
     beside = [s for s in with_se.skipped if s.block == "token_mixer"]
     assert [s.block for s in with_se.sites] == [""], f"only the outer residual should get SE:\n{with_se}"
-    assert beside and all("already has channel attention: se (applied by the parent" in s.reason for s in beside), \
+    assert beside and all("already has channel attention: SqueezeExcitation at 'se' in the parent, on this module's output" in s.reason for s in beside), \
         f"the mixer's sum should be left alone for the parent's SE:\n{with_se}"
     without = se_retrofit.find_sites(_RepViTLike(16, nn.Identity()))
     assert sorted(s.block for s in without.sites) == ["", "token_mixer"], f"control, no parent SE:\n{without}"
