@@ -115,7 +115,8 @@ def candidate_inputs(model: nn.Module) -> list[tuple[tuple, dict]]:
 
 
 def normalize_example_input(example_input: Any) -> tuple[tuple, dict]:
-    """Accept a tensor, a tuple/list of positional arguments, or a dict of keyword arguments."""
+    """Accept a tensor, a tuple of positional arguments, or a dict of keyword arguments; anything else,
+    a list included (torchvision's detectors take a list of images), is the one positional argument."""
     if isinstance(example_input, dict):
         return (), dict(example_input)
     if isinstance(example_input, tuple):

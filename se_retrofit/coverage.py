@@ -14,7 +14,6 @@ import math
 import time
 import traceback
 import warnings
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -198,7 +197,7 @@ def _check_model(zoo: str, family: str, name: str) -> CoverageRow:
         row.example_input = plan.example_input
         row.inserted = len(se_blocks(se_model))
         row.sites = len(plan.sites)
-        row.skipped = dict(Counter(s.reason for s in plan.skipped))
+        row.skipped = dict(plan.reasons())
         args, kwargs = plan.example_args
         se_model.eval()
         with torch.no_grad():

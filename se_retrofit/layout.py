@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
@@ -75,11 +74,11 @@ def _linear(inp: Layout | None) -> Layout | None:
 
 
 def _traced_module_layout(module: nn.Module, inp: Layout | None, ndim: int | None, depth: int) -> Layout | None:
-    from .tracing import cached_trace
+    from .tracing import TraceFailure, cached_trace
 
     try:
         graph, _ = cached_trace(module)
-    except Exception:  # an opaque leaf: its layout stays unknown
+    except TraceFailure:  # an opaque leaf: its layout stays unknown
         return None
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if not placeholders:

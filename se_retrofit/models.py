@@ -188,7 +188,9 @@ def reset_classifier(model: nn.Module, num_classes: int) -> bool:
         return True
     found = classifier_of(model)
     if found is None:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to resize to {num_classes} classes")
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to resize to {num_classes} classes; "
+                         f"create the model with num_classes={num_classes} (timm, torchvision), or replace its head "
+                         "yourself before fine-tuning")
     name, head = found
     new = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
     new.to(device=head.weight.device, dtype=head.weight.dtype)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -207,7 +208,7 @@ def write_metrics(out: Path, history: list[dict[str, float]]) -> None:
 
 def _fmt(value: Any) -> Any:
     if isinstance(value, float):
-        return "" if value != value else f"{value:.6g}"
+        return "" if math.isnan(value) else f"{value:.6g}"
     return value
 
 
@@ -245,9 +246,8 @@ def write_report(out: Path, original: nn.Module, se_model: nn.Module, input_size
 
     with torch.no_grad():
         result = report(original, se_model, input_size=tuple(input_size), name=name)
-    as_json = result.to_json()
     atomic_write_text(out / "report.md", result.to_markdown())
-    atomic_write_text(out / "report.json", as_json if isinstance(as_json, str) else json.dumps(as_json, indent=2))
+    atomic_write_text(out / "report.json", result.to_json())
 
 
 def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
