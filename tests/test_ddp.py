@@ -53,6 +53,27 @@ def test_samplers_shard_every_image_once_and_resume_mid_epoch() -> None:
     assert [b[1].tolist() for b in loaders[0].epoch(2)] != epoch[0], "each epoch must reshuffle"
 
 
+class _RandomDraws(torch.utils.data.Dataset):
+    """What augmentation draws in a loader worker: a number from the worker's torch generator."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.randint(0, 2**30, (1,)), index
+
+
+def test_loader_workers_of_each_rank_draw_their_own_augmentation() -> None:
+    """timm seeds with seed + rank: with the same worker seeds on every rank, N ranks would give N different
+    images the same crop and flip at every step. Rank 0 keeps the seeds of a single-process run."""
+    draws = {}
+    for rank, world in ((0, 2), (1, 2), (0, 1)):
+        loader = TrainBatches(_RandomDraws(), batch_size=2, workers=1, seed=3, ctx=DistContext(rank=rank, world_size=world))
+        draws[rank, world] = [d.flatten().tolist() for d, _ in loader.epoch(0)]
+    assert draws[0, 2] != draws[1, 2], f"both ranks drew the same augmentation numbers: {draws[0, 2]}"
+    assert draws[0, 2][0] == draws[0, 1][0], "rank 0 should draw what a single process draws first"
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -70,6 +70,7 @@ class TrainBatches:
                  pin_memory: bool = False) -> None:
         check_one_batch(len(dataset), batch_size, ctx.world_size)
         self.seed = seed
+        self.rank = ctx.rank
         self.batch_size = batch_size
         inner = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
         self.sampler = SkippingSampler(inner)
@@ -80,7 +81,10 @@ class TrainBatches:
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator:
         self.sampler.set_epoch(epoch, skip_batches * self.batch_size)
-        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+        # The loader workers' seeds come from this generator: with the rank in it every process draws its
+        # own crops and flips (as timm's seed + rank), rank 0 keeping the seeds of a single-process run.
+        # The CPU generator keeps only a seed's low 32 bits, so the rank goes in through an odd multiplier.
+        self.generator.manual_seed(self.seed * 1_000_003 + epoch + self.rank * 0x9E3779B1)
         return iter(self.loader)
 
     def order_state(self, epoch: int, step_in_epoch: int) -> dict:
