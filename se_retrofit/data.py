@@ -185,11 +185,30 @@ def _split_dir(root: Path, names: tuple[str, ...]) -> Path | None:
     return found[0] if found else None
 
 
+def _check_unused_val_folder(root: Path, train_dir: Path) -> None:
+    """A validation folder without class sub-folders would be passed over for a split of ``train``."""
+    for folder in (p for p in root.iterdir() if p.is_dir() and p.name.lower() in _VAL_NAMES):
+        files = [q for q in folder.iterdir() if _visible(q.name)]
+        if files:
+            raise ValueError(f"{folder} holds {len(files)} entries but no class sub-folders, so it cannot be used "
+                             f"for validation (ImageNet's raw val folder is flat: its label file sorts it). Sort its "
+                             f"images into the class folders of {train_dir.name!r}, or move it away to validate on "
+                             "a --val-split of the training images.")
+        warnings.warn(f"{folder} is empty and not used: validation is a --val-split of {train_dir.name!r}.",
+                      stacklevel=4)
+
+
 def _class_dirs(root: Path) -> list[Path]:
     """The class sub-folders of ``root``; at least two, since one class trains to 100% without learning.
 
     Sub-folders that are all named like splits (``Train`` and ``Test``) are a layout one level off, not
     classes: trained on, they would teach which split an image is in."""
+    dangling = sorted(p for p in root.iterdir() if p.is_symlink() and not p.exists() and _visible(p.name))
+    if dangling:
+        raise ValueError(f"{dangling[0]} is a link to {os.readlink(dangling[0])}, which does not exist"
+                         f"{f' ({len(dangling)} such links)' if len(dangling) > 1 else ''}: a class folder there "
+                         "would be left out and the classifier trained without that class. Mount or restore the "
+                         "target, or remove the link.")
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p.name))
     if not dirs:
         raise ValueError(f"{root} has no class sub-folders. {_LAYOUT_HINT}")
@@ -337,6 +356,8 @@ def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_siz
         train_samples, val_samples = _samples(classes, train_files), _samples(classes, val_files)
     else:
         _check_val_split(val_split)
+        if train_dir is not None:
+            _check_unused_val_folder(root, train_dir)
         test_dir = _split_dir(root, ("test", "testing")) if train_dir is not None else None
         if test_dir is not None:
             warnings.warn(f"{test_dir} is not used: with no validation folder beside {train_dir.name!r}, validation "

@@ -130,6 +130,28 @@ def test_a_test_folder_beside_train_alone_is_named_as_unused(tmp_path, model):
     assert classes == ["cat", "dog"] and (len(train), len(val)) == (8, 2), f"{classes} {(len(train), len(val))}"
 
 
+def test_a_flat_or_empty_val_folder_is_not_passed_over_silently(tmp_path, model):
+    """ImageNet's raw val folder holds its images without class folders: it cannot be used, and a split of
+    train in its place would measure something else than the user's validation set."""
+    write_class_folders(tmp_path / "train", {"cat": 5, "dog": 5})
+    for i in range(3):
+        write_image(tmp_path / "val" / f"ILSVRC_val_{i}.JPEG", seed=50 + i)
+    with pytest.raises(ValueError, match=r"val holds 3 entries but no class sub-folders.*--val-split"):
+        build_datasets(tmp_path, model, image_size=16)
+    for path in (tmp_path / "val").iterdir():
+        path.unlink()
+    with pytest.warns(UserWarning, match="val is empty and not used: validation is a --val-split of 'train'"):
+        train, val, _ = build_datasets(tmp_path, model, val_split=0.2, image_size=16)
+    assert (len(train), len(val)) == (8, 2), f"{(len(train), len(val))}"
+
+
+def test_a_class_folder_that_is_a_broken_link_is_an_error(tmp_path, model):
+    write_class_folders(tmp_path, {"cat": 3, "dog": 3})
+    (tmp_path / "zebra").symlink_to(tmp_path / "unmounted" / "zebra")
+    with pytest.raises(ValueError, match=r"zebra is a link to .*unmounted/zebra, which does not exist"):
+        build_datasets(tmp_path, model, image_size=16)
+
+
 def test_a_class_named_like_a_split_among_others_is_a_class(tmp_path, model):
     write_class_folders(tmp_path, {"bus": 3, "car": 3, "train": 3})
     _, _, classes = build_datasets(tmp_path, model, val_split=0.3, image_size=16)
