@@ -35,8 +35,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, OSError, RuntimeError) as exc:  # user and environment errors: one line, no traceback
         if not getattr(exc, "echo_of_rank0", False):  # under torchrun, once (by rank 0), not once per rank
-            print(f"se-retrofit {args.command}: error: {exc}", file=sys.stderr)
+            print(f"se-retrofit {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 2
+
+
+def _message(exc: BaseException) -> str:
+    """The error's own message; from a data-loader worker, torch's re-raise wraps it in the worker's
+    traceback (``Caught OSError in DataLoader worker process 0. Original Traceback ...``), whose last
+    line is the message that was raised there."""
+    text = str(exc)
+    if text.startswith("Caught ") and "DataLoader worker process" in text.split("\n", 1)[0]:
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        prefix = f"{type(exc).__name__}: "
+        return f"{last[len(prefix):] if last.startswith(prefix) else last} (in a data-loader worker)"
+    return text
 
 
 if __name__ == "__main__":

@@ -268,6 +268,10 @@ def _check_image(path: Path) -> tuple[bool, str | None]:
         with Image.open(path) as image:
             problem = unsupported_mode(image)
             image.verify()
+    except Image.DecompressionBombError as exc:  # a good file, only too large for Pillow's guard
+        return True, (f"{exc} Such an image is not corrupt: downscale it (training crops it to the model's input "
+                      "size anyway), or, if you trust the file and call build_datasets from Python, raise "
+                      "PIL.Image.MAX_IMAGE_PIXELS first.")
     except Exception:
         return False, None
     return True, problem

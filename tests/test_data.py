@@ -379,3 +379,10 @@ def test_16_bit_pgm_images_are_scaled_like_16_bit_png(tmp_path, model):
             dataset.transform = transform
     assert set(decoded) == {".pgm", ".png"}, f"both 16-bit files should be in the data set: {sorted(decoded)}"
     assert np.array_equal(decoded[".pgm"], decoded[".png"]), "a 16-bit PGM decodes unlike the same pixels as PNG"
+
+
+def test_an_image_over_pillows_size_guard_is_named_as_too_large_not_corrupt(tmp_path, model, monkeypatch):
+    write_class_folders(tmp_path, {"cat": 3, "dog": 3}, ext=".png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # 12x12 = 144 pixels: over twice the limit
+    with pytest.raises(ValueError, match=r"cannot be used as they are.*exceeds limit.*not corrupt: downscale it"):
+        build_datasets(tmp_path, model, image_size=16)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 from torch import nn
 
 import se_retrofit
@@ -47,3 +48,23 @@ def test_a_copy_failing_without_a_message_still_gives_the_hint():
         se_retrofit.apply(_Uncopyable())
     with pytest.raises(RuntimeError):
         copy.deepcopy(_Uncopyable())
+
+
+class _Truncated(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int):
+        raise OSError("image file is truncated: /data/cat/3.jpg")
+
+
+def test_a_loader_workers_error_reaches_the_command_line_as_its_own_message():
+    """torch re-raises a worker's error wrapped in the worker's traceback; the CLI prints one line."""
+    from se_retrofit import cli
+
+    with pytest.raises(OSError) as info:
+        next(iter(torch.utils.data.DataLoader(_Truncated(), num_workers=1)))
+    assert "Original Traceback" in str(info.value), "control: torch wraps the worker's error"
+    assert cli._message(info.value) == "image file is truncated: /data/cat/3.jpg (in a data-loader worker)", \
+        cli._message(info.value)
+    assert cli._message(ValueError("two\nlines")) == "two\nlines", "other errors are printed as they are"
