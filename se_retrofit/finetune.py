@@ -118,6 +118,7 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
         restart = out is not None and resume and not has_checkpoint and outputs.restartable(out)
         if out is not None and resume and has_checkpoint:
             saved = state.load(out / outputs.LAST)
+            state.check_world_size(saved, ctx.world_size)  # before config.json is rewritten below
             outputs.check_same_run(saved["config"], config, out)
         elif out is not None and resume and not restart:
             outputs.check_same_run(outputs.read_config(out), config, out)

@@ -177,6 +177,17 @@ def test_torchrun_cli_trains_with_two_processes(tmp_path: Path) -> None:
     assert not (out / "se_adapter.safetensors").exists(), "staged training changes the backbone: no adapter"
     assert "stage 2" in done.stdout, f"the switch to stage 2 (and the DDP re-wrap) did not happen:\n{done.stdout}"
 
+    # resuming with another number of processes is refused before anything in the run folder changes
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    alone = subprocess.run(
+        [sys.executable, str(driver), "convert-and-finetune", MODEL, "--data", str(data), "--out", str(out),
+         "--no-pretrained", "--image-size", str(SIZE), "--batch-size", "4", "--epochs", "2", "--workers", "0",
+         "--device", "cpu", "--checkpoint-every", "2", "--train", "staged", "--ema", "--resume"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 2 and "written by 2 process(es), this run has 1" in alone.stderr, alone.stderr[-2000:]
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before, f"a refused resume changed {sorted(k for k in after if after[k] != before.get(k))}"
+
 
 @pytest.mark.slow
 def test_torchrun_reports_a_refused_out_once(tmp_path: Path) -> None:

@@ -106,11 +106,8 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- state
     def resume_from(self, saved: dict[str, Any]) -> None:
         """Continue from a ``last.pt``: weights, optimizer, schedule, EMA, RNG, data position."""
+        state.check_world_size(saved, self.ctx.world_size)
         ranks = saved["ranks"]
-        if len(ranks) != self.ctx.world_size:
-            raise ValueError(f"the checkpoint was written by {len(ranks)} process(es), this run has "
-                             f"{self.ctx.world_size}; resume with the same number (torchrun --nproc_per_node "
-                             f"{len(ranks)}), since the data order and batch size depend on it")
         self.progress = state.restore(saved, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                       scaler=self.scaler, ema=self.ema)
         mine = ranks[self.ctx.rank]

@@ -59,6 +59,15 @@ def build(*, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, ema:
     }
 
 
+def check_world_size(state: dict[str, Any], world_size: int) -> None:
+    """Resume with as many processes as wrote the checkpoint: the data order and batch size depend on it."""
+    written = len(state["ranks"])
+    if written != world_size:
+        raise ValueError(f"the checkpoint was written by {written} process(es), this run has {world_size}; resume "
+                         f"with the same number (torchrun --nproc_per_node {written}), since the data order and "
+                         "batch size depend on it")
+
+
 def save(path: Path, state: dict[str, Any]) -> None:
     ckpt.atomic_save(state, path)
 
