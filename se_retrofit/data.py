@@ -54,8 +54,9 @@ class ImageFiles(Dataset):
                     image = to_rgb(image)
         except (OSError, SyntaxError, ValueError) as exc:
             raise OSError(f"could not decode image {path} ({exc}); the up-front check only catches broken headers "
-                          "and checksums. Replace it with a good copy and --resume, or delete it and start "
-                          "the run again (a run that saved no checkpoint yet restarts with --resume).") from exc
+                          "and checksums. Replace it with a good copy and --resume; or delete it and start a "
+                          "new run in another --out, since a resumed run must see the data it started with (a "
+                          "run that saved no checkpoint yet restarts with --resume).") from exc
         if problem is not None:
             raise ValueError(f"cannot use image {path}: {problem}")
         return (self.transform(image) if self.transform else image), target

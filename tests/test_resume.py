@@ -308,3 +308,19 @@ def test_a_forked_worker_neither_announces_nor_requests_the_stop(capfd: pytest.C
         assert not stop.requested, "the worker's signal stopped the main process's run"
     assert os.waitstatus_to_exitcode(status) == 0, "the forked worker took the stop request for itself"
     assert "received" not in capfd.readouterr().err, "the forked worker announced the stop"
+
+
+def test_the_resume_hint_under_torchrun_names_the_launcher_and_the_process_count(monkeypatch) -> None:
+    """Following a hint without torchrun only meets the world-size refusal."""
+    import argparse
+
+    from se_retrofit.commands.convert_and_finetune import _resume_hint
+
+    argv = ["se-retrofit", "convert-and-finetune", "resnet10t", "--data", "my data", "--out", "run"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    hint = _resume_hint(argparse.Namespace(out=Path("run")))
+    assert hint == ("to continue: torchrun --nproc_per_node=2 -m se_retrofit.cli convert-and-finetune resnet10t "
+                    "--data 'my data' --out run --resume"), hint
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert _resume_hint(argparse.Namespace(out=Path("run"))).startswith("to continue: se-retrofit convert-and-finetune")

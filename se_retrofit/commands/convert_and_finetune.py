@@ -197,11 +197,18 @@ def _build_model(spec: str, pretrained: bool, checkpoint: Path | None, prefer_em
 
 
 def _resume_hint(args: argparse.Namespace) -> str:
+    from ..training import distributed
+
     argv = sys.argv[1:]
+    processes = distributed.launched_world_size()
+    # the checkpoint holds every rank's state: resuming needs as many processes, so the launcher too
+    launcher = "se-retrofit " if processes == 1 else f"torchrun --nproc_per_node={processes} -m se_retrofit.cli "
     if "convert-and-finetune" in argv:
-        command = "se-retrofit " + " ".join(shlex.quote(a) for a in argv[argv.index("convert-and-finetune"):])
+        command = launcher + " ".join(shlex.quote(a) for a in argv[argv.index("convert-and-finetune"):])
         if "--resume" not in argv:
             command += " --resume"
     else:
         command = f"the same command with --resume (it continues from {args.out / 'last.pt'})"
+        if processes > 1:
+            command += f", under torchrun with {processes} processes"
     return f"to continue: {command}"
