@@ -20,7 +20,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -76,7 +76,8 @@ def base_fingerprint(model: nn.Module, left_out: Iterable[str]) -> str:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: str | None = None,
-                 extra_modules: Iterable[str] = (), config: SEConfig | None = None) -> Path:
+                 extra_modules: Iterable[str] = (), config: SEConfig | None = None,
+                 class_names: Sequence[str] | None = None) -> Path:
     """Write ``se_adapter.safetensors`` and ``se_adapter_config.json`` into ``directory``; return the folder.
 
     Args:
@@ -88,6 +89,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: 
         extra_modules: names of further modules whose weights to include, e.g. the classifier head
             after ``--train se+head``; their names are stored and `load` restores them too.
         config: the SE config, when ``model`` was not built by ``se_retrofit.apply`` (which records it).
+        class_names: what each output of the saved classifier means, in order; recorded so that whoever
+            gets only the adapter can map predictions back (``convert-and-finetune`` passes the folder's).
 
     Each file is replaced atomically, weights first: an interrupted save leaves at worst new weights
     beside the old config, a pair that `load` checks key by key and shape by shape.
@@ -115,6 +118,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: 
     classifier = None
     if head is not None and any(head[0] == name or head[0].startswith(f"{name}.") for name in extra_modules):
         classifier = {"name": head[0], "num_classes": head[1].out_features}
+    if class_names is not None:
+        class_names = [str(name) for name in class_names]
+        outputs = classifier["num_classes"] if classifier else num_classes_of(model)
+        if outputs is not None and len(class_names) != outputs:
+            raise ValueError(f"class_names has {len(class_names)} names but the classifier has {outputs} outputs; "
+                             "pass one name per output, in the order of the outputs")
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "se_retrofit_version": se_retrofit.__version__,
@@ -125,6 +134,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: 
         "extra_modules": extra_modules,
         "classifier": classifier,
     }
+    if class_names is not None:
+        meta["class_names"] = class_names
     atomic_save_safetensors(tensors, directory / WEIGHTS_NAME,
                             metadata={"format": "pt", "se_retrofit_version": se_retrofit.__version__})
     text = json.dumps(meta, indent=2) + "\n"

@@ -152,6 +152,17 @@ def test_save_errors(tmp_path, base):
     assert not (tmp_path / WEIGHTS_NAME).exists(), "nothing may be written when saving fails"
 
 
+def test_class_names_travel_with_the_adapter(tmp_path, tuned):
+    """Whoever gets only the adapter must be able to map outputs back to classes."""
+    names = [f"class {i}" for i in range(10)]
+    save_adapter(tuned, tmp_path, extra_modules=("fc",), class_names=names)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert meta["class_names"] == names and meta["classifier"]["num_classes"] == 10, meta
+    with pytest.raises(ValueError, match="class_names has 3 names but the classifier has 10 outputs"):
+        save_adapter(tuned, tmp_path / "other", extra_modules=("fc",), class_names=["a", "b", "c"])
+    assert not (tmp_path / "other").exists(), "nothing may be written when saving fails"
+
+
 def test_unknown_extra_module_names_the_classifier(tmp_path, tuned):
     with pytest.raises(ValueError, match=r"'head'.*'fc'"):
         save_adapter(tuned, tmp_path, extra_modules=("head",))

@@ -296,6 +296,8 @@ def test_cli_writes_the_run_and_the_adapter_rebuilds_the_model(image_folder: Pat
     assert config["model"]["name"] == MODEL and config["model"]["num_classes"] == 3
     assert config["train"]["train"] == "se" and config["se"]["reduction"] == 16
     assert config["data"]["class_names"] == ["class0", "class1", "class2"]
+    adapter_config = json.loads((out / "se_adapter_config.json").read_text())
+    assert adapter_config["class_names"] == ["class0", "class1", "class2"], "the adapter should carry the classes"
     assert "params" in (out / "report.md").read_text()
 
     weights = load_file(str(out / "model.safetensors"))

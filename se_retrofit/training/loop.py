@@ -312,7 +312,8 @@ class Trainer:
             outputs.save_weights(self.out / outputs.MODEL, self.model, metadata={"format": "pt"})
             if self.adapter_suffices:
                 extra = [self.head_name] if self.head_name else []
-                outputs.save_adapter(self.out, self.model, self.base_model, extra)
+                names = (self.config or {}).get("data", {}).get("class_names")
+                outputs.save_adapter(self.out, self.model, self.base_model, extra, names)
             outputs.write_metrics(self.out, self.progress.history)
             if self.progress.history:
                 outputs.plot_curves(self.out, self.progress.history)

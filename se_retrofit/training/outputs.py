@@ -259,7 +259,9 @@ def save_weights(path: Path, model: nn.Module, metadata: dict[str, str] | None =
     ckpt.atomic_save_safetensors(weights_of(model), path, metadata=metadata)
 
 
-def save_adapter(out: Path, model: nn.Module, base_model: str | None, extra_modules: Iterable[str]) -> Path:
+def save_adapter(out: Path, model: nn.Module, base_model: str | None, extra_modules: Iterable[str],
+                 class_names: list[str] | None = None) -> Path:
     from ..adapter import save_adapter as _save_adapter
 
-    return Path(_save_adapter(model, out, base_model=base_model, extra_modules=tuple(extra_modules)))
+    return Path(_save_adapter(model, out, base_model=base_model, extra_modules=tuple(extra_modules),
+                              class_names=class_names))
