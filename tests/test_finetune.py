@@ -403,3 +403,16 @@ def test_the_summary_tells_a_run_stopped_in_its_first_epoch_from_one_without_val
     unvalidated = FinetuneResult(history=[{"epoch": 1, "train_loss": 0.5}], epochs=1, interrupted=False, **common)
     assert "no epoch validated yet" in stopped.summary(), stopped.summary()
     assert "no validation set" in unvalidated.summary(), unvalidated.summary()
+
+
+def test_no_verify_images_skips_the_scan_and_a_bad_file_stops_the_run_naming_it(tmp_path: Path,
+                                                                                 capsys: pytest.CaptureFixture[str]
+                                                                                 ) -> None:
+    data = write_image_folder(tmp_path / "images", classes=2, train_per_class=8, val_per_class=2)
+    (data / "train" / "class0" / "broken.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image file"):
+        assert run_cli(fast_args(data, tmp_path / "checked", "--epochs", "1")) == 0, "a checked run skips the file"
+    capsys.readouterr()
+    assert run_cli(fast_args(data, tmp_path / "unchecked", "--epochs", "1", "--no-verify-images")) == 2
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "could not decode image" in err, f"the error should name the file:\n{err}"

@@ -75,6 +75,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                       help="validation fraction of a single-folder dataset (default 0.1)")
     data.add_argument("--image-size", type=int, default=None, metavar="N",
                       help="default: the model's input size (32 for digits)")
+    data.add_argument("--verify-images", action=argparse.BooleanOptionalAction, default=True,
+                      help="open and check every image before training, so that unreadable files are skipped "
+                           "with a warning instead of stopping the run (default); --no-verify-images starts at "
+                           "once on very large folders, and a bad file then stops the run when it is read")
     data.add_argument("--workers", type=int, default=2, metavar="N",
                       help="loader processes (default 2); 0 makes a resumed run bit-identical even with random "
                            "augmentation")
@@ -145,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
         model = (_build_model(args.model, False, None) if from_last else
                  _build_model(args.model, pretrained, args.checkpoint, args.checkpoint_ema))
         train_ds, val_ds, class_names = data_module.build_datasets(
-            args.data, model, val_split=args.val_split, seed=opts.seed, image_size=args.image_size)
+            args.data, model, val_split=args.val_split, seed=opts.seed, image_size=args.image_size,
+            verify_images=args.verify_images)
         run_info = {
             "model": {"name": args.model, "pretrained": pretrained,
                       "checkpoint": str(args.checkpoint.resolve()) if args.checkpoint else None,
