@@ -416,3 +416,13 @@ def test_no_verify_images_skips_the_scan_and_a_bad_file_stops_the_run_naming_it(
     assert run_cli(fast_args(data, tmp_path / "unchecked", "--epochs", "1", "--no-verify-images")) == 2
     err = capsys.readouterr().err
     assert "broken.png" in err and "could not decode image" in err, f"the error should name the file:\n{err}"
+
+
+def test_one_image_per_batch_with_training_batch_norms_says_what_to_change(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_image_folder(tmp_path / "images", classes=2, train_per_class=2, val_per_class=1)
+    args = fast_args(data, tmp_path / "run", "--epochs", "1", "--train", "all", "--image-size", "8")
+    args[args.index("--batch-size") + 1] = "1"
+    assert run_cli(args) == 2
+    err = capsys.readouterr().err
+    assert "raise --batch-size" in err and "--train se" in err, f"no hint in:\n{err}"

@@ -162,7 +162,15 @@ class Trainer:
         if self.opts.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.dtype):
-            logits = self.forward_model(images)
+            try:
+                logits = self.forward_model(images)
+            except ValueError as exc:
+                if "more than 1 value per channel" not in str(exc):
+                    raise
+                raise ValueError(f"batch norm in training mode needs more than one value per channel, and a batch "
+                                 f"of {images.shape[0]} image(s) per process at this resolution gives one "
+                                 f"({exc}); raise --batch-size, or train only SE and the head (--train se), whose "
+                                 "frozen batch norms use their running statistics") from exc
             loss = self.criterion(logits, targets)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
