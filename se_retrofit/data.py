@@ -22,6 +22,10 @@ from torch.utils.data import Dataset
 from .pixels import to_rgb, unsupported_mode
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Image types left out of IMG_EXTENSIONS (as torchvision's ImageFolder leaves them out): files of these are
+# not loaded, and a folder of them must not shrink without a word.
+_OTHER_IMAGE_EXTENSIONS = (".gif", ".jfif", ".jpe", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".ico", ".tga",
+                           ".dib", ".pbm", ".pnm", ".svg")
 DIGITS_SIZE = 32
 _LAYOUT_HINT = ("Expected DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg, or DIR/CLASS/*.jpg (split by --val-split), "
                 "or 'digits' for the built-in dataset.")
@@ -251,14 +255,17 @@ def _unseen_files(paths: list[Path], seen: set[str]) -> list[Path]:
     return kept
 
 
-def _image_files(class_dir: Path) -> list[Path]:
-    """The images under ``class_dir`` and its sub-folders, following links but each folder and file once."""
+def _image_files(class_dir: Path, ignored: list[Path]) -> list[Path]:
+    """The images under ``class_dir`` and its sub-folders, following links but each folder and file once;
+    files of other image types go to ``ignored``."""
     found: list[Path] = []
     visited_dirs = {os.path.realpath(class_dir)}
     seen_files: set[str] = set()
     for folder, subdirs, files in os.walk(class_dir, followlinks=True):
         subdirs[:] = _unvisited_dirs(Path(folder), sorted(d for d in subdirs if _visible(d)), visited_dirs)
         images = [Path(folder) / f for f in sorted(files) if _visible(f) and f.lower().endswith(IMG_EXTENSIONS)]
+        ignored.extend(Path(folder) / f for f in sorted(files) if _visible(f)
+                       and f.lower().endswith(_OTHER_IMAGE_EXTENSIONS))
         found.extend(_unseen_files(images, seen_files))
     return found
 
@@ -278,13 +285,13 @@ def _check_image(path: Path) -> tuple[bool, str | None]:
     return True, problem
 
 
-def _scan(root: Path, verify: bool, skipped: list[Path]) -> tuple[list[str], dict[str, list[Path]]]:
+def _scan(root: Path, verify: bool, skipped: list[Path], ignored: list[Path]) -> tuple[list[str], dict[str, list[Path]]]:
     """Class names and their readable images under ``root``; unreadable files go to ``skipped``."""
     classes = [d.name for d in _class_dirs(root)]
     files: dict[str, list[Path]] = {}
     for name in classes:
         class_dir = root / name
-        candidates = _image_files(class_dir)
+        candidates = _image_files(class_dir, ignored)
         if not candidates:
             raise ValueError(f"class folder {class_dir} holds no images (looked for {', '.join(IMG_EXTENSIONS)}); "
                              "add images to it or remove the folder.")
@@ -344,9 +351,10 @@ def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_siz
                          f"{_LAYOUT_HINT}")
 
     skipped: list[Path] = []
+    ignored: list[Path] = []
     if train_dir is not None and val_dir is not None:
-        classes, train_files = _scan(train_dir, verify, skipped)
-        val_classes, val_files = _scan(val_dir, verify, skipped)
+        classes, train_files = _scan(train_dir, verify, skipped, ignored)
+        val_classes, val_files = _scan(val_dir, verify, skipped, ignored)
         if classes != val_classes:
             only_train = sorted(set(classes) - set(val_classes))
             only_val = sorted(set(val_classes) - set(classes))
@@ -367,10 +375,15 @@ def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_siz
         if test_dir is not None:
             warnings.warn(f"{test_dir} is not used: with no validation folder beside {train_dir.name!r}, validation "
                           f"is a --val-split of it. To validate on {test_dir.name!r}, rename it 'val'.", stacklevel=3)
-        classes, files = _scan(train_dir or root, verify, skipped)
+        classes, files = _scan(train_dir or root, verify, skipped, ignored)
         samples = _samples(classes, files)
         train_idx, val_idx = _stratified_split([t for _, t in samples], val_split, seed)
         train_samples, val_samples = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+    if ignored:
+        kinds = sorted({p.suffix.lower() for p in ignored})
+        warnings.warn(f"ignored {len(ignored)} image file(s) of type {', '.join(kinds)} under {root} (e.g. "
+                      f"{ignored[0]}): only {', '.join(IMG_EXTENSIONS)} are loaded. Convert them (or rename "
+                      "JPEGs saved as .jfif/.jpe) to use them.", stacklevel=3)
     if skipped:
         shown = ", ".join(str(p) for p in skipped[:5])
         warnings.warn(f"skipped {len(skipped)} unreadable image file(s) under {root} (corrupt or not images): "

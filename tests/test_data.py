@@ -386,3 +386,12 @@ def test_an_image_over_pillows_size_guard_is_named_as_too_large_not_corrupt(tmp_
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # 12x12 = 144 pixels: over twice the limit
     with pytest.raises(ValueError, match=r"cannot be used as they are.*exceeds limit.*not corrupt: downscale it"):
         build_datasets(tmp_path, model, image_size=16)
+
+
+def test_image_types_the_loader_leaves_out_are_counted_in_a_warning(tmp_path, model):
+    write_class_folders(tmp_path, {"cat": 3, "dog": 3})
+    write_image(tmp_path / "cat" / "from_phone.jfif")
+    Image.new("RGB", (12, 12)).save(tmp_path / "dog" / "anim.gif")
+    with pytest.warns(UserWarning, match=r"ignored 2 image file\(s\) of type \.gif, \.jfif"):
+        train, val, _ = build_datasets(tmp_path, model, val_split=0.34, image_size=16)
+    assert len(train) + len(val) == 6, "only the loadable images are in the data"
