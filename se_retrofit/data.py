@@ -222,9 +222,12 @@ def _class_dirs(root: Path) -> list[Path]:
                          f"splits, not classes. {_LAYOUT_HINT} (split folder names: any case of "
                          f"{'/'.join(_TRAIN_NAMES)} and {'/'.join(_VAL_NAMES)}).")
     if len(dirs) < 2:
+        inner = [p for p in dirs[0].iterdir() if p.is_dir() and _visible(p.name)]
+        deeper = (f" {dirs[0]} itself holds {len(inner)} folders: is the dataset one level down (pass {dirs[0]})?"
+                  if len(inner) >= 2 else "")
         raise ValueError(f"{root} has 1 class sub-folder ({dirs[0].name!r}), but a classifier needs at least 2 "
-                         "classes (with one, every prediction is right and nothing is learnt). Add a sub-folder "
-                         f"of images for each other class. {_LAYOUT_HINT}")
+                         f"classes (with one, every prediction is right and nothing is learnt).{deeper} Add a "
+                         f"sub-folder of images for each other class. {_LAYOUT_HINT}")
     return dirs
 
 
@@ -285,13 +288,20 @@ def _check_image(path: Path) -> tuple[bool, str | None]:
     return True, problem
 
 
-def _scan(root: Path, verify: bool, skipped: list[Path], ignored: list[Path]) -> tuple[list[str], dict[str, list[Path]]]:
-    """Class names and their readable images under ``root``; unreadable files go to ``skipped``."""
+def _scan(root: Path, verify: bool, skipped: list[Path], ignored: list[Path], allow_empty: bool = False
+          ) -> tuple[list[str], dict[str, list[Path]]]:
+    """Class names and their readable images under ``root``; unreadable files go to ``skipped``.
+
+    ``allow_empty`` lets a class folder hold no image: in a validation folder, a rare class may have
+    none, while its folder keeps the class indices those of the training folder."""
     classes = [d.name for d in _class_dirs(root)]
     files: dict[str, list[Path]] = {}
     for name in classes:
         class_dir = root / name
         candidates = _image_files(class_dir, ignored)
+        if not candidates and allow_empty:
+            files[name] = []
+            continue
         if not candidates:
             raise ValueError(f"class folder {class_dir} holds no images (looked for {', '.join(IMG_EXTENSIONS)}); "
                              "add images to it or remove the folder.")
@@ -354,13 +364,17 @@ def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_siz
     ignored: list[Path] = []
     if train_dir is not None and val_dir is not None:
         classes, train_files = _scan(train_dir, verify, skipped, ignored)
-        val_classes, val_files = _scan(val_dir, verify, skipped, ignored)
+        val_classes, val_files = _scan(val_dir, verify, skipped, ignored, allow_empty=True)
         if classes != val_classes:
             only_train = sorted(set(classes) - set(val_classes))
             only_val = sorted(set(val_classes) - set(classes))
             raise ValueError(f"{train_dir} and {val_dir} have different classes (only in train: {only_train[:10]}, "
                              f"only in val: {only_val[:10]}); class indices would not match. "
-                             "Give both folders the same class sub-folders.")
+                             "Give both folders the same class sub-folders (a class without validation images "
+                             "can have an empty folder in val).")
+        if not any(val_files.values()):
+            raise ValueError(f"{val_dir} holds no images in any class folder; add validation images, or move it "
+                             "away to validate on a --val-split of the training images.")
         leak = _first_shared_file({"train": [p for v in train_files.values() for p in v],
                                    "val": [p for v in val_files.values() for p in v]})
         if leak:

@@ -301,6 +301,30 @@ def test_train_and_val_with_different_classes_is_an_error(tmp_path, model):
     assert "dog" in str(info.value) and "bird" in str(info.value), str(info.value)
 
 
+def test_a_class_without_validation_images_keeps_an_empty_val_folder(tmp_path, model):
+    """A rare class may have no validation image; its empty folder keeps the class indices aligned."""
+    write_class_folders(tmp_path / "train", {"cat": 2, "dog": 2, "emu": 2})
+    write_class_folders(tmp_path / "val", {"cat": 1, "dog": 1})
+    with pytest.raises(ValueError, match="can have an empty folder in val"):
+        build_datasets(tmp_path, model, image_size=16)
+    (tmp_path / "val" / "emu").mkdir()
+    train, val, classes = build_datasets(tmp_path, model, image_size=16)
+    assert classes == ["cat", "dog", "emu"] and labels_of(val) == [0, 1] and len(train) == 6, \
+        f"{classes} {labels_of(val)} {len(train)}"
+    for name in ("cat", "dog"):
+        for path in (tmp_path / "val" / name).iterdir():
+            path.unlink()
+    with pytest.raises(ValueError, match="holds no images in any class folder"):
+        build_datasets(tmp_path, model, image_size=16)
+
+
+def test_a_dataset_one_level_down_is_pointed_at(tmp_path, model):
+    """--data one folder too high: DIR/flowers/CLASS."""
+    write_class_folders(tmp_path / "datasets" / "flowers", {"rose": 2, "tulip": 2})
+    with pytest.raises(ValueError, match=r"is the dataset one level down \(pass .*datasets/flowers\)"):
+        build_datasets(tmp_path / "datasets", model, image_size=16)
+
+
 def test_val_without_train_is_an_error(tmp_path, model):
     write_class_folders(tmp_path / "val", {"cat": 2})
     with pytest.raises(ValueError, match="no 'train' folder"):
