@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from typing import Sequence
 
 COMMANDS = ("sites", "report", "convert_and_finetune", "coverage")
@@ -31,12 +32,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    shown_as = warnings.formatwarning
+    warnings.formatwarning = _warning_line
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError, RuntimeError) as exc:  # user and environment errors: one line, no traceback
         if not getattr(exc, "echo_of_rank0", False):  # under torchrun, once (by rank 0), not once per rank
             print(f"se-retrofit {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = shown_as
+
+
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  line: str | None = None) -> str:
+    """A warning as one line about the user's data or options, not the library's file and source line
+    (a command's user has no code of their own for it to point at)."""
+    return f"se-retrofit: warning: {message}\n"
 
 
 def _message(exc: BaseException) -> str:

@@ -116,17 +116,18 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
 
         saved = None
         restart = out is not None and resume and not has_checkpoint and outputs.restartable(out)
-        if out is not None and resume and has_checkpoint:
-            saved = state.load(out / outputs.LAST)
-            state.check_world_size(saved, ctx.world_size)  # before config.json is rewritten below
-            outputs.check_same_run(saved["config"], config, out)
-        elif out is not None and resume and not restart:
-            outputs.check_same_run(outputs.read_config(out), config, out)
+        with distributed.reported_by_rank0(ctx):
+            if out is not None and resume and has_checkpoint:
+                saved = state.load(out / outputs.LAST)
+                state.check_world_size(saved, ctx.world_size)  # before config.json is rewritten below
+                outputs.check_same_run(saved["config"], config, out)
+            elif out is not None and resume and not restart:
+                outputs.check_same_run(outputs.read_config(out), config, out)
+            check_one_batch(len(train_data), opts.batch_size, ctx.world_size)
         if restart and ctx.is_main and verbose:
             print(f"no {outputs.LAST} in {out}: that run stopped before its first checkpoint; starting it over",
                   flush=True)
         set_trainable(model, new_names, trains_backbone(opts.train, stage=1))
-        check_one_batch(len(train_data), opts.batch_size, ctx.world_size)
         if out is not None:
             distributed.main_first(lambda: _start_outputs(out, config, original, model, train_data, base_model,
                                                            restart, new_run=not resume), ctx)

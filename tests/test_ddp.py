@@ -205,3 +205,25 @@ def test_torchrun_reports_a_refused_out_once(tmp_path: Path) -> None:
     printed = (done.stdout + done.stderr).count("refusing to overwrite it")
     assert printed == 1, f"the refusal was printed {printed} times:\n{done.stderr[-3000:]}"
     assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_torchrun_reports_a_data_problem_once(tmp_path: Path) -> None:
+    """Every rank scans the same folder; its warnings and errors are rank 0's to print."""
+    def launch(data: Path, *extra: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             str(_driver(tmp_path)), "convert-and-finetune", MODEL, "--data", str(data), "--out",
+             str(tmp_path / f"run{len(extra)}"), "--no-pretrained", "--image-size", str(SIZE), "--device", "cpu",
+             "--workers", "0", *extra],
+            env=_torchrun_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0, "the launch should fail"
+        return done.stdout + done.stderr
+
+    text = launch(write_image_folder(tmp_path / "one", classes=1, train_per_class=2, val_per_class=1))
+    assert text.count("but a classifier needs at least 2 classes") == 1, f"the error should be printed once:\n{text[-3000:]}"
+    data = write_image_folder(tmp_path / "two", classes=2, train_per_class=2, val_per_class=1)
+    (data / "train" / "class0" / "broken.png").write_bytes(b"not a png")
+    text = launch(data, "--batch-size", "64")
+    assert text.count("skipped 1 unreadable image file") == 1, f"the warning should be printed once:\n{text[-3000:]}"
+    assert text.count("fewer than one batch") == 1, f"the batch error should be printed once:\n{text[-3000:]}"

@@ -68,3 +68,22 @@ def test_a_loader_workers_error_reaches_the_command_line_as_its_own_message():
     assert cli._message(info.value) == "image file is truncated: /data/cat/3.jpg (in a data-loader worker)", \
         cli._message(info.value)
     assert cli._message(ValueError("two\nlines")) == "two\nlines", "other errors are printed as they are"
+
+
+def test_the_command_prints_warnings_as_one_line_and_puts_the_format_back(monkeypatch):
+    import warnings
+
+    from se_retrofit import cli
+
+    seen = []
+
+    def format_during_the_command(args):
+        seen.append(warnings.formatwarning("skipped 1 unreadable image file(s) under DIR", UserWarning,
+                                           "/site-packages/se_retrofit/data.py", 404, "warnings.warn(...)"))
+        return 0
+
+    monkeypatch.setattr("se_retrofit.commands.sites.run", format_during_the_command)
+    before = warnings.formatwarning
+    assert cli.main(["sites", "resnet10t"]) == 0
+    assert seen == ["se-retrofit: warning: skipped 1 unreadable image file(s) under DIR\n"], seen
+    assert warnings.formatwarning is before, "the command must not change how the caller's warnings look"

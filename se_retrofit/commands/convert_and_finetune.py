@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,6 @@ def training_options(args: argparse.Namespace) -> TrainOptions:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import data as data_module
     from ..config import SEConfig
     from ..finetune import finetune
     from ..training import distributed, outputs
@@ -148,9 +148,7 @@ def run(args: argparse.Namespace) -> int:
         seed_everything(opts.seed)
         model = (_build_model(args.model, False, None) if from_last else
                  _build_model(args.model, pretrained, args.checkpoint, args.checkpoint_ema))
-        train_ds, val_ds, class_names = data_module.build_datasets(
-            args.data, model, val_split=args.val_split, seed=opts.seed, image_size=args.image_size,
-            verify_images=args.verify_images)
+        train_ds, val_ds, class_names = _datasets(args, model, opts.seed, ctx)
         run_info = {
             "model": {"name": args.model, "pretrained": pretrained,
                       "checkpoint": str(args.checkpoint.resolve()) if args.checkpoint else None,
@@ -199,6 +197,19 @@ def _build_model(spec: str, pretrained: bool, checkpoint: Path | None, prefer_em
                 weights = {**weights, **own_head}
         ckpt.load_into(model, weights, strict=True)
     return model
+
+
+def _datasets(args: argparse.Namespace, model: Any, seed: int, ctx: Any) -> tuple[Any, Any, list[str]]:
+    """Every rank scans the same folder and meets the same problems: rank 0 alone says so."""
+    from .. import data as data_module
+    from ..training import distributed
+
+    with warnings.catch_warnings():
+        if not ctx.is_main:
+            warnings.simplefilter("ignore", UserWarning)
+        with distributed.reported_by_rank0(ctx):
+            return data_module.build_datasets(args.data, model, val_split=args.val_split, seed=seed,
+                                              image_size=args.image_size, verify_images=args.verify_images)
 
 
 def _resume_hint(args: argparse.Namespace) -> str:

@@ -5,9 +5,10 @@ nccl on GPUs, gloo on the CPU (the only one that works there, and what the tests
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -118,6 +119,17 @@ def main_first(fn: Callable[[], T], ctx: DistContext) -> T:
         error.echo_of_rank0 = not ctx.is_main  # rank 0 reports it; the CLI leaves the copies unprinted
         raise error
     return box[1]
+
+
+@contextlib.contextmanager
+def reported_by_rank0(ctx: DistContext) -> Iterator[None]:
+    """Checks every rank makes alike (the same data, options and checkpoint) fail alike: rank 0's error
+    is the one the CLI prints, the other ranks' copies are marked as echoes."""
+    try:
+        yield
+    except (ValueError, OSError, RuntimeError) as exc:
+        exc.echo_of_rank0 = not ctx.is_main
+        raise
 
 
 _ERRORS = {cls.__name__: cls for cls in (ValueError, FileNotFoundError, FileExistsError, PermissionError,
