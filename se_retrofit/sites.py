@@ -297,7 +297,9 @@ def _classify(g: _Graph, add: fx.Node, terms: list[fx.Node], position: str) -> P
     light_conv = [i for i in range(len(terms)) if convs[i] >= 1 and light[i]]
     zero = [i for i in range(len(terms)) if convs[i] == 0]
     if len(heavy) >= 2:
-        return Rejection(add.name, f"{len(heavy)} operands carry work (no single residual branch)")
+        # an SE block already on one operand (apply after position="identity") is the reason that matters
+        return _attention_rejection(g, add, exclusive, group) or \
+            Rejection(add.name, f"{len(heavy)} operands carry work (no single residual branch)")
     if not heavy and not light_conv:
         lay = g.layouts.get(add)
         if lay is not None and lay.axis != 1:

@@ -112,6 +112,18 @@ def test_apply_is_idempotent():
     assert any("SEBlock" in r for r in reasons), reasons
 
 
+@pytest.mark.parametrize("position", ["pre", "post", "identity"])
+def test_apply_again_after_any_position_names_the_se_block_already_there(position):
+    import timm
+
+    _, se_model = retrofit(timm.create_model("resnet10t", pretrained=False), position=position)
+    with pytest.warns(SERetrofitWarning):
+        again = se_retrofit.apply(se_model)
+    assert len(se_retrofit.se_blocks(again)) == 4, f"{position}: a second apply added more SE blocks"
+    reasons = {s.reason for s in se_retrofit.get_plan(again).skipped}
+    assert all("already has channel attention: SEBlock" in r for r in reasons), f"{position}: {reasons}"
+
+
 @pytest.mark.parametrize("position,channels", [("standard", 16), ("pre", 16), ("post", 16), ("identity", 16)])
 def test_positions(position, channels):
     model, se_model = retrofit(Net([AddSpelling(16, "plus")]), position=position)
