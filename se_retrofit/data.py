@@ -8,6 +8,7 @@ reported before training starts, by name, instead of as a stack trace in a DataL
 from __future__ import annotations
 
 import os
+import unicodedata
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -368,6 +369,11 @@ def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_siz
         if classes != val_classes:
             only_train = sorted(set(classes) - set(val_classes))
             only_val = sorted(set(val_classes) - set(classes))
+            if sorted(unicodedata.normalize("NFC", c) for c in classes) == \
+                    sorted(unicodedata.normalize("NFC", c) for c in val_classes):
+                raise ValueError(f"{train_dir} and {val_dir} name the classes {only_train[:5]} in different Unicode "
+                                 "forms (composed and decomposed accents: macOS writes the decomposed one), so they "
+                                 "look alike but are different folder names; rename the folders of one split.")
             raise ValueError(f"{train_dir} and {val_dir} have different classes (only in train: {only_train[:10]}, "
                              f"only in val: {only_val[:10]}); class indices would not match. "
                              "Give both folders the same class sub-folders (a class without validation images "

@@ -325,6 +325,15 @@ def test_a_dataset_one_level_down_is_pointed_at(tmp_path, model):
         build_datasets(tmp_path / "datasets", model, image_size=16)
 
 
+def test_class_names_in_two_unicode_forms_are_named_as_such(tmp_path, model):
+    import unicodedata
+
+    write_class_folders(tmp_path / "train", {unicodedata.normalize("NFC", "café"): 2, "tea": 2})
+    write_class_folders(tmp_path / "val", {unicodedata.normalize("NFD", "café"): 1, "tea": 1})
+    with pytest.raises(ValueError, match="different Unicode forms"):
+        build_datasets(tmp_path, model, image_size=16)
+
+
 def test_val_without_train_is_an_error(tmp_path, model):
     write_class_folders(tmp_path / "val", {"cat": 2})
     with pytest.raises(ValueError, match="no 'train' folder"):
