@@ -428,7 +428,9 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
 
     Raises:
         ValueError: a bad option (naming it and the allowed values), an include/exclude pattern that
-            matches nothing, or no example input the model accepts.
+            matches nothing, no example input the model accepts, or options given both in ``config``
+            and as keywords.
+        TypeError: ``model`` is not an ``nn.Module``, or ``config`` is not an ``SEConfig``.
     """
     config = _resolve_config(config, dict(reduction=reduction, init=init, position=position,
                                           include=include, exclude=exclude))

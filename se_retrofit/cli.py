@@ -48,7 +48,8 @@ def _warning_line(message: Warning | str, category: type[Warning], filename: str
                   line: str | None = None) -> str:
     """A warning as one line about the user's data or options, not the library's file and source line
     (a command's user has no code of their own for it to point at)."""
-    return f"se-retrofit: warning: {message}\n"
+    return f"se-retrofit: warning: {message}\n" if category is UserWarning else \
+        f"se-retrofit: {category.__name__}: {message}\n"
 
 
 def _message(exc: BaseException) -> str:
@@ -58,8 +59,10 @@ def _message(exc: BaseException) -> str:
     text = str(exc)
     if text.startswith("Caught ") and "DataLoader worker process" in text.split("\n", 1)[0]:
         last = [line for line in text.splitlines() if line.strip()][-1].strip()
-        prefix = f"{type(exc).__name__}: "
-        return f"{last[len(prefix):] if last.startswith(prefix) else last} (in a data-loader worker)"
+        kind, _, rest = last.partition(": ")
+        if rest and kind.rsplit(".", 1)[-1] == type(exc).__name__:  # "OSError: ..." or "PIL.X: ..."
+            last = rest
+        return f"{last} (in a data-loader worker)"
     return text
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import pickle
 import linecache
 from typing import Any
@@ -121,7 +122,7 @@ def retrofitted_class(base: type, text: str, specs: dict[str, Any], local_global
         if name in ns:
             attrs[name] = ns[name]
     for name in DEPLOY_METHODS:
-        if callable(getattr(base, name, None)):
+        if _is_deploy_method(getattr(base, name, None)):
             attrs[name] = _refuse_deploy(base, name)
     cls = type(f"SE{base.__name__}", (base,), attrs)
     if not local_globals:
@@ -132,6 +133,18 @@ def retrofitted_class(base: type, text: str, specs: dict[str, Any], local_global
 # The methods timm's ``reparameterize_model`` (and RepVGG-style code generally) calls to fuse a block's
 # training-time branches into one convolution.
 DEPLOY_METHODS = ("reparameterize", "switch_to_deploy", "fuse")
+
+
+def _is_deploy_method(method: Any) -> bool:
+    """timm's fusing methods take nothing but ``self``; a ``fuse(a, b)`` helper the forward calls is not one."""
+    if not callable(method):
+        return False
+    try:
+        params = list(inspect.signature(method).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    return all(p.default is not inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               for p in params)
 
 
 def _refuse_deploy(base: type, name: str) -> Any:

@@ -57,7 +57,7 @@ class ImageFiles(Dataset):
                 problem = unsupported_mode(image)
                 if problem is None:
                     image = to_rgb(image)
-        except (OSError, SyntaxError, ValueError) as exc:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise OSError(f"could not decode image {path} ({exc}); the up-front check only catches broken headers "
                           "and checksums. Replace it with a good copy and --resume; or delete it and start a "
                           "new run in another --out, since a resumed run must see the data it started with (a "
@@ -209,7 +209,9 @@ def _class_dirs(root: Path) -> list[Path]:
 
     Sub-folders that are all named like splits (``Train`` and ``Test``) are a layout one level off, not
     classes: trained on, they would teach which split an image is in."""
-    dangling = sorted(p for p in root.iterdir() if p.is_symlink() and not p.exists() and _visible(p.name))
+    # a link to nowhere named like a folder (no file suffix): a class folder on an unmounted drive
+    dangling = sorted(p for p in root.iterdir() if p.is_symlink() and not p.exists() and _visible(p.name)
+                      and not p.suffix)
     if dangling:
         raise ValueError(f"{dangling[0]} is a link to {os.readlink(dangling[0])}, which does not exist"
                          f"{f' ({len(dangling)} such links)' if len(dangling) > 1 else ''}: a class folder there "
@@ -280,18 +282,20 @@ def _check_image(path: Path) -> tuple[bool, str | None]:
         with Image.open(path) as image:
             problem = unsupported_mode(image)
             image.verify()
-    except Image.DecompressionBombError as exc:  # a good file, only too large for Pillow's guard
-        return True, (f"{exc} Such an image is not corrupt: downscale it (training crops it to the model's input "
-                      "size anyway), or, if you trust the file and call build_datasets from Python, raise "
-                      "PIL.Image.MAX_IMAGE_PIXELS first.")
+    except Image.DecompressionBombError:  # a good file, only too large for Pillow's guard: skipped as such
+        return False, _TOO_LARGE
     except Exception:
         return False, None
     return True, problem
 
 
-def _scan(root: Path, verify: bool, skipped: list[Path], ignored: list[Path], allow_empty: bool = False
-          ) -> tuple[list[str], dict[str, list[Path]]]:
-    """Class names and their readable images under ``root``; unreadable files go to ``skipped``.
+_TOO_LARGE = "too large"
+
+
+def _scan(root: Path, verify: bool, skipped: list[Path], ignored: list[Path], oversized: list[Path],
+          allow_empty: bool = False) -> tuple[list[str], dict[str, list[Path]]]:
+    """Class names and their readable images under ``root``; unreadable files go to ``skipped``, images
+    over Pillow's size guard to ``oversized``.
 
     ``allow_empty`` lets a class folder hold no image: in a validation folder, a rare class may have
     none, while its folder keeps the class indices those of the training folder."""
@@ -307,13 +311,14 @@ def _scan(root: Path, verify: bool, skipped: list[Path], ignored: list[Path], al
             raise ValueError(f"class folder {class_dir} holds no images (looked for {', '.join(IMG_EXTENSIONS)}); "
                              "add images to it or remove the folder.")
         checks = [_check_image(p) for p in candidates] if verify else [(True, None)] * len(candidates)
-        _refuse_unsupported(class_dir, candidates, [problem for _, problem in checks])
+        _refuse_unsupported(class_dir, candidates, [problem if ok else None for ok, problem in checks])
         readable = [ok for ok, _ in checks]
         good = [p for p, ok in zip(candidates, readable) if ok]
-        bad = [p for p, ok in zip(candidates, readable) if not ok]
+        bad = [p for p, (ok, why) in zip(candidates, checks) if not ok and why != _TOO_LARGE]
+        oversized.extend(p for p, (ok, why) in zip(candidates, checks) if not ok and why == _TOO_LARGE)
         if not good:
             raise ValueError(f"class folder {class_dir} holds no readable images: all {len(candidates)} files are "
-                             "corrupt or not images. Replace them or remove the folder.")
+                             "corrupt, not images or over Pillow's size limit. Replace them or remove the folder.")
         skipped.extend(bad)
         files[name] = good
     shared = _first_shared_file(files)
@@ -363,9 +368,10 @@ def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_siz
 
     skipped: list[Path] = []
     ignored: list[Path] = []
+    oversized: list[Path] = []
     if train_dir is not None and val_dir is not None:
-        classes, train_files = _scan(train_dir, verify, skipped, ignored)
-        val_classes, val_files = _scan(val_dir, verify, skipped, ignored, allow_empty=True)
+        classes, train_files = _scan(train_dir, verify, skipped, ignored, oversized)
+        val_classes, val_files = _scan(val_dir, verify, skipped, ignored, oversized, allow_empty=True)
         if classes != val_classes:
             only_train = sorted(set(classes) - set(val_classes))
             only_val = sorted(set(val_classes) - set(classes))
@@ -395,7 +401,7 @@ def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_siz
         if test_dir is not None:
             warnings.warn(f"{test_dir} is not used: with no validation folder beside {train_dir.name!r}, validation "
                           f"is a --val-split of it. To validate on {test_dir.name!r}, rename it 'val'.", stacklevel=3)
-        classes, files = _scan(train_dir or root, verify, skipped, ignored)
+        classes, files = _scan(train_dir or root, verify, skipped, ignored, oversized)
         samples = _samples(classes, files)
         train_idx, val_idx = _stratified_split([t for _, t in samples], val_split, seed)
         train_samples, val_samples = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
@@ -404,6 +410,12 @@ def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_siz
         warnings.warn(f"ignored {len(ignored)} image file(s) of type {', '.join(kinds)} under {root} (e.g. "
                       f"{ignored[0]}): only {', '.join(IMG_EXTENSIONS)} are loaded. Convert them (or rename "
                       "JPEGs saved as .jfif/.jpe) to use them.", stacklevel=3)
+    if oversized:
+        warnings.warn(f"skipped {len(oversized)} image(s) over Pillow's size limit (PIL.Image.MAX_IMAGE_PIXELS, "
+                      f"{Image.MAX_IMAGE_PIXELS:,} pixels, its guard against decompression bombs) under {root}: "
+                      f"{', '.join(str(p) for p in oversized[:5])}{', ...' if len(oversized) > 5 else ''}. They are "
+                      "not corrupt: downscale them to use them (training crops to the model's input size anyway).",
+                      stacklevel=3)
     if skipped:
         shown = ", ".join(str(p) for p in skipped[:5])
         warnings.warn(f"skipped {len(skipped)} unreadable image file(s) under {root} (corrupt or not images): "

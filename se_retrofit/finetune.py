@@ -114,16 +114,20 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
         head = classifier_of(model)
         config = _resolved_config(model, train_data, val_data, names, se_config, opts, run_info, dtype, ctx)
 
-        saved = None
         restart = out is not None and resume and not has_checkpoint and outputs.restartable(out)
-        with distributed.reported_by_rank0(ctx):
+
+        def check_before_writing() -> dict[str, Any] | None:
+            found = None
             if out is not None and resume and has_checkpoint:
-                saved = state.load(out / outputs.LAST)
-                state.check_world_size(saved, ctx.world_size)  # before config.json is rewritten below
-                outputs.check_same_run(saved["config"], config, out)
+                found = state.load(out / outputs.LAST)
+                state.check_world_size(found, ctx.world_size)  # before config.json is rewritten below
+                outputs.check_same_run(found["config"], config, out)
             elif out is not None and resume and not restart:
                 outputs.check_same_run(outputs.read_config(out), config, out)
             check_one_batch(len(train_data), opts.batch_size, ctx.world_size)
+            return found
+
+        saved = distributed.on_every_rank(check_before_writing, ctx)
         if restart and ctx.is_main and verbose:
             print(f"no {outputs.LAST} in {out}: that run stopped before its first checkpoint; starting it over",
                   flush=True)

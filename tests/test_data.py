@@ -416,9 +416,11 @@ def test_16_bit_pgm_images_are_scaled_like_16_bit_png(tmp_path, model):
 
 def test_an_image_over_pillows_size_guard_is_named_as_too_large_not_corrupt(tmp_path, model, monkeypatch):
     write_class_folders(tmp_path, {"cat": 3, "dog": 3}, ext=".png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # 12x12 = 144 pixels: over twice the limit
-    with pytest.raises(ValueError, match=r"cannot be used as they are.*exceeds limit.*not corrupt: downscale it"):
-        build_datasets(tmp_path, model, image_size=16)
+    write_image(tmp_path / "cat" / "huge.png", size=20)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150)  # 20x20 = 400 pixels: over twice the limit, 12x12 under it
+    with pytest.warns(UserWarning, match=r"skipped 1 image\(s\) over Pillow's size limit.*huge.png.*not corrupt"):
+        train, val, _ = build_datasets(tmp_path, model, val_split=0.34, image_size=16)
+    assert len(train) + len(val) == 6, "the other images are kept"
 
 
 def test_image_types_the_loader_leaves_out_are_counted_in_a_warning(tmp_path, model):

@@ -227,3 +227,44 @@ def test_torchrun_reports_a_data_problem_once(tmp_path: Path) -> None:
     text = launch(data, "--batch-size", "64")
     assert text.count("skipped 1 unreadable image file") == 1, f"the warning should be printed once:\n{text[-3000:]}"
     assert text.count("fewer than one batch") == 1, f"the batch error should be printed once:\n{text[-3000:]}"
+
+
+def _fail_on_rank1_only(rank: int, port: int, out: Path) -> None:
+    try:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        from se_retrofit.training import distributed
+
+        ctx = distributed.setup(torch.device("cpu"))
+
+        def check() -> str:
+            if rank == 1:
+                raise FileNotFoundError("data missing on this node")
+            return "fine"
+
+        try:
+            distributed.on_every_rank(check, ctx)
+        except FileNotFoundError as exc:
+            (out / f"rank{rank}.txt").write_text(f"{exc}|{getattr(exc, 'echo_of_rank0', False)}")
+        distributed.teardown(ctx)
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def test_an_error_on_one_rank_only_is_raised_everywhere_and_printed_by_that_rank(tmp_path: Path) -> None:
+    """A problem only rank 1 meets must neither go unprinted nor leave rank 0 waiting in a collective."""
+    context = multiprocessing.get_context("fork")
+    port = _free_port()
+    procs = [context.Process(target=_fail_on_rank1_only, args=(r, port, tmp_path)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+        if proc.is_alive():
+            proc.kill()
+    assert [p.exitcode for p in procs] == [0, 0], f"ranks failed: {[p.exitcode for p in procs]}"
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
+    assert rank1 == "data missing on this node|False", f"rank 1 should print its own error: {rank1}"
+    assert rank0 == "on rank 1: data missing on this node|True", f"rank 0 should raise a quiet copy: {rank0}"

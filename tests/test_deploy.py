@@ -317,3 +317,37 @@ def test_deploy_time_fusion_of_a_rewritten_block_is_refused_with_the_way_out(nam
     with torch.no_grad():
         assert torch.equal(fused_first(X), reparameterize_model(model)(X)), \
             f"{name}: re-parameterised before apply, the model should keep its outputs"
+
+
+class _BlockWithFuseHelper(torch.nn.Module):
+    """A ``fuse(a, b)`` that is no deploy step: a helper the parent calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+    def fuse(self, a, b):
+        return torch.cat([a, b], dim=1)
+
+
+class _UsesTheHelper(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 1)
+        self.block = _BlockWithFuseHelper()
+
+    def forward(self, x):
+        y = self.block(self.stem(x))
+        return self.block.fuse(y, y)
+
+
+def test_a_fuse_method_with_arguments_is_no_deploy_step_and_keeps_working():
+    model = _UsesTheHelper().eval()
+    se_model = se_retrofit.apply(model)
+    assert se_retrofit.se_blocks(se_model), "the block should get SE"
+    with torch.no_grad():
+        assert torch.equal(se_model(X), model(X)), "the helper must still run after apply"

@@ -207,9 +207,9 @@ def _datasets(args: argparse.Namespace, model: Any, seed: int, ctx: Any) -> tupl
     with warnings.catch_warnings():
         if not ctx.is_main:
             warnings.simplefilter("ignore", UserWarning)
-        with distributed.reported_by_rank0(ctx):
-            return data_module.build_datasets(args.data, model, val_split=args.val_split, seed=seed,
-                                              image_size=args.image_size, verify_images=args.verify_images)
+        return distributed.on_every_rank(
+            lambda: data_module.build_datasets(args.data, model, val_split=args.val_split, seed=seed,
+                                               image_size=args.image_size, verify_images=args.verify_images), ctx)
 
 
 def _resume_hint(args: argparse.Namespace) -> str:

@@ -5,10 +5,9 @@ nccl on GPUs, gloo on the CPU (the only one that works there, and what the tests
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -121,15 +120,32 @@ def main_first(fn: Callable[[], T], ctx: DistContext) -> T:
     return box[1]
 
 
-@contextlib.contextmanager
-def reported_by_rank0(ctx: DistContext) -> Iterator[None]:
-    """Checks every rank makes alike (the same data, options and checkpoint) fail alike: rank 0's error
-    is the one the CLI prints, the other ranks' copies are marked as echoes."""
+def on_every_rank(fn: Callable[[], T], ctx: DistContext) -> T:
+    """Run ``fn`` on every rank (the data scan, the checks before training) and fail together, printed once.
+
+    Ranks usually fail alike (the same data and options), and then N copies of one error would be
+    printed; but a problem only one rank meets (data missing on a second node) must still be printed
+    and must not leave the others waiting in a collective. So every rank learns every rank's outcome:
+    the first failing rank's error is the one the CLI prints, every rank raises.
+    """
+    if not ctx.enabled:
+        return fn()
+    result: Any = None
+    error: BaseException | None = None
     try:
-        yield
+        result = fn()
     except (ValueError, OSError, RuntimeError) as exc:
-        exc.echo_of_rank0 = not ctx.is_main
-        raise
+        error = exc
+    outcomes: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(outcomes, None if error is None else (type(error).__name__, str(error)))
+    failed = [(rank, outcome) for rank, outcome in enumerate(outcomes) if outcome is not None]
+    if not failed:
+        return result
+    first, (kind, text) = failed[0]
+    if error is None:
+        error = _ERRORS.get(kind, RuntimeError)(f"on rank {first}: {text}")
+    error.echo_of_rank0 = ctx.rank != first  # printed by the first rank that failed
+    raise error
 
 
 _ERRORS = {cls.__name__: cls for cls in (ValueError, FileNotFoundError, FileExistsError, PermissionError,
