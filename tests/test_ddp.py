@@ -80,6 +80,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _run_two_ranks(target, args: tuple, timeout: float) -> list[int | None]:
+    """Fork two ranks of ``target(rank, port, *args)`` on a free port; their exit codes (killed if stuck)."""
+    context = multiprocessing.get_context("fork")
+    port = _free_port()
+    procs = [context.Process(target=target, args=(rank, port, *args)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=timeout)
+        if proc.is_alive():
+            proc.kill()
+    return [proc.exitcode for proc in procs]
+
+
 def _rank_main(rank: int, port: int, out: Path, weights: Path) -> None:
     """One forked rank: the environment torchrun would give it, then the public API."""
     try:
@@ -107,16 +121,8 @@ def test_two_gloo_processes_match_one_process_with_twice_the_batch(tmp_path: Pat
     model.load_state_dict(load_file(str(weights)))
     single = finetune(model, Quadrants(24), Quadrants(10, seed=1), batch_size=8, **OPTIONS)
 
-    context = multiprocessing.get_context("fork")
-    port = _free_port()
-    procs = [context.Process(target=_rank_main, args=(r, port, tmp_path / "ddp", weights)) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=240)
-        if proc.is_alive():
-            proc.kill()
-    assert [p.exitcode for p in procs] == [0, 0], f"DDP ranks failed (exit codes {[p.exitcode for p in procs]})"
+    codes = _run_two_ranks(_rank_main, (tmp_path / "ddp", weights), timeout=240)
+    assert codes == [0, 0], f"DDP ranks failed (exit codes {codes})"
 
     rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2))
     unsynced = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
@@ -255,16 +261,8 @@ def _fail_on_rank1_only(rank: int, port: int, out: Path) -> None:
 
 def test_an_error_on_one_rank_only_is_raised_everywhere_and_printed_by_that_rank(tmp_path: Path) -> None:
     """A problem only rank 1 meets must neither go unprinted nor leave rank 0 waiting in a collective."""
-    context = multiprocessing.get_context("fork")
-    port = _free_port()
-    procs = [context.Process(target=_fail_on_rank1_only, args=(r, port, tmp_path)) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=120)
-        if proc.is_alive():
-            proc.kill()
-    assert [p.exitcode for p in procs] == [0, 0], f"ranks failed: {[p.exitcode for p in procs]}"
+    codes = _run_two_ranks(_fail_on_rank1_only, (tmp_path,), timeout=120)
+    assert codes == [0, 0], f"ranks failed: {codes}"
     rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
     assert rank1 == "data missing on this node|False", f"rank 1 should print its own error: {rank1}"
     assert rank0 == "on rank 1: data missing on this node|True", f"rank 0 should raise a quiet copy: {rank0}"
