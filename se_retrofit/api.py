@@ -25,14 +25,7 @@ from .neighbours import attention_after
 from .rewrite import Undo, free_name, rewrite_block
 from .se_block import SEBlock, hidden_width
 from .sites import Placement, analyze, tensor_adds
-from .tracing import (
-    TraceFailure,
-    bind_call,
-    cached_trace,
-    clear_cache,
-    propagate_shapes,
-    trace_forward,
-)
+from .tracing import TraceFailure, bind_call, cached_trace, clear_cache, propagate_shapes, trace_forward
 from .wrappers import unwrapped
 
 logger = logging.getLogger("se_retrofit")
@@ -459,8 +452,9 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     target._se_retrofit_plan = plan
     if not done:
         reasons = "; ".join(f"{r} ({n}x)" for r, n in plan.reasons().most_common(4)) or _NO_ADDITIONS
+        # stacklevel 3: past the keyword check wrapping apply, to the caller's line
         warnings.warn(f"se_retrofit.apply: no SE block inserted into {type(model).__name__}: {reasons}. "
-                      "The model is returned unchanged.", SERetrofitWarning, stacklevel=3)  # past the keyword check wrapping apply
+                      "The model is returned unchanged.", SERetrofitWarning, stacklevel=3)
     logger.info("se_retrofit: %d SE block(s) inserted into %s, %d addition(s) left alone",
                 len(done), type(model).__name__, len(plan.skipped))
     return target

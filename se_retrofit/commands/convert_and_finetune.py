@@ -200,7 +200,7 @@ def _build_model(spec: str, pretrained: bool, checkpoint: Path | None, prefer_em
 
 
 def _datasets(args: argparse.Namespace, model: Any, seed: int, ctx: Any) -> tuple[Any, Any, list[str]]:
-    """Every rank scans the same folder and meets the same problems: rank 0 alone says so."""
+    """Every rank scans the same folder: rank 0 alone warns, and an error is printed once (`on_every_rank`)."""
     from .. import data as data_module
     from ..training import distributed
 

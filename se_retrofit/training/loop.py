@@ -105,8 +105,8 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- state
     def resume_from(self, saved: dict[str, Any]) -> None:
-        """Continue from a ``last.pt``: weights, optimizer, schedule, EMA, RNG, data position."""
-        state.check_world_size(saved, self.ctx.world_size)
+        """Continue from a ``last.pt`` (its process count checked, `state.check_world_size`): weights,
+        optimizer, schedule, EMA, RNG, data position."""
         ranks = saved["ranks"]
         self.progress = state.restore(saved, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                       scaler=self.scaler, ema=self.ema)
