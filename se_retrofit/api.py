@@ -22,9 +22,10 @@ from .config import SEConfig
 from .fusion import fused_calls
 from .messages import first_line
 from .neighbours import attention_after
+from .nesting import branch_calls, enclosing_unit
 from .rewrite import Undo, free_name, rewrite_block
 from .se_block import SEBlock, hidden_width
-from .sites import Placement, analyze, tensor_adds
+from .sites import NESTED_REASON, Placement, analyze, tensor_adds
 from .tracing import TraceFailure, bind_call, cached_trace, clear_cache, propagate_shapes, trace_forward
 from .wrappers import unwrapped
 
@@ -224,15 +225,18 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
 
 
 def _trace_block(name: str, module: nn.Module, call: Call, position: str
-                 ) -> tuple[_BlockPlan | None, list[Skipped]]:
-    """Trace, check and analyse one module; a module whose forward cannot be trusted is skipped whole."""
+                 ) -> tuple[_BlockPlan | None, list[Skipped], list[frozenset[str]]]:
+    """Trace, check and analyse one module; a module whose forward cannot be trusted is skipped whole.
+
+    Also returns, for each residual unit that gets SE or already has it, the submodules its branch calls.
+    """
     if call.varies is not None:
         return None, [Skipped(name, None, "module skipped: called again with other non-tensor arguments "
-                                          f"({call.varies}); a traced forward fixes those of its first call")]
+                                          f"({call.varies}); a traced forward fixes those of its first call")], []
     if _defines_init_subclass(type(module)):
         return None, [Skipped(name, None, f"module skipped: {type(module).__name__}'s class hierarchy defines "
                                           "__init_subclass__, which the rewrite's generated subclass would run "
-                                          "(class registries, required class arguments)")]
+                                          "(class registries, required class arguments)")], []
     try:
         param_names, concrete = bind_call(module, call)
         if concrete:
@@ -242,14 +246,14 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
         fused = [Skipped(name, n.name, f"already has channel attention: SEBlock at '{n.target}' (doing the add)")
                  for n in fused_calls(eval_graph, module)]
         if not tensor_adds(eval_graph):
-            return None, fused
+            return None, fused, branch_calls(eval_graph, module, [], [])
         quantized = [n for n, child in module.named_children() if catalog.is_quantization_functional(child)]
         if quantized:
             return None, [Skipped(name, None, f"module skipped: its additions go through '{quantized[0]}', a "
                                               f"{type(getattr(module, quantized[0])).__name__} for eager-mode "
                                               "quantization, which turns them into quantized adds that an SE block "
                                               "would bypass; retrofit the float model instead (torchvision.models.NAME, "
-                                              "not torchvision.models.quantization.NAME)")]
+                                              "not torchvision.models.quantization.NAME)")], []
         propagate_shapes(module, eval_graph, call, check_output=True)
         graphs = [eval_graph]
         if reads_training:
@@ -258,7 +262,7 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
                 propagate_shapes(module, train_graph, call, check_output=False)
                 graphs.append(train_graph)
     except TraceFailure as exc:
-        return None, [Skipped(name, None, f"module skipped: {exc}")]
+        return None, [Skipped(name, None, f"module skipped: {exc}")], []
     all_placements = []
     rejections = []
     for graph in graphs:
@@ -267,23 +271,36 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
         all_placements.append(placed)
         rejections.append(rejected)
     if len(graphs) == 2 and [p.signature() for p in all_placements[0]] != [p.signature() for p in all_placements[1]]:
-        return None, [Skipped(name, None, "module skipped: its residual structure differs between train and eval mode")]
+        return None, [Skipped(name, None, "module skipped: its residual structure differs between train and eval mode")], []
     skipped = fused + [Skipped(name, r.add, r.reason) for r in rejections[0]]
+    units = branch_calls(eval_graph, module, all_placements[0], rejections[0])
     if not all_placements[0]:
-        return None, skipped
-    return _BlockPlan(name, module, call, graphs, all_placements), skipped
+        return None, skipped, units
+    return _BlockPlan(name, module, call, graphs, all_placements), skipped, units
 
 
-def _drop_sites_beside_attention(model: nn.Module, block: _BlockPlan, plan: SitePlan) -> bool:
-    """Reject the block's sites whose sum the parent hands straight to channel attention; False when none is left."""
-    beside = attention_after(model, block.name, block.module, block.graphs[0], [p.add for p in block.placements[0]])
-    if not beside:
+def _reject_sites(block: _BlockPlan, plan: SitePlan, reasons: dict[str, str]) -> bool:
+    """Move the block's sites named in ``reasons`` (add -> why) to ``plan.skipped``; False when none is left."""
+    if not reasons:
         return True
-    keep = [i for i, p in enumerate(block.placements[0]) if p.add not in beside]
-    plan.skipped.extend(Skipped(block.name, add, f"already has channel attention: {where} in the parent, "
-                                                 "on this module's output") for add, where in beside.items())
+    keep = [i for i, p in enumerate(block.placements[0]) if p.add not in reasons]
+    plan.skipped.extend(Skipped(block.name, add, why) for add, why in reasons.items())
     block.placements = [[placed[i] for i in keep] for placed in block.placements]
     return bool(keep)
+
+
+def _sites_beside_attention(model: nn.Module, block: _BlockPlan) -> dict[str, str]:
+    """The block's sites whose sum the parent hands straight to channel attention."""
+    beside = attention_after(model, block.name, block.module, block.graphs[0], [p.add for p in block.placements[0]])
+    return {add: f"already has channel attention: {where} in the parent, on this module's output"
+            for add, where in beside.items()}
+
+
+def _sites_on_enclosing_branch(block: _BlockPlan, units: dict[str, list[frozenset[str]]]) -> dict[str, str]:
+    """The block's linear sums, when an ancestor runs the block on a residual branch (see `nesting`)."""
+    if enclosing_unit(block.name, units) is None:
+        return {}
+    return {p.add: NESTED_REASON for p in block.placements[0] if p.linear}
 
 
 def _defines_init_subclass(cls: type) -> bool:
@@ -308,16 +325,20 @@ def _plan(model: nn.Module, config: SEConfig, example_input: Any) -> tuple[SiteP
     plan.skipped.extend(Skipped(name, None, _GRAPH_MODULE_REASON) for name, m in model.named_modules()
                         if isinstance(m, fx.GraphModule) and tensor_adds(m.graph))
     blocks: list[_BlockPlan] = []
+    units: dict[str, list[frozenset[str]]] = {}  # block -> submodules each residual unit calls on its branch
     try:
-        for name, module in candidates.items():
+        for name, module in candidates.items():  # parents before children, so `units` holds every ancestor
             if name not in calls:
                 skipped = _uncalled_with_adds(name, module)
                 if skipped:
                     plan.skipped.append(skipped)
                 continue
-            block, skipped = _trace_block(name, module, calls[name], config.position)
+            block, skipped, units[name] = _trace_block(name, module, calls[name], config.position)
             plan.skipped.extend(skipped)
-            if block is not None and _drop_sites_beside_attention(model, block, plan):
+            if block is None:
+                continue
+            rejected = {**_sites_beside_attention(model, block), **_sites_on_enclosing_branch(block, units)}
+            if _reject_sites(block, plan, rejected):
                 blocks.append(block)
     finally:
         clear_cache()

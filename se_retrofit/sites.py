@@ -4,12 +4,15 @@ This module only reads graphs; ``rewrite`` changes them. An addition is a residu
 branch that does the block's work (a convolution and a non-linearity, or an op not known to be
 linear) with a shortcut that is the branch's own input, a linear projection of it (conv + norm,
 pooling) or a tensor the caller handed in. A sum of several light parallel convolutions from one input (RepVGG,
-MobileOne) is a multi-branch block: it gets one SE after the sum. Everything else (token and
+MobileOne) is a multi-branch block: it gets one SE after the sum. Such a linear sum (conv + norm
+arms, with or without an identity arm) that lies on another unit's residual branch is one layer of
+that unit once re-parameterised and is left alone: the unit gets one SE, at the end of its branch, as
+in SE-ResNet (`nesting` does the same when the sum is in a child module). Everything else (token and
 channels-last adds, partial-channel adds, fusions of separate inputs) is reported with a reason.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch.fx as fx
@@ -31,6 +34,8 @@ class Placement:
     spatial_dims: int
     after: str                # the SE block takes this node's value...
     consumers: tuple[str, ...] | None  # ...and replaces it in these nodes (None: in every user)
+    branch: frozenset[str] = field(default=frozenset(), compare=False, repr=False)  # residual: its branch's nodes
+    linear: bool = field(default=False, compare=False)  # every summed branch is conv + norm: one conv once fused
 
     def signature(self) -> tuple:
         return (self.kind, self.shortcut, self.channels, self.spatial_dims)
@@ -40,6 +45,11 @@ class Placement:
 class Rejection:
     add: str
     reason: str
+    branch: frozenset[str] = field(default=frozenset(), compare=False, repr=False)  # a gated unit's branch nodes
+
+
+NESTED_REASON = ("linear sum on a residual branch (conv + norm arms that re-parameterise into one layer of that "
+                 "unit; the unit gets one SE, at the end of its branch)")
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -247,7 +257,23 @@ def analyze(graph: fx.Graph, owner: nn.Module, layouts: dict[fx.Node, Layout | N
             if problem:
                 result = Rejection(add.name, problem)
         (placements if isinstance(result, Placement) else rejections).append(result)
-    return placements, rejections
+    return _outside_units(graph, placements, rejections)
+
+
+def _outside_units(graph: fx.Graph, placements: list[Placement], rejections: list[Rejection]
+                   ) -> tuple[list[Placement], list[Rejection]]:
+    """Reject linear sums that lie on the branch of a residual unit of the same graph.
+
+    SE-ResNet gates each residual unit once; a RepVGG-style sum inside the unit is one of its layers.
+    A unit that already has channel attention counts too, so a second ``apply`` adds nothing there.
+    """
+    branches = [p.branch for p in placements] + [r.branch for r in rejections]
+    inside = [p for p in placements if p.linear and any(p.add in b for b in branches)]
+    if not inside:
+        return placements, rejections
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    rejections = sorted(rejections + [Rejection(p.add, NESTED_REASON) for p in inside], key=lambda r: order[r.add])
+    return [p for p in placements if p not in inside], rejections
 
 
 def _in_place_problem(g: _Graph, placement: Placement) -> str | None:
@@ -307,7 +333,11 @@ def _classify(g: _Graph, add: fx.Node, terms: list[fx.Node], position: str) -> P
         return Rejection(add.name, "no convolution on any operand (token or MLP residual)")
     if heavy or (len(light_conv) == 1 and zero):
         branch = heavy[0] if heavy else light_conv[0]
-        return _residual(g, add, terms, exclusive, identity, branch, group, position)
+        result = _residual(g, add, terms, exclusive, identity, branch, group, position)
+        if isinstance(result, Placement):
+            result.branch = frozenset(n.name for n in exclusive[branch])
+            result.linear = not heavy
+        return result
     if len(light_conv) >= 2:
         return _multi_branch(g, add, terms, exclusive, group, position)
     return Rejection(add.name, "no branch with a convolution")
@@ -359,12 +389,19 @@ def _fork_of(g: _Graph, nodes: set[fx.Node]) -> tuple[fx.Node, tuple[str, ...]] 
 
 
 def _unit_rejection(g: _Graph, add: fx.Node, lay: Layout | None, exclusive: list[set[fx.Node]],
-                    group: list[fx.Node]) -> Rejection | None:
-    """The checks every residual unit must pass: a conv-fixed NC* layout, and no channel attention yet."""
+                    group: list[fx.Node], branch: frozenset[str] = frozenset()) -> Rejection | None:
+    """The checks every residual unit must pass: a conv-fixed NC* layout, and no channel attention yet.
+
+    A residual unit (``branch``: its branch's node names) already gated keeps its branch on the rejection:
+    multi-branch sums on it are then left alone as on a unit that gets SE now.
+    """
     problem = _layout_problem(lay)
     if problem:
         return Rejection(add.name, problem)
-    return _attention_rejection(g, add, exclusive, group)
+    rejection = _attention_rejection(g, add, exclusive, group)
+    if rejection is not None:
+        rejection.branch = branch
+    return rejection
 
 
 def _attention_rejection(g: _Graph, add: fx.Node, exclusive: list[set[fx.Node]],
@@ -392,7 +429,8 @@ def _residual(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list[set
         shortcut = "identity"
     elif len(others) == 1 and terms[others[0]].op == "placeholder":
         shortcut = "argument"
-    rejection = _unit_rejection(g, add, g.layouts.get(branch), exclusive, group)
+    nodes = frozenset(n.name for n in exclusive[b])
+    rejection = _unit_rejection(g, add, g.layouts.get(branch), exclusive, group, nodes)
     if rejection:
         return rejection
     shape = _shape(add)
@@ -440,6 +478,7 @@ def _multi_branch(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list
         if isinstance(found, str):
             return Rejection(add.name, f"position='pre': {found}")
         fork, readers = found
-        return Placement(add.name, "multi-branch", "none", _shape(fork)[1], spatial, fork.name, readers)
+        return Placement(add.name, "multi-branch", "none", _shape(fork)[1], spatial, fork.name, readers,
+                         linear=True)
     anchor = (_activation_after(g, add) or add) if position == "post" else add
-    return Placement(add.name, "multi-branch", "none", shape[1], spatial, anchor.name, None)
+    return Placement(add.name, "multi-branch", "none", shape[1], spatial, anchor.name, None, linear=True)

@@ -319,6 +319,25 @@ def test_deploy_time_fusion_of_a_rewritten_block_is_refused_with_the_way_out(nam
             f"{name}: re-parameterised before apply, the model should keep its outputs"
 
 
+def test_a_model_whose_re_parameterisable_layers_sit_on_residual_branches_still_fuses():
+    """RepGhostNet's ghost modules are layers of its bottlenecks' branches: SE goes on the bottleneck,
+    the ghost modules stay as they were, and ``reparameterize_model`` fuses them with every SE kept."""
+    from timm.utils.model import reparameterize_model
+
+    from se_retrofit.testing import perturb_norms
+
+    model = perturb_norms(timm.create_model("repghostnet_050", pretrained=False)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", se_retrofit.SERetrofitWarning)
+        se_model = se_retrofit.apply(model, init="paper")
+    fused = reparameterize_model(se_model)
+    assert len(se_retrofit.se_blocks(fused)) == len(se_retrofit.se_blocks(se_model)) > 0, "fusion dropped SE blocks"
+    assert not any(len(getattr(m, "fusion_bn", ())) for m in fused.modules()), "the ghost modules were not fused"
+    with torch.no_grad():
+        diff = (fused(X) - se_model(X)).abs().max().item()
+    assert diff < 1e-4, f"re-parameterised retrofitted model differs by {diff}"
+
+
 class _BlockWithFuseHelper(torch.nn.Module):
     """A ``fuse(a, b)`` that is no deploy step: a helper the parent calls."""
 

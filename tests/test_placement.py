@@ -110,3 +110,88 @@ def test_attention_the_parent_applies_to_a_blocks_sum_counts_as_the_units():
         f"the mixer's sum should be left alone for the parent's SE:\n{with_se}"
     without = se_retrofit.find_sites(_RepViTLike(16, nn.Identity()))
     assert sorted(s.block for s in without.sites) == ["", "token_mixer"], f"control, no parent SE:\n{without}"
+
+
+class _RepConv(nn.Module):
+    """A RepVGG arm set (3x3 + 1x1 + identity norm) with an activation: one conv layer once re-parameterised."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.k3 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.k1 = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.skip = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.k3(x) + self.k1(x) + self.skip(x))
+
+
+class _GhostV3Like(nn.Module):
+    """A residual block whose branch runs re-parameterisable layers (GhostNetV3, RepGhostNet, FastViT)."""
+
+    def __init__(self, c: int, attention: nn.Module | None = None) -> None:
+        super().__init__()
+        self.pw = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.rep1, self.rep2 = _RepConv(c), _RepConv(c)
+        self.se = attention or nn.Identity()
+
+    def forward(self, x):  # a convolution first, so that position="pre" knows the branch input's channel axis
+        return x + self.se(self.rep2(self.rep1(self.pw(x))))
+
+
+class _InlineRep(nn.Module):
+    """The same with the arms summed in the residual block's own forward."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.k3 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.k1 = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.out = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.out(torch.relu(self.k3(x) + self.k1(x)))
+
+
+def _quiet(call, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", se_retrofit.SERetrofitWarning)
+        return call(*args, **kwargs)
+
+
+@pytest.mark.parametrize("model", [_GhostV3Like(16), _InlineRep(16)], ids=["child-module", "same-graph"])
+def test_a_linear_sum_on_a_residual_branch_is_a_layer_of_that_unit(model):
+    """SE-ResNet gates each residual unit once, at the end of its branch; the arms inside are one conv."""
+    plan = se_retrofit.find_sites(model)
+    assert [(s.block, s.kind) for s in plan.sites] == [("", "residual")], f"one SE for the unit:\n{plan}"
+    nested = [s for s in plan.skipped if s.reason == se_retrofit.sites.NESTED_REASON]
+    assert len(nested) == (2 if isinstance(model, _GhostV3Like) else 1), f"inner sums not reported:\n{plan}"
+    alone = se_retrofit.find_sites(_RepConv(16))
+    assert [s.kind for s in alone.sites] == ["multi-branch"], f"control: a RepVGG block of its own is a unit:\n{alone}"
+
+
+@pytest.mark.parametrize("position", ["standard", "pre", "post", "identity"])
+def test_apply_again_adds_nothing_inside_a_gated_unit(position):
+    """The second apply sees the unit's SE (fused into the add, or beside it) and still leaves the arms alone."""
+    once = _quiet(se_retrofit.apply, perturb_norms(_GhostV3Like(16)).eval(), position=position)
+    assert len(se_retrofit.se_blocks(once)) == 1, f"{position}: first apply"
+    twice = _quiet(se_retrofit.apply, once)
+    assert len(se_retrofit.se_blocks(twice)) == 1, \
+        f"{position}: a second apply added SE inside the gated unit:\n{se_retrofit.get_plan(twice)}"
+
+
+def test_a_unit_with_its_own_attention_gets_none_inside():
+    from torchvision.ops import SqueezeExcitation
+
+    plan = se_retrofit.find_sites(_GhostV3Like(16, SqueezeExcitation(16, 8)))
+    assert not plan.sites, f"the unit already has SE; its inner sums are its layers:\n{plan}"
+
+
+@pytest.mark.parametrize("name", ["ghostnetv3_050", "repghostnet_050"])
+def test_ghost_bottlenecks_get_one_se_each_and_none_in_their_ghost_modules(name):
+    """16 bottlenecks, 7 with timm's own SE: 9 SE blocks (there were 65 and 36, inside every ghost module)."""
+    model = timm.create_model(name, pretrained=False)
+    bottlenecks = {n for n, m in model.named_modules() if type(m).__name__.endswith("Bottleneck")
+                   or type(m).__name__.endswith("BottleneckV3")}
+    gated = {n for n in bottlenecks if not isinstance(getattr(model.get_submodule(n), "se", None), (type(None), nn.Identity))}
+    plan = se_retrofit.find_sites(model)
+    assert sorted(s.block for s in plan.sites) == sorted(bottlenecks - gated), \
+        f"{name}: SE should go once on each bottleneck without its own SE:\n{plan}"
