@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import unicodedata
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -292,10 +293,24 @@ def _check_image(path: Path) -> tuple[bool, str | None]:
 _TOO_LARGE = "too large"
 
 
-def _scan(root: Path, verify: bool, skipped: list[Path], ignored: list[Path], oversized: list[Path],
-          allow_empty: bool = False) -> tuple[list[str], dict[str, list[Path]]]:
-    """Class names and their readable images under ``root``; unreadable files go to ``skipped``, images
-    over Pillow's size guard to ``oversized``.
+@dataclass
+class _Findings:
+    """What the scans of one data folder collect besides the images, and how far they have got.
+
+    ``progress`` is called with the number of images looked at so far after each class folder: a folder
+    of a million images takes minutes to verify, and a silent start looks like a hang.
+    """
+
+    verify: bool
+    progress: Callable[[int], None] | None = None
+    looked_at: int = 0
+    skipped: list[Path] = field(default_factory=list)    # unreadable
+    ignored: list[Path] = field(default_factory=list)    # image types that are not loaded
+    oversized: list[Path] = field(default_factory=list)  # over Pillow's size guard
+
+
+def _scan(root: Path, found: _Findings, allow_empty: bool = False) -> tuple[list[str], dict[str, list[Path]]]:
+    """Class names and their readable images under ``root``; the rest goes to ``found``.
 
     ``allow_empty`` lets a class folder hold no image: in a validation folder, a rare class may have
     none, while its folder keeps the class indices those of the training folder."""
@@ -303,23 +318,26 @@ def _scan(root: Path, verify: bool, skipped: list[Path], ignored: list[Path], ov
     files: dict[str, list[Path]] = {}
     for name in classes:
         class_dir = root / name
-        candidates = _image_files(class_dir, ignored)
+        candidates = _image_files(class_dir, found.ignored)
         if not candidates and allow_empty:
             files[name] = []
             continue
         if not candidates:
             raise ValueError(f"class folder {class_dir} holds no images (looked for {', '.join(IMG_EXTENSIONS)}); "
                              "add images to it or remove the folder.")
-        checks = [_check_image(p) for p in candidates] if verify else [(True, None)] * len(candidates)
+        checks = [_check_image(p) for p in candidates] if found.verify else [(True, None)] * len(candidates)
+        found.looked_at += len(candidates)
+        if found.progress is not None:
+            found.progress(found.looked_at)
         _refuse_unsupported(class_dir, candidates, [problem if ok else None for ok, problem in checks])
         readable = [ok for ok, _ in checks]
         good = [p for p, ok in zip(candidates, readable) if ok]
         bad = [p for p, (ok, why) in zip(candidates, checks) if not ok and why != _TOO_LARGE]
-        oversized.extend(p for p, (ok, why) in zip(candidates, checks) if not ok and why == _TOO_LARGE)
+        found.oversized.extend(p for p, (ok, why) in zip(candidates, checks) if not ok and why == _TOO_LARGE)
         if not good:
             raise ValueError(f"class folder {class_dir} holds no readable images: all {len(candidates)} files are "
                              "corrupt, not images or over Pillow's size limit. Replace them or remove the folder.")
-        skipped.extend(bad)
+        found.skipped.extend(bad)
         files[name] = good
     shared = _first_shared_file(files)
     if shared:
@@ -353,7 +371,7 @@ def _samples(classes: list[str], files: dict[str, list[Path]]) -> list[tuple[Pat
 
 
 def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_size: int | None,
-            verify: bool) -> tuple[Dataset, Dataset, list[str]]:
+            found: _Findings) -> tuple[Dataset, Dataset, list[str]]:
     from timm.data import create_transform
 
     if not root.exists():
@@ -366,12 +384,9 @@ def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_siz
         raise ValueError(f"{root} has a {val_dir.name!r} folder but no 'train' folder; add {root / 'train'}. "
                          f"{_LAYOUT_HINT}")
 
-    skipped: list[Path] = []
-    ignored: list[Path] = []
-    oversized: list[Path] = []
     if train_dir is not None and val_dir is not None:
-        classes, train_files = _scan(train_dir, verify, skipped, ignored, oversized)
-        val_classes, val_files = _scan(val_dir, verify, skipped, ignored, oversized, allow_empty=True)
+        classes, train_files = _scan(train_dir, found)
+        val_classes, val_files = _scan(val_dir, found, allow_empty=True)
         if classes != val_classes:
             only_train = sorted(set(classes) - set(val_classes))
             only_val = sorted(set(val_classes) - set(classes))
@@ -401,10 +416,11 @@ def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_siz
         if test_dir is not None:
             warnings.warn(f"{test_dir} is not used: with no validation folder beside {train_dir.name!r}, validation "
                           f"is a --val-split of it. To validate on {test_dir.name!r}, rename it 'val'.", stacklevel=3)
-        classes, files = _scan(train_dir or root, verify, skipped, ignored, oversized)
+        classes, files = _scan(train_dir or root, found)
         samples = _samples(classes, files)
         train_idx, val_idx = _stratified_split([t for _, t in samples], val_split, seed)
         train_samples, val_samples = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+    ignored, oversized, skipped = found.ignored, found.oversized, found.skipped
     if ignored:
         kinds = sorted({p.suffix.lower() for p in ignored})
         warnings.warn(f"ignored {len(ignored)} image file(s) of type {', '.join(kinds)} under {root} (e.g. "
@@ -428,7 +444,8 @@ def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_siz
 
 
 def build_datasets(data: str, model: nn.Module, *, val_split: float = 0.1, seed: int = 0,
-                   image_size: int | None = None, verify_images: bool = True) -> tuple[Dataset, Dataset, list[str]]:
+                   image_size: int | None = None, verify_images: bool = True,
+                   progress: Callable[[int], None] | None = None) -> tuple[Dataset, Dataset, list[str]]:
     """``(train, val, class_names)`` for ``data``: ``"digits"`` or an image folder.
 
     ``"digits"``: scikit-learn's 1,797 bundled 8x8 digits, upscaled to ``image_size`` pixels (default 32,
@@ -448,7 +465,8 @@ def build_datasets(data: str, model: nn.Module, *, val_split: float = 0.1, seed:
     Corrupt files do not stop the run: every image is opened and ``verify()``-ed up front (header and,
     for PNG, checksums), the unreadable ones are skipped, and one warning gives their number and the
     first few names; a class left with no readable image is an error, since training without it would
-    silently change the label set. ``verify_images=False`` skips the check for very large folders.
+    silently change the label set. ``verify_images=False`` skips the check for very large folders;
+    ``progress``, if given, is called with the number of images scanned so far after each class folder.
     A file that passes ``verify`` but fails to decode later (a truncated JPEG) raises an ``OSError``
     naming it. 16-bit grayscale images are scaled to 8 bits rather than clipped at 255 (which turns
     them white); float and signed or 32-bit integer images are refused, since their value range is unknown
@@ -456,4 +474,4 @@ def build_datasets(data: str, model: nn.Module, *, val_split: float = 0.1, seed:
     """
     if isinstance(data, str) and data == "digits":
         return _digits(model, val_split, seed, image_size)
-    return _folder(Path(data), model, val_split, seed, image_size, verify_images)
+    return _folder(Path(data), model, val_split, seed, image_size, _Findings(verify_images, progress))

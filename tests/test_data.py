@@ -430,3 +430,31 @@ def test_image_types_the_loader_leaves_out_are_counted_in_a_warning(tmp_path, mo
     with pytest.warns(UserWarning, match=r"ignored 2 image file\(s\) of type \.gif, \.jfif"):
         train, val, _ = build_datasets(tmp_path, model, val_split=0.34, image_size=16)
     assert len(train) + len(val) == 6, "only the loadable images are in the data"
+
+
+def test_the_scan_reports_its_progress_after_each_class_folder(tmp_path, model):
+    """A million images take minutes to verify: the caller gets a running count to show."""
+    write_class_folders(tmp_path / "train", {"a": 3, "b": 2})
+    write_class_folders(tmp_path / "val", {"a": 1, "b": 2})
+    counts: list[int] = []
+    build_datasets(tmp_path, model, image_size=16, progress=counts.append)
+    assert counts == [3, 5, 6, 8], f"running counts after each class folder (train, then val): {counts}"
+
+
+def test_the_command_prints_scan_progress_only_for_a_slow_scan(capsys):
+    from se_retrofit.commands import convert_and_finetune as command
+
+    times = iter([0.0, 4.0, 12.0, 15.0, 30.0, 31.0])
+    progress = command._ScanProgress(every=10.0, clock=lambda: next(times))
+    for images in (100, 250, 400, 900):
+        progress(images)
+    progress.finish()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["scanning the data: 250 images so far (12 s; --no-verify-images skips opening each one)",
+                     "scanning the data: 900 images so far (30 s; --no-verify-images skips opening each one)",
+                     "scanned 900 images in 31 s"], lines
+    quick_times = iter([0.0, 2.0, 3.0])
+    quick = command._ScanProgress(every=10.0, clock=lambda: next(quick_times))
+    quick(5)
+    quick.finish()
+    assert capsys.readouterr().out == "", "a scan shorter than the interval should print nothing"

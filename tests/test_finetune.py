@@ -209,6 +209,24 @@ def test_finetune_se_trains_only_se_and_head() -> None:
     assert not result.interrupted and result.out_dir is None and result.files == {}
 
 
+def test_the_cli_defaults_are_the_librarys_but_for_loader_workers() -> None:
+    """The CLI states every default again (for --help); a change to one side alone would make the command and
+    ``finetune`` train differently. Loader workers differ on purpose: the library keeps 0 (a resumed run
+    repeats itself bit for bit), the command uses 2 (speed)."""
+    import dataclasses
+
+    from se_retrofit.cli import build_parser
+    from se_retrofit.commands.convert_and_finetune import conversion_kwargs, training_options
+    from se_retrofit.config import SEConfig
+
+    args = build_parser().parse_args(["convert-and-finetune", "resnet18", "--data", "digits", "--out", "run"])
+    cli, library = training_options(args), TrainOptions()
+    differ = {f.name: (getattr(cli, f.name), getattr(library, f.name)) for f in dataclasses.fields(TrainOptions)
+              if getattr(cli, f.name) != getattr(library, f.name)}
+    assert differ == {"workers": (2, 0)}, f"CLI and TrainOptions defaults (cli, library) differ: {differ}"
+    assert SEConfig(**conversion_kwargs(args)) == SEConfig(), "the CLI's conversion defaults are not SEConfig's"
+
+
 def test_every_conversion_option_is_a_keyword_of_finetune() -> None:
     """``fuse_add`` and ``early_squeeze`` were refused as unknown training options."""
     from se_retrofit import get_config

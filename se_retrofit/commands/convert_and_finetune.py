@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..training.options import AMP_DTYPES, OPTIMIZERS, TRAIN_MODES, TrainOptions, parse_checkpoint_every
 from ._options import INTERRUPTED_EXIT, add_conversion_options, conversion_kwargs
@@ -204,12 +205,40 @@ def _datasets(args: argparse.Namespace, model: Any, seed: int, ctx: Any) -> tupl
     from .. import data as data_module
     from ..training import distributed
 
+    progress = _ScanProgress() if ctx.is_main and args.data != "digits" else None
     with warnings.catch_warnings():
         if not ctx.is_main:
             warnings.simplefilter("ignore", UserWarning)
-        return distributed.on_every_rank(
+        found = distributed.on_every_rank(
             lambda: data_module.build_datasets(args.data, model, val_split=args.val_split, seed=seed,
-                                               image_size=args.image_size, verify_images=args.verify_images), ctx)
+                                               image_size=args.image_size, verify_images=args.verify_images,
+                                               progress=progress), ctx)
+    if progress is not None:
+        progress.finish()
+    return found
+
+
+class _ScanProgress:
+    """A line every ``every`` seconds while the data scan runs that long (a million images take minutes to
+    verify, and a silent start looks like a hang), and one when it ends; nothing for a quick scan."""
+
+    def __init__(self, every: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every, self.clock = every, clock
+        self.start = self.last = clock()
+        self.images = 0
+        self.shown = False
+
+    def __call__(self, images: int) -> None:
+        self.images = images
+        now = self.clock()
+        if now - self.last >= self.every:
+            print(f"scanning the data: {images:,} images so far ({now - self.start:.0f} s; --no-verify-images "
+                  "skips opening each one)", flush=True)
+            self.last, self.shown = now, True
+
+    def finish(self) -> None:
+        if self.shown:
+            print(f"scanned {self.images:,} images in {self.clock() - self.start:.0f} s", flush=True)
 
 
 def _resume_hint(args: argparse.Namespace) -> str:
