@@ -215,7 +215,27 @@ def _datasets(args: argparse.Namespace, model: Any, seed: int, ctx: Any) -> tupl
                                                progress=progress), ctx)
     if progress is not None:
         progress.finish()
+    if args.data != "digits":
+        distributed.same_on_every_rank(_data_digest(Path(args.data), *found), _describe_digest, ctx)
     return found
+
+
+def _data_digest(root: Path, train: Any, val: Any, classes: list[str]) -> tuple[int, int, int, str]:
+    """``(classes, training images, validation images, hash of the file list)``, paths taken relative to the
+    folder (so nodes may mount it at different places)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for part in (train, val):
+        for path, label in part.samples:
+            digest.update(f"{Path(path).relative_to(root).as_posix()}\t{label}\n".encode())
+        digest.update(b"--\n")
+    return len(classes), len(train), len(val), digest.hexdigest()[:16]
+
+
+def _describe_digest(digest: tuple[int, int, int, str]) -> str:
+    classes, train, val, files = digest
+    return f"{train:,} training and {val:,} validation images in {classes} classes (file list {files})"
 
 
 class _ScanProgress:
