@@ -182,6 +182,7 @@ def _fields(opts: TrainOptions) -> dict[str, Any]:
 def _build_model(spec: str, pretrained: bool, checkpoint: Path | None, prefer_ema: bool | None = None):
     """Create the model and load ``--checkpoint`` into it, resizing the head to the file's first."""
     from .. import checkpoint as ckpt
+    from ..fitting import load_into
     from ..models import classifier_of, create_model, reset_classifier
 
     model = create_model(spec, pretrained=pretrained)
@@ -196,7 +197,7 @@ def _build_model(spec: str, pretrained: bool, checkpoint: Path | None, prefer_em
             if not own_head.keys() & weights.keys():
                 # a backbone saved without its classifier (num_classes=0): the head is fitted to the data anyway
                 weights = {**weights, **own_head}
-        ckpt.load_into(model, weights, strict=True)
+        load_into(model, weights, strict=True)
     return model
 
 

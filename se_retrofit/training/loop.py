@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .. import checkpoint as ckpt
+from . import rng
 from . import distributed, outputs, state
 from .devices import autocast, grad_scaler
 from .distributed import DistContext
@@ -114,14 +114,14 @@ class Trainer:
         self.accum = torch.tensor(mine["accum"], dtype=torch.float64, device=self.device)
         self.epoch_seconds = float(mine["epoch_seconds"])
         self.last_lr = float(mine["last_lr"])
-        ckpt.set_rng_state(mine["rng"])
+        rng.set_rng_state(mine["rng"])
         self.resumed = True
 
     def _save(self) -> None:
         """Write ``last.pt`` (collective under DDP: every rank contributes its RNG and sums)."""
         if not self.saving:
             return
-        mine = {"rng": ckpt.rng_state(), "accum": self.accum.tolist(), "epoch_seconds": self.epoch_seconds,
+        mine = {"rng": rng.rng_state(), "accum": self.accum.tolist(), "epoch_seconds": self.epoch_seconds,
                 "last_lr": self.last_lr}
         ranks = distributed.gather(mine, self.ctx)
         if self.out is not None:

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from .. import checkpoint as ckpt
+from ..fitting import load_into
 from ..messages import first_line
 
 FORMAT = "se_retrofit.train_state/1"
@@ -88,7 +89,7 @@ def load(path: Path) -> dict[str, Any]:
 def restore(state: dict[str, Any], *, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
             ema: Any) -> Progress:
     """Load the states into the live objects and return the progress to continue from."""
-    ckpt.load_into(model, state["model"], strict=True)
+    load_into(model, state["model"], strict=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"] is not None:
