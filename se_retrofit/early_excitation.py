@@ -36,15 +36,14 @@ import math
 import weakref
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch._C._functorch import peek_interpreter_stack
 from torch.autograd import forward_ad
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.modules import module as _module_state
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .recording import recording
 from .se_block import SEBlock
 
 # SE block -> its `_Fold`. Kept off the module so that pickling and deep-copying a model never carry it
@@ -123,16 +122,6 @@ def _hooked(*modules: nn.Module) -> bool:
                or "forward" in m.__dict__ for m in modules)
 
 
-def _in_tracer(z: torch.Tensor) -> bool:
-    """Inside a tracer, where a run-time choice must not be made (see `_declines`), or under a dispatch
-    mode (``make_fx``, fake tensors, ``FlopCounterMode``), which records or counts the ops it sees: a
-    cached fold would enter ``make_fx``'s graph as constants, and a FLOP count would not be the block's;
-    or under a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``), whose wrapped tensors the fold's
-    records cannot follow."""
-    return (isinstance(z, fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or torch._C._len_torch_dispatch_stack() > 0 or peek_interpreter_stack() is not None)
-
-
 def _exact(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> bool:
     """Whether ``norm(conv(z))`` is an affine map of known arithmetic at every position."""
     return (type(norm) in norm_types() and is_pointwise_conv(conv, z.dim() - 2) and _uses_running_stats(norm))
@@ -146,7 +135,7 @@ def _declines(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> bool:
     costs the paper's block); ``torch.compile`` / ``torch.export`` see the plain SE ops and fuse them
     themselves, with no guard on the input's size; fx symbolic tracing has no values to decide with.
     """
-    return _in_tracer(z) or not _exact(z, conv, norm) or _hooked(conv, norm)
+    return recording(z) or not _exact(z, conv, norm) or _hooked(conv, norm)
 
 
 def squeeze_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.Tensor | None:
@@ -212,7 +201,7 @@ def gate_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock)
 def _declines_at_once(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock) -> bool:
     """The checks of `_declines` that no cached fold can answer: tracers and hooks (a pre-hook on the
     SE block may change the input it gates, which the gate from ``z`` would not see)."""
-    return _in_tracer(z) or _hooked(conv, norm) or bool(se._forward_pre_hooks)
+    return recording(z) or _hooked(conv, norm) or bool(se._forward_pre_hooks)
 
 
 def _needs_grad(z: torch.Tensor, tensors: tuple[torch.Tensor | None, ...]) -> bool:

@@ -21,8 +21,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch._C._functorch import peek_interpreter_stack
 from torch.autograd import forward_ad
+
+from .recording import recording
 
 _CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -107,13 +108,11 @@ class SEBlock(nn.Module):
         Never while ``torch.jit.trace`` records (the trace would fix a choice that depends on the grad
         mode of the tracing call; ``trace``'s own check reruns it without grad), nor under fx symbolic
         tracing, which has no values to decide with, nor under ``torch.compile`` / ``torch.export``,
-        whose graphs plan their own memory: all record the out-of-place ``addcmul``. Nor with
-        forward-mode AD or under a ``torch.func`` transform (``jvp``, ``vmap``): an ``out=`` op has no
-        forward derivative and no batching rule.
+        whose graphs plan their own memory, nor under a dispatch mode (``make_fx``): all record the
+        out-of-place ``addcmul``. Nor with forward-mode AD or under a ``torch.func`` transform (``jvp``,
+        ``vmap``): an ``out=`` op has no forward derivative and no batching rule.
         """
-        if isinstance(x, fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return False
-        if forward_ad._current_level >= 0 or peek_interpreter_stack() is not None:
+        if recording(x) or forward_ad._current_level >= 0:
             return False
         if residual.shape != x.shape or residual.dtype != x.dtype:
             return False
