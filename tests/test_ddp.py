@@ -235,22 +235,19 @@ def test_torchrun_reports_a_data_problem_once(tmp_path: Path) -> None:
     assert text.count("fewer than one batch") == 1, f"the batch error should be printed once:\n{text[-3000:]}"
 
 
-def _fail_on_rank1_only(rank: int, port: int, out: Path) -> None:
+def _error_of_rank(rank: int, port: int, out: Path, body) -> None:
+    """One forked rank with a process group: ``body(rank, ctx)``, then ``out/rank{rank}.txt`` holds "no error"
+    or the error it raised and whether it is marked as an echo of another rank's (printed by that one)."""
     try:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
         from se_retrofit.training import distributed
 
         ctx = distributed.setup(torch.device("cpu"))
-
-        def check() -> str:
-            if rank == 1:
-                raise FileNotFoundError("data missing on this node")
-            return "fine"
-
         try:
-            distributed.on_every_rank(check, ctx)
-        except FileNotFoundError as exc:
+            body(rank, ctx)
+            (out / f"rank{rank}.txt").write_text("no error")
+        except (ValueError, OSError) as exc:
             (out / f"rank{rank}.txt").write_text(f"{exc}|{getattr(exc, 'echo_of_rank0', False)}")
         distributed.teardown(ctx)
     except BaseException:
@@ -259,48 +256,47 @@ def _fail_on_rank1_only(rank: int, port: int, out: Path) -> None:
     os._exit(0)
 
 
+def _fail_on_rank1_only(rank: int, ctx: DistContext) -> None:
+    from se_retrofit.training import distributed
+
+    def check() -> str:
+        if rank == 1:
+            raise FileNotFoundError("data missing on this node")
+        return "fine"
+
+    distributed.on_every_rank(check, ctx)
+
+
 def test_an_error_on_one_rank_only_is_raised_everywhere_and_printed_by_that_rank(tmp_path: Path) -> None:
     """A problem only rank 1 meets must neither go unprinted nor leave rank 0 waiting in a collective."""
-    codes = _run_two_ranks(_fail_on_rank1_only, (tmp_path,), timeout=120)
+    codes = _run_two_ranks(_error_of_rank, (tmp_path, _fail_on_rank1_only), timeout=120)
     assert codes == [0, 0], f"ranks failed: {codes}"
     rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
     assert rank1 == "data missing on this node|False", f"rank 1 should print its own error: {rank1}"
     assert rank0 == "on rank 1: data missing on this node|True", f"rank 0 should raise a quiet copy: {rank0}"
 
 
-def _scan_own_copy(rank: int, port: int, folders: list[Path], out: Path) -> None:
-    try:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+def _scan_own_copy(folders: list[Path]):
+    def scan(rank: int, ctx: DistContext) -> None:
         import argparse
 
         from se_retrofit.commands.convert_and_finetune import _datasets
-        from se_retrofit.training import distributed
 
-        ctx = distributed.setup(torch.device("cpu"))
         args = argparse.Namespace(data=str(folders[rank]), val_split=0.1, image_size=SIZE, verify_images=True)
-        try:
-            _datasets(args, create_model(MODEL), 0, ctx)
-            (out / f"rank{rank}.txt").write_text("no error")
-        except ValueError as exc:
-            (out / f"rank{rank}.txt").write_text(f"{exc}|{getattr(exc, 'echo_of_rank0', False)}")
-        distributed.teardown(ctx)
-    except BaseException:
-        traceback.print_exc()
-        os._exit(1)
-    os._exit(0)
+        _datasets(args, create_model(MODEL), 0, ctx)
+    return scan
 
 
 def test_processes_that_see_different_data_are_stopped(tmp_path: Path) -> None:
     """Two nodes with different copies of the folder would each shard their own image list: an error, not a run."""
     same = [write_image_folder(tmp_path / f"node{r}", classes=2, train_per_class=3, val_per_class=1) for r in range(2)]
-    codes = _run_two_ranks(_scan_own_copy, (same, tmp_path), timeout=120)
+    codes = _run_two_ranks(_error_of_rank, (tmp_path, _scan_own_copy(same)), timeout=120)
     assert codes == [0, 0], f"ranks failed: {codes}"
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["no error"] * 2, \
         "identical copies at different paths must be accepted"
     extra = tmp_path / "node1" / "train" / "class0" / "extra.png"
     extra.write_bytes((extra.parent / "0.png").read_bytes())
-    codes = _run_two_ranks(_scan_own_copy, (same, tmp_path), timeout=120)
+    codes = _run_two_ranks(_error_of_rank, (tmp_path, _scan_own_copy(same)), timeout=120)
     assert codes == [0, 0], f"ranks failed: {codes}"
     rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
     assert "rank 0 has 6 training" in rank0 and "rank 1 has 7 training" in rank0 and rank0.endswith("|False"), rank0
