@@ -23,7 +23,7 @@ from .fusion import fused_calls
 from .messages import first_line
 from .neighbours import attention_after
 from .nesting import branch_calls, enclosing_unit
-from .rewrite import Undo, free_name, rewrite_block
+from .rewrite import free_name, rewrite_block
 from .se_block import SEBlock, hidden_width
 from .sites import NESTED_REASON, Placement, analyze, tensor_adds
 from .tracing import TraceFailure, bind_call, cached_trace, clear_cache, propagate_shapes, trace_forward
@@ -52,6 +52,11 @@ class Site:
         channels: channels the block gates; hidden: its bottleneck width.
         spatial_dims: 1, 2 or 3 (``NCL``, ``NCHW``, ``NCTHW``).
         add: name of the addition's node in the block's graph.
+        fused_add: whether the SE block does the residual addition itself (one pass instead of a
+            multiply and an add; ``SEConfig.fuse_add``); None until ``apply`` rewrites the block.
+        early_squeeze: whether the block's forward hands the SE block a gate computed from the input of
+            the 1x1 conv and norm before it (``SEConfig.early_squeeze``; used where the norm runs on
+            its running statistics, checked at every call); None until ``apply`` rewrites the block.
     """
 
     block: str
@@ -63,6 +68,8 @@ class Site:
     hidden: int
     spatial_dims: int
     add: str
+    fused_add: bool | None = None
+    early_squeeze: bool | None = None
 
     @property
     def params(self) -> int:
@@ -108,8 +115,9 @@ class SitePlan:
                  f"(position={self.config.position!r}, reduction={self.config.reduction:g}, "
                  f"example input {self.example_input})"]
         for s in self.sites:
+            fast = [name for name, on in (("fused add", s.fused_add), ("early squeeze", s.early_squeeze)) if on]
             lines.append(f"  + {s.se_name:<40} {s.kind:<12} shortcut={s.shortcut:<10} C={s.channels:<5} "
-                         f"hidden={s.hidden}")
+                         f"hidden={s.hidden}" + (f"  ({', '.join(fast)})" if fast else ""))
         for s in self.skipped:
             where = f"{s.block or '<root>'}" + (f" [{s.add}]" if s.add else "")
             lines.append(f"  - {where:<40} {s.reason}")
@@ -457,16 +465,19 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
         block_sites = [next(sites) for _ in block.placements[0]]
         new = [(s.se_name.rsplit(".", 1)[-1], _make_se(s, config, block.module)) for s in block_sites]
         try:
-            undo: Undo = rewrite_block(block.module, block.graphs, block.placements, new, config.fuse_add,
-                                       config.early_squeeze)
+            rewritten = rewrite_block(block.module, block.graphs, block.placements, new, config.fuse_add,
+                                      config.early_squeeze)
         except Exception as exc:  # a failed splice leaves the block as it was; say why and go on
             plan.skipped.extend(Skipped(block.name, s.add, f"rewrite failed: {exc}") for s in block_sites)
             continue
         problem = _verify(block.module, block.call, config.init == "identity")
         if problem:
-            undo()
+            rewritten.undo()
             plan.skipped.extend(Skipped(block.name, s.add, problem) for s in block_sites)
             continue
+        for site, (attr, _) in zip(block_sites, new):
+            site.fused_add = attr in rewritten.fused_add
+            site.early_squeeze = attr in rewritten.early_squeeze
         done.extend(block_sites)
     plan.sites = done
     setattr(target, CONFIG_ATTR, config)

@@ -47,11 +47,11 @@ def _producer(node: fx.Node, module: nn.Module) -> tuple[fx.Node, nn.Module] | N
     return None
 
 
-def hoist_squeezes(graph: fx.Graph, module: nn.Module, targets: set[str]) -> int:
+def hoist_squeezes(graph: fx.Graph, module: nn.Module, targets: set[str]) -> set[str]:
     """Hand ``gate=gate_through(z, conv, norm, se)`` to each SE call of ``targets`` whose input is
-    ``norm(conv(z))``; count them."""
+    ``norm(conv(z))``; return those targets."""
     norms = norm_types()
-    hoisted = 0
+    hoisted: set[str] = set()
     for se_node in [n for n in graph.nodes if n.op == "call_module" and n.target in targets]:
         spatial_dims = module.get_submodule(se_node.target).spatial_dims
         found = _producer(se_node.args[0], module)
@@ -70,5 +70,5 @@ def hoist_squeezes(graph: fx.Graph, module: nn.Module, targets: set[str]) -> int
             se_ref = graph.get_attr(se_node.target)
             gate = graph.call_function(gate_through, (_single_input(conv_node), conv_ref, norm_ref, se_ref))
         se_node.kwargs = {**se_node.kwargs, "gate": gate}
-        hoisted += 1
+        hoisted.add(se_node.target)
     return hoisted

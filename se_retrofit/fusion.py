@@ -49,13 +49,14 @@ def _other_operand(add: fx.Node, operand: fx.Node) -> fx.Node | None:
     return other
 
 
-def fold_residual_adds(graph: fx.Graph, module: nn.Module, targets: set[str]) -> int:
-    """Replace ``add(se(x), other)`` by ``se(x, other)`` for the SE call nodes of ``targets``; count them.
+def fold_residual_adds(graph: fx.Graph, module: nn.Module, targets: set[str]) -> set[str]:
+    """Replace ``add(se(x), other)`` by ``se(x, other)`` for the SE call nodes of ``targets``; return the
+    targets whose addition was folded.
 
     The sum may overwrite ``x`` only where the original added in place and ``x`` has no other reader
     in the graph (a forward argument or an attribute is never overwritten, though the original may have done so).
     """
-    folded = 0
+    folded: set[str] = set()
     for se_node in [n for n in graph.nodes if n.op == "call_module" and n.target in targets and len(n.args) == 1]:
         chain, value = [], se_node
         user = _sole_user(value)
@@ -74,7 +75,7 @@ def fold_residual_adds(graph: fx.Graph, module: nn.Module, targets: set[str]) ->
         user.replace_all_uses_with(se_node)
         for node in [user, *reversed(chain)]:
             graph.erase_node(node)
-        folded += 1
+        folded.add(se_node.target)
     return folded
 
 

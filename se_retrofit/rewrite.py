@@ -66,9 +66,18 @@ class Undo:
         self.module.__class__ = self.previous_class
 
 
+@dataclass
+class Rewritten:
+    """What `rewrite_block` did: how to undo it, and which new SE blocks took the fast paths (eval graph)."""
+
+    undo: Undo
+    fused_add: set[str]      # SE blocks that do their residual addition (`fusion`)
+    early_squeeze: set[str]  # SE blocks handed the gate from the conv's input (`early_squeeze`)
+
+
 def rewrite_block(module: nn.Module, graphs: list[fx.Graph], placements: list[list[Placement]],
                   new_modules: list[tuple[str, nn.Module]], fuse_add: bool = True,
-                  early_squeeze: bool = True) -> Undo:
+                  early_squeeze: bool = True) -> Rewritten:
     """Register ``new_modules`` on ``module``, splice them into every graph, install the new forward.
 
     ``graphs`` is ``[eval_graph]`` or ``[eval_graph, train_graph]``; ``placements[g][i]`` is where
@@ -77,6 +86,7 @@ def rewrite_block(module: nn.Module, graphs: list[fx.Graph], placements: list[li
     and a batch norm may take its squeeze from the conv's input (`early_squeeze`).
     """
     undo = Undo(module, type(module))
+    fast: list[tuple[set[str], set[str]]] = []
     try:
         for name, new in new_modules:
             if name in module.__dict__:
@@ -89,10 +99,9 @@ def rewrite_block(module: nn.Module, graphs: list[fx.Graph], placements: list[li
                 for placement, (name, _) in zip(graph_placements, new_modules):
                     splice(graph, placement, name)
                 targets = {name for name, _ in new_modules}
-                if fuse_add:
-                    fold_residual_adds(graph, module, targets)
-                if early_squeeze:
-                    hoist_squeezes(graph, module, targets)
+                fused = fold_residual_adds(graph, module, targets) if fuse_add else set()
+                hoisted = hoist_squeezes(graph, module, targets) if early_squeeze else set()
+                fast.append((fused, hoisted))
                 graph.lint()
             finally:
                 graph.owning_module = None
@@ -101,4 +110,4 @@ def rewrite_block(module: nn.Module, graphs: list[fx.Graph], placements: list[li
     except Exception:
         undo()
         raise
-    return undo
+    return Rewritten(undo, *fast[0])

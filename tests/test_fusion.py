@@ -204,3 +204,18 @@ def test_fused_add_is_no_less_accurate_in_bfloat16(device):
     plain_out, plain_grad = _block_errors(device, fuse=False)
     assert fused_out <= plain_out * 1.01, f"fused bf16 output error {fused_out:.5f} > unfused {plain_out:.5f}"
     assert fused_grad <= plain_grad * 1.1, f"fused bf16 gradient error {fused_grad:.5f} > unfused {plain_grad:.5f}"
+
+
+@pytest.mark.parametrize("name, fused, early", [("resnet26", True, True), ("resnet10t", True, False)])
+def test_the_plan_says_which_blocks_took_the_fast_paths(name, fused, early):
+    """A bottleneck ends in a 1x1 conv + BN (early squeeze); a basic block in a 3x3 conv (no early squeeze)."""
+    model = timm.create_model(name, pretrained=False).eval()
+    assert all(s.fused_add is None and s.early_squeeze is None for s in se_retrofit.find_sites(model).sites), \
+        "a dry run decides nothing about the rewrite"
+    plan = se_retrofit.get_plan(se_retrofit.apply(model))
+    assert {(s.fused_add, s.early_squeeze) for s in plan.sites} == {(fused, early)}, str(plan)
+    assert ("fused add" in str(plan)) is fused and ("early squeeze" in str(plan)) is early, str(plan)
+    off = se_retrofit.get_plan(se_retrofit.apply(model, SEConfig(fuse_add=False, early_squeeze=False)))
+    assert {(s.fused_add, s.early_squeeze) for s in off.sites} == {(False, False)}, str(off)
+    post = se_retrofit.get_plan(se_retrofit.apply(model, position="post"))
+    assert not any(s.fused_add or s.early_squeeze for s in post.sites), f"after the add there is nothing to fuse:\n{post}"
