@@ -79,6 +79,17 @@ class MultiBranch(nn.Module):
         return F.relu(self.k3(x) + self.k1(x) + self.bn(x))
 
 
+class RepOnBranch(nn.Module):
+    """GhostNetV3/RepGhostNet-like: a RepVGG-like layer on a residual branch; one SE, for the residual unit."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.rep, self.conv = MultiBranch(c), conv_bn(c, c)
+
+    def forward(self, x):
+        return x + self.conv(self.rep(x))
+
+
 class AlreadySE(nn.Module):
     """A residual branch that already holds torchvision's SqueezeExcitation: left alone."""
 
@@ -172,6 +183,7 @@ class Cases(nn.Module):
         self.projection = Projection(c)
         self.upsample = nn.Upsample(scale_factor=2)
         self.multi_branch = MultiBranch(c)
+        self.rep_on_branch = RepOnBranch(c)
         self.already_se = AlreadySE(c)
         self.partial_channel = PartialChannel(c)
         self.channels_last = ChannelsLast(c)
@@ -183,12 +195,12 @@ class Cases(nn.Module):
     def forward(self, x):
         x = F.relu(self.stem(x))
         x = self.upsample(self.projection(self.residual(x)))
-        x = self.partial_channel(self.already_se(self.multi_branch(x)))
+        x = self.partial_channel(self.already_se(self.rep_on_branch(self.multi_branch(x))))
         x = self.scaled_in_place(self.pos_embed(self.tokens(self.channels_last(x))))
         return self.fc(x.mean((2, 3)))
 
 
-CASE_CLASSES = (Residual, Projection, MultiBranch, AlreadySE, PartialChannel, ChannelsLast, Tokens,
+CASE_CLASSES = (Residual, Projection, MultiBranch, RepOnBranch, AlreadySE, PartialChannel, ChannelsLast, Tokens,
                 PositionEmbedding, ScaledInPlace)
 
 
