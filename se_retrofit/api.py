@@ -22,7 +22,7 @@ from .config import SEConfig
 from .fusion import fused_calls
 from .messages import first_line
 from .neighbours import attention_after
-from .nesting import branch_calls, enclosing_unit
+from .nesting import branch_calls, on_a_branch
 from .rewrite import free_name, rewrite_block
 from .se_block import SEBlock, hidden_width
 from .sites import NESTED_REASON, Placement, analyze, tensor_adds
@@ -233,10 +233,10 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
 
 
 def _trace_block(name: str, module: nn.Module, call: Call, position: str
-                 ) -> tuple[_BlockPlan | None, list[Skipped], list[frozenset[str]]]:
+                 ) -> tuple[_BlockPlan | None, list[Skipped], list[frozenset[int]]]:
     """Trace, check and analyse one module; a module whose forward cannot be trusted is skipped whole.
 
-    Also returns, for each residual unit that gets SE or already has it, the submodules its branch calls.
+    Also returns, for each residual unit, the modules its branch runs (`nesting.branch_calls`).
     """
     if call.varies is not None:
         return None, [Skipped(name, None, "module skipped: called again with other non-tensor arguments "
@@ -304,9 +304,9 @@ def _sites_beside_attention(model: nn.Module, block: _BlockPlan) -> dict[str, st
             for add, where in beside.items()}
 
 
-def _sites_on_enclosing_branch(block: _BlockPlan, units: dict[str, list[frozenset[str]]]) -> dict[str, str]:
-    """The block's linear sums, when an ancestor runs the block on a residual branch (see `nesting`)."""
-    if enclosing_unit(block.name, units) is None:
+def _sites_on_enclosing_branch(block: _BlockPlan, units: dict[str, list[frozenset[int]]]) -> dict[str, str]:
+    """The block's linear sums, when another block's residual unit runs it on its branch (see `nesting`)."""
+    if not any(p.linear for p in block.placements[0]) or on_a_branch(block.module, units) is None:
         return {}
     return {p.add: NESTED_REASON for p in block.placements[0] if p.linear}
 
@@ -333,9 +333,9 @@ def _plan(model: nn.Module, config: SEConfig, example_input: Any) -> tuple[SiteP
     plan.skipped.extend(Skipped(name, None, _GRAPH_MODULE_REASON) for name, m in model.named_modules()
                         if isinstance(m, fx.GraphModule) and tensor_adds(m.graph))
     blocks: list[_BlockPlan] = []
-    units: dict[str, list[frozenset[str]]] = {}  # block -> submodules each residual unit calls on its branch
+    units: dict[str, list[frozenset[int]]] = {}  # block -> the modules each of its residual units runs on its branch
     try:
-        for name, module in candidates.items():  # parents before children, so `units` holds every ancestor
+        for name, module in candidates.items():
             if name not in calls:
                 skipped = _uncalled_with_adds(name, module)
                 if skipped:
@@ -343,19 +343,21 @@ def _plan(model: nn.Module, config: SEConfig, example_input: Any) -> tuple[SiteP
                 continue
             block, skipped, units[name] = _trace_block(name, module, calls[name], config.position)
             plan.skipped.extend(skipped)
-            if block is None:
-                continue
-            rejected = {**_sites_beside_attention(model, block), **_sites_on_enclosing_branch(block, units)}
-            if _reject_sites(block, plan, rejected):
+            if block is not None and _reject_sites(block, plan, _sites_beside_attention(model, block)):
                 blocks.append(block)
     finally:
         clear_cache()
-    _select(plan, blocks, config)
+    _select(plan, blocks, config, units)
     return plan, blocks
 
 
-def _select(plan: SitePlan, blocks: list[_BlockPlan], config: SEConfig) -> None:
-    """Apply include/exclude, name the new modules, and fill ``plan.sites``; drops excluded blocks."""
+def _select(plan: SitePlan, blocks: list[_BlockPlan], config: SEConfig, units: dict[str, list[frozenset[int]]]
+            ) -> None:
+    """Apply include/exclude, leave alone linear sums on a selected unit's branch, name the new modules, and
+    fill ``plan.sites``; drops the blocks left without sites.
+
+    Units of blocks that include/exclude leave out do not count: ``include="*.ghost1"`` asks for SE in
+    the ghost modules rather than on the bottlenecks that run them."""
     site_blocks = [b.name for b in blocks]
     for option in ("include", "exclude"):
         for pattern in getattr(config, option) or ():
@@ -364,12 +366,17 @@ def _select(plan: SitePlan, blocks: list[_BlockPlan], config: SEConfig) -> None:
                 raise ValueError(f"{option} pattern {pattern!r} matches no block with a residual site; "
                                  f"blocks with sites are named like {examples}. Patterns are fnmatch patterns "
                                  "on module names ('layer3.*' or 'layer3').")
+    def selected(name: str) -> bool:
+        return (config.include is None or _matches(name, config.include)) and not (
+            config.exclude is not None and _matches(name, config.exclude))
+
+    live_units = {name: unit_list for name, unit_list in units.items() if selected(name)}
     kept = []
     for block in blocks:
-        selected = (config.include is None or _matches(block.name, config.include)) and not (
-            config.exclude is not None and _matches(block.name, config.exclude))
-        if not selected:
+        if not selected(block.name):
             plan.skipped.extend(Skipped(block.name, p.add, "excluded by include/exclude") for p in block.placements[0])
+            continue
+        if not _reject_sites(block, plan, _sites_on_enclosing_branch(block, live_units)):
             continue
         kept.append(block)
         taken: set[str] = set()

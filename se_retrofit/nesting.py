@@ -40,23 +40,25 @@ def _fused_branches(graph: fx.Graph, module: nn.Module) -> list[set[fx.Node]]:
 
 
 def branch_calls(graph: fx.Graph, module: nn.Module, placements: Iterable[Placement],
-                 rejections: Iterable[Rejection]) -> list[frozenset[str]]:
-    """For each residual unit of ``graph`` that gets SE or already has it: the submodules its branch calls."""
+                 rejections: Iterable[Rejection]) -> list[frozenset[int]]:
+    """For each residual unit of ``graph``: the ``id`` of every module its branch calls, and of theirs.
+
+    Modules, not names: a module registered under two names is the same module under either.
+    """
     nodes = {n.name: n for n in graph.nodes}
     branches = [{nodes[name] for name in unit.branch} for unit in [*placements, *rejections] if unit.branch]
     branches += _fused_branches(graph, module)
-    return [frozenset(n.target for n in branch if n.op == "call_module") for branch in branches]
+    return [frozenset(id(sub) for n in branch if n.op == "call_module"
+                      for sub in module.get_submodule(n.target).modules()) for branch in branches]
 
 
-def enclosing_unit(name: str, units: Mapping[str, list[frozenset[str]]]) -> str | None:
-    """The nearest ancestor of block ``name`` that calls it (or a container holding it) on a residual branch."""
-    if not name:
-        return None
-    parts = name.split(".")
-    for depth in range(len(parts) - 1, -1, -1):
-        ancestor = ".".join(parts[:depth])
-        relative = ".".join(parts[depth:])
-        for targets in units.get(ancestor, ()):
-            if any(relative == t or relative.startswith(t + ".") for t in targets):
-                return ancestor
+def on_a_branch(block: nn.Module, units: Mapping[str, list[frozenset[int]]]) -> str | None:
+    """A block whose residual unit runs ``block`` (or a module holding it) on its branch, or None.
+
+    Judged by the module tree below what the branch calls: a module held by a branch's module but
+    called from elsewhere would be taken for one on the branch.
+    """
+    for name, unit_list in units.items():
+        if any(id(block) in unit for unit in unit_list):
+            return name
     return None

@@ -4,10 +4,10 @@ This module only reads graphs; ``rewrite`` changes them. An addition is a residu
 branch that does the block's work (a convolution and a non-linearity, or an op not known to be
 linear) with a shortcut that is the branch's own input, a linear projection of it (conv + norm,
 pooling) or a tensor the caller handed in. A sum of several light parallel convolutions from one input (RepVGG,
-MobileOne) is a multi-branch block: it gets one SE after the sum. Such a linear sum (conv + norm
-arms, with or without an identity arm) that lies on another unit's residual branch is one layer of
-that unit once re-parameterised and is left alone: the unit gets one SE, at the end of its branch, as
-in SE-ResNet (`nesting` does the same when the sum is in a child module). Everything else (token and
+MobileOne) is a multi-branch block: it gets one SE after the sum. Such a linear sum (arms without an
+activation: convolutions, norms, pooling, an identity) that lies on another unit's residual branch is
+one layer of that unit and is left alone: the unit gets one SE, at the end of its branch, as in
+SE-ResNet (`nesting` does the same when the sum is in a child module). Everything else (token and
 channels-last adds, partial-channel adds, fusions of separate inputs) is reported with a reason.
 """
 from __future__ import annotations
@@ -45,11 +45,11 @@ class Placement:
 class Rejection:
     add: str
     reason: str
-    branch: frozenset[str] = field(default=frozenset(), compare=False, repr=False)  # a gated unit's branch nodes
+    branch: frozenset[str] = field(default=frozenset(), compare=False, repr=False)  # a residual unit's branch nodes
 
 
-NESTED_REASON = ("linear sum on a residual branch (conv + norm arms that re-parameterise into one layer of that "
-                 "unit; the unit gets one SE, at the end of its branch)")
+NESTED_REASON = ("linear sum on a residual branch (parallel arms without an activation, RepVGG-style: one layer of "
+                 "that unit; the unit gets one SE, at the end of its branch)")
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -255,7 +255,7 @@ def analyze(graph: fx.Graph, owner: nn.Module, layouts: dict[fx.Node, Layout | N
         if isinstance(result, Placement):
             problem = _in_place_problem(g, result)
             if problem:
-                result = Rejection(add.name, problem)
+                result = Rejection(add.name, problem, result.branch)
         (placements if isinstance(result, Placement) else rejections).append(result)
     return _outside_units(graph, placements, rejections)
 
@@ -265,7 +265,9 @@ def _outside_units(graph: fx.Graph, placements: list[Placement], rejections: lis
     """Reject linear sums that lie on the branch of a residual unit of the same graph.
 
     SE-ResNet gates each residual unit once; a RepVGG-style sum inside the unit is one of its layers.
-    A unit that already has channel attention counts too, so a second ``apply`` adds nothing there.
+    Every residual unit counts: one that gets SE, one that already has channel attention (so a second
+    ``apply`` adds nothing there), and one that cannot take SE here (unknown channel axis, no place
+    for the chosen position, an in-place write): its layers do not become units in its stead.
     """
     branches = [p.branch for p in placements] + [r.branch for r in rejections]
     inside = [p for p in placements if p.linear and any(p.add in b for b in branches)]
@@ -334,8 +336,9 @@ def _classify(g: _Graph, add: fx.Node, terms: list[fx.Node], position: str) -> P
     if heavy or (len(light_conv) == 1 and zero):
         branch = heavy[0] if heavy else light_conv[0]
         result = _residual(g, add, terms, exclusive, identity, branch, group, position)
+        # a residual unit owns the layers on its branch whether or not it can take SE (see `_outside_units`)
+        result.branch = result.branch | frozenset(n.name for n in exclusive[branch])
         if isinstance(result, Placement):
-            result.branch = frozenset(n.name for n in exclusive[branch])
             result.linear = not heavy
         return result
     if len(light_conv) >= 2:
@@ -389,19 +392,12 @@ def _fork_of(g: _Graph, nodes: set[fx.Node]) -> tuple[fx.Node, tuple[str, ...]] 
 
 
 def _unit_rejection(g: _Graph, add: fx.Node, lay: Layout | None, exclusive: list[set[fx.Node]],
-                    group: list[fx.Node], branch: frozenset[str] = frozenset()) -> Rejection | None:
-    """The checks every residual unit must pass: a conv-fixed NC* layout, and no channel attention yet.
-
-    A residual unit (``branch``: its branch's node names) already gated keeps its branch on the rejection:
-    multi-branch sums on it are then left alone as on a unit that gets SE now.
-    """
+                    group: list[fx.Node]) -> Rejection | None:
+    """The checks every residual unit must pass: a conv-fixed NC* layout, and no channel attention yet."""
     problem = _layout_problem(lay)
     if problem:
         return Rejection(add.name, problem)
-    rejection = _attention_rejection(g, add, exclusive, group)
-    if rejection is not None:
-        rejection.branch = branch
-    return rejection
+    return _attention_rejection(g, add, exclusive, group)
 
 
 def _attention_rejection(g: _Graph, add: fx.Node, exclusive: list[set[fx.Node]],
@@ -410,7 +406,11 @@ def _attention_rejection(g: _Graph, add: fx.Node, exclusive: list[set[fx.Node]],
     this is what makes ``apply`` idempotent, whatever position the first call used."""
     watched = set(group) | set(_downstream(g, add)) | set().union(*exclusive)
     attention = g.attention_in(watched)
-    return Rejection(add.name, f"already has channel attention: {attention}") if attention else None
+    if not attention:
+        return None
+    # a gated unit, even one whose shortcut now holds the SE (position="identity"), owns what its operands hold
+    return Rejection(add.name, f"already has channel attention: {attention}",
+                     frozenset(n.name for n in set().union(*exclusive)))
 
 
 def _through_identities(g: _Graph, node: fx.Node) -> fx.Node:
@@ -429,8 +429,7 @@ def _residual(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list[set
         shortcut = "identity"
     elif len(others) == 1 and terms[others[0]].op == "placeholder":
         shortcut = "argument"
-    nodes = frozenset(n.name for n in exclusive[b])
-    rejection = _unit_rejection(g, add, g.layouts.get(branch), exclusive, group, nodes)
+    rejection = _unit_rejection(g, add, g.layouts.get(branch), exclusive, group)
     if rejection:
         return rejection
     shape = _shape(add)

@@ -168,14 +168,60 @@ def test_a_linear_sum_on_a_residual_branch_is_a_layer_of_that_unit(model):
     assert [s.kind for s in alone.sites] == ["multi-branch"], f"control: a RepVGG block of its own is a unit:\n{alone}"
 
 
+@pytest.mark.parametrize("fuse_add", [True, False])
 @pytest.mark.parametrize("position", ["standard", "pre", "post", "identity"])
-def test_apply_again_adds_nothing_inside_a_gated_unit(position):
-    """The second apply sees the unit's SE (fused into the add, or beside it) and still leaves the arms alone."""
-    once = _quiet(se_retrofit.apply, perturb_norms(_GhostV3Like(16)).eval(), position=position)
+def test_apply_again_adds_nothing_inside_a_gated_unit(position, fuse_add):
+    """The second apply sees the unit's SE (doing the add, or beside it, or on the shortcut as a second
+    operand that now holds convolutions) and still leaves the arms alone."""
+    config = se_retrofit.SEConfig(position=position, fuse_add=fuse_add)
+    once = _quiet(se_retrofit.apply, perturb_norms(_GhostV3Like(16)).eval(), config)
     assert len(se_retrofit.se_blocks(once)) == 1, f"{position}: first apply"
     twice = _quiet(se_retrofit.apply, once)
     assert len(se_retrofit.se_blocks(twice)) == 1, \
-        f"{position}: a second apply added SE inside the gated unit:\n{se_retrofit.get_plan(twice)}"
+        f"{position}, fuse_add={fuse_add}: a second apply added SE inside the gated unit:\n{se_retrofit.get_plan(twice)}"
+
+
+class _NoConvFirst(nn.Module):
+    """A ghost bottleneck's shape: the branch starts in a child module, so position="pre" has no channel axis."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.rep1, self.rep2 = _RepConv(c), _RepConv(c)
+
+    def forward(self, x):
+        return x + self.rep2(self.rep1(x))
+
+
+def test_a_unit_that_cannot_take_se_at_the_position_still_owns_its_layers():
+    plan = se_retrofit.find_sites(_NoConvFirst(16), position="pre")
+    assert not plan.sites, f"the unit's layers should not become units in its stead:\n{plan}"
+    reasons = {s.block: s.reason for s in plan.skipped}
+    assert reasons[""].startswith("position='pre'") and reasons["rep1"] == reasons["rep2"] == \
+        se_retrofit.sites.NESTED_REASON, reasons
+
+
+def test_include_can_ask_for_se_in_the_layers_instead_of_the_unit():
+    plan = se_retrofit.find_sites(_GhostV3Like(16), include="rep1")
+    assert [(s.block, s.kind) for s in plan.sites] == [("rep1", "multi-branch")], \
+        f"the unit is not selected, so its layer is a unit for this call:\n{plan}"
+
+
+class _SharedLayer(nn.Module):
+    """The same RepVGG layer registered twice, first outside the unit that runs it."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.rep = _RepConv(c)
+        self.unit = _GhostV3Like(c)
+        self.unit.rep1 = self.rep
+
+    def forward(self, x):
+        return self.unit(x)
+
+
+def test_a_layer_registered_under_two_names_is_judged_by_where_it_runs():
+    plan = se_retrofit.find_sites(_SharedLayer(16))
+    assert [s.block for s in plan.sites] == ["unit"], f"one SE for the one unit:\n{plan}"
 
 
 def test_a_unit_with_its_own_attention_gets_none_inside():
