@@ -21,6 +21,7 @@ from torch import nn
 from . import catalog
 from .layout import Layout, expects_channel_first, merge_layouts
 from .mutation import moved_read_problem
+from .se_block import SEBlock
 
 
 @dataclass
@@ -468,12 +469,16 @@ def _multi_branch(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list
     rejection = _unit_rejection(g, add, merge_layouts([g.layouts.get(t) for t in terms]), exclusive, group)
     if rejection:
         return rejection
+    found = _fork_of(g, set().union(*exclusive))
+    if not isinstance(found, str) and found[0].op == "call_module" and isinstance(g.module(found[0]), SEBlock):
+        # position="pre" put it on the input all arms read, which belongs to no single arm
+        return Rejection(add.name, f"already has channel attention: SEBlock at '{found[0].target}' (on the arms' "
+                                   "input)", frozenset(n.name for n in set().union(*exclusive)))
     shape = _shape(add)
     spatial = len(shape) - 2
     if position == "identity":
         return Rejection(add.name, "position='identity': a multi-branch sum has no single shortcut")
     if position == "pre":
-        found = _fork_of(g, set().union(*exclusive))
         if isinstance(found, str):
             return Rejection(add.name, f"position='pre': {found}")
         fork, readers = found

@@ -241,3 +241,13 @@ def test_ghost_bottlenecks_get_one_se_each_and_none_in_their_ghost_modules(name)
     plan = se_retrofit.find_sites(model)
     assert sorted(s.block for s in plan.sites) == sorted(bottlenecks - gated), \
         f"{name}: SE should go once on each bottleneck without its own SE:\n{plan}"
+
+
+@pytest.mark.parametrize("position", ["standard", "pre", "post"])
+def test_apply_again_adds_nothing_to_a_gated_repvgg_block(position):
+    """position="pre" puts a multi-branch block's SE on the input all its arms read: no arm holds it alone."""
+    once = _quiet(se_retrofit.apply, perturb_norms(_RepConv(16)).eval(), position=position)
+    assert len(se_retrofit.se_blocks(once)) == 1, f"{position}: first apply"
+    twice = _quiet(se_retrofit.apply, once)
+    assert len(se_retrofit.se_blocks(twice)) == 1, \
+        f"{position}: a second apply added another SE block:\n{se_retrofit.get_plan(twice)}"
