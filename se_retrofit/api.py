@@ -52,11 +52,13 @@ class Site:
         channels: channels the block gates; hidden: its bottleneck width.
         spatial_dims: 1, 2 or 3 (``NCL``, ``NCHW``, ``NCTHW``).
         add: name of the addition's node in the block's graph.
-        fused_add: whether the SE block does the residual addition itself (one pass instead of a
-            multiply and an add; ``SEConfig.fuse_add``); None until ``apply`` rewrites the block.
-        early_squeeze: whether the block's forward hands the SE block a gate computed from the input of
-            the 1x1 conv and norm before it (``SEConfig.early_squeeze``; used where the norm runs on
-            its running statistics, checked at every call); None until ``apply`` rewrites the block.
+        fused_add: whether the SE block does the residual addition itself, in training and eval mode
+            (one pass instead of a multiply and an add; ``SEConfig.fuse_add``); None until ``apply``
+            rewrites the block.
+        early_squeeze: whether the block's eval-mode forward hands the SE block a gate computed from the
+            input of the widening 1x1 conv and norm before it (``SEConfig.early_squeeze``; used where
+            the norm runs on its running statistics, checked at every call); None until ``apply``
+            rewrites the block.
     """
 
     block: str

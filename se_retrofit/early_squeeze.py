@@ -61,6 +61,9 @@ def hoist_squeezes(graph: fx.Graph, module: nn.Module, targets: set[str]) -> set
         found = _producer(_single_input(norm_node), module)
         if found is None or not is_pointwise_conv(found[1], spatial_dims) or _single_input(found[0]) is None:
             continue
+        out_channels, in_channels = found[1].weight.shape[:2]
+        if out_channels <= in_channels:
+            continue  # averaging the conv's input would read no less: the run-time checks always decline
         conv_node = found[0]
         if moved_read_problem(graph, module, conv_node, [norm_node]) is not None:
             continue  # the norm reads a conv output changed in place: the gate from z would not see the change

@@ -128,6 +128,9 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
             return found
 
         saved = distributed.on_every_rank(check_before_writing, ctx)
+        # each process shards its own dataset: datasets of different sizes would train on neither
+        sizes = (len(train_data), len(val_data) if val_data is not None else 0)
+        distributed.same_on_every_rank(sizes, lambda n: f"{n[0]:,} training and {n[1]:,} validation samples", ctx)
         if restart and ctx.is_main and verbose:
             print(f"no {outputs.LAST} in {out}: that run stopped before its first checkpoint; starting it over",
                   flush=True)

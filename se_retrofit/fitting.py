@@ -52,6 +52,10 @@ def load_into(model: nn.Module, weights: Mapping[str, torch.Tensor], *, strict: 
     before resizing the classifier, then call ``reset_classifier``.
 
     Returns PyTorch's ``(missing_keys, unexpected_keys)`` named tuple.
+
+    Raises:
+        WeightsMismatchError: (a ``ValueError``) with the keys that are missing, unexpected or of
+            another shape, and a hint at the likely cause.
     """
     own = model.state_dict()
     # a batch norm fills in a missing batch count itself (checkpoints from before PyTorch 0.4.1 lack it,

@@ -68,11 +68,11 @@ class Undo:
 
 @dataclass
 class Rewritten:
-    """What `rewrite_block` did: how to undo it, and which new SE blocks took the fast paths (eval graph)."""
+    """What `rewrite_block` did: how to undo it, and which new SE blocks took the fast paths."""
 
     undo: Undo
-    fused_add: set[str]      # SE blocks that do their residual addition (`fusion`)
-    early_squeeze: set[str]  # SE blocks handed the gate from the conv's input (`early_squeeze`)
+    fused_add: set[str]      # SE blocks that do their residual addition, in train and eval mode (`fusion`)
+    early_squeeze: set[str]  # SE blocks handed the gate from the conv's input in eval mode (`early_squeeze`)
 
 
 def rewrite_block(module: nn.Module, graphs: list[fx.Graph], placements: list[list[Placement]],
@@ -110,4 +110,5 @@ def rewrite_block(module: nn.Module, graphs: list[fx.Graph], placements: list[li
     except Exception:
         undo()
         raise
-    return Rewritten(undo, *fast[0])
+    # an SE block does its add only if it does so in both modes; the early squeeze runs in eval mode only
+    return Rewritten(undo, set.intersection(*(fused for fused, _ in fast)), fast[0][1])

@@ -445,7 +445,7 @@ def test_the_command_prints_scan_progress_only_for_a_slow_scan(capsys):
     from se_retrofit.commands import convert_and_finetune as command
 
     times = iter([0.0, 4.0, 12.0, 15.0, 30.0, 31.0])
-    progress = command._ScanProgress(every=10.0, clock=lambda: next(times))
+    progress = command._ScanProgress(True, every=10.0, clock=lambda: next(times))
     for images in (100, 250, 400, 900):
         progress(images)
     progress.finish()
@@ -454,7 +454,12 @@ def test_the_command_prints_scan_progress_only_for_a_slow_scan(capsys):
                      "scanning the data: 900 images so far (30 s; --no-verify-images skips opening each one)",
                      "scanned 900 images in 31 s"], lines
     quick_times = iter([0.0, 2.0, 3.0])
-    quick = command._ScanProgress(every=10.0, clock=lambda: next(quick_times))
+    quick = command._ScanProgress(True, every=10.0, clock=lambda: next(quick_times))
     quick(5)
     quick.finish()
     assert capsys.readouterr().out == "", "a scan shorter than the interval should print nothing"
+    unverified_times = iter([0.0, 11.0])
+    unverified = command._ScanProgress(False, every=10.0, clock=lambda: next(unverified_times))
+    unverified(7)
+    assert capsys.readouterr().out == "scanning the data: 7 images so far (11 s)\n", \
+        "without --verify-images the line should not suggest turning it off"

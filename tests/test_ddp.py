@@ -301,3 +301,28 @@ def test_processes_that_see_different_data_are_stopped(tmp_path: Path) -> None:
     rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
     assert "rank 0 has 6 training" in rank0 and "rank 1 has 7 training" in rank0 and rank0.endswith("|False"), rank0
     assert rank1.endswith("|True"), f"rank 1 should raise a copy that rank 0 prints: {rank1}"
+
+
+def _finetune_own_size(rank: int, port: int, out: Path) -> None:
+    try:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        try:
+            finetune(create_model(MODEL), Quadrants(12 + 4 * rank), Quadrants(6, seed=1), batch_size=4, **OPTIONS)
+            (out / f"rank{rank}.txt").write_text("no error")
+        except ValueError as exc:
+            (out / f"rank{rank}.txt").write_text(f"{exc}|{getattr(exc, 'echo_of_rank0', False)}")
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def test_finetune_refuses_processes_with_datasets_of_different_sizes(tmp_path: Path) -> None:
+    """The library path: each rank hands its own dataset; shards of different lists would train on neither."""
+    codes = _run_two_ranks(_finetune_own_size, (tmp_path,), timeout=180)
+    assert codes == [0, 0], f"ranks failed: {codes}"
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
+    assert "rank 0 has 12 training" in rank0 and "rank 1 has 16 training" in rank0, rank0
+    assert rank0.endswith("|False") and rank1.endswith("|True"), (rank0, rank1)

@@ -219,3 +219,34 @@ def test_the_plan_says_which_blocks_took_the_fast_paths(name, fused, early):
     assert {(s.fused_add, s.early_squeeze) for s in off.sites} == {(False, False)}, str(off)
     post = se_retrofit.get_plan(se_retrofit.apply(model, position="post"))
     assert not any(s.fused_add or s.early_squeeze for s in post.sites), f"after the add there is nothing to fuse:\n{post}"
+
+
+class _NarrowingBottleneck(nn.Module):
+    """The SE input is ``bn3(conv3(z))`` with ``conv3`` narrowing: averaging ``z`` would read more, not less."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.conv3 = conv_bn(c, 2 * c), nn.Conv2d(2 * c, c, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return x + self.bn3(self.conv3(F.relu(self.conv1(x))))
+
+
+class _AddByMode(nn.Module):
+    """``torch.add(..., alpha=1.0)`` in training (not folded), ``+`` in eval (folded)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = conv_bn(c, c), conv_bn(c, c)
+
+    def forward(self, x):
+        out = self.conv2(F.relu(self.conv1(x)))
+        return torch.add(x, out, alpha=1.0) if self.training else out + x
+
+
+def test_the_plan_claims_a_fast_path_only_where_it_runs():
+    narrowing = se_retrofit.get_plan(se_retrofit.apply(make_pretrained_like(Net([_NarrowingBottleneck(16)])).eval()))
+    assert [s.early_squeeze for s in narrowing.sites] == [False], f"a narrowing conv never squeezes early:\n{narrowing}"
+    by_mode = se_retrofit.get_plan(se_retrofit.apply(make_pretrained_like(Net([_AddByMode(16)])).eval()))
+    assert [s.fused_add for s in by_mode.sites] == [False], f"the training forward does its own add:\n{by_mode}"

@@ -198,3 +198,19 @@ def test_the_in_place_add_steps_aside_for_forward_ad_and_torch_func(transform):
 
     want, got = run(model), run(retro)
     assert torch.equal(got, want), f"{transform}: identity retrofit differs by {(got - want).abs().max()}"
+
+
+def test_a_recorded_in_place_add_is_out_of_place():
+    """Under a dispatch mode (``make_fx``) the fused add records the out-of-place ``addcmul``: a graph
+    that overwrote its input would do so for every later caller, whatever their autograd needs."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    se = SEBlock(16, 8).eval()
+    x, residual = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
+    with torch.no_grad():
+        graph = make_fx(lambda a, b: se(a, b, inplace=True))(x.clone(), residual)
+        ops = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+        kept = x.clone()
+        graph(kept, residual)
+    assert "aten.addcmul.default" in ops and not any("out" in op or "addcmul_" in op for op in ops), ops
+    assert torch.equal(kept, x), "the recorded graph wrote the sum into its input"

@@ -206,18 +206,24 @@ def _datasets(args: argparse.Namespace, model: Any, seed: int, ctx: Any) -> tupl
     from .. import data as data_module
     from ..training import distributed
 
-    progress = _ScanProgress() if ctx.is_main and args.data != "digits" else None
+    folder = args.data != "digits"
+    progress = _ScanProgress(args.verify_images) if ctx.is_main and folder else None
+
+    def scan() -> tuple[tuple[Any, Any, list[str]], tuple[int, int, int, str] | None]:
+        found = data_module.build_datasets(args.data, model, val_split=args.val_split, seed=seed,
+                                           image_size=args.image_size, verify_images=args.verify_images,
+                                           progress=progress)
+        # inside the shared error handling, and only where there are other processes to compare with
+        return found, _data_digest(Path(args.data), *found) if folder and ctx.enabled else None
+
     with warnings.catch_warnings():
         if not ctx.is_main:
             warnings.simplefilter("ignore", UserWarning)
-        found = distributed.on_every_rank(
-            lambda: data_module.build_datasets(args.data, model, val_split=args.val_split, seed=seed,
-                                               image_size=args.image_size, verify_images=args.verify_images,
-                                               progress=progress), ctx)
+        found, digest = distributed.on_every_rank(scan, ctx)
     if progress is not None:
         progress.finish()
-    if args.data != "digits":
-        distributed.same_on_every_rank(_data_digest(Path(args.data), *found), _describe_digest, ctx)
+    if digest is not None:
+        distributed.same_on_every_rank(digest, _describe_digest, ctx)
     return found
 
 
@@ -240,11 +246,12 @@ def _describe_digest(digest: tuple[int, int, int, str]) -> str:
 
 
 class _ScanProgress:
-    """A line every ``every`` seconds while the data scan runs that long (a million images take minutes to
-    verify, and a silent start looks like a hang), and one when it ends; nothing for a quick scan."""
+    """A line after a class folder when ``every`` seconds have passed since the last one (a million images
+    take minutes to verify, and a silent start looks like a hang), and one when the scan ends; nothing for
+    a quick scan."""
 
-    def __init__(self, every: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.every, self.clock = every, clock
+    def __init__(self, verifying: bool, every: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.verifying, self.every, self.clock = verifying, every, clock
         self.start = self.last = clock()
         self.images = 0
         self.shown = False
@@ -253,8 +260,8 @@ class _ScanProgress:
         self.images = images
         now = self.clock()
         if now - self.last >= self.every:
-            print(f"scanning the data: {images:,} images so far ({now - self.start:.0f} s; --no-verify-images "
-                  "skips opening each one)", flush=True)
+            hint = "; --no-verify-images skips opening each one" if self.verifying else ""
+            print(f"scanning the data: {images:,} images so far ({now - self.start:.0f} s{hint})", flush=True)
             self.last, self.shown = now, True
 
     def finish(self) -> None:

@@ -163,7 +163,7 @@ def same_on_every_rank(value: Any, describe: Callable[[Any], str], ctx: DistCont
         return
     error = ValueError(f"the processes do not agree: rank 0 has {describe(values[0])}, rank {differ[0]} has "
                        f"{describe(values[differ[0]])}. Every process must read the same data (a shared file "
-                       "system, or identical copies on every node).")
+                       "system, or identical copies on every node); with equal counts, file names differ.")
     error.echo_of_rank0 = not ctx.is_main
     raise error
 
