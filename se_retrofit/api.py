@@ -368,6 +368,7 @@ def _select(plan: SitePlan, blocks: list[_BlockPlan], config: SEConfig, units: d
                 raise ValueError(f"{option} pattern {pattern!r} matches no block with a residual site; "
                                  f"blocks with sites are named like {examples}. Patterns are fnmatch patterns "
                                  "on module names ('layer3.*' or 'layer3').")
+
     def selected(name: str) -> bool:
         return (config.include is None or _matches(name, config.include)) and not (
             config.exclude is not None and _matches(name, config.exclude))

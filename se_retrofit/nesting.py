@@ -4,8 +4,8 @@
 unit gets one SE, at the end of its branch, as in SE-ResNet. GhostNetV3, RepGhostNet and FastViT put
 the sum in a child module (a ghost module, a ``MobileOneBlock``) that the residual block calls on its
 branch, so the sum and the residual addition are in different graphs. This pass records, for each
-traced block, which children its residual units call on their branches, and looks the module tree up
-from a block with linear-sum sites for an ancestor that calls it there.
+residual unit of each traced block, the modules its branch calls and every module they hold, and
+tells whether a block with linear-sum sites is one of them.
 """
 from __future__ import annotations
 

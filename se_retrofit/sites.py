@@ -36,7 +36,7 @@ class Placement:
     after: str                # the SE block takes this node's value...
     consumers: tuple[str, ...] | None  # ...and replaces it in these nodes (None: in every user)
     branch: frozenset[str] = field(default=frozenset(), compare=False, repr=False)  # residual: its branch's nodes
-    linear: bool = field(default=False, compare=False)  # every summed branch is conv + norm: one conv once fused
+    linear: bool = field(default=False, compare=False)  # no summed branch has an activation (see `_outside_units`)
 
     def signature(self) -> tuple:
         return (self.kind, self.shortcut, self.channels, self.spatial_dims)

@@ -223,7 +223,10 @@ def _datasets(args: argparse.Namespace, model: Any, seed: int, ctx: Any) -> tupl
     if progress is not None:
         progress.finish()
     if digest is not None:
-        distributed.same_on_every_rank(digest, _describe_digest, ctx)
+        distributed.same_on_every_rank(digest, _describe_digest, ctx,
+                                       hint="Every process must read the same folder (a shared file system, or "
+                                            "identical copies on every node); where the counts agree, file names "
+                                            "differ.")
     return found
 
 

@@ -148,12 +148,15 @@ def on_every_rank(fn: Callable[[], T], ctx: DistContext) -> T:
     raise error
 
 
-def same_on_every_rank(value: Any, describe: Callable[[Any], str], ctx: DistContext) -> None:
+_SAME_DATA = "Every process must read the same data (a shared file system, or identical copies on every node)."
+
+
+def same_on_every_rank(value: Any, describe: Callable[[Any], str], ctx: DistContext, hint: str = _SAME_DATA) -> None:
     """Raise on every rank (printed by rank 0) unless every rank computed the same ``value``.
 
     For what each process builds on its own and DDP assumes equal, such as the list of images: two
     nodes with different copies of a folder would each shard their own list, and the run would train on
-    neither without a word. ``describe`` turns a value into words for the message.
+    neither without a word. ``describe`` turns a value into words for the message, which ends with ``hint``.
     """
     if not ctx.enabled:
         return
@@ -162,8 +165,7 @@ def same_on_every_rank(value: Any, describe: Callable[[Any], str], ctx: DistCont
     if not differ:
         return
     error = ValueError(f"the processes do not agree: rank 0 has {describe(values[0])}, rank {differ[0]} has "
-                       f"{describe(values[differ[0]])}. Every process must read the same data (a shared file "
-                       "system, or identical copies on every node); with equal counts, file names differ.")
+                       f"{describe(values[differ[0]])}. {hint}")
     error.echo_of_rank0 = not ctx.is_main
     raise error
 
