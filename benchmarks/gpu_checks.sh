@@ -4,7 +4,7 @@
 #     bash benchmarks/gpu_checks.sh OUT_DIR [PART ...]
 #
 # PART is any of: env, finetune, torchrun, throughput, compile, compile-train, cpu-latency, cpu-overhead, cpu-profile,
-# cpu-python, cpu-latency-compile, train-step, cpu-latency-threads, gpu-tests (default: env finetune torchrun throughput cpu-latency).
+# cpu-python, overhead-parts, cpu-latency-compile, train-step, cpu-latency-threads, gpu-tests (default: env finetune torchrun throughput cpu-latency).
 # LATENCY_MODELS (default: the script's pairs) narrows the cpu-latency part to some base models.
 # Each part appends to OUT_DIR/gpu_checks.log and copies its small results (metrics, JSON) into OUT_DIR.
 # The model weights of the fine-tuning runs stay in a temporary folder: they are large and random-init.
@@ -84,6 +84,12 @@ for part in $PARTS; do
         # The Python around SE's kernels on this machine's cores (one thread; ~20 s).
         CUDA_VISIBLE_DEVICES= step "$PYTHON" "$HERE/gate_overhead.py" --name gate_overhead_host \
             && cp "$HERE/results/gate_overhead_host.json" "$OUT/gate_overhead_gpu_host.json"
+        ;;
+    overhead-parts)
+        # The retrofit's time over the base model split by variant (kernels only, gate given, ...), 16 and 4
+        # threads (~4 min).
+        CUDA_VISIBLE_DEVICES= step "$PYTHON" "$HERE/overhead_parts.py" --threads 16 4 --rounds 101 25 \
+            --name overhead_parts_host && cp "$HERE/results/overhead_parts_host.json" "$OUT/overhead_parts_gpu_host.json"
         ;;
     cpu-latency-threads)
         for t in 16 4; do

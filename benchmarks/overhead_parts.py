@@ -18,11 +18,11 @@ gate and of the SE block's call, each in turn within one round:
   own row-major layout, the batch as columns) instead of ``s @ W^T``.
 
 Every variant that computes the gate is checked against the retrofit's output before timing.
-Batch ``--batch``, 224x224, eval mode, ``torch.inference_mode``; ``--rounds`` rounds in a new order each
+Batch ``--batch``, ``--size`` x ``--size`` (224), eval mode, ``torch.inference_mode``; ``--rounds`` rounds in a new order each
 round, one untimed forward before each timed one; medians, and the median per-round ratio over the base
 model with a bootstrap 95 % interval. One table per ``--threads`` count, written as it finishes.
 
-    python benchmarks/overhead_parts.py [--threads 16 4] [--rounds 81 25] [--batch 8] [--name NAME]
+    python benchmarks/overhead_parts.py [--threads 16 4] [--rounds 101 25] [--batch 8] [--size 224] [--name NAME]
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from _common import interleaved, median, ratio_ci, se_models, write
+from _common import interleaved, machine, median, ratio_ci, se_models, write
 
 GATE = "se_retrofit_early_excitation_gate_through"
 
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
     parser.add_argument("--rounds", type=int, nargs="+", default=[41])
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--name", default="overhead_parts")
     args = parser.parse_args()
     if len(args.rounds) not in (1, len(args.threads)):
@@ -104,7 +105,7 @@ def main() -> None:
 
     models = se_models("resnet50", only=None)
     base, retro = models["base"], models["retrofitted"]
-    x = torch.rand(args.batch, 3, 224, 224)
+    x = torch.rand(args.batch, 3, args.size, args.size)
     with torch.inference_mode():
         reference = retro(x)
     weights = folded(retro)
@@ -161,14 +162,16 @@ def main() -> None:
             rows.append({"variant": name, "median_s": median(values), "over_base_paired": paired,
                          "over_base_paired_ci95": [lo, hi], "times_s": values})
         results.append({"threads": threads, "rounds": count, "rows": rows})
-        print(f"\nbatch {args.batch}, 224x224, {threads} threads, {count} rounds ({time.perf_counter() - start:.0f} s)")
+        print(f"\nbatch {args.batch}, {args.size}x{args.size}, {threads} threads, {count} rounds ({time.perf_counter() - start:.0f} s)")
         print(f"{'variant':<24}{'ms':>8}{'- base ms':>11}{'/ base':>9}{'95% interval':>17}")
         base_ms = rows[0]["median_s"] * 1e3
         for r in rows:
             lo, hi = r["over_base_paired_ci95"]
             print(f"{r['variant']:<24}{r['median_s'] * 1e3:>8.1f}{r['median_s'] * 1e3 - base_ms:>11.2f}"
                   f"{r['over_base_paired']:>9.3f}{f'{lo:.3f}-{hi:.3f}':>17}")
-        print("written", write(args.name, {"batch": args.batch, "size": 224, "settle": 1, "results": results}))
+        # the thread count is per table: the machine's entry would give whichever count ran last
+        print("written", write(args.name, {"machine": {**machine(), "torch_threads": None}, "batch": args.batch,
+                                           "size": args.size, "settle": 1, "results": results}))
 
 
 if __name__ == "__main__":

@@ -96,3 +96,16 @@ def test_latency_base_and_retrofit_runs_and_renders(run_script, gen_benchmarks):
 def test_se_ops_runs_and_renders(run_script, gen_benchmarks):
     written = run_script("se_ops.py", "--batch", "1", "--repeats", "2")
     _rendered(gen_benchmarks, "se_ops", written["se_ops"])
+
+
+@pytest.mark.slow
+def test_overhead_parts_runs_and_renders(run_script, gen_benchmarks):
+    written = run_script("overhead_parts.py", "--batch", "1", "--size", "32", "--threads", "1", "--rounds", "2",
+                         "--name", "overhead_parts_smoke")
+    data = written["overhead_parts_smoke"]
+    variants = [r["variant"] for r in data["results"][0]["rows"]]
+    assert variants == ["base", "retrofitted", "kernels only", "gate given", "small ops on 1 thread",
+                        "weight on the left"], variants
+    assert data["machine"]["torch_threads"] is None, "the thread count belongs to each table, not the machine"
+    text = _rendered(gen_benchmarks, "overhead_parts", data)
+    assert "1 threads, 2 rounds" in text, text

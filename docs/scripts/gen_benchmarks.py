@@ -228,6 +228,25 @@ def gate_overhead(data: dict[str, Any]) -> str:
               rows)])
 
 
+def overhead_parts(data: dict[str, Any]) -> str:
+    """``overhead_parts.py``: one table per thread count, each variant against the base model."""
+    out = [f"Batch {data.get('batch', '?')}, {data.get('size', '?')}x{data.get('size', '?')} input, eval mode; the "
+           "retrofitted `resnet50` (one model object) run with parts of its SE work taken out or done another way, "
+           "interleaved with the base model, each timed forward after an untimed one, in a new order each round "
+           "(`benchmarks/overhead_parts.py`; the variants are described above). Times in ms (medians); *over base*: "
+           "the median of the per-round ratios, with a bootstrap 95 % interval over rounds.\n"]
+    for result in data["results"]:
+        base = result["rows"][0]["median_s"]
+        rows = []
+        for r in result["rows"][1:]:
+            lo, hi = r["over_base_paired_ci95"]
+            rows.append([r["variant"], f"{r['median_s'] * 1e3:.1f}", f"{(r['median_s'] - base) * 1e3:+.2f}",
+                         f"{r['over_base_paired']:.3f}", f"{lo:.3f} to {hi:.3f}"])
+        out += [f"{result['threads']} threads, {result['rounds']} rounds; the base model: {base * 1e3:.1f} ms.\n",
+                table(["variant", "ms", "minus base (ms)", "over base", "95 % interval"], rows)]
+    return "\n".join(out)
+
+
 def accuracy_study(data: dict) -> str:
     return "The transfer study has its own page, with its table and plot: [Accuracy after transfer](accuracy.md).\n"
 
@@ -240,7 +259,8 @@ RENDERERS = {"accuracy_study": ("Accuracy study", accuracy_study),
              "gpu_throughput": ("GPU training and inference throughput", gpu_throughput),
              "se_ops": ("The SE block's own ops", se_ops),
              "se_overhead": ("What SE costs inside the forward", se_overhead),
-             "gate_overhead": ("The Python around SE's kernels", gate_overhead)}
+             "gate_overhead": ("The Python around SE's kernels", gate_overhead),
+             "overhead_parts": ("Where the retrofit's time over the base model goes", overhead_parts)}
 # Files named PREFIX_SUFFIX.json (the same benchmark on another machine or setting) get PREFIX's table.
 SUFFIXES = {"cold": "each op after a convolution, as in the forward",
             "h100_host": "on the H100 machine's 16-core CPU (older code)",
@@ -250,6 +270,14 @@ SUFFIXES = {"cold": "each op after a convolution, as in the forward",
             "h200_host_base_and_retrofit_4threads": "on the H200 machine's CPU, base model and retrofit only, "
                                                     "4 threads",
             "compile_infer": "inference, eager and torch.compile",
+            "h100_compile_train": "on the H100, compiled training only (base model, timm's seresnet50, retrofit)",
+            "h100_host_base_and_retrofit_16threads": "on the H100 machine's CPU, base model and retrofit only, "
+                                                     "16 threads",
+            "h100_host_base_and_retrofit_4threads": "on the H100 machine's CPU, base model and retrofit only, "
+                                                    "4 threads",
+            "h100_host_16threads": "on the H100 machine's CPU, 16 threads",
+            "h100_host_one_thread": "on one core of the H100 machine's CPU",
+            "h100_host_16_and_4_threads": "on the H100 machine's CPU, 16 and 4 threads",
             "resnext50_32x4d": "ResNeXt-50 32x4d",
             "batch1": "ResNet-50 at batch 1, the paper's setting (one 224x224 image)",
             "previous_code": "the code before the cached fold's quick checks (0600c8b)",
