@@ -12,7 +12,7 @@ import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -293,20 +293,49 @@ def _check_image(path: Path) -> tuple[bool, str | None]:
 _TOO_LARGE = "too large"
 
 
+# What `check_images` reports for a file: (readable, why its pixels cannot be used).
+ImageCheck = tuple[bool, str | None]
+
+
+@dataclass(frozen=True)
+class ImageChecks:
+    """What `check_images` found for ``paths``, possibly merged from the shares of several processes:
+    every file of ``paths`` missing from ``problems`` passed. `build_datasets` takes these (``checked=``)
+    instead of opening those files again."""
+
+    paths: frozenset[str]
+    problems: Mapping[str, ImageCheck]
+
+    def result(self, path: Path) -> ImageCheck | None:
+        """The check of ``path``, or None where it is not among ``paths``."""
+        key = str(path)
+        if key not in self.paths:
+            return None
+        return self.problems.get(key, (True, None))
+
+
 @dataclass
 class _Findings:
     """What the scans of one data folder collect besides the images, and how far they have got.
 
     ``progress`` is called with the number of images looked at so far after each class folder: a folder
-    of a million images takes minutes to verify, and a silent start looks like a hang.
+    of a million images takes minutes to verify, and a silent start looks like a hang. ``checked`` holds
+    checks already made (by other processes); ``listed``, when a list, receives every file the scan would
+    check, in order.
     """
 
     verify: bool
     progress: Callable[[int], None] | None = None
+    checked: ImageChecks | None = None
+    listed: list[Path] | None = None
     looked_at: int = 0
     skipped: list[Path] = field(default_factory=list)    # unreadable
     ignored: list[Path] = field(default_factory=list)    # image types that are not loaded
     oversized: list[Path] = field(default_factory=list)  # over Pillow's size guard
+
+    def check(self, path: Path) -> ImageCheck:
+        known = None if self.checked is None else self.checked.result(path)
+        return _check_image(path) if known is None else known
 
 
 def _scan(root: Path, found: _Findings, allow_empty: bool = False) -> tuple[list[str], dict[str, list[Path]]]:
@@ -325,7 +354,9 @@ def _scan(root: Path, found: _Findings, allow_empty: bool = False) -> tuple[list
         if not candidates:
             raise ValueError(f"class folder {class_dir} holds no images (looked for {', '.join(IMG_EXTENSIONS)}); "
                              "add images to it or remove the folder.")
-        checks = [_check_image(p) for p in candidates] if found.verify else [(True, None)] * len(candidates)
+        if found.listed is not None:
+            found.listed.extend(candidates)
+        checks = [found.check(p) for p in candidates] if found.verify else [(True, None)] * len(candidates)
         found.looked_at += len(candidates)
         if found.progress is not None:
             found.progress(found.looked_at)
@@ -370,10 +401,11 @@ def _samples(classes: list[str], files: dict[str, list[Path]]) -> list[tuple[Pat
     return [(path, index) for index, name in enumerate(classes) for path in files[name]]
 
 
-def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_size: int | None,
-            found: _Findings) -> tuple[Dataset, Dataset, list[str]]:
-    from timm.data import create_transform
-
+def _scan_layout(root: Path, found: _Findings, val_split: float | None
+                 ) -> tuple[list[str], dict[str, list[Path]], dict[str, list[Path]] | None]:
+    """The classes and readable images of ``root``'s training folder and of its validation folder, or
+    None for the latter where validation is a split of the former (``val_split`` is checked first there,
+    before a long scan; None: not checked)."""
     if not root.exists():
         raise FileNotFoundError(f"data folder {str(root)!r} does not exist (absolute path: {root.absolute()}). "
                                 f"Check the path. {_LAYOUT_HINT}")
@@ -407,17 +439,28 @@ def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_siz
         if leak:
             raise ValueError(f"the image {leak[0]} is in both {train_dir} and {val_dir} (through a link): "
                              "validation would measure memorisation. Remove it from one of them.")
+        return classes, train_files, val_files
+    if val_split is not None:
+        _check_val_split(val_split)
+    if train_dir is not None:
+        _check_unused_val_folder(root, train_dir)
+    test_dir = _split_dir(root, ("test", "testing")) if train_dir is not None else None
+    if test_dir is not None:
+        warnings.warn(f"{test_dir} is not used: with no validation folder beside {train_dir.name!r}, validation "
+                      f"is a --val-split of it. To validate on {test_dir.name!r}, rename it 'val'.", stacklevel=4)
+    classes, files = _scan(train_dir or root, found)
+    return classes, files, None
+
+
+def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_size: int | None,
+            found: _Findings) -> tuple[Dataset, Dataset, list[str]]:
+    from timm.data import create_transform
+
+    classes, train_files, val_files = _scan_layout(root, found, val_split)
+    if val_files is not None:
         train_samples, val_samples = _samples(classes, train_files), _samples(classes, val_files)
     else:
-        _check_val_split(val_split)
-        if train_dir is not None:
-            _check_unused_val_folder(root, train_dir)
-        test_dir = _split_dir(root, ("test", "testing")) if train_dir is not None else None
-        if test_dir is not None:
-            warnings.warn(f"{test_dir} is not used: with no validation folder beside {train_dir.name!r}, validation "
-                          f"is a --val-split of it. To validate on {test_dir.name!r}, rename it 'val'.", stacklevel=3)
-        classes, files = _scan(train_dir or root, found)
-        samples = _samples(classes, files)
+        samples = _samples(classes, train_files)
         train_idx, val_idx = _stratified_split([t for _, t in samples], val_split, seed)
         train_samples, val_samples = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
     ignored, oversized, skipped = found.ignored, found.oversized, found.skipped
@@ -445,7 +488,8 @@ def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_siz
 
 def build_datasets(data: str, model: nn.Module, *, val_split: float = 0.1, seed: int = 0,
                    image_size: int | None = None, verify_images: bool = True,
-                   progress: Callable[[int], None] | None = None) -> tuple[Dataset, Dataset, list[str]]:
+                   progress: Callable[[int], None] | None = None,
+                   checked: ImageChecks | None = None) -> tuple[Dataset, Dataset, list[str]]:
     """``(train, val, class_names)`` for ``data``: ``"digits"`` or an image folder.
 
     ``"digits"``: scikit-learn's 1,797 bundled 8x8 digits, upscaled to ``image_size`` pixels (default 32,
@@ -467,11 +511,47 @@ def build_datasets(data: str, model: nn.Module, *, val_split: float = 0.1, seed:
     first few names; a class left with no readable image is an error, since training without it would
     silently change the label set. ``verify_images=False`` skips the check for very large folders;
     ``progress``, if given, is called with the number of images scanned so far after each class folder.
-    A file that passes ``verify`` but fails to decode later (a truncated JPEG) raises an ``OSError``
+    ``checked`` gives checks already made elsewhere (`check_images` on shares of `image_files`, in other
+    processes): the files it covers are not opened again. A file that passes ``verify`` but fails to decode later (a truncated JPEG) raises an ``OSError``
     naming it. 16-bit grayscale images are scaled to 8 bits rather than clipped at 255 (which turns
     them white); float and signed or 32-bit integer images are refused, since their value range is unknown
     (see ``se_retrofit.pixels``).
     """
     if isinstance(data, str) and data == "digits":
         return _digits(model, val_split, seed, image_size)
-    return _folder(Path(data), model, val_split, seed, image_size, _Findings(verify_images, progress))
+    return _folder(Path(data), model, val_split, seed, image_size, _Findings(verify_images, progress, checked))
+
+
+def image_files(data: str, progress: Callable[[int], None] | None = None) -> list[Path]:
+    """Every file `build_datasets` would open to verify in the image folder ``data``, in its scan order,
+    without opening any (none for ``"digits"``).
+
+    For sharing that work between processes: each checks a share of the list (`check_images`), the
+    results are merged into `ImageChecks`, and `build_datasets` takes them, so that each image is opened
+    once per run rather than once per process. Raises what the scan raises about the folder's layout;
+    the warnings are left to `build_datasets`. ``progress`` as there.
+    """
+    if isinstance(data, str) and data == "digits":
+        return []
+    found = _Findings(verify=False, progress=progress, listed=[])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _scan_layout(Path(data), found, None)
+    return found.listed
+
+
+def check_images(paths: Sequence[Path], progress: Callable[[int], None] | None = None) -> dict[str, ImageCheck]:
+    """Open and verify each file as `build_datasets` does, and return, by path, the ones with something
+    wrong: ``(readable, why its pixels cannot be used)``. Files that pass are left out (a share of a
+    million files has few problems to send to the other processes). ``progress`` is called with the
+    number checked so far, every 1,000 files and at the end."""
+    problems: dict[str, ImageCheck] = {}
+    for count, path in enumerate(paths, 1):
+        result = _check_image(path)
+        if result != (True, None):
+            problems[str(path)] = result
+        if progress is not None and count % 1000 == 0:
+            progress(count)
+    if progress is not None:
+        progress(len(paths))
+    return problems

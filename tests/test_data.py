@@ -463,3 +463,94 @@ def test_the_command_prints_scan_progress_only_for_a_slow_scan(capsys):
     unverified(7)
     assert capsys.readouterr().out == "scanning the data: 7 images so far (11 s)\n", \
         "without --verify-images the line should not suggest turning it off"
+
+
+# ------------------------------------------------------------------- verification shared between processes
+
+def _opened_by_the_scan(monkeypatch) -> list[Path]:
+    import se_retrofit.data as data_module
+
+    opened: list[Path] = []
+    check = data_module._check_image
+    monkeypatch.setattr(data_module, "_check_image", lambda path: (opened.append(path), check(path))[1])
+    return opened
+
+
+@pytest.mark.parametrize("layout", ["train and val", "one folder split"])
+def test_image_files_lists_what_the_scan_opens_without_opening_any(tmp_path, model, monkeypatch, layout):
+    from se_retrofit.data import image_files
+
+    if layout == "train and val":
+        write_class_folders(tmp_path / "train", {"a": 3, "b": 2})
+        write_class_folders(tmp_path / "val", {"a": 1, "b": 2})
+    else:
+        write_class_folders(tmp_path, {"a": 3, "b": 3})
+    (tmp_path / "a_note.txt").write_text("not an image")
+    opened = _opened_by_the_scan(monkeypatch)
+    listed = image_files(str(tmp_path))
+    assert opened == [], f"listing opened {opened}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_datasets(tmp_path, model, val_split=0.34, image_size=16)
+    assert listed == opened, f"listed {listed}\nbut the scan opened {opened}"
+    assert image_files("digits") == [], "the built-in digits have no files"
+
+
+def test_image_files_raises_what_the_scan_raises_about_the_layout(tmp_path):
+    from se_retrofit.data import image_files
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        image_files(str(tmp_path / "missing"))
+    write_class_folders(tmp_path / "train", {"a": 2, "b": 2})
+    write_class_folders(tmp_path / "val", {"a": 1, "c": 1})
+    with pytest.raises(ValueError, match="different classes"):
+        image_files(str(tmp_path))
+
+
+def test_check_images_returns_only_the_files_with_a_problem(tmp_path):
+    from se_retrofit.data import check_images
+
+    good = [write_image(tmp_path / f"{i}.png", seed=i) for i in range(3)]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    signed = tmp_path / "signed.tif"
+    Image.fromarray(np.zeros((4, 4), dtype=np.int32)).save(signed)
+    counts: list[int] = []
+    problems = check_images([*good, broken, signed], progress=counts.append)
+    assert set(problems) == {str(broken), str(signed)}, f"problems: {problems}"
+    assert problems[str(broken)] == (False, None), problems
+    assert problems[str(signed)][0] and problems[str(signed)][1], f"readable, with a reason: {problems}"
+    assert counts == [5], f"progress at the end: {counts}"
+
+
+def test_build_datasets_trusts_checks_made_elsewhere_and_opens_only_the_rest(tmp_path, model, monkeypatch):
+    from se_retrofit.data import ImageChecks, image_files
+
+    write_class_folders(tmp_path / "train", {"a": 3, "b": 3})
+    write_class_folders(tmp_path / "val", {"a": 2, "b": 2})
+    paths = image_files(str(tmp_path))
+    covered, left = paths[:-2], paths[-2:]
+    said_broken = covered[0]  # a good file another process reported unreadable: its report is what counts
+    checks = ImageChecks(frozenset(str(p) for p in covered), {str(said_broken): (False, None)})
+    opened = _opened_by_the_scan(monkeypatch)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable") as record:
+        train, val, _ = build_datasets(tmp_path, model, image_size=16, checked=checks)
+    assert opened == left, f"only the files the checks do not cover should be opened: {opened}"
+    kept = {p for p, _ in train.samples + val.samples}
+    assert said_broken not in kept and len(kept) == len(paths) - 1, f"kept {sorted(kept)}"
+    assert str(said_broken) in str(record[0].message)
+    unusable = ImageChecks(frozenset(str(p) for p in paths), {str(covered[1]): (True, "signed 32-bit pixels")})
+    with pytest.raises(ValueError, match="signed 32-bit pixels"):
+        build_datasets(tmp_path, model, image_size=16, checked=unusable)
+
+
+def test_under_torchrun_the_progress_line_says_it_counts_this_process_share(capsys):
+    from se_retrofit.commands import convert_and_finetune as command
+
+    times = iter([0.0, 12.0, 13.0])
+    progress = command._ScanProgress(True, every=10.0, clock=lambda: next(times), processes=4)
+    progress(250)
+    progress.finish()
+    assert capsys.readouterr().out.splitlines() == [
+        "scanning the data: 250 images of this process's share (1/4) so far (12 s; --no-verify-images skips "
+        "opening each one)", "scanned 250 images of this process's share (1/4) in 13 s"]

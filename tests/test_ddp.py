@@ -8,12 +8,14 @@ slow one runs the real command under ``python -m torch.distributed.run``.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import socket
 import subprocess
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -276,31 +278,86 @@ def test_an_error_on_one_rank_only_is_raised_everywhere_and_printed_by_that_rank
     assert rank0 == "on rank 1: data missing on this node|True", f"rank 0 should raise a quiet copy: {rank0}"
 
 
-def _scan_own_copy(folders: list[Path]):
+def _scan_own_copy(folders: list[Path], verify: bool = True):
     def scan(rank: int, ctx: DistContext) -> None:
         import argparse
 
         from se_retrofit.commands.convert_and_finetune import _datasets
 
-        args = argparse.Namespace(data=str(folders[rank]), val_split=0.1, image_size=SIZE, verify_images=True)
+        args = argparse.Namespace(data=str(folders[rank]), val_split=0.1, image_size=SIZE, verify_images=verify)
         _datasets(args, create_model(MODEL), 0, ctx)
     return scan
 
 
-def test_processes_that_see_different_data_are_stopped(tmp_path: Path) -> None:
-    """Two nodes with different copies of the folder would each shard their own image list: an error, not a run."""
+@pytest.mark.parametrize("verify", [True, False], ids=["verified in shares", "not verified"])
+def test_processes_that_see_different_data_are_stopped(tmp_path: Path, verify: bool) -> None:
+    """Two nodes with different copies of the folder would each shard their own image list: an error, not a run.
+    Verifying, the ranks compare their file lists before splitting the verification between them (else a file
+    only one rank lists could go unchecked); without it, the data sets they built."""
     same = [write_image_folder(tmp_path / f"node{r}", classes=2, train_per_class=3, val_per_class=1) for r in range(2)]
-    codes = _run_two_ranks(_error_of_rank, (tmp_path, _scan_own_copy(same)), timeout=120)
+    codes = _run_two_ranks(_error_of_rank, (tmp_path, _scan_own_copy(same, verify)), timeout=120)
     assert codes == [0, 0], f"ranks failed: {codes}"
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["no error"] * 2, \
         "identical copies at different paths must be accepted"
     extra = tmp_path / "node1" / "train" / "class0" / "extra.png"
     extra.write_bytes((extra.parent / "0.png").read_bytes())
-    codes = _run_two_ranks(_error_of_rank, (tmp_path, _scan_own_copy(same)), timeout=120)
+    codes = _run_two_ranks(_error_of_rank, (tmp_path, _scan_own_copy(same, verify)), timeout=120)
     assert codes == [0, 0], f"ranks failed: {codes}"
     rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
-    assert "rank 0 has 6 training" in rank0 and "rank 1 has 7 training" in rank0 and rank0.endswith("|False"), rank0
+    counts = ("rank 0 has 8 image files", "rank 1 has 9 image files") if verify else \
+        ("rank 0 has 6 training", "rank 1 has 7 training")
+    assert all(c in rank0 for c in counts) and rank0.endswith("|False"), rank0
     assert rank1.endswith("|True"), f"rank 1 should raise a copy that rank 0 prints: {rank1}"
+
+
+def _scan_and_record(data: Path, out: Path):
+    """A rank's scan of ``data`` as the CLI does it, recording which files this process opened to verify and
+    what it built."""
+    def scan(rank: int, ctx: DistContext) -> None:
+        import argparse
+
+        from se_retrofit import data as data_module
+        from se_retrofit.commands.convert_and_finetune import _datasets
+
+        opened: list[str] = []
+        check = data_module._check_image
+
+        def recorded(path):
+            opened.append(str(path))
+            return check(path)
+
+        data_module._check_image = recorded  # this forked process only
+        args = argparse.Namespace(data=str(data), val_split=0.1, image_size=SIZE, verify_images=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train, val, classes = _datasets(args, create_model(MODEL), 0, ctx)
+        (out / f"opened{rank}.json").write_text(json.dumps(opened))
+        (out / f"built{rank}.json").write_text(json.dumps({
+            "train": [str(p) for p, _ in train.samples], "val": [str(p) for p, _ in val.samples],
+            "warnings": [str(w.message) for w in caught if "unreadable" in str(w.message)]}))
+    return scan
+
+
+def test_torchrun_verifies_each_image_once_and_every_rank_skips_the_same_broken_ones(tmp_path: Path) -> None:
+    """Under torchrun the ranks split the verification: each image is opened by one process (not by every
+    one, which on ImageNet is 1.28M files read N times), and every rank still leaves out the same broken file."""
+    data = write_image_folder(tmp_path / "data", classes=2, train_per_class=5, val_per_class=2)
+    broken = data / "train" / "class1" / "broken.png"
+    broken.write_bytes(b"not a png")
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = _run_two_ranks(_error_of_rank, (out, _scan_and_record(data, out)), timeout=120)
+    assert codes == [0, 0], f"ranks failed: {codes}"
+    assert [(out / f"rank{r}.txt").read_text() for r in range(2)] == ["no error"] * 2
+    opened = [json.loads((out / f"opened{r}.json").read_text()) for r in range(2)]
+    every = sorted(str(p) for p in data.rglob("*.png"))
+    assert sorted(opened[0] + opened[1]) == every, f"each of the {len(every)} files should be opened once: {opened}"
+    assert opened[0] and opened[1], f"both ranks should verify a share: {opened}"
+    built = [json.loads((out / f"built{r}.json").read_text()) for r in range(2)]
+    assert built[0] == {**built[1], "warnings": built[0]["warnings"]}, "the ranks built different data sets"
+    assert str(broken) not in built[0]["train"] + built[0]["val"], "the broken file was not left out"
+    assert len(built[0]["train"]) + len(built[0]["val"]) == len(every) - 1, built[0]
+    assert [len(b["warnings"]) for b in built] == [1, 0], f"rank 0 alone should warn, once: {built}"
 
 
 def _finetune_own_size(rank: int, port: int, out: Path) -> None:

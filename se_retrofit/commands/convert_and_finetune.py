@@ -202,18 +202,25 @@ def _build_model(spec: str, pretrained: bool, checkpoint: Path | None, prefer_em
 
 
 def _datasets(args: argparse.Namespace, model: Any, seed: int, ctx: Any) -> tuple[Any, Any, list[str]]:
-    """Every rank scans the same folder: rank 0 alone warns, and an error is printed once (`on_every_rank`)."""
+    """Every rank scans the same folder: rank 0 alone warns, and an error is printed once (`on_every_rank`).
+
+    Under torchrun the images are verified in shares (`_verify_in_shares`), and the ranks compare the
+    data sets they built (two nodes with different copies of a folder would each shard their own list).
+    """
     from .. import data as data_module
     from ..training import distributed
 
     folder = args.data != "digits"
-    progress = _ScanProgress(args.verify_images) if ctx.is_main and folder else None
+    shared = folder and ctx.enabled and args.verify_images
+    checked = _verify_in_shares(args, ctx) if shared else None
+    progress = _ScanProgress(args.verify_images) if ctx.is_main and folder and not shared else None
 
     def scan() -> tuple[tuple[Any, Any, list[str]], tuple[int, int, int, str] | None]:
         found = data_module.build_datasets(args.data, model, val_split=args.val_split, seed=seed,
                                            image_size=args.image_size, verify_images=args.verify_images,
-                                           progress=progress)
-        # inside the shared error handling, and only where there are other processes to compare with
+                                           progress=progress, checked=checked)
+        # inside the shared error handling, and only where there are other processes to compare with (also
+        # after shared verification: the folder may have changed since the ranks compared their lists)
         return found, _data_digest(Path(args.data), *found) if folder and ctx.enabled else None
 
     with warnings.catch_warnings():
@@ -223,11 +230,50 @@ def _datasets(args: argparse.Namespace, model: Any, seed: int, ctx: Any) -> tupl
     if progress is not None:
         progress.finish()
     if digest is not None:
-        distributed.same_on_every_rank(digest, _describe_digest, ctx,
-                                       hint="Every process must read the same folder (a shared file system, or "
-                                            "identical copies on every node); where the counts agree, file names "
-                                            "differ.")
+        distributed.same_on_every_rank(digest, _describe_digest, ctx, hint=_SAME_FOLDER)
     return found
+
+
+def _verify_in_shares(args: argparse.Namespace, ctx: Any) -> Any:
+    """Under torchrun, verify each image once per run instead of once per process: every rank lists the
+    folder, the ranks check that they list the same files (else shares would miss some), each opens its
+    share, and every rank gets every share's problems, as `ImageChecks` for `build_datasets`."""
+    from .. import data as data_module
+    from ..training import distributed
+
+    listing = _ScanProgress(False) if ctx.is_main else None
+    paths = distributed.on_every_rank(lambda: data_module.image_files(args.data, progress=listing), ctx)
+    if listing is not None:
+        listing.finish()
+    distributed.same_on_every_rank(_list_digest(Path(args.data), paths), _describe_list, ctx, hint=_SAME_FOLDER)
+    share = paths[ctx.rank::ctx.world_size]
+    progress = _ScanProgress(True, processes=ctx.world_size) if ctx.is_main else None
+    problems = distributed.on_every_rank(lambda: data_module.check_images(share, progress=progress), ctx)
+    if progress is not None:
+        progress.finish()
+    merged: dict[str, Any] = {}
+    for part in distributed.gather(problems, ctx):
+        merged.update(part)
+    return data_module.ImageChecks(frozenset(str(p) for p in paths), merged)
+
+
+def _list_digest(root: Path, paths: list[Path]) -> tuple[int, str]:
+    """``(files, hash of their paths relative to the folder)``: nodes may mount it at different places."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{Path(path).relative_to(root).as_posix()}\n".encode())
+    return len(paths), digest.hexdigest()[:16]
+
+
+def _describe_list(digest: tuple[int, str]) -> str:
+    files, names = digest
+    return f"{files:,} image files (file list {names})"
+
+
+_SAME_FOLDER = ("Every process must read the same folder (a shared file system, or identical copies on every "
+                "node); where the counts agree, file names differ.")
 
 
 def _data_digest(root: Path, train: Any, val: Any, classes: list[str]) -> tuple[int, int, int, str]:
@@ -253,8 +299,11 @@ class _ScanProgress:
     take minutes to verify, and a silent start looks like a hang), and one when the scan ends; nothing for
     a quick scan."""
 
-    def __init__(self, verifying: bool, every: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, verifying: bool, every: float = 10.0, clock: Callable[[], float] = time.monotonic,
+                 processes: int = 1) -> None:
         self.verifying, self.every, self.clock = verifying, every, clock
+        # under torchrun each process verifies its share of the images; rank 0 reports its own
+        self.share = f" of this process's share (1/{processes})" if processes > 1 else ""
         self.start = self.last = clock()
         self.images = 0
         self.shown = False
@@ -264,12 +313,13 @@ class _ScanProgress:
         now = self.clock()
         if now - self.last >= self.every:
             hint = "; --no-verify-images skips opening each one" if self.verifying else ""
-            print(f"scanning the data: {images:,} images so far ({now - self.start:.0f} s{hint})", flush=True)
+            print(f"scanning the data: {images:,} images{self.share} so far ({now - self.start:.0f} s{hint})",
+                  flush=True)
             self.last, self.shown = now, True
 
     def finish(self) -> None:
         if self.shown:
-            print(f"scanned {self.images:,} images in {self.clock() - self.start:.0f} s", flush=True)
+            print(f"scanned {self.images:,} images{self.share} in {self.clock() - self.start:.0f} s", flush=True)
 
 
 def _resume_hint(args: argparse.Namespace) -> str:
