@@ -202,7 +202,7 @@ def _check_unused_val_folder(root: Path, train_dir: Path) -> None:
                              f"images into the class folders of {train_dir.name!r}, or move it away to validate on "
                              "a --val-split of the training images.")
         warnings.warn(f"{folder} is empty and not used: validation is a --val-split of {train_dir.name!r}.",
-                      stacklevel=4)
+                      stacklevel=5)
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -297,21 +297,34 @@ _TOO_LARGE = "too large"
 ImageCheck = tuple[bool, str | None]
 
 
+@dataclass
+class _Walk:
+    """The walk of a data folder (its class folders, and the files found in each, with the position of
+    the first in the whole list), recorded by `list_images` and replayed by the `build_datasets` that
+    follows it, so that a process walks a large folder once."""
+
+    class_dirs: dict[Path, list[Path]] = field(default_factory=dict)
+    images: dict[Path, tuple[list[Path], list[Path], int]] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FolderListing:
+    """The image files of a data folder in the order `build_datasets` scans them (``files``), listed
+    without opening any (`list_images`), with the walk that found them."""
+
+    files: list[Path]
+    walk: _Walk = field(repr=False)
+
+
 @dataclass(frozen=True)
 class ImageChecks:
-    """What `check_images` found for ``paths``, possibly merged from the shares of several processes:
-    every file of ``paths`` missing from ``problems`` passed. `build_datasets` takes these (``checked=``)
-    instead of opening those files again."""
+    """What `check_images` found wrong with the files of ``listing``, by position in ``listing.files``,
+    possibly merged from the shares of several processes: every listed file not in ``problems`` passed.
+    `build_datasets` takes these (``checked=``) instead of opening those files again."""
 
-    paths: frozenset[str]
-    problems: Mapping[str, ImageCheck]
-
-    def result(self, path: Path) -> ImageCheck | None:
-        """The check of ``path``, or None where it is not among ``paths``."""
-        key = str(path)
-        if key not in self.paths:
-            return None
-        return self.problems.get(key, (True, None))
+    listing: FolderListing
+    problems: Mapping[int, ImageCheck]
 
 
 @dataclass
@@ -319,44 +332,73 @@ class _Findings:
     """What the scans of one data folder collect besides the images, and how far they have got.
 
     ``progress`` is called with the number of images looked at so far after each class folder: a folder
-    of a million images takes minutes to verify, and a silent start looks like a hang. ``checked`` holds
-    checks already made (by other processes); ``listed``, when a list, receives every file the scan would
-    check, in order.
+    of a million images takes minutes to verify, and a silent start looks like a hang. ``walk``, when
+    given, is recorded (``listing``: no checks at all) or replayed, with the ``checked`` results.
     """
 
     verify: bool
     progress: Callable[[int], None] | None = None
     checked: ImageChecks | None = None
-    listed: list[Path] | None = None
+    walk: _Walk | None = None
+    listing: bool = False
     looked_at: int = 0
     skipped: list[Path] = field(default_factory=list)    # unreadable
     ignored: list[Path] = field(default_factory=list)    # image types that are not loaded
     oversized: list[Path] = field(default_factory=list)  # over Pillow's size guard
 
-    def check(self, path: Path) -> ImageCheck:
-        known = None if self.checked is None else self.checked.result(path)
-        return _check_image(path) if known is None else known
+    def class_dirs(self, root: Path) -> list[Path]:
+        walk = self.walk
+        if walk is not None and root in walk.class_dirs:
+            return walk.class_dirs[root]
+        dirs = _class_dirs(root)
+        if walk is not None and self.listing:
+            walk.class_dirs[root] = dirs
+        return dirs
+
+    def images(self, class_dir: Path) -> tuple[list[Path], int | None]:
+        """The image files of ``class_dir``, and the position of the first in the listing (None: not listed)."""
+        walk = self.walk
+        if walk is not None and class_dir in walk.images:
+            found, ignored, start = walk.images[class_dir]
+            self.ignored.extend(ignored)
+            return found, start
+        ignored = []
+        found = _image_files(class_dir, ignored)
+        self.ignored.extend(ignored)
+        if walk is None or not self.listing:
+            return found, None
+        walk.images[class_dir] = (found, ignored, len(walk.files))
+        walk.files.extend(found)
+        return found, len(walk.files) - len(found)
+
+    def checks(self, paths: list[Path], start: int | None) -> list[ImageCheck]:
+        if not self.verify or self.listing:
+            return [(True, None)] * len(paths)
+        if start is None or self.checked is None:
+            return [_check_image(p) for p in paths]
+        problems = self.checked.problems
+        return [problems.get(start + i, (True, None)) for i in range(len(paths))]
 
 
 def _scan(root: Path, found: _Findings, allow_empty: bool = False) -> tuple[list[str], dict[str, list[Path]]]:
     """Class names and their readable images under ``root``; the rest goes to ``found``.
 
     ``allow_empty`` lets a class folder hold no image: in a validation folder, a rare class may have
-    none, while its folder keeps the class indices those of the training folder."""
-    classes = [d.name for d in _class_dirs(root)]
+    none, while its folder keeps the class indices those of the training folder. A listing
+    (``found.listing``) raises none of the errors about the images themselves, which depend on their checks
+    and are for the scan after it to raise, in its order."""
+    classes = [d.name for d in found.class_dirs(root)]
     files: dict[str, list[Path]] = {}
     for name in classes:
         class_dir = root / name
-        candidates = _image_files(class_dir, found.ignored)
-        if not candidates and allow_empty:
+        candidates, start = found.images(class_dir)
+        if not candidates and (allow_empty or found.listing):
             files[name] = []
             continue
         if not candidates:
             raise ValueError(f"class folder {class_dir} holds no images (looked for {', '.join(IMG_EXTENSIONS)}); "
                              "add images to it or remove the folder.")
-        if found.listed is not None:
-            found.listed.extend(candidates)
-        checks = [found.check(p) for p in candidates] if found.verify else [(True, None)] * len(candidates)
+        checks = found.checks(candidates, start)
         found.looked_at += len(candidates)
         if found.progress is not None:
             found.progress(found.looked_at)
@@ -370,7 +412,7 @@ def _scan(root: Path, found: _Findings, allow_empty: bool = False) -> tuple[list
                              "corrupt, not images or over Pillow's size limit. Replace them or remove the folder.")
         found.skipped.extend(bad)
         files[name] = good
-    shared = _first_shared_file(files)
+    shared = None if found.listing else _first_shared_file(files)
     if shared:
         path, first, second = shared
         raise ValueError(f"the image {path} is in two classes, {first!r} and {second!r} (through a link or a "
@@ -511,47 +553,54 @@ def build_datasets(data: str, model: nn.Module, *, val_split: float = 0.1, seed:
     first few names; a class left with no readable image is an error, since training without it would
     silently change the label set. ``verify_images=False`` skips the check for very large folders;
     ``progress``, if given, is called with the number of images scanned so far after each class folder.
-    ``checked`` gives checks already made elsewhere (`check_images` on shares of `image_files`, in other
-    processes): the files it covers are not opened again. A file that passes ``verify`` but fails to decode later (a truncated JPEG) raises an ``OSError``
+    ``checked`` gives checks already made elsewhere (`check_images` on shares of the files of
+    `list_images`, in other processes): the files it covers are not opened again, nor the folder walked again. A file that passes ``verify`` but fails to decode later (a truncated JPEG) raises an ``OSError``
     naming it. 16-bit grayscale images are scaled to 8 bits rather than clipped at 255 (which turns
     them white); float and signed or 32-bit integer images are refused, since their value range is unknown
     (see ``se_retrofit.pixels``).
     """
     if isinstance(data, str) and data == "digits":
         return _digits(model, val_split, seed, image_size)
-    return _folder(Path(data), model, val_split, seed, image_size, _Findings(verify_images, progress, checked))
+    walk = None if checked is None else checked.listing.walk
+    return _folder(Path(data), model, val_split, seed, image_size, _Findings(verify_images, progress, checked, walk))
 
 
-def image_files(data: str, progress: Callable[[int], None] | None = None) -> list[Path]:
-    """Every file `build_datasets` would open to verify in the image folder ``data``, in its scan order,
+def list_images(data: str, progress: Callable[[int], None] | None = None) -> FolderListing:
+    """The files `build_datasets` would open to verify in the image folder ``data``, in its scan order,
     without opening any (none for ``"digits"``).
 
-    For sharing that work between processes: each checks a share of the list (`check_images`), the
-    results are merged into `ImageChecks`, and `build_datasets` takes them, so that each image is opened
-    once per run rather than once per process. Raises what the scan raises about the folder's layout;
-    the warnings are left to `build_datasets`. ``progress`` as there.
+    For sharing that work between processes: each checks a share of ``files`` (`check_images`), the
+    results are merged into `ImageChecks`, and `build_datasets` takes them (and the walk recorded here,
+    so that the folder is walked once), so that each image is opened once per run rather than once per
+    process. Nothing here raises about the folder: where its layout or contents are wrong, the listing
+    stops there, and `build_datasets` raises the error it raises without a listing, in the same order.
+    ``progress`` as there.
     """
+    walk = _Walk()
     if isinstance(data, str) and data == "digits":
-        return []
-    found = _Findings(verify=False, progress=progress, listed=[])
+        return FolderListing([], walk)
+    found = _Findings(verify=False, progress=progress, walk=walk, listing=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _scan_layout(Path(data), found, None)
-    return found.listed
+        try:
+            _scan_layout(Path(data), found, None)
+        except (ValueError, OSError):
+            pass  # the files listed so far are shared; build_datasets checks the rest itself and raises
+    return FolderListing(walk.files, walk)
 
 
-def check_images(paths: Sequence[Path], progress: Callable[[int], None] | None = None) -> dict[str, ImageCheck]:
-    """Open and verify each file as `build_datasets` does, and return, by path, the ones with something
-    wrong: ``(readable, why its pixels cannot be used)``. Files that pass are left out (a share of a
-    million files has few problems to send to the other processes). ``progress`` is called with the
-    number checked so far, every 1,000 files and at the end."""
-    problems: dict[str, ImageCheck] = {}
-    for count, path in enumerate(paths, 1):
+def check_images(paths: Sequence[Path], progress: Callable[[int], None] | None = None) -> dict[int, ImageCheck]:
+    """Open and verify each file as `build_datasets` does, and return the ones with something wrong, by
+    position in ``paths``: ``(readable, why its pixels cannot be used)``. Files that pass are left out (a
+    share of a million files has few problems to send to the other processes). ``progress`` is called
+    with the number checked so far, every 1,000 files and at the end."""
+    problems: dict[int, ImageCheck] = {}
+    for index, path in enumerate(paths):
         result = _check_image(path)
         if result != (True, None):
-            problems[str(path)] = result
-        if progress is not None and count % 1000 == 0:
-            progress(count)
+            problems[index] = result
+        if progress is not None and (index + 1) % 1000 == 0:
+            progress(index + 1)
     if progress is not None:
         progress(len(paths))
     return problems

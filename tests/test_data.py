@@ -477,8 +477,8 @@ def _opened_by_the_scan(monkeypatch) -> list[Path]:
 
 
 @pytest.mark.parametrize("layout", ["train and val", "one folder split"])
-def test_image_files_lists_what_the_scan_opens_without_opening_any(tmp_path, model, monkeypatch, layout):
-    from se_retrofit.data import image_files
+def test_list_images_lists_what_the_scan_opens_without_opening_any(tmp_path, model, monkeypatch, layout):
+    from se_retrofit.data import list_images
 
     if layout == "train and val":
         write_class_folders(tmp_path / "train", {"a": 3, "b": 2})
@@ -487,27 +487,54 @@ def test_image_files_lists_what_the_scan_opens_without_opening_any(tmp_path, mod
         write_class_folders(tmp_path, {"a": 3, "b": 3})
     (tmp_path / "a_note.txt").write_text("not an image")
     opened = _opened_by_the_scan(monkeypatch)
-    listed = image_files(str(tmp_path))
+    listing = list_images(str(tmp_path))
     assert opened == [], f"listing opened {opened}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         build_datasets(tmp_path, model, val_split=0.34, image_size=16)
-    assert listed == opened, f"listed {listed}\nbut the scan opened {opened}"
-    assert image_files("digits") == [], "the built-in digits have no files"
+    assert listing.files == opened, f"listed {listing.files}\nbut the scan opened {opened}"
+    assert list_images("digits").files == [], "the built-in digits have no files"
 
 
-def test_image_files_raises_what_the_scan_raises_about_the_layout(tmp_path):
-    from se_retrofit.data import image_files
+def _fails_alike_with_and_without_a_listing(root: Path, model, **kwargs) -> str:
+    """The error `build_datasets` raises for ``root``, checked to be the same after a listing and the
+    shared checks of every listed file."""
+    from se_retrofit.data import ImageChecks, check_images, list_images
 
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        image_files(str(tmp_path / "missing"))
-    write_class_folders(tmp_path / "train", {"a": 2, "b": 2})
-    write_class_folders(tmp_path / "val", {"a": 1, "c": 1})
-    with pytest.raises(ValueError, match="different classes"):
-        image_files(str(tmp_path))
+    with pytest.raises((ValueError, OSError)) as alone:
+        build_datasets(root, model, image_size=16, **kwargs)
+    listing = list_images(str(root))
+    with pytest.raises(type(alone.value)) as after:
+        build_datasets(root, model, image_size=16, checked=ImageChecks(listing, check_images(listing.files)), **kwargs)
+    assert str(after.value) == str(alone.value), f"after a listing: {after.value}\nwithout: {alone.value}"
+    return str(alone.value)
 
 
-def test_check_images_returns_only_the_files_with_a_problem(tmp_path):
+def test_a_listing_raises_nothing_and_the_scan_after_it_raises_what_it_raises_alone(tmp_path, model):
+    """The listing runs before any check: an error it raised would come first, where the scan alone raises
+    another (a class of corrupt files before an empty one), or none (a corrupt file linked into two classes
+    is left out before the two classes are compared)."""
+    from se_retrofit.data import ImageChecks, check_images, list_images
+
+    assert "does not exist" in _fails_alike_with_and_without_a_listing(tmp_path / "missing", model)
+    mixed = tmp_path / "mixed"
+    write_class_folders(mixed, {"b": 2})
+    (mixed / "a").mkdir()
+    (mixed / "a" / "broken.png").write_bytes(b"not a png")
+    (mixed / "c").mkdir()
+    assert "a holds no readable images" in _fails_alike_with_and_without_a_listing(mixed, model, val_split=0.5)
+    linked = tmp_path / "linked"
+    write_class_folders(linked, {"a": 3, "b": 3})
+    (linked / "a" / "bad.png").write_bytes(b"not a png")
+    (linked / "b" / "bad.png").symlink_to(linked / "a" / "bad.png")
+    listing = list_images(str(linked))
+    with pytest.warns(UserWarning, match="skipped 2 unreadable"):  # as without the listing: once per class
+        train, val, _ = build_datasets(linked, model, val_split=0.34, image_size=16,
+                                       checked=ImageChecks(listing, check_images(listing.files)))
+    assert len(train) + len(val) == 6, "the corrupt file is left out, in both of its classes"
+
+
+def test_check_images_returns_only_the_files_with_a_problem_by_position(tmp_path):
     from se_retrofit.data import check_images
 
     good = [write_image(tmp_path / f"{i}.png", seed=i) for i in range(3)]
@@ -516,32 +543,62 @@ def test_check_images_returns_only_the_files_with_a_problem(tmp_path):
     signed = tmp_path / "signed.tif"
     Image.fromarray(np.zeros((4, 4), dtype=np.int32)).save(signed)
     counts: list[int] = []
-    problems = check_images([*good, broken, signed], progress=counts.append)
-    assert set(problems) == {str(broken), str(signed)}, f"problems: {problems}"
-    assert problems[str(broken)] == (False, None), problems
-    assert problems[str(signed)][0] and problems[str(signed)][1], f"readable, with a reason: {problems}"
+    problems = check_images([good[0], broken, *good[1:], signed], progress=counts.append)
+    assert set(problems) == {1, 4}, f"problems: {problems}"
+    assert problems[1] == (False, None), problems
+    assert problems[4][0] and problems[4][1], f"readable, with a reason: {problems}"
     assert counts == [5], f"progress at the end: {counts}"
 
 
-def test_build_datasets_trusts_checks_made_elsewhere_and_opens_only_the_rest(tmp_path, model, monkeypatch):
-    from se_retrofit.data import ImageChecks, image_files
+def test_build_datasets_trusts_checks_made_elsewhere_and_neither_opens_nor_walks_again(tmp_path, model,
+                                                                                     monkeypatch):
+    import se_retrofit.data as data_module
+    from se_retrofit.data import ImageChecks, list_images
 
     write_class_folders(tmp_path / "train", {"a": 3, "b": 3})
     write_class_folders(tmp_path / "val", {"a": 2, "b": 2})
-    paths = image_files(str(tmp_path))
-    covered, left = paths[:-2], paths[-2:]
-    said_broken = covered[0]  # a good file another process reported unreadable: its report is what counts
-    checks = ImageChecks(frozenset(str(p) for p in covered), {str(said_broken): (False, None)})
+    listing = list_images(str(tmp_path))
+    said_broken = 2  # a good file another process reported unreadable: its report is what counts
+    checks = ImageChecks(listing, {said_broken: (False, None)})
     opened = _opened_by_the_scan(monkeypatch)
+    walked: list[Path] = []
+    walk = data_module._image_files
+    monkeypatch.setattr(data_module, "_image_files", lambda d, ignored: (walked.append(d), walk(d, ignored))[1])
     with pytest.warns(UserWarning, match="skipped 1 unreadable") as record:
         train, val, _ = build_datasets(tmp_path, model, image_size=16, checked=checks)
-    assert opened == left, f"only the files the checks do not cover should be opened: {opened}"
+    assert opened == [] and walked == [], f"opened {opened}, walked {walked}"
     kept = {p for p, _ in train.samples + val.samples}
-    assert said_broken not in kept and len(kept) == len(paths) - 1, f"kept {sorted(kept)}"
-    assert str(said_broken) in str(record[0].message)
-    unusable = ImageChecks(frozenset(str(p) for p in paths), {str(covered[1]): (True, "signed 32-bit pixels")})
+    assert listing.files[said_broken] not in kept and len(kept) == len(listing.files) - 1, f"kept {sorted(kept)}"
+    assert str(listing.files[said_broken]) in str(record[0].message)
+    unusable = ImageChecks(listing, {1: (True, "signed 32-bit pixels")})
     with pytest.raises(ValueError, match="signed 32-bit pixels"):
         build_datasets(tmp_path, model, image_size=16, checked=unusable)
+
+
+def test_files_a_listing_did_not_reach_are_opened_by_the_scan(tmp_path, model, monkeypatch):
+    from se_retrofit.data import FolderListing, ImageChecks, _Walk, list_images
+
+    write_class_folders(tmp_path / "train", {"a": 2, "b": 2})
+    write_class_folders(tmp_path / "val", {"a": 1, "b": 1})
+    full = list_images(str(tmp_path))
+    partial = _Walk(class_dirs=dict(list(full.walk.class_dirs.items())[:1]),
+                    images=dict(list(full.walk.images.items())[:1]), files=full.files[:2])
+    opened = _opened_by_the_scan(monkeypatch)
+    build_datasets(tmp_path, model, image_size=16, checked=ImageChecks(FolderListing(partial.files, partial), {}))
+    assert opened == full.files[2:], f"the files past the listing should be opened: {opened}"
+
+
+@pytest.mark.parametrize("beside", ["val", "test"])
+def test_warnings_about_unused_folders_point_at_the_caller(tmp_path, model, beside):
+    write_class_folders(tmp_path / "train", {"a": 2, "b": 2})
+    if beside == "val":
+        (tmp_path / "val").mkdir()
+    else:
+        write_class_folders(tmp_path / "test", {"a": 1, "b": 1})
+    with pytest.warns(UserWarning, match="not used") as record:
+        build_datasets(tmp_path, model, val_split=0.5, image_size=16)
+    where = [Path(w.filename).name for w in record if "not used" in str(w.message)]
+    assert where == ["test_data.py"], f"the warning points at {where}, not at the caller"
 
 
 def test_under_torchrun_the_progress_line_says_it_counts_this_process_share(capsys):
@@ -554,3 +611,9 @@ def test_under_torchrun_the_progress_line_says_it_counts_this_process_share(caps
     assert capsys.readouterr().out.splitlines() == [
         "scanning the data: 250 images of this process's share (1/4) so far (12 s; --no-verify-images skips "
         "opening each one)", "scanned 250 images of this process's share (1/4) in 13 s"]
+    times = iter([0.0, 11.0, 12.0])
+    listing = command._ScanProgress(False, every=10.0, clock=lambda: next(times), listing=True)
+    listing(5000)
+    listing.finish()
+    assert capsys.readouterr().out.splitlines() == ["listing the data: 5,000 files so far (11 s)",
+                                                    "listed 5,000 files in 12 s"]

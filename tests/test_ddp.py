@@ -295,6 +295,9 @@ def test_processes_that_see_different_data_are_stopped(tmp_path: Path, verify: b
     Verifying, the ranks compare their file lists before splitting the verification between them (else a file
     only one rank lists could go unchecked); without it, the data sets they built."""
     same = [write_image_folder(tmp_path / f"node{r}", classes=2, train_per_class=3, val_per_class=1) for r in range(2)]
+    for folder in same:  # each rank finds the broken file of its share under its own path
+        for name in ("0broken.png", "broken.png"):
+            (folder / "train" / "class1" / name).write_bytes(b"not a png")
     codes = _run_two_ranks(_error_of_rank, (tmp_path, _scan_own_copy(same, verify)), timeout=120)
     assert codes == [0, 0], f"ranks failed: {codes}"
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["no error"] * 2, \
@@ -304,8 +307,8 @@ def test_processes_that_see_different_data_are_stopped(tmp_path: Path, verify: b
     codes = _run_two_ranks(_error_of_rank, (tmp_path, _scan_own_copy(same, verify)), timeout=120)
     assert codes == [0, 0], f"ranks failed: {codes}"
     rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
-    counts = ("rank 0 has 8 image files", "rank 1 has 9 image files") if verify else \
-        ("rank 0 has 6 training", "rank 1 has 7 training")
+    counts = ("rank 0 has 10 image files", "rank 1 has 11 image files") if verify else \
+        ("rank 0 has 8 training", "rank 1 has 9 training")
     assert all(c in rank0 for c in counts) and rank0.endswith("|False"), rank0
     assert rank1.endswith("|True"), f"rank 1 should raise a copy that rank 0 prints: {rank1}"
 
@@ -324,6 +327,8 @@ def _scan_and_record(data: Path, out: Path):
 
         def recorded(path):
             opened.append(str(path))
+            if path.name.startswith("odd"):
+                warnings.warn(f"odd file {path.name}")  # as Pillow warns about some files it reads
             return check(path)
 
         data_module._check_image = recorded  # this forked process only
@@ -334,7 +339,8 @@ def _scan_and_record(data: Path, out: Path):
         (out / f"opened{rank}.json").write_text(json.dumps(opened))
         (out / f"built{rank}.json").write_text(json.dumps({
             "train": [str(p) for p, _ in train.samples], "val": [str(p) for p, _ in val.samples],
-            "warnings": [str(w.message) for w in caught if "unreadable" in str(w.message)]}))
+            "warnings": [str(w.message) for w in caught if "unreadable" in str(w.message)],
+            "odd": sorted(str(w.message) for w in caught if "odd file" in str(w.message))}))
     return scan
 
 
@@ -344,6 +350,8 @@ def test_torchrun_verifies_each_image_once_and_every_rank_skips_the_same_broken_
     data = write_image_folder(tmp_path / "data", classes=2, train_per_class=5, val_per_class=2)
     broken = data / "train" / "class1" / "broken.png"
     broken.write_bytes(b"not a png")
+    for name in ("odd0.png", "odd1.png"):  # next to each other in the list, so in the two ranks' shares
+        (data / "train" / "class0" / name).write_bytes((data / "train" / "class0" / "0.png").read_bytes())
     out = tmp_path / "out"
     out.mkdir()
     codes = _run_two_ranks(_error_of_rank, (out, _scan_and_record(data, out)), timeout=120)
@@ -354,10 +362,12 @@ def test_torchrun_verifies_each_image_once_and_every_rank_skips_the_same_broken_
     assert sorted(opened[0] + opened[1]) == every, f"each of the {len(every)} files should be opened once: {opened}"
     assert opened[0] and opened[1], f"both ranks should verify a share: {opened}"
     built = [json.loads((out / f"built{r}.json").read_text()) for r in range(2)]
-    assert built[0] == {**built[1], "warnings": built[0]["warnings"]}, "the ranks built different data sets"
+    assert built[0]["train"] == built[1]["train"] and built[0]["val"] == built[1]["val"], "the ranks differ"
     assert str(broken) not in built[0]["train"] + built[0]["val"], "the broken file was not left out"
     assert len(built[0]["train"]) + len(built[0]["val"]) == len(every) - 1, built[0]
     assert [len(b["warnings"]) for b in built] == [1, 0], f"rank 0 alone should warn, once: {built}"
+    assert built[0]["odd"] == ["odd file odd0.png", "odd file odd1.png"] and built[1]["odd"] == [], \
+        f"rank 0 should re-raise the warnings of every share, rank 1 none: {built}"
 
 
 def _finetune_own_size(rank: int, port: int, out: Path) -> None:

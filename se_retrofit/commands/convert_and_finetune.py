@@ -237,24 +237,43 @@ def _datasets(args: argparse.Namespace, model: Any, seed: int, ctx: Any) -> tupl
 def _verify_in_shares(args: argparse.Namespace, ctx: Any) -> Any:
     """Under torchrun, verify each image once per run instead of once per process: every rank lists the
     folder, the ranks check that they list the same files (else shares would miss some), each opens its
-    share, and every rank gets every share's problems, as `ImageChecks` for `build_datasets`."""
+    share, and every rank gets every share's problems, as `ImageChecks` for `build_datasets`. The
+    warnings the checks raise (Pillow's) are re-raised by rank 0, which alone warns."""
     from .. import data as data_module
     from ..training import distributed
 
-    listing = _ScanProgress(False) if ctx.is_main else None
-    paths = distributed.on_every_rank(lambda: data_module.image_files(args.data, progress=listing), ctx)
-    if listing is not None:
-        listing.finish()
-    distributed.same_on_every_rank(_list_digest(Path(args.data), paths), _describe_list, ctx, hint=_SAME_FOLDER)
-    share = paths[ctx.rank::ctx.world_size]
+    listing_progress = _ScanProgress(False, listing=True) if ctx.is_main else None
+    listing = distributed.on_every_rank(lambda: data_module.list_images(args.data, progress=listing_progress), ctx)
+    if listing_progress is not None:
+        listing_progress.finish()
+    root = Path(args.data)
+    distributed.same_on_every_rank(_list_digest(root, listing.files), _describe_list, ctx, hint=_SAME_FOLDER)
     progress = _ScanProgress(True, processes=ctx.world_size) if ctx.is_main else None
-    problems = distributed.on_every_rank(lambda: data_module.check_images(share, progress=progress), ctx)
+
+    def check_share() -> tuple[dict[int, Any], list[tuple[type[Warning], str]]]:
+        share = listing.files[ctx.rank::ctx.world_size]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            found = data_module.check_images(share, progress=progress)
+        # by position in the list every rank holds (paths differ where nodes mount the folder differently)
+        return ({ctx.rank + k * ctx.world_size: result for k, result in found.items()},
+                [(_sendable(w.category), str(w.message)) for w in caught])
+
+    share_problems, share_warnings = distributed.on_every_rank(check_share, ctx)
     if progress is not None:
         progress.finish()
-    merged: dict[str, Any] = {}
-    for part in distributed.gather(problems, ctx):
-        merged.update(part)
-    return data_module.ImageChecks(frozenset(str(p) for p in paths), merged)
+    problems: dict[int, Any] = {}
+    for found, raised in distributed.gather((share_problems, share_warnings), ctx):
+        problems.update(found)
+        for category, message in raised if ctx.is_main else ():
+            warnings.warn(message, category, stacklevel=2)
+    return data_module.ImageChecks(listing, problems)
+
+
+def _sendable(category: type[Warning]) -> type[Warning]:
+    """``category`` where another process can unpickle it (a class it can import by name), else UserWarning."""
+    module = sys.modules.get(category.__module__)
+    return category if module is not None and getattr(module, category.__qualname__, None) is category else UserWarning
 
 
 def _list_digest(root: Path, paths: list[Path]) -> tuple[int, str]:
@@ -300,8 +319,11 @@ class _ScanProgress:
     a quick scan."""
 
     def __init__(self, verifying: bool, every: float = 10.0, clock: Callable[[], float] = time.monotonic,
-                 processes: int = 1) -> None:
+                 processes: int = 1, listing: bool = False) -> None:
         self.verifying, self.every, self.clock = verifying, every, clock
+        # listing (under torchrun, before the processes share the verification) opens no file
+        self.doing, self.done, self.things = ("listing", "listed", "files") if listing else ("scanning", "scanned",
+                                                                                           "images")
         # under torchrun each process verifies its share of the images; rank 0 reports its own
         self.share = f" of this process's share (1/{processes})" if processes > 1 else ""
         self.start = self.last = clock()
@@ -313,13 +335,14 @@ class _ScanProgress:
         now = self.clock()
         if now - self.last >= self.every:
             hint = "; --no-verify-images skips opening each one" if self.verifying else ""
-            print(f"scanning the data: {images:,} images{self.share} so far ({now - self.start:.0f} s{hint})",
-                  flush=True)
+            print(f"{self.doing} the data: {images:,} {self.things}{self.share} so far ({now - self.start:.0f} s"
+                  f"{hint})", flush=True)
             self.last, self.shown = now, True
 
     def finish(self) -> None:
         if self.shown:
-            print(f"scanned {self.images:,} images{self.share} in {self.clock() - self.start:.0f} s", flush=True)
+            print(f"{self.done} {self.images:,} {self.things}{self.share} in {self.clock() - self.start:.0f} s",
+                  flush=True)
 
 
 def _resume_hint(args: argparse.Namespace) -> str:
