@@ -311,10 +311,12 @@ class _Walk:
 @dataclass(frozen=True)
 class FolderListing:
     """The image files of a data folder in the order `build_datasets` scans them (``files``), listed
-    without opening any (`list_images`), with the walk that found them."""
+    without opening any (`list_images`), with the walk that found them and, where the listing stopped
+    early, the error it stopped at (``stopped``; `build_datasets` raises it, or an earlier one)."""
 
     files: list[Path]
     walk: _Walk = field(repr=False)
+    stopped: str | None = None
 
 
 @dataclass(frozen=True)
@@ -573,7 +575,8 @@ def list_images(data: str, progress: Callable[[int], None] | None = None) -> Fol
     results are merged into `ImageChecks`, and `build_datasets` takes them (and the walk recorded here,
     so that the folder is walked once), so that each image is opened once per run rather than once per
     process. Nothing here raises about the folder: where its layout or contents are wrong, the listing
-    stops there, and `build_datasets` raises the error it raises without a listing, in the same order.
+    stops there (``stopped`` says why), and `build_datasets` raises the error it raises without a listing,
+    in the same order.
     ``progress`` as there.
     """
     walk = _Walk()
@@ -584,8 +587,8 @@ def list_images(data: str, progress: Callable[[int], None] | None = None) -> Fol
         warnings.simplefilter("ignore")
         try:
             _scan_layout(Path(data), found, None)
-        except (ValueError, OSError):
-            pass  # the files listed so far are shared; build_datasets checks the rest itself and raises
+        except (ValueError, OSError) as exc:  # build_datasets checks the rest itself and raises
+            return FolderListing(walk.files, walk, f"{type(exc).__name__}: {exc}")
     return FolderListing(walk.files, walk)
 
 

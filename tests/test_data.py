@@ -617,3 +617,31 @@ def test_under_torchrun_the_progress_line_says_it_counts_this_process_share(caps
     listing.finish()
     assert capsys.readouterr().out.splitlines() == ["listing the data: 5,000 files so far (11 s)",
                                                     "listed 5,000 files in 12 s"]
+
+
+
+def _verify_in_one_process(tmp_path: Path):
+    import argparse
+
+    from se_retrofit.commands.convert_and_finetune import _verify_in_shares
+    from se_retrofit.training.distributed import DistContext
+
+    args = argparse.Namespace(data=str(tmp_path), val_split=0.5, image_size=16, verify_images=True)
+    return _verify_in_shares(args, DistContext())
+
+
+def test_shared_verification_keeps_the_user_warning_filters(tmp_path, monkeypatch):
+    """Pillow warns about an image over its pixel limit (up to twice it; an error beyond): shown as a warning
+    by default, but a user who turns it into an error gets the file skipped as unreadable, as in a single
+    process, not a crash."""
+    write_class_folders(tmp_path, {"a": 2, "b": 2})
+    big = write_image(tmp_path / "a" / "big.png", size=20)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # 400 pixels: over the limit, under twice it
+    with pytest.warns(Image.DecompressionBombWarning):
+        checks = _verify_in_one_process(tmp_path)
+    assert checks.problems == {}, f"a warning alone is no problem: {checks.problems}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        checks = _verify_in_one_process(tmp_path)
+    assert [checks.listing.files[i] for i in checks.problems] == [big], f"problems: {checks.problems}"
+    assert list(checks.problems.values()) == [(False, None)], checks.problems

@@ -313,6 +313,18 @@ def test_processes_that_see_different_data_are_stopped(tmp_path: Path, verify: b
     assert rank1.endswith("|True"), f"rank 1 should raise a copy that rank 0 prints: {rank1}"
 
 
+def test_a_folder_missing_on_one_node_is_named_when_the_lists_differ(tmp_path: Path) -> None:
+    """The listing stops quietly where a folder is wrong (the scan after it raises); when that happens on one
+    node only, the lists differ, and the message must say why rather than only count the files."""
+    here = write_image_folder(tmp_path / "node0", classes=2, train_per_class=3, val_per_class=1)
+    codes = _run_two_ranks(_error_of_rank, (tmp_path, _scan_own_copy([here, tmp_path / "unmounted"])), timeout=120)
+    assert codes == [0, 0], f"ranks failed: {codes}"
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
+    assert "rank 1 has 0 image files" in rank0 and "listed up to this error: FileNotFoundError: data folder" in rank0 \
+        and "unmounted" in rank0 and rank0.endswith("|False"), rank0
+    assert rank1.endswith("|True"), f"rank 1 should raise a copy that rank 0 prints: {rank1}"
+
+
 def _scan_and_record(data: Path, out: Path):
     """A rank's scan of ``data`` as the CLI does it, recording which files this process opened to verify and
     what it built."""

@@ -220,7 +220,7 @@ def _datasets(args: argparse.Namespace, model: Any, seed: int, ctx: Any) -> tupl
                                            image_size=args.image_size, verify_images=args.verify_images,
                                            progress=progress, checked=checked)
         # inside the shared error handling, and only where there are other processes to compare with (also
-        # after shared verification: the folder may have changed since the ranks compared their lists)
+        # after shared verification, where files the listing did not reach were opened by each rank)
         return found, _data_digest(Path(args.data), *found) if folder and ctx.enabled else None
 
     with warnings.catch_warnings():
@@ -243,17 +243,22 @@ def _verify_in_shares(args: argparse.Namespace, ctx: Any) -> Any:
     from ..training import distributed
 
     listing_progress = _ScanProgress(False, listing=True) if ctx.is_main else None
-    listing = distributed.on_every_rank(lambda: data_module.list_images(args.data, progress=listing_progress), ctx)
+
+    def listed() -> tuple[Any, tuple[int, str, str | None]]:
+        found = data_module.list_images(args.data, progress=listing_progress)
+        return found, _list_digest(Path(args.data), found)
+
+    listing, digest = distributed.on_every_rank(listed, ctx)
     if listing_progress is not None:
         listing_progress.finish()
-    root = Path(args.data)
-    distributed.same_on_every_rank(_list_digest(root, listing.files), _describe_list, ctx, hint=_SAME_FOLDER)
+    distributed.same_on_every_rank(digest, _describe_list, ctx, hint=_SAME_FOLDER)
     progress = _ScanProgress(True, processes=ctx.world_size) if ctx.is_main else None
 
     def check_share() -> tuple[dict[int, Any], list[tuple[type[Warning], str]]]:
         share = listing.files[ctx.rank::ctx.world_size]
+        # recorded under the user's filters: one that turns a warning into an error makes the file unreadable,
+        # as in a single process
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
             found = data_module.check_images(share, progress=progress)
         # by position in the list every rank holds (paths differ where nodes mount the folder differently)
         return ({ctx.rank + k * ctx.world_size: result for k, result in found.items()},
@@ -276,19 +281,20 @@ def _sendable(category: type[Warning]) -> type[Warning]:
     return category if module is not None and getattr(module, category.__qualname__, None) is category else UserWarning
 
 
-def _list_digest(root: Path, paths: list[Path]) -> tuple[int, str]:
-    """``(files, hash of their paths relative to the folder)``: nodes may mount it at different places."""
+def _list_digest(root: Path, listing: Any) -> tuple[int, str, str | None]:
+    """``(files, hash of their paths relative to the folder, why the listing stopped early)``: nodes may
+    mount the folder at different places. (File names that are not valid UTF-8 hash as their bytes.)"""
     import hashlib
 
     digest = hashlib.sha256()
-    for path in paths:
-        digest.update(f"{Path(path).relative_to(root).as_posix()}\n".encode())
-    return len(paths), digest.hexdigest()[:16]
+    for path in listing.files:
+        digest.update(f"{Path(path).relative_to(root).as_posix()}\n".encode("utf-8", "surrogateescape"))
+    return len(listing.files), digest.hexdigest()[:16], listing.stopped
 
 
-def _describe_list(digest: tuple[int, str]) -> str:
-    files, names = digest
-    return f"{files:,} image files (file list {names})"
+def _describe_list(digest: tuple[int, str, str | None]) -> str:
+    files, names, stopped = digest
+    return f"{files:,} image files (file list {names})" + (f", listed up to this error: {stopped}" if stopped else "")
 
 
 _SAME_FOLDER = ("Every process must read the same folder (a shared file system, or identical copies on every "
@@ -303,7 +309,8 @@ def _data_digest(root: Path, train: Any, val: Any, classes: list[str]) -> tuple[
     digest = hashlib.sha256()
     for part in (train, val):
         for path, label in part.samples:
-            digest.update(f"{Path(path).relative_to(root).as_posix()}\t{label}\n".encode())
+            line = f"{Path(path).relative_to(root).as_posix()}\t{label}\n"
+            digest.update(line.encode("utf-8", "surrogateescape"))
         digest.update(b"--\n")
     return len(classes), len(train), len(val), digest.hexdigest()[:16]
 
