@@ -123,7 +123,7 @@ def retrofitted_class(base: type, text: str, specs: dict[str, Any], local_global
             attrs[name] = ns[name]
     for name in DEPLOY_METHODS:
         if _is_deploy_method(getattr(base, name, None)):
-            attrs[name] = _refuse_deploy(base, name)
+            attrs[name] = _deploy(base, name)
     cls = type(f"SE{base.__name__}", (base,), attrs)
     if not local_globals:
         _CLASS_CACHE[key] = cls
@@ -147,18 +147,20 @@ def _is_deploy_method(method: Any) -> bool:
                for p in params)
 
 
-def _refuse_deploy(base: type, name: str) -> Any:
-    """A stand-in for ``base.<name>``: fusing would delete (``reparameterize``) or drop (``fuse``, which
-    returns a plain module) what the generated forward calls, so say so instead of failing later or
-    returning a block without its SE."""
-    def refuse(self: Any, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(
-            f"{base.__qualname__}.{name}() cannot run on a block se_retrofit rewrote: the generated forward "
-            "calls the training-time branches (and the SE block) that it would fuse away. Re-parameterise the "
-            "model before se_retrofit.apply (a fused block has no residual sum left and gets no SE), or keep "
-            "this block unfused; for training, the retrofitted model is the right form.")
-    refuse.__name__ = refuse.__qualname__ = name
-    return refuse
+def _deploy(base: type, name: str) -> Any:
+    """A stand-in for ``base.<name>``: fusing the block's branches would delete (``reparameterize``,
+    ``switch_to_deploy``) what the generated forward calls, or return a plain module without the SE block
+    (``fuse``). The first two run where the SE block can move into the fused forward's attention slot
+    (`deploy_fusion`); otherwise, and for ``fuse``, they say why not instead of failing later or dropping
+    the SE block."""
+    from .deploy_fusion import fuse_keeping_se, refusal
+
+    def deploy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if name == "fuse":
+            raise RuntimeError(refusal(base, name, "it returns a new module in place of the block"))
+        return fuse_keeping_se(self, base, name, *args, **kwargs)
+    deploy.__name__ = deploy.__qualname__ = name
+    return deploy
 
 
 def _reduce_ex(self: Any, protocol: int) -> tuple:

@@ -297,19 +297,53 @@ def test_saved_model_and_exported_program_load_in_a_fresh_process(spec, tmp_path
     assert result["config"] == se_retrofit.get_config(se_model).to_dict(), result
 
 
-@pytest.mark.parametrize("name, method", [("repvgg_a0", "reparameterize"), ("repvit_m0_9", "fuse")])
-def test_deploy_time_fusion_of_a_rewritten_block_is_refused_with_the_way_out(name, method):
-    """timm's ``reparameterize_model`` fuses a RepVGG-style block's branches into one convolution:
-    ``reparameterize()`` would delete what the generated forward calls, ``fuse()`` would return a
-    plain module without the SE block. Both must stop with the reason, not crash later or drop SE."""
+@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0"])
+def test_a_repvgg_style_block_fuses_with_its_se_block_moved_into_its_attention_slot(name):
+    """timm's ``reparameterize_model`` fuses a RepVGG-style block's branches into one convolution, and the
+    fused forward applies the block's ``attn`` slot to it: where ``apply`` put SE, on the branches' sum.
+
+    In float64: a randomly initialised mobileone_s0 with paper-initialised SE blocks is chaotic (a change of
+    1e-7 in its input changes its float32 output by about 14 %), so float32 rounding alone, fused or not,
+    would decide the comparison."""
+    from timm.utils.model import reparameterize_model
+
+    from se_retrofit.testing import perturb_norms
+
+    model = perturb_norms(timm.create_model(name, pretrained=False)).double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", se_retrofit.SERetrofitWarning)
+        se_model = se_retrofit.apply(model, init="paper")
+    fused = reparameterize_model(se_model)
+    blocks = [m for m in fused.modules() if hasattr(m, "reparam_conv")]
+    assert blocks and all(m.reparam_conv is not None and not hasattr(m, "conv_kxk") for m in blocks), \
+        f"{name}: not every block was fused"
+    assert len(se_retrofit.se_blocks(fused)) == len(se_retrofit.se_blocks(se_model)) > 0, "fusion dropped SE blocks"
+    assert all(isinstance(m.attn, se_retrofit.SEBlock) for m in blocks), "the SE blocks should be in the attn slots"
+    assert not any(type(m).__name__.startswith("SE") for m in blocks), "a fused block keeps the generated forward"
+    assert all(hasattr(m, "conv_kxk") for m in se_model.modules() if hasattr(m, "reparam_conv")), \
+        "reparameterize_model fuses a copy: the retrofitted model must keep its branches"
+    with torch.no_grad():
+        expected = se_model(X.double())
+        diff = (fused(X.double()) - expected).abs().max().item()
+    assert diff <= 1e-8 * expected.abs().max().item(), f"{name}: the fused model differs by {diff}"
+
+
+@pytest.mark.parametrize("name, method, why", [
+    ("repvit_m0_9", "fuse", "returns a new module in place of the block"),
+    ("fastvit_t8", "reparameterize", "no attention slot"),  # a stem block's SE sits on a branch, before its sum
+])
+def test_deploy_time_fusion_that_would_drop_or_move_se_is_refused_with_the_way_out(name, method, why):
+    """``fuse()`` returns a plain module without the SE block; a block whose SE is not on the sum the fusion
+    leaves (SE on a residual branch) has no slot to keep it in. Both must stop with the reason, not crash later
+    or drop SE."""
     from timm.utils.model import reparameterize_model
 
     model = timm.create_model(name, pretrained=False).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", se_retrofit.SERetrofitWarning)
         se_model = se_retrofit.apply(model)
-    with pytest.raises(RuntimeError, match=rf"\.{method}\(\) cannot run on a block se_retrofit rewrote.*before "
-                                           "se_retrofit.apply"):
+    with pytest.raises(RuntimeError, match=rf"\.{method}\(\) cannot run on this block se_retrofit rewrote: .*{why}.*"
+                                           "before se_retrofit.apply"):
         reparameterize_model(se_model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", se_retrofit.SERetrofitWarning)  # RepVGG fused has no residual left
@@ -317,6 +351,52 @@ def test_deploy_time_fusion_of_a_rewritten_block_is_refused_with_the_way_out(nam
     with torch.no_grad():
         assert torch.equal(fused_first(X), reparameterize_model(model)(X)), \
             f"{name}: re-parameterised before apply, the model should keep its outputs"
+
+
+class _TwoSlots(torch.nn.Module):
+    """Two parallel convolutions fused by ``reparameterize()``; the fused forward applies ``se`` only, the
+    training forward ``se`` then ``attn``: an identity-initialised SE block would compute the same in
+    either slot, so only a check with a real gate finds the right one."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.conv_a = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv_b = torch.nn.Conv2d(channels, channels, 1)
+        self.attn = torch.nn.Identity()
+        self.se = torch.nn.Identity()
+        self.reparam = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reparam is not None:
+            return torch.relu(self.se(self.reparam(x)))
+        return torch.relu(self.attn(self.se(self.conv_a(x) + self.conv_b(x))))
+
+    def reparameterize(self) -> None:
+        weight = self.conv_a.weight.detach().clone()
+        weight[:, :, 1:2, 1:2] += self.conv_b.weight.detach()
+        self.reparam = torch.nn.Conv2d(weight.shape[1], weight.shape[0], 3, padding=1)
+        self.reparam.weight.data = weight
+        self.reparam.bias.data = (self.conv_a.bias + self.conv_b.bias).detach()
+        del self.conv_a, self.conv_b
+
+
+def test_fusion_checks_the_slot_with_a_real_gate_not_the_identity_init():
+    from timm.utils.model import reparameterize_model
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), _TwoSlots(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    se_model = se_retrofit.apply(model, init="identity")
+    assert len(se_retrofit.se_blocks(se_model)) == 1, se_retrofit.get_plan(se_model)
+    fused = reparameterize_model(se_model)
+    block = fused[1]
+    assert isinstance(block.se, se_retrofit.SEBlock) and isinstance(block.attn, torch.nn.Identity), \
+        f"the SE block went into the wrong slot: se={type(block.se).__name__}, attn={type(block.attn).__name__}"
+    with torch.no_grad():  # trained SE weights: the fused model must still apply them
+        for p in se_retrofit.se_blocks(se_model)[0][1].parameters():
+            p.normal_(0, 0.5)
+        block.se.load_state_dict(se_retrofit.se_blocks(se_model)[0][1].state_dict())
+        diff = (fused(X) - se_model(X)).abs().max().item()
+    assert diff < 1e-5, f"the fused model ignores its SE block: differs by {diff}"
 
 
 def test_a_model_whose_re_parameterisable_layers_sit_on_residual_branches_still_fuses():
