@@ -322,6 +322,8 @@ def test_a_repvgg_style_block_fuses_with_its_se_block_moved_into_its_attention_s
     assert not any(type(m).__name__.startswith("SE") for m in blocks), "a fused block keeps the generated forward"
     assert all(hasattr(m, "conv_kxk") for m in se_model.modules() if hasattr(m, "reparam_conv")), \
         "reparameterize_model fuses a copy: the retrofitted model must keep its branches"
+    assert all(p.requires_grad for _, se in se_retrofit.se_blocks(fused) for p in se.parameters()), \
+        "the block's own clean-up (timm detaches every parameter but the fused convolution's) froze the SE blocks"
     with torch.no_grad():
         expected = se_model(X.double())
         diff = (fused(X.double()) - expected).abs().max().item()
@@ -378,6 +380,65 @@ class _TwoSlots(torch.nn.Module):
         self.reparam.weight.data = weight
         self.reparam.bias.data = (self.conv_a.bias + self.conv_b.bias).detach()
         del self.conv_a, self.conv_b
+
+
+class _FusesThroughTheOtherMethod(_TwoSlots):
+    """GhostNetV3's pattern: ``reparameterize()`` calls ``switch_to_deploy()``, which fuses."""
+
+    def reparameterize(self) -> None:
+        self.switch_to_deploy()
+
+    def switch_to_deploy(self) -> None:
+        _TwoSlots.reparameterize(self)
+
+
+class _FirstSlotRaises(_TwoSlots):
+    """The fused forward calls ``attn`` on a one-channel map: the SE block there raises, in ``se`` it fits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reparam is not None:
+            return torch.relu(self.se(self.reparam(x))) + 0 * self.attn(x[:, :1]).sum()
+        return torch.relu(self.attn(self.se(self.conv_a(x) + self.conv_b(x))))
+
+
+def _retrofitted(block: torch.nn.Module, init: str = "paper") -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), block, torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    se_model = se_retrofit.apply(model, init=init)
+    assert len(se_retrofit.se_blocks(se_model)) == 1, se_retrofit.get_plan(se_model)
+    return se_model
+
+
+@pytest.mark.parametrize("block", [_FusesThroughTheOtherMethod, _FirstSlotRaises], ids=lambda c: c.__name__)
+def test_fusion_finds_the_slot_through_a_method_calling_another_or_a_slot_that_raises(block):
+    from timm.utils.model import reparameterize_model
+
+    se_model = _retrofitted(block())
+    fused = reparameterize_model(se_model)
+    assert isinstance(fused[1].se, se_retrofit.SEBlock) and isinstance(fused[1].attn, torch.nn.Identity), fused[1]
+    with torch.no_grad():
+        diff = (fused(X) - se_model(X)).abs().max().item()
+    assert diff < 1e-5, f"the fused model differs by {diff}"
+
+
+def test_fusion_runs_in_half_precision_and_under_autocast_and_not_the_user_hooks():
+    """The check is about where the SE block goes: it runs in float64, without autocast or hooks; the block
+    itself fuses in its own dtype."""
+    from timm.utils.model import reparameterize_model
+
+    model = timm.create_model("repvgg_a0", pretrained=False).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", se_retrofit.SERetrofitWarning)
+        se_model = se_retrofit.apply(model, init="paper")
+    calls = []
+    se_model.stages[0][0].register_forward_hook(lambda module, args, out: calls.append(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = reparameterize_model(se_model)
+    assert calls == [], f"the user's hook ran {len(calls)} times during the fusion"
+    half = reparameterize_model(copy.deepcopy(se_model).to(torch.bfloat16))
+    for each in (fused, half):
+        assert all(isinstance(m.attn, se_retrofit.SEBlock) for m in each.modules() if hasattr(m, "reparam_conv"))
+    assert next(half.parameters()).dtype == torch.bfloat16
 
 
 def test_fusion_checks_the_slot_with_a_real_gate_not_the_identity_init():
