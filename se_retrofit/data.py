@@ -364,7 +364,7 @@ class _Findings:
             found, ignored, start = walk.images[class_dir]
             self.ignored.extend(ignored)
             return found, start
-        ignored = []
+        ignored: list[Path] = []
         found = _image_files(class_dir, ignored)
         self.ignored.extend(ignored)
         if walk is None or not self.listing:
@@ -556,7 +556,8 @@ def build_datasets(data: str, model: nn.Module, *, val_split: float = 0.1, seed:
     silently change the label set. ``verify_images=False`` skips the check for very large folders;
     ``progress``, if given, is called with the number of images scanned so far after each class folder.
     ``checked`` gives checks already made elsewhere (`check_images` on shares of the files of
-    `list_images`, in other processes): the files it covers are not opened again, nor the folder walked again. A file that passes ``verify`` but fails to decode later (a truncated JPEG) raises an ``OSError``
+    `list_images`, in other processes): the files it covers are not opened again, nor the folder walked
+    again. A file that passes ``verify`` but fails to decode later (a truncated JPEG) raises an ``OSError``
     naming it. 16-bit grayscale images are scaled to 8 bits rather than clipped at 255 (which turns
     them white); float and signed or 32-bit integer images are refused, since their value range is unknown
     (see ``se_retrofit.pixels``).
@@ -576,8 +577,7 @@ def list_images(data: str, progress: Callable[[int], None] | None = None) -> Fol
     so that the folder is walked once), so that each image is opened once per run rather than once per
     process. Nothing here raises about the folder: where its layout or contents are wrong, the listing
     stops there (``stopped`` says why), and `build_datasets` raises the error it raises without a listing,
-    in the same order.
-    ``progress`` as there.
+    in the same order. ``progress`` as there.
     """
     walk = _Walk()
     if isinstance(data, str) and data == "digits":

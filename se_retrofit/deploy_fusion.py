@@ -56,6 +56,7 @@ def fuse_keeping_se(block: nn.Module, base: type, name: str, *args: Any, **kwarg
 
 
 def refusal(base: type, name: str, why: str) -> str:
+    """The error for a deploy method that cannot run on a rewritten block: the reason, then the ways out."""
     return (f"{base.__qualname__}.{name}() cannot run on this block se_retrofit rewrote: {why}. Fusing its "
             "branches would drop the SE block or change what the block computes. Re-parameterise the model "
             "before se_retrofit.apply (a fused block has no residual sum left and gets no SE), or keep this block "
