@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from . import catalog, layout
 from .capture import Call, capture_calls, describe, preserved_modes
@@ -193,6 +194,10 @@ def _check_model(model: Any) -> None:
                          "checks each rewritten block against the original's output, and (Distributed)DataParallel "
                          f"would not see the new parameters. Pass the model inside, model.{inner}, and compile or "
                          "wrap the model apply returns.")
+    if any(is_lazy(t) for t in itertools.chain(model.parameters(), model.buffers())):
+        raise ValueError(f"{type(model).__name__} has uninitialised parameters of lazy modules (nn.LazyConv2d, ...): "
+                         "their shapes are only known after a forward pass. Run the model once on a real input "
+                         "(and load its weights), then apply.")
     if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
         raise ValueError(f"{type(model).__name__} has tensors on the meta device: se_retrofit runs the model once "
                          "to find the residual additions and checks each rewritten block on real values. "

@@ -23,10 +23,11 @@ def free_name(module: nn.Module, taken: set[str], base: str = "se") -> str:
     """``se``, or ``se_1``, ``se_2``... : the first name the block does not use for anything but ``None``.
 
     Reusing a ``None`` slot (timm blocks declare ``self.se = None`` when built without attention)
-    gives the new weights the very keys of timm's hand-written SE networks.
+    gives the new weights the very keys of timm's hand-written SE networks. A name the class defines
+    (``se = None`` in the class body, a property) is not free: it would hide the registered submodule.
     """
     candidate, i = base, 0
-    while candidate in taken or getattr(module, candidate, None) is not None:
+    while candidate in taken or getattr(module, candidate, None) is not None or hasattr(type(module), candidate):
         i += 1
         candidate = f"{base}_{i}"
     return candidate

@@ -11,6 +11,7 @@ fx can silently take the wrong branch of Python control flow.
 from __future__ import annotations
 
 import inspect
+import re
 import threading
 from typing import Any
 
@@ -25,6 +26,7 @@ from .augmented import AugmentedProxy
 from .capture import Call, preserved_modes
 from .early_excitation import gate_through
 from .messages import first_line
+from .trace_effects import RandomDraws, StateWrites
 
 
 class TraceFailure(Exception):
@@ -116,19 +118,63 @@ def _spy_class(cls: type) -> type:
     return spy
 
 
+class _TrainingFlag:
+    """Stands for a submodule's ``training`` bool while its parent is traced, and notes being read.
+
+    fx bakes such a read into the graph like ``self.training``, but the generated forward can only
+    dispatch on the traced module's own flag, and a submodule can be in the other mode (a frozen
+    BatchNorm in eval mode inside a block that trains)."""
+
+    __slots__ = ("value", "read")
+
+    def __init__(self, value: bool) -> None:
+        self.value, self.read = value, False
+
+    def __bool__(self) -> bool:
+        self.read = True
+        return self.value
+
+    def __eq__(self, other: object) -> bool:
+        self.read = True
+        return self.value == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _watch_training_flags(module: nn.Module) -> list[tuple[str, nn.Module, _TrainingFlag]]:
+    flags = []
+    for name, sub in module.named_modules():
+        if sub is not module and isinstance(sub.__dict__.get("training"), bool):
+            flag = _TrainingFlag(sub.__dict__["training"])
+            sub.__dict__["training"] = flag
+            flags.append((name, sub, flag))
+    return flags
+
+
+def _unwatch_training_flags(flags: list[tuple[str, nn.Module, _TrainingFlag]]) -> list[str]:
+    """Put the submodules' bools back; return the names of those whose flag was read."""
+    for _, sub, flag in flags:
+        if sub.__dict__.get("training") is flag:
+            sub.__dict__["training"] = flag.value
+    return [name for name, _, flag in flags if flag.read]
+
+
 def trace_forward(module: nn.Module, concrete_args: dict[str, Any], param_names: list[str],
                   training: bool) -> tuple[fx.Graph, bool]:
     """Trace ``module.forward`` as it runs with ``module.training == training``.
 
     Returns the graph and whether the forward read ``self.training`` (if not, the graph serves both
-    modes). Only the module's own flag matters: its children are leaves, so theirs never reach the graph.
+    modes). A forward that reads a submodule's flag is refused (`_TrainingFlag`); its children are
+    leaves, so their own reads of it never reach the graph.
     """
     cls, was = type(module), module.__dict__["training"]
     module.__class__ = _spy_class(cls)
     del module.__dict__["training"]
     module.__dict__["_se_training"] = training
+    flags = _watch_training_flags(module)
     try:
-        graph = BlockTracer().trace(module, concrete_args=concrete_args or None)
+        with RandomDraws() as draws, StateWrites(module, ignore=("_se_training", "_se_training_read")) as writes:
+            graph = BlockTracer().trace(module, concrete_args=concrete_args or None)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError...): all mean "cannot trace"
         first = first_line(exc)
         raise TraceFailure(f"fx cannot trace its forward ({first[:240]})") from None
@@ -137,8 +183,38 @@ def trace_forward(module: nn.Module, concrete_args: dict[str, Any], param_names:
         module.__dict__.pop("_se_training", None)
         module.__class__ = cls
         module.__dict__["training"] = was
+        children_read = _unwatch_training_flags(flags)
+    if children_read:
+        raise TraceFailure(f"its forward reads the train/eval flag of a submodule (self.{children_read[0]}.training), "
+                           "which the traced graph would fix to the flag's value now")
+    if draws.drawn:
+        raise TraceFailure("its forward draws random numbers outside tensor ops (random, NumPy, or torch.rand without "
+                           "a tensor argument, as in Python-level stochastic depth); the traced graph would fix one "
+                           "draw for every call")
+    if writes.written:
+        raise TraceFailure(f"its forward writes module state ({', '.join(writes.written[:3])}), which the traced graph "
+                           "would not repeat")
     _restore_parameter_names(graph, param_names)
+    _explain_specialisations(graph, cls.__name__)
     return graph, read
+
+
+_SPECIALISED = re.compile(r"(\w+) has been specialized to have value (.*) but got another value$", re.S)
+
+
+def _explain_specialisations(graph: fx.Graph, owner: str) -> None:
+    """Reword fx's checks on specialised arguments, which the generated forward keeps: the error a later
+    call with another value raises should say where the constant came from and what to do."""
+    for node in graph.nodes:
+        if node.op != "call_function" or len(node.args) != 2 or not isinstance(node.args[1], str):
+            continue
+        found = _SPECIALISED.match(node.args[1])
+        if found:
+            name, value = found.groups()
+            node.args = (node.args[0], (
+                f"se_retrofit: {owner}.forward was rewritten for {name}={value}, the value apply's example forward "
+                f"passed; the rewritten forward handles only that value. Call it with {name}={value}, or "
+                f"retrofit with an example_input whose forward passes {name} as your calls do"))
 
 
 class _Traces(threading.local):
@@ -247,7 +323,10 @@ def propagate_shapes(module: nn.Module, graph: fx.Graph, call: Call, check_outpu
     With ``check_output`` the result must equal the recorded output of the real forward; a graph
     that does not is refused (TraceFailure), because rewriting it would change the model.
     """
-    gm = _graph_module(module, graph)
+    try:
+        gm = _graph_module(module, graph)
+    except Exception as exc:  # fx's code generation fails on some constants (a tuple default argument)
+        raise TraceFailure(f"fx cannot generate code for its forward ({first_line(exc)[:240]})") from None
     args, kwargs = call.fresh_args()
     flat = _flatten_for_graph(module, graph, args, kwargs)
     with preserved_modes(module), torch.no_grad():

@@ -5,6 +5,7 @@ keep its outputs under the identity init. The slow ones (large fixed input sizes
 """
 from __future__ import annotations
 
+import io
 import warnings
 
 import pytest
@@ -32,7 +33,7 @@ CASES = [
     ("tf_efficientnet_b0", 0, "already has channel attention"),  # TF "same" padding inside the convs
     ("tf_mobilenetv3_small_minimal_100", 6, None),         # TF "same" padding, no SE: every residual converted
     ("tf_mobilenetv3_small_100", 1, "already has channel attention"),  # 5 blocks with SE, 1 without
-    ("efficientvit_m0", 32, "broadcasting"),               # conv residuals found, attention biases left alone
+    ("efficientvit_m0", 32, "adds a constant"),            # conv residuals found; attention biases left alone
 ]
 SLOW = [("inception_resnet_v2", 40, None)]                 # scaled residuals, 299x299 input
 
@@ -52,6 +53,10 @@ def check(name: str, expected: int, reason: str | None) -> None:
     with torch.no_grad():
         diff = (model(*args, **kwargs) - se_model(*args, **kwargs)).abs().max().item()
     assert diff <= 1e-5, f"{name}: identity init changed the outputs by {diff}"
+    try:  # nothing tracing made (a proxy cached by a forward) may be left in the model
+        torch.save(se_model, io.BytesIO())
+    except Exception as exc:
+        raise AssertionError(f"{name}: the retrofitted model does not pickle: {exc}") from exc
 
 
 @pytest.mark.parametrize("name,expected,reason", CASES, ids=[c[0] for c in CASES])
