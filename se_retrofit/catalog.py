@@ -134,6 +134,14 @@ def _computing_modules(module: nn.Module) -> Iterator[nn.Module]:
         yield from _computing_modules(child)
 
 
+def is_leaf_like(module: nn.Module) -> bool:
+    """A module whose computation its class alone tells: no submodules but parametrizations (a
+    parametrized convolution is still a convolution)."""
+    children = [c for name, c in module.named_children()
+                if not (name == "parametrizations" and parametrize.is_parametrized(module))]
+    return not children
+
+
 def is_light_module(module: nn.Module) -> bool:
     """True when ``module`` holds no activation and every leaf of it is a linear map (conv, norm, pool...)."""
     for m in _computing_modules(module):

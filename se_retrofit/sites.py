@@ -6,7 +6,7 @@ linear) with a shortcut that is the branch's own input, a linear projection of i
 pooling) or a tensor the caller handed in. A sum of several light parallel convolutions from one input (RepVGG,
 MobileOne) is a multi-branch block: it gets one SE after the sum. Such a linear sum (arms without an
 activation: convolutions, norms, pooling, an identity) that lies on another unit's residual branch is
-one layer of that unit and is left alone: the unit gets one SE, at the end of its branch, as in
+one layer of that unit and is left alone: SE goes at the end of the unit's branch, as in
 SE-ResNet (`nesting` does the same when the sum is in a child module). Everything else (token and
 channels-last adds, partial-channel adds, fusions of separate inputs) is reported with a reason.
 """
@@ -49,8 +49,8 @@ class Rejection:
     branch: frozenset[str] = field(default=frozenset(), compare=False, repr=False)  # a residual unit's branch nodes
 
 
-NESTED_REASON = ("linear sum on a residual branch (parallel arms without an activation, RepVGG-style: one layer of "
-                 "that unit; the unit gets one SE, at the end of its branch)")
+NESTED_REASON = ("linear sum on a residual branch (parallel arms without an activation, RepVGG-style): a layer of "
+                 "that residual unit; SE goes at the end of the unit's branch, not inside it")
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -85,7 +85,7 @@ class _Graph:
     """Per-graph facts the classification needs, computed once."""
 
     def __init__(self, graph: fx.Graph, owner: nn.Module, layouts: dict[fx.Node, Layout | None],
-                 param_names: Iterable[str]) -> None:
+                 param_names: Iterable[str], ancestors: bool = True) -> None:
         self.graph = graph
         self.owner = owner
         self.layouts = layouts
@@ -94,10 +94,11 @@ class _Graph:
         self.input_dependent: dict[fx.Node, bool] = {}
         for node in graph.nodes:
             parents = node.all_input_nodes
-            anc = {node}
-            for p in parents:
-                anc |= self.ancestors[p]
-            self.ancestors[node] = frozenset(anc)
+            if ancestors:
+                anc = {node}
+                for p in parents:
+                    anc |= self.ancestors[p]
+                self.ancestors[node] = frozenset(anc)
             self.input_dependent[node] = node.op == "placeholder" or any(self.input_dependent[p] for p in parents)
 
     def module(self, node: fx.Node) -> nn.Module | None:
@@ -137,8 +138,11 @@ class _Graph:
             if node.op in ("call_function", "call_method"):
                 if name == "getitem" or name in catalog.SLICE_FUNCTION_NAMES:
                     src = node.args[0] if node.args else None
-                    return isinstance(src, fx.Node) and (_shape(src) is not None or self.name(src) in
-                                                         catalog.SLICE_FUNCTION_NAMES)
+                    if not isinstance(src, fx.Node):
+                        return False
+                    if self.name(src) in catalog.SLICE_FUNCTION_NAMES:
+                        return True
+                    return _shape(src) is not None and not self.crops_only(node, src)
                 if catalog.is_elementwise_function_name(name) or self.is_passthrough(node):
                     nxt = self.tensor_input(node)
                     if nxt is None:
@@ -154,6 +158,22 @@ class _Graph:
             return False
         return False
 
+    def crops_only(self, node: fx.Node, src: fx.Node) -> bool:
+        """Whether indexing ``src`` (``x[:, :, :-pad]``, a causal convolution's trim) keeps every channel of
+        a map whose channel axis is known: a crop, after which the operand is still a whole feature map."""
+        lay = self.layouts.get(src)
+        shape = _shape(src)
+        if lay is None or shape is None or lay.ndim != len(shape) or self.name(node) != "getitem":
+            return False
+        index = node.args[1] if len(node.args) > 1 else None
+        index = index if isinstance(index, tuple) else (index,)
+        if any(i is Ellipsis for i in index):
+            cut = index.index(Ellipsis)
+            index = index[:cut] + (slice(None),) * (len(shape) - len(index) + 1) + index[cut + 1:]
+        if not all(isinstance(i, slice) for i in index):  # an int, None or tensor index changes the axes
+            return False
+        return lay.axis >= len(index) or index[lay.axis] == slice(None)
+
     def convs(self, nodes: Iterable[fx.Node]) -> int:
         total = 0
         for n in nodes:
@@ -163,20 +183,23 @@ class _Graph:
                 total += 1
         return total
 
-    def is_light(self, nodes: Iterable[fx.Node]) -> bool:
+    def is_light(self, nodes: Iterable[fx.Node], depth: int = 0) -> bool:
         """No activation and no unknown op: a projection (conv + norm, pooling, identity, scaling)."""
         for n in nodes:
             if n.op in ("placeholder", "get_attr", "output") or self.is_constant(n):
                 continue
             if n.op == "call_module":
-                if not catalog.is_light_module(self.module(n)):
+                if not light_module(self.module(n), depth):
                     return False
                 continue
             name = self.name(n)
             if n.target in catalog.CONV_FUNCTIONS or is_add(n) or self.is_passthrough(n):
                 continue
             if name in ("avg_pool2d", "avg_pool1d", "avg_pool3d", "max_pool2d", "adaptive_avg_pool2d",
-                        "interpolate", "pad", "getitem", "contiguous", "batch_norm", "cat", "to", "float"):
+                        "interpolate", "pad", "getitem", "contiguous", "batch_norm", "cat", "to", "float",
+                        "size", "dim"):
+                continue
+            if name == "getattr" and len(n.args) == 2 and n.args[1] in _METADATA:  # x.shape: not a value of the map
                 continue
             return False
         return True
@@ -200,6 +223,44 @@ class _Graph:
                                 not self.is_constant(small_node):
                             return f"a channel gate (multiplication at node '{n.name}')"
         return None
+
+
+_MAX_LIGHT_DEPTH = 4
+_METADATA = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
+
+
+def light_module(module: nn.Module, depth: int = 0) -> bool:
+    """Whether ``module`` is a linear map of its input: no activation and no unknown op, in its leaves and
+    in the forwards of the modules that hold them, which can call functions no leaf shows (a
+    ``ConvBNReLU`` helper whose forward calls ``F.relu``). A forward fx cannot trace, or nested deeper
+    than a few levels, counts as not linear: an unknown op."""
+    if not catalog.is_light_module(module):
+        return False
+    if catalog.is_leaf_like(module):
+        return True
+    if depth >= _MAX_LIGHT_DEPTH:
+        return False
+    if type(module) is nn.Sequential:
+        return all(light_module(child, depth + 1) for child in module)
+    from .tracing import TraceFailure, cached_trace
+
+    try:
+        graph, _ = cached_trace(module)
+    except TraceFailure:
+        return False
+    # only what the output is computed from: a shape check (``_assert(x.ndim == 4)``) is not an op on the map
+    return _Graph(graph, module, {}, (), ancestors=False).is_light(_output_ancestors(graph), depth + 1)
+
+
+def _output_ancestors(graph: fx.Graph) -> list[fx.Node]:
+    seen: set[fx.Node] = set()
+    todo = [n for n in graph.nodes if n.op == "output"]
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(node.all_input_nodes)
+    return [n for n in graph.nodes if n in seen]
 
 
 def _group_terms(g: _Graph, add: fx.Node, adds: set[fx.Node], inner: set[fx.Node]) -> list[fx.Node] | None:
@@ -301,6 +362,9 @@ def _classify(g: _Graph, add: fx.Node, terms: list[fx.Node], position: str) -> P
     shapes = [_shape(t) for t in terms]
     if out_shape is None or len(out_shape) < 3:
         return Rejection(add.name, f"not a feature map (output shape {out_shape})")
+    if any(g.is_constant(t) for t in terms):  # at batch 1 a (1, C, H, W) parameter has the map's shape
+        return Rejection(add.name, "adds a constant (a parameter or buffer: a position embedding, a bias), "
+                                   "not a branch and its shortcut")
     if any(s != out_shape for s in shapes):
         return Rejection(add.name, f"broadcasting add of shapes {', '.join(str(list(s)) for s in shapes)}")
     group = _group_nodes(g, add, terms)
@@ -336,6 +400,9 @@ def _classify(g: _Graph, add: fx.Node, terms: list[fx.Node], position: str) -> P
         return Rejection(add.name, "no convolution on any operand (token or MLP residual)")
     if heavy or (len(light_conv) == 1 and zero):
         branch = heavy[0] if heavy else light_conv[0]
+        if not heavy and _separate_inputs(g, terms, branch):
+            return Rejection(add.name, "sums a projection of one input and another input (a feature-pyramid "
+                                       "fusion, not a residual)")
         result = _residual(g, add, terms, exclusive, identity, branch, group, position)
         # a residual unit owns the layers on its branch whether or not it can take SE (see `_outside_units`)
         result.branch = result.branch | frozenset(n.name for n in exclusive[branch])
@@ -345,6 +412,17 @@ def _classify(g: _Graph, add: fx.Node, terms: list[fx.Node], position: str) -> P
     if len(light_conv) >= 2:
         return _multi_branch(g, add, terms, exclusive, group, position)
     return Rejection(add.name, "no branch with a convolution")
+
+
+def _separate_inputs(g: _Graph, terms: list[fx.Node], branch: int) -> bool:
+    """Whether a linear branch (one convolution: an FPN's lateral) and every other operand read disjoint
+    inputs of the module: ``lateral(c4) + upsample(p5)`` fuses two levels; a residual's shortcut is the
+    branch's own input or one derived from it (DLA hands it in, but its branch does work of its own)."""
+    def inputs(node: fx.Node) -> set[fx.Node]:
+        return {a for a in g.ancestors[node] if a.op == "placeholder"}
+
+    mine = inputs(terms[branch])
+    return bool(mine) and all(not (inputs(t) & mine) and inputs(t) for i, t in enumerate(terms) if i != branch)
 
 
 def _layout_problem(lay: Layout | None) -> str | None:

@@ -251,3 +251,82 @@ def test_apply_again_adds_nothing_to_a_gated_repvgg_block(position):
     twice = _quiet(se_retrofit.apply, once)
     assert len(se_retrofit.se_blocks(twice)) == 1, \
         f"{position}: a second apply added another SE block:\n{se_retrofit.get_plan(twice)}"
+
+
+class _PositionEmbedded(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.pos_embed = nn.Parameter(torch.zeros(1, 8, 16, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x) + self.pos_embed
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_position_embedding_is_not_a_shortcut_even_at_batch_1(batch):
+    """At batch 1 a (1, C, H, W) parameter has the feature map's shape; it is still not a residual."""
+    plan = se_retrofit.find_sites(_PositionEmbedded(), example_input=torch.randn(batch, 3, 16, 16))
+    assert not plan.sites, f"batch {batch}: a position embedding got SE\n{plan}"
+    assert any(s.reason.startswith("adds a constant") for s in plan.skipped), plan
+
+
+class _TopDown(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lateral = nn.Conv2d(8, 8, 1)
+
+    def forward(self, c4: torch.Tensor, p5: torch.Tensor) -> torch.Tensor:
+        return self.lateral(c4) + nn.functional.interpolate(p5, scale_factor=2.0)
+
+
+class _Neck(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.down, self.top_down = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, 2, 1), _TopDown()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c4 = torch.relu(self.stem(x))
+        return self.top_down(c4, torch.relu(self.down(c4)))
+
+
+def test_a_feature_pyramid_fusion_of_two_inputs_is_not_a_residual():
+    plan = se_retrofit.find_sites(_Neck(), example_input=torch.randn(2, 3, 16, 16))
+    assert not plan.sites, f"lateral(c4) + upsample(p5) got SE\n{plan}"
+    assert any("feature-pyramid fusion" in s.reason for s in plan.skipped), plan
+
+
+class _CausalBlock(nn.Module):
+    """A TCN block (Bai et al. 2018): each causal convolution's padding trimmed inline, then the residual add."""
+
+    def __init__(self, c: int = 16, k: int = 3, d: int = 2) -> None:
+        super().__init__()
+        self.pad = (k - 1) * d
+        self.conv1 = nn.Conv1d(c, c, k, padding=self.pad, dilation=d)
+        self.conv2 = nn.Conv1d(c, c, k, padding=self.pad, dilation=d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.conv1(x)[:, :, :-self.pad])
+        out = torch.relu(self.conv2(out)[:, :, :-self.pad])
+        return torch.relu(out + x)
+
+
+class _ChannelSliceBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(16, 32, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x))[:, :16] + x
+
+
+def test_a_crop_that_keeps_every_channel_is_not_a_partial_add():
+    x = torch.randn(2, 16, 50)
+    model = nn.Sequential(nn.Conv1d(16, 16, 1), _CausalBlock()).eval()
+    plan = se_retrofit.find_sites(model, example_input=x)
+    assert [(s.block, s.kind, s.shortcut) for s in plan.sites] == [("1", "residual", "identity")], plan
+    se_model = se_retrofit.apply(model, example_input=x)
+    with torch.no_grad():
+        assert torch.equal(model(x), se_model(x)), "identity init changed the TCN block's output"
+    sliced = se_retrofit.find_sites(nn.Sequential(nn.Conv1d(16, 16, 1), _ChannelSliceBlock()), example_input=x)
+    assert not sliced.sites and any("partial add" in s.reason for s in sliced.skipped), sliced
