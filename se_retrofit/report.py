@@ -82,7 +82,8 @@ class Report:
             parameters counted once).
         macs_before / macs_after: MACs of one forward pass in eval mode; see `MACS_UNIT`.
         trainable_params: parameters of the SE model with ``requires_grad``; the rest are frozen.
-        blocks: one `BlockCost` per SE block of the SE model, in module order.
+        blocks: one `BlockCost` per SE block the SE model adds (not those the original already has), in
+            module order.
         unsupported_ops: ops of the SE model that fvcore could not cost, with how often they ran;
             neither MAC total includes them, so a large entry here means the totals undercount.
         unsupported_ops_before: the same for the original model (its residual adds, for one, where
@@ -233,7 +234,8 @@ def report(original: nn.Module, se_model: nn.Module, input_size: int | Sequence[
     """
     original, se_model = _check_pair(original, se_model)
     shape = input_shape(input_size)
-    blocks = se_blocks(se_model)
+    had = {n for n, _ in se_blocks(original)}  # a second apply: the first one's blocks are in both counts
+    blocks = [(n, m) for n, m in se_blocks(se_model) if n not in had]
     seen: dict[str, tuple[int, ...]] = {}
     calls: Counter[str] = Counter()
     with _eval_mode(original, se_model):

@@ -405,6 +405,33 @@ def test_cli_report_table_for_a_torchvision_model(capsys):
     assert "trainable params:" in out and "1x3x32x48" in out and "MACs" in out
 
 
+def test_cli_report_keeps_a_video_models_frames(capsys):
+    """S means height and width: a video model keeps its frames (with S read as one 3-channel image, its
+    first convolution failed on a 4-D input)."""
+    assert run_report_command(["report", "torchvision:r3d_18", "--input-size", "32", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["input_size"] == [1, 3, 8, 32, 32]
+
+
+def test_blocks_the_original_already_had_are_not_listed_as_added():
+    """A second apply: the report lists the block it added, and its rows add up to the deltas."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.c2(torch.relu(self.c1(x)))
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), Block(), Block()).eval()
+    first = se_retrofit.apply(model, include="1")
+    second = se_retrofit.apply(first)
+    result = report(first, second, (1, 3, 16, 16))
+    assert [b.name for b in result.blocks] == ["2.se"], [b.name for b in result.blocks]
+    assert sum(b.params for b in result.blocks) == result.params_after - result.params_before
+    assert sum(b.macs for b in result.blocks) == result.macs_after - result.macs_before
+
+
 def test_cli_options_and_errors(capsys):
     assert parse_input_size("224") == 224
     assert parse_input_size("224x192") == (224, 192)

@@ -33,6 +33,21 @@ def parse_input_size(text: str) -> int | tuple[int, ...]:
     return dims[0] if len(dims) == 1 else dims
 
 
+def input_shape(model: Any, size: int | tuple[int, ...], batch: int | None = None) -> tuple[int, ...]:
+    """The full input shape for ``--input-size``: a full shape is taken as given; S or HxW replace the
+    trailing spatial sizes of the input found for the model (`~se_retrofit.capture.candidate_inputs`),
+    so that its channels and a video model's frames stay as they must be; ``batch`` replaces its batch."""
+    from ..capture import candidate_inputs
+
+    if isinstance(size, tuple) and len(size) > 2:
+        return size
+    spatial = (size, size) if isinstance(size, int) else size
+    (x,), _ = candidate_inputs(model)[0]
+    resized = min(len(spatial), x.dim() - 2)  # frames and 1-D lengths past height and width stay automatic
+    shape = (*x.shape[:x.dim() - resized], *spatial[len(spatial) - resized:])
+    return shape if batch is None else (batch, *shape[1:])
+
+
 def _number(text: str) -> int | float:
     """A reduction ratio: ``16`` stays an int (so saved configs read ``16``), ``12.5`` a float."""
     try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._options import add_conversion_options, conversion_kwargs, parse_input_size
+from ._options import add_conversion_options, conversion_kwargs, input_shape, parse_input_size
 
 FORMATS = ("table", "markdown", "json")
 
@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument("model", metavar="MODEL", help="a timm model name, or torchvision:NAME")
     parser.add_argument("--input-size", type=parse_input_size, default=224, metavar="SIZE",
-                        help="S (an SxS image), HxW, or a full input shape such as 1x3x224x224 (default 224)")
+                        help="S (height and width), HxW, or a full input shape such as 1x3x224x224 (default 224: "
+                             "one image of the model's channels, and a video model's automatic number of frames)")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     parser.add_argument("--pretrained", action="store_true",
                         help="load the library's pretrained weights (needs a network; costs do not depend on them)")
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
                                       "(a torchvision detector then has plain instead of frozen BatchNorm in "
                                       "its backbone, which changes its counts slightly).")
     se_model = apply(model, config)
-    result = report(model, se_model, input_size=args.input_size, name=args.model)
+    result = report(model, se_model, input_size=input_shape(model, args.input_size, batch=1), name=args.model)
     if args.format == "json":
         print(result.to_json())
     elif args.format == "markdown":

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
-from ._options import add_conversion_options, conversion_kwargs, parse_input_size
+from ._options import add_conversion_options, conversion_kwargs, input_shape, parse_input_size
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
     model = create_model(args.model, pretrained=False)
     example = None
     if args.input_size is not None:
-        example = _example_input(model, args.input_size)
+        import torch
+
+        example = torch.rand(*input_shape(model, args.input_size))
     try:
         plan = find_sites(model, SEConfig(**conversion_kwargs(args)), example_input=example)
     except NoExampleInput as exc:
@@ -40,18 +41,3 @@ def run(args: argparse.Namespace) -> int:
         raise exc.with_hint(hint) from None
     print(json.dumps(plan.to_dict(), indent=1) if args.format == "json" else plan)
     return 0
-
-
-def _example_input(model: Any, size: int | tuple[int, ...]) -> Any:
-    """A full shape is taken as given; S or HxW replace the trailing spatial sizes of the input found for
-    the model, so its channels and a video model's frames stay as they must be."""
-    import torch
-
-    from ..capture import candidate_inputs
-
-    if isinstance(size, tuple) and len(size) > 2:
-        return torch.rand(*size)
-    spatial = (size, size) if isinstance(size, int) else size
-    (x,), _ = candidate_inputs(model)[0]
-    resized = min(len(spatial), x.dim() - 2)  # frames and 1-D lengths past height and width stay automatic
-    return torch.rand(*x.shape[:x.dim() - resized], *spatial[len(spatial) - resized:])
