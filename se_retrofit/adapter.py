@@ -92,8 +92,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: 
         class_names: what each output of the saved classifier means, in order; recorded so that whoever
             gets only the adapter can map predictions back (``convert-and-finetune`` passes the folder's).
 
-    Each file is replaced atomically, weights first: an interrupted save leaves at worst new weights
-    beside the old config, a pair that `load` checks key by key and shape by shape.
+    Each file is replaced atomically, weights first, and the config records the weights file's SHA-256:
+    an interrupted save leaves at worst new weights beside the old config, a pair `load` refuses.
     """
     import se_retrofit
 
@@ -138,9 +138,18 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: 
         meta["class_names"] = class_names
     atomic_save_safetensors(tensors, directory / WEIGHTS_NAME,
                             metadata={"format": "pt", "se_retrofit_version": se_retrofit.__version__})
+    meta["weights_sha256"] = _sha256(directory / WEIGHTS_NAME)
     text = json.dumps(meta, indent=2) + "\n"
     _atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return directory
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _adapter_files(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -176,6 +185,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         ("se_modules", _strings(meta["se_modules"])),
         ("extra_modules", meta.get("extra_modules") is None or _strings(meta.get("extra_modules"))),
         ("base_fingerprint", meta.get("base_fingerprint") is None or isinstance(meta.get("base_fingerprint"), str)),
+        ("weights_sha256", meta.get("weights_sha256") is None or isinstance(meta.get("weights_sha256"), str)),
     ) if not ok]
     if wrong:
         raise ValueError(f"{path} is damaged: wrong type of {', '.join(wrong)} (se_config is a dict, the module "
@@ -243,6 +253,12 @@ def load(path: str | os.PathLike, base_model: nn.Module, *, strict: bool = True,
     classifier = meta.get("classifier")
     if classifier and num_classes_of(model) != classifier["num_classes"]:
         reset_classifier(model, int(classifier["num_classes"]))
+
+    saved_sha = meta.get("weights_sha256")  # absent in adapters written before it was recorded
+    if saved_sha and _sha256(weights_path) != saved_sha:
+        refuse_or_note(f"{weights_path} is not the weights file {config_path} was saved with (an interrupted "
+                       "save_adapter, or one of the two files replaced): its class names and base-model checks "
+                       "describe other weights. Re-save the adapter.", "load anyway")
 
     saved_print = meta.get("base_fingerprint")  # absent in adapters written before it was recorded
     if saved_print and base_fingerprint(model, found + list(meta.get("extra_modules") or [])) != saved_print:

@@ -23,6 +23,9 @@ import torch
 StrPath = str | os.PathLike
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema")
+# Where training scripts keep an exponential moving average of the weights beside the raw ones: timm's
+# train.py (``state_dict_ema``), DeiT's and ConvNeXt's (``model_ema``).
+EMA_KEYS = ("state_dict_ema", "model_ema")
 
 _CONVERT_COMMAND = (
     "python -c \"import torch, safetensors.torch as st; "
@@ -232,6 +235,25 @@ def _unpickler_reason(exc: BaseException) -> str | None:
     return match.group(1).strip() if match else None
 
 
+def _container_kind(path: Path) -> str | None:
+    """What the first bytes of ``path`` say it is: ``"zip"`` (torch.save), ``"pickle"`` (the legacy
+    format), ``"safetensors"`` (an 8-byte header length, then JSON), or None (neither: damaged, or
+    another kind of file), so that a file the unpickler rejects is not called a dangerous pickle when
+    it is no pickle at all."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(10)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"
+    if len(head) >= 10 and head[8:10] == b'{"':
+        return "safetensors"
+    return None
+
+
 def _torch_load_weights_only(path: Path) -> Any:
     """``torch.load(weights_only=True)`` whose failures say which file and what to do."""
     import pickle
@@ -243,6 +265,13 @@ def _torch_load_weights_only(path: Path) -> Any:
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        kind = _container_kind(path)
+        if kind == "safetensors":
+            raise ValueError(f"{str(path)!r} is a safetensors file under another name: rename it to end in "
+                             ".safetensors") from None
+        if kind is None:
+            raise ValueError(f"{str(path)!r} is not a PyTorch checkpoint: it is neither a zip archive (what "
+                             "torch.save writes) nor a pickle; it may be damaged or another kind of file") from None
         if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
             reason = _unpickler_reason(exc) or "it references Python objects other than tensors and containers"
             raise UnsafeCheckpointError(
@@ -263,12 +292,19 @@ def _unwrap(obj: Any, path: Path, prefer_ema: bool | None) -> Any:
     A file holding both raw and EMA weights (timm's train.py with ``--model-ema``, whose best epoch is
     chosen by the EMA's score) gets the raw ones unless ``prefer_ema``, and a warning where the caller
     did not choose (``None``): which of the two fine-tuning starts from should not pass unsaid."""
-    if (prefer_ema is None and isinstance(obj, Mapping) and isinstance(obj.get("state_dict_ema"), Mapping)
-            and isinstance(obj.get("state_dict"), Mapping)):
-        warnings.warn(f"{str(path)!r} holds raw weights (state_dict) and EMA weights (state_dict_ema); loading the "
+    ema = next((k for k in EMA_KEYS if isinstance(obj, Mapping) and isinstance(obj.get(k), Mapping)), None)
+    raw = next((k for k in WRAPPER_KEYS if k not in EMA_KEYS and isinstance(obj, Mapping)
+                and isinstance(obj.get(k), Mapping)), None)
+    if prefer_ema and ema is None:
+        keys = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, Mapping) else type(obj).__name__
+        raise ValueError(f"EMA weights were asked for (--checkpoint-ema, prefer_ema=True), but {str(path)!r} holds "
+                         f"none under {' or '.join(EMA_KEYS)} (it holds: {keys}). Drop the option to load its "
+                         "weights, or pass the file that holds the EMA's.")
+    if prefer_ema is None and ema is not None and raw is not None:
+        warnings.warn(f"{str(path)!r} holds raw weights ({raw}) and EMA weights ({ema}); loading the "
                       "raw ones. Pass prefer_ema=True (the command: --checkpoint-ema) for the EMA weights, or "
                       "prefer_ema=False to silence this.", stacklevel=3)
-    keys = ("state_dict_ema",) + WRAPPER_KEYS if prefer_ema else WRAPPER_KEYS
+    keys = (ema, *WRAPPER_KEYS) if prefer_ema else WRAPPER_KEYS
     for _ in range(3):
         if not isinstance(obj, Mapping):
             break
@@ -307,6 +343,10 @@ def load_weights(path: StrPath, *, prefer_ema: bool | None = None, strip_ddp_pre
     """
     path = _require_file(path)
     if path.suffix.lower() == ".safetensors":
+        if prefer_ema:
+            raise ValueError(f"EMA weights were asked for (--checkpoint-ema, prefer_ema=True), but {str(path)!r} is a "
+                             "safetensors file, which holds one set of weights. Drop the option to load them, or "
+                             "pass the training checkpoint that holds the EMA's.")
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 

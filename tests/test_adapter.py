@@ -238,3 +238,30 @@ def test_a_base_with_other_weights_is_refused_unless_not_strict(saved, base):
     assert se_blocks(loaded), "strict=False must still load the SE blocks"
     meta = json.loads((se_only / CONFIG_NAME).read_text())
     assert len(meta["base_fingerprint"]) == 64
+
+
+def test_a_save_interrupted_between_its_two_files_leaves_a_pair_load_refuses(tuned, base, tmp_path, monkeypatch):
+    """New weights beside the old config (the config's write never happened): the config's class names and
+    base-model checks describe other weights, so the pair must not load as if it were one adapter."""
+    from se_retrofit import adapter
+
+    folder = save_adapter(tuned, tmp_path / "adapter", base_model="resnet10t", extra_modules=("fc",),
+                          class_names=[str(i) for i in range(10)])
+    retrained = copy.deepcopy(tuned)
+    randomise(retrained.layer1[0].se, seed=7)
+    write = adapter._atomic_write
+
+    def interrupted(path, *args, **kwargs):
+        if path.name == CONFIG_NAME:
+            raise KeyboardInterrupt  # stopped between the two renames
+        return write(path, *args, **kwargs)
+
+    monkeypatch.setattr(adapter, "_atomic_write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(retrained, folder, base_model="resnet10t", extra_modules=("fc",),
+                     class_names=[chr(97 + i) for i in range(10)])
+    monkeypatch.setattr(adapter, "_atomic_write", write)
+    with pytest.raises(ValueError, match="not the weights file .* was saved with"):
+        load(folder, base, example_input=SMALL)
+    with pytest.warns(UserWarning, match="not the weights file"):
+        load(folder, base, strict=False, example_input=SMALL)

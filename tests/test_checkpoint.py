@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from se_retrofit.checkpoint import (
@@ -155,6 +156,22 @@ def test_timm_train_py_checkpoint_loads_with_its_args_namespace(tmp_path):
         assert torch.equal(load_weights(path, prefer_ema=False)["fc.weight"], weights["fc.weight"])
 
 
+def test_ema_weights_asked_for_must_be_there(tmp_path):
+    """DeiT and ConvNeXt keep the EMA under ``model_ema``; asking for EMA weights where there are none is an
+    error, not the raw weights loaded in silence (with the run's config saying EMA)."""
+    weights, ema = {"fc.weight": torch.randn(3, 4)}, {"fc.weight": torch.randn(3, 4)}
+    torch.save({"model": weights, "model_ema": ema, "epoch": 3}, tmp_path / "deit.pth")
+    with pytest.warns(UserWarning, match=r"raw weights \(model\) and EMA weights \(model_ema\)"):
+        assert torch.equal(load_weights(tmp_path / "deit.pth")["fc.weight"], weights["fc.weight"])
+    assert torch.equal(load_weights(tmp_path / "deit.pth", prefer_ema=True)["fc.weight"], ema["fc.weight"])
+    torch.save(weights, tmp_path / "plain.pth")
+    torch.save({"state_dict": weights, "ema": ema}, tmp_path / "other.pth")
+    save_file(weights, str(tmp_path / "plain.safetensors"))
+    for name in ("plain.pth", "other.pth", "plain.safetensors"):
+        with pytest.raises(ValueError, match="EMA weights were asked for"):
+            load_weights(tmp_path / name, prefer_ema=True)
+
+
 def test_the_marker_payload_really_runs_code_when_unpickled(tmp_path):
     """Control: proves the refusal tests below would notice if the loader executed the pickle."""
     marker = tmp_path / "pwned"
@@ -287,3 +304,16 @@ def test_the_conversion_hint_never_points_at_an_existing_file(tmp_path):
     torch.save(tiny_net(), quoted)
     with pytest.raises(UnsafeCheckpointError, match="IN.pth and OUT.safetensors replaced by"):
         load_weights(quoted)
+
+
+def test_a_damaged_or_misnamed_file_is_not_called_a_dangerous_pickle(tmp_path):
+    """Random bytes and a safetensors file named .pth fail the unpickler too; neither is a pickle that would
+    run code, and the advice to unpickle it with weights_only=False would be wrong."""
+    (tmp_path / "random.pth").write_bytes(bytes(range(7, 256)) * 40)
+    save_file({"w": torch.ones(2)}, str(tmp_path / "weights.safetensors"))
+    (tmp_path / "named.pth").write_bytes((tmp_path / "weights.safetensors").read_bytes())
+    for name, message in (("random.pth", "neither a zip archive .* nor a pickle"),
+                          ("named.pth", "safetensors file under another name")):
+        with pytest.raises(ValueError, match=message) as info:
+            load_weights(tmp_path / name)
+        assert not isinstance(info.value, UnsafeCheckpointError), f"{name}: {info.value}"

@@ -47,7 +47,8 @@ def test_resume_starts_over_a_run_that_stopped_before_its_first_checkpoint(image
     """What a run leaves when it fails after writing its config (a batch larger than the data, say)."""
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.json").write_text(json.dumps({"model": {"name": "resnet18"}, "train": {"batch_size": 64}}))
+    (out / "config.json").write_text(json.dumps({"se_retrofit_version": "0.1.0", "model": {"name": "resnet18"},
+                                                 "train": {"batch_size": 64}}))
     assert run_cli(fast_args(images, out, "--epochs", "1")) == 2
     assert "--resume starts it over" in capsys.readouterr().err
     assert run_cli(fast_args(images, out, "--epochs", "1", "--resume")) == 0
@@ -55,6 +56,67 @@ def test_resume_starts_over_a_run_that_stopped_before_its_first_checkpoint(image
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["name"] == "resnet10t", "the config of the run that started over was not rewritten"
     assert (out / "model.safetensors").exists() and (out / "last.pt").exists()
+
+
+@pytest.mark.parametrize("leftover", [False, True])
+def test_resume_never_starts_over_on_a_config_json_that_is_not_a_runs(leftover: bool, images: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """Some other tool's config.json: neither a new run nor --resume may take the folder (and overwrite it).
+    A temporary file that a killed write of ours left does not change that."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"model": {"name": "resnet18"}, "train": {"batch_size": 64}}))
+    if leftover:
+        (out / ".last.pt.abc123_x.tmp").write_bytes(b"partial")
+    before = _digest(out)
+    assert run_cli(fast_args(images, out, "--epochs", "1")) == 2
+    err = capsys.readouterr().err
+    assert "--resume" not in err and "another --out" in err, err
+    assert run_cli(fast_args(images, out, "--epochs", "1", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "not the config of an se_retrofit run" in err, err
+    assert _digest(out) == before, "the folder's files were changed"
+
+
+def test_a_killed_writes_temporary_file_neither_blocks_a_folder_nor_outlives_the_run(
+        images: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A run killed while writing its first file leaves only ``.config.json.*.tmp``: the folder is empty
+    for a new run, and a finished run removes such files."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".config.json.k1ll3d_x.tmp").write_text("{")
+    assert run_cli(fast_args(images, out, "--epochs", "1", "--resume")) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert run_cli(fast_args(images, out, "--epochs", "1")) == 0
+    assert not list(out.glob(".*.tmp")), "the killed write's temporary file outlived the run"
+
+
+def test_a_run_stopped_between_its_checkpoint_and_best_weights_resumes_and_writes_them(
+        images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``best.safetensors`` comes after the ``last.pt`` that records it: a run that dies in between (here at
+    the end of its first epoch) resumes from that checkpoint, which holds those very weights, and ends
+    with the best weights an uninterrupted run has. (Written first, it left a folder with a result and no
+    checkpoint, which neither --resume nor a new run would take.)"""
+    from se_retrofit.training import outputs
+
+    reference = tmp_path / "reference"
+    assert run_cli(fast_args(images, reference, "--epochs", "1")) == 0
+    save_weights = outputs.save_weights
+
+    def dies_on_best(path: Path, *args, **kwargs) -> None:
+        if path.name == outputs.BEST:
+            raise KeyboardInterrupt  # a kill between the two files
+        save_weights(path, *args, **kwargs)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(outputs, "save_weights", dies_on_best)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(fast_args(images, out, "--epochs", "1"))
+    monkeypatch.setattr(outputs, "save_weights", save_weights)
+    assert (out / "last.pt").exists() and not (out / "best.safetensors").exists()
+    assert run_cli(fast_args(images, out, "--epochs", "1", "--resume")) == 0
+    assert (out / "best.safetensors").read_bytes() == (reference / "best.safetensors").read_bytes(), \
+        "the resumed run's best weights differ from an uninterrupted run's"
 
 
 @pytest.mark.parametrize("where", ["inside", "around"])
@@ -122,3 +184,17 @@ def test_a_run_started_at_the_same_time_on_the_same_out_stops_before_writing(
     assert "taken by another run started at the same time" in capsys.readouterr().err
     assert _digest(out) == {"config.json": hashlib.sha256(b'{"the other run": true}\n').hexdigest()}, \
         f"the second run wrote into the first one's folder: {sorted(p.name for p in out.iterdir())}"
+
+
+def test_a_checkpoint_write_that_fails_says_which_file_and_how_to_go_on(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk reaches torch.save as an internal 'enforce fail ... unexpected pos' error."""
+    from se_retrofit import checkpoint
+    from se_retrofit.training import state
+
+    def full_disk(obj, path, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 35581056 vs 35580952")
+
+    monkeypatch.setattr(checkpoint, "atomic_save", full_disk)
+    with pytest.raises(OSError, match=r"could not write the checkpoint .*last\.pt .*MiB free.*is intact.*--resume"):
+        state.save(tmp_path / "last.pt", {"format": "x"})

@@ -39,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        help="local weights (.safetensors or .pth state dict) loaded before conversion")
     model.add_argument("--checkpoint-ema", action=argparse.BooleanOptionalAction, default=None,
                        help="from a training checkpoint holding raw and EMA weights (timm's train.py with "
-                            "--model-ema), load the EMA ones (default: the raw ones, with a warning)")
+                            "--model-ema, DeiT's model_ema), load the EMA ones; an error for a file without them "
+                            "(default: the raw ones, with a warning)")
     add_conversion_options(parser)
 
     train = parser.add_argument_group("training")

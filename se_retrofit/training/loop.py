@@ -116,6 +116,7 @@ class Trainer:
         self.last_lr = float(mine["last_lr"])
         rng.set_rng_state(mine["rng"])
         self.resumed = True
+        self._restore_best()
 
     def _save(self) -> None:
         """Write ``last.pt`` (collective under DDP: every rank contributes its RNG and sums)."""
@@ -236,17 +237,30 @@ class Trainer:
                "lr": self.last_lr, "seconds": time.perf_counter() - started}
         progress = self.progress
         progress.history.append(row)
-        if not math.isnan(top1) and (progress.best_top1 is None or top1 > progress.best_top1):
+        new_best = not math.isnan(top1) and (progress.best_top1 is None or top1 > progress.best_top1)
+        if new_best:
             progress.best_top1, progress.best_epoch = top1, epoch + 1
-            if self.out is not None:
-                best = self.ema.module if self.ema is not None else self.model
-                outputs.save_weights(self.out / outputs.BEST, best, metadata={"epoch": str(epoch + 1),
-                                                                                "val_top1": f"{top1:.4f}"})
         progress.epoch = epoch + 1
         progress.step_in_epoch = 0
         self.accum.zero_()
         self.epoch_seconds = 0.0
         return row
+
+    def _save_best(self) -> None:
+        """Write ``best.safetensors`` for the epoch just ended, after the ``last.pt`` that records it as the
+        best: a run stopped in between resumes from that checkpoint, which holds these very weights, and
+        writes the file then (`_restore_best`). Written first, a stop in between would leave a run with
+        results and no checkpoint, which could neither resume nor start over."""
+        if self.out is None or self.progress.best_epoch != self.progress.epoch or self.progress.step_in_epoch:
+            return
+        best = self.ema.module if self.ema is not None else self.model
+        outputs.save_weights(self.out / outputs.BEST, best, metadata={"epoch": str(self.progress.best_epoch),
+                                                                        "val_top1": f"{self.progress.best_top1:.4f}"})
+
+    def _restore_best(self) -> None:
+        """After `resume_from`: the best epoch's file, where the run stopped between its ``last.pt`` and it."""
+        if self.out is not None and not (self.out / outputs.BEST).exists():
+            self._save_best()
 
     # ------------------------------------------------------------------------------------------ run
     def fit(self) -> LoopResult:
@@ -300,6 +314,7 @@ class Trainer:
                             return True
                 row = self._end_epoch(epoch, epoch_started)
                 self._save()
+                self._save_best()
                 if self.out is not None:
                     outputs.write_metrics(self.out, progress.history)
                     outputs.plot_curves(self.out, progress.history)
@@ -325,6 +340,7 @@ class Trainer:
             outputs.write_metrics(self.out, self.progress.history)
             if self.progress.history:
                 outputs.plot_curves(self.out, self.progress.history)
+            outputs.remove_leftovers(self.out)
         distributed.barrier(self.ctx)
 
     @property

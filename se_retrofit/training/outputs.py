@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -42,6 +43,33 @@ METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_top1", "v
 UNCOMPARED = ("runtime", "se_retrofit_version")
 
 
+# What `checkpoint._atomic_write` leaves of one of the run's files when its process is killed mid-write.
+_LEFTOVER = re.compile(r"^\.(config\.json|last\.pt|best\.safetensors|metrics\.csv|curves\.png|model\.safetensors|"
+                       r"report\.md|report\.json|se_adapter\.safetensors|se_adapter_config\.json)\.\w+\.tmp$")
+
+
+def _entries(out: Path) -> list[str]:
+    """The names in ``out``, leaving out the temporary files of writes that a killed run never finished."""
+    return sorted(p.name for p in out.iterdir() if not _LEFTOVER.match(p.name))
+
+
+def remove_leftovers(out: Path) -> None:
+    """Delete the temporary files that killed writes left (a ``last.pt`` one is the model's size): called
+    when a run finishes, when no write of its own is under way."""
+    for p in Path(out).iterdir():
+        if _LEFTOVER.match(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+
+
+def is_run_config(out: Path) -> bool:
+    """Whether ``out``'s ``config.json`` is one a run of se_retrofit wrote (not some other tool's)."""
+    try:
+        config = json.loads((Path(out) / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "se_retrofit_version" in config and isinstance(config.get("train"), dict)
+
+
 def prepare_out_dir(out: Path, resume: bool) -> bool:
     """Check that ``out`` can take this run; return True when there is a checkpoint to resume.
 
@@ -49,17 +77,22 @@ def prepare_out_dir(out: Path, resume: bool) -> bool:
     and silently mixing or overwriting files is how results get lost. ``resume`` needs ``last.pt``
     (the config comparison happens once the new config is known, in `check_same_run`), or ``config.json``
     and none of a run's results: a run that stopped before its first checkpoint starts over when
-    nothing else is there (`restartable`), and is otherwise compared with the new config as well.
+    nothing else is there (`restartable`), and is otherwise compared with the new config as well. A
+    ``config.json`` se_retrofit did not write is never taken for a run's. Temporary files that a killed
+    write left (`remove_leftovers`) count for nothing.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder; choose a folder path")
     if out.is_dir():
-        entries = sorted(p.name for p in out.iterdir())
+        entries = _entries(out)
         if resume:
             if CONFIG not in entries and LAST not in entries:
                 raise FileNotFoundError(f"nothing to resume in {out}: it has no {CONFIG} or {LAST} from an earlier "
                                         "run; drop --resume to start a new run there (it must be empty)")
+            if LAST not in entries and not is_run_config(out):
+                raise FileExistsError(f"--resume: {out} has no {LAST}, and its {CONFIG} is not the config of an "
+                                      "se_retrofit run; refusing to overwrite it. Choose another --out")
             if LAST not in entries:
                 finished = finished_outputs(out)
                 if finished:
@@ -70,11 +103,12 @@ def prepare_out_dir(out: Path, resume: bool) -> bool:
             _check_writable(out)
             return LAST in entries
         if entries:
-            shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-            what = _describe_run(out) if CONFIG in entries else f"holds {len(entries)} file(s) ({shown})"
+            if not is_run_config(out) and LAST not in entries:
+                raise FileExistsError(f"--out {out} {_describe_run(out, entries)}; refusing to overwrite it. "
+                                      "Choose another --out (a new run needs a missing or empty folder)")
             again = "; it stopped before its first checkpoint, so --resume starts it over" if restartable(out) else ""
-            raise FileExistsError(f"--out {out} {what}; refusing to overwrite it. Pass --resume to continue "
-                                  f"that run{again}, or choose another --out")
+            raise FileExistsError(f"--out {out} {_describe_run(out, entries)}; refusing to overwrite it. Pass "
+                                  f"--resume to continue that run{again}, or choose another --out")
         _check_writable(out)
         return False
     if resume:
@@ -95,8 +129,8 @@ _STARTED = (CONFIG, "report.md", "report.json")
 
 def restartable(out: Path) -> bool:
     """Whether ``out`` holds a run that stopped before its first checkpoint and nothing else."""
-    names = {p.name for p in Path(out).iterdir()}
-    return LAST not in names and CONFIG in names and names <= set(_STARTED)
+    names = set(_entries(Path(out)))
+    return LAST not in names and CONFIG in names and names <= set(_STARTED) and is_run_config(out)
 
 
 def make_out_dir(out: Path) -> None:
@@ -124,13 +158,13 @@ def _check_writable(folder: Path) -> None:
         raise PermissionError(f"cannot write to {folder} ({exc.strerror or exc}); choose a writable --out") from exc
 
 
-def _describe_run(out: Path) -> str:
-    try:
-        config = json.loads((out / CONFIG).read_text())
-        model = config.get("model", {}).get("name") or config.get("model", {}).get("class", "a model")
-        return f"already holds a run of {model!r} ({CONFIG})"
-    except (OSError, ValueError, AttributeError):
-        return f"already holds a run ({CONFIG})"
+def _describe_run(out: Path, entries: list[str]) -> str:
+    if not is_run_config(out):
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        return f"holds {len(entries)} file(s) ({shown})"
+    config = json.loads((out / CONFIG).read_text())
+    model = config.get("model", {}) if isinstance(config.get("model"), dict) else {}
+    return f"already holds a run of {model.get('name') or model.get('class') or 'a model'!r} ({CONFIG})"
 
 
 def read_config(out: Path) -> dict[str, Any]:

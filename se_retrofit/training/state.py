@@ -11,6 +11,7 @@ SIGKILL during a save leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,19 @@ def check_world_size(state: dict[str, Any], world_size: int) -> None:
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
-    ckpt.atomic_save(state, path)
+    """Write ``last.pt`` atomically; a write that fails (most often a full disk, which torch reports as an
+    internal ``enforce fail ... unexpected pos``) says which file, how much space is left, and that the
+    previous checkpoint is intact."""
+    try:
+        ckpt.atomic_save(state, path)
+    except (OSError, RuntimeError) as exc:
+        try:
+            free = f"; {shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there"
+        except OSError:
+            free = ""
+        raise OSError(f"could not write the checkpoint {path} ({first_line(exc)}{free}). The previous {path.name}, "
+                      "if there was one, is intact: free some space (or fix the folder) and continue the run "
+                      "with --resume") from exc
 
 
 def load(path: Path) -> dict[str, Any]:
