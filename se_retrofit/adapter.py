@@ -163,6 +163,13 @@ def _adapter_files(path: str | os.PathLike) -> tuple[Path, Path]:
                                 f"(holding {WEIGHTS_NAME} and {CONFIG_NAME}) or its .safetensors file.")
     for needed in (weights, config):
         if not needed.is_file():
+            run = weights.parent
+            if (run / "model.safetensors").is_file() and (run / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"{str(run)!r} is a convert-and-finetune run folder without an SE adapter: runs that change the "
+                    "backbone (--train all or staged, or BatchNorm statistics left to update) write none. Its "
+                    "model.safetensors holds the whole model: load it into se_retrofit.apply(base_model, "
+                    "SEConfig.from_dict(config['se'])) with load_state_dict.")
             raise FileNotFoundError(f"SE adapter file {str(needed)!r} is missing; an adapter needs both "
                                     f"{WEIGHTS_NAME} and {CONFIG_NAME}, as written by save_adapter.")
     return weights, config
@@ -186,11 +193,17 @@ def _read_config(path: Path) -> dict[str, Any]:
         ("extra_modules", meta.get("extra_modules") is None or _strings(meta.get("extra_modules"))),
         ("base_fingerprint", meta.get("base_fingerprint") is None or isinstance(meta.get("base_fingerprint"), str)),
         ("weights_sha256", meta.get("weights_sha256") is None or isinstance(meta.get("weights_sha256"), str)),
+        ("classifier", meta.get("classifier") is None or _classifier_entry(meta.get("classifier"))),
     ) if not ok]
     if wrong:
         raise ValueError(f"{path} is damaged: wrong type of {', '.join(wrong)} (se_config is a dict, the module "
                          "entries are lists of names); re-save the adapter with save_adapter.")
     return meta
+
+
+def _classifier_entry(value: Any) -> bool:
+    return (isinstance(value, dict) and isinstance(value.get("name"), str)
+            and type(value.get("num_classes")) is int and value["num_classes"] > 0)
 
 
 def _strings(value: Any) -> bool:

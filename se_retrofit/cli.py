@@ -40,6 +40,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(exc, "echo_of_rank0", False):  # under torchrun, once (by rank 0), not once per rank
             print(f"se-retrofit {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a Ctrl-C the training loop does not handle itself (building the model, a report)
+        from .commands._options import INTERRUPTED_EXIT
+
+        print(f"se-retrofit {args.command}: interrupted. Every file written so far is whole (each is written under "
+              "a temporary name, then renamed); a run that has a last.pt continues with --resume", file=sys.stderr)
+        return INTERRUPTED_EXIT
     finally:
         warnings.formatwarning = shown_as
 

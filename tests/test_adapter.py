@@ -179,12 +179,20 @@ def test_load_errors(tmp_path, saved, base, tuned):
     (tmp_path / CONFIG_NAME).write_text(json.dumps({**meta, "format_version": 99}))
     with pytest.raises(ValueError, match="upgrade se_retrofit"):
         load(tmp_path, base)
-    for broken, what in (({"se_config": None}, "se_config"), ({"se_modules": "layer1.0.se"}, "se_modules")):
+    for broken, what in (({"se_config": None}, "se_config"), ({"se_modules": "layer1.0.se"}, "se_modules"),
+                         ({"classifier": ["fc", 10]}, "classifier"),
+                         ({"classifier": {"name": "fc", "num_classes": "ten"}}, "classifier")):
         (tmp_path / CONFIG_NAME).write_text(json.dumps({**meta, **broken}))
         with pytest.raises(ValueError, match=f"damaged: wrong type of {what}"):
             load(tmp_path, base)
     with pytest.raises(ValueError, match="already has SE blocks"):
         load(se_only, tuned)
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (run / name).write_text("{}")
+    with pytest.raises(FileNotFoundError, match="run folder without an SE adapter.*model.safetensors"):
+        load(run, base)
     (tmp_path / "a_file").write_text("mine")
     with pytest.raises(ValueError, match="is a file"):
         save_adapter(tuned, tmp_path / "a_file")

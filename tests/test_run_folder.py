@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from se_retrofit.models import create_model
@@ -24,6 +26,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("data") / "images", classes=2, train_per_class=4,
                               val_per_class=2)
+
+
+def _safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata (the header's key order is not fixed, so files are compared by content)."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -110,12 +118,13 @@ def test_a_run_stopped_between_its_checkpoint_and_best_weights_resumes_and_write
 
     out = tmp_path / "run"
     monkeypatch.setattr(outputs, "save_weights", dies_on_best)
-    with pytest.raises(KeyboardInterrupt):
-        run_cli(fast_args(images, out, "--epochs", "1"))
+    assert run_cli(fast_args(images, out, "--epochs", "1")) == 130
     monkeypatch.setattr(outputs, "save_weights", save_weights)
     assert (out / "last.pt").exists() and not (out / "best.safetensors").exists()
     assert run_cli(fast_args(images, out, "--epochs", "1", "--resume")) == 0
-    assert (out / "best.safetensors").read_bytes() == (reference / "best.safetensors").read_bytes(), \
+    got, want = _safetensors(out / "best.safetensors"), _safetensors(reference / "best.safetensors")
+    assert got[1] == want[1], f"metadata {got[1]} != {want[1]}"
+    assert got[0].keys() == want[0].keys() and all(torch.equal(got[0][k], want[0][k]) for k in want[0]), \
         "the resumed run's best weights differ from an uninterrupted run's"
 
 
@@ -184,6 +193,19 @@ def test_a_run_started_at_the_same_time_on_the_same_out_stops_before_writing(
     assert "taken by another run started at the same time" in capsys.readouterr().err
     assert _digest(out) == {"config.json": hashlib.sha256(b'{"the other run": true}\n').hexdigest()}, \
         f"the second run wrote into the first one's folder: {sorted(p.name for p in out.iterdir())}"
+
+
+def test_ctrl_c_outside_the_training_loop_is_a_message_not_a_traceback(images: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    from se_retrofit import models
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "create_model", interrupted)
+    assert run_cli(fast_args(images, tmp_path / "run", "--epochs", "1")) == 130
+    assert "interrupted" in capsys.readouterr().err
 
 
 def test_a_checkpoint_write_that_fails_says_which_file_and_how_to_go_on(tmp_path: Path,
