@@ -138,17 +138,20 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: 
         meta["class_names"] = class_names
     atomic_save_safetensors(tensors, directory / WEIGHTS_NAME,
                             metadata={"format": "pt", "se_retrofit_version": se_retrofit.__version__})
-    meta["weights_sha256"] = _sha256(directory / WEIGHTS_NAME)
+    meta["weights_sha256"] = _digest(tensors)
     text = json.dumps(meta, indent=2) + "\n"
     _atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return directory
 
 
-def _sha256(path: Path) -> str:
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the weights themselves (names, dtypes, shapes, values), not of the file's bytes: the
+    safetensors header's order can differ between two saves of the same tensors."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 
@@ -164,7 +167,8 @@ def _adapter_files(path: str | os.PathLike) -> tuple[Path, Path]:
     for needed in (weights, config):
         if not needed.is_file():
             run = weights.parent
-            if (run / "model.safetensors").is_file() and (run / "config.json").is_file():
+            if (not weights.exists() and not config.exists() and (run / "model.safetensors").is_file()
+                    and (run / "config.json").is_file()):
                 raise FileNotFoundError(
                     f"{str(run)!r} is a convert-and-finetune run folder without an SE adapter: runs that change the "
                     "backbone (--train all or staged, or BatchNorm statistics left to update) write none. Its "
@@ -267,12 +271,6 @@ def load(path: str | os.PathLike, base_model: nn.Module, *, strict: bool = True,
     if classifier and num_classes_of(model) != classifier["num_classes"]:
         reset_classifier(model, int(classifier["num_classes"]))
 
-    saved_sha = meta.get("weights_sha256")  # absent in adapters written before it was recorded
-    if saved_sha and _sha256(weights_path) != saved_sha:
-        refuse_or_note(f"{weights_path} is not the weights file {config_path} was saved with (an interrupted "
-                       "save_adapter, or one of the two files replaced): its class names and base-model checks "
-                       "describe other weights. Re-save the adapter.", "load anyway")
-
     saved_print = meta.get("base_fingerprint")  # absent in adapters written before it was recorded
     if saved_print and base_fingerprint(model, found + list(meta.get("extra_modules") or [])) != saved_print:
         message = (f"the base model's weights are not those adapter {weights_path} was trained on: its SE blocks "
@@ -281,6 +279,12 @@ def load(path: str | os.PathLike, base_model: nn.Module, *, strict: bool = True,
         refuse_or_note(message, "load anyway")
 
     weights = load_weights(weights_path, strip_ddp_prefix=False)
+    saved_digest = meta.get("weights_sha256")  # absent in adapters written before it was recorded
+    if saved_digest and _digest(weights) != saved_digest:
+        refuse_or_note(f"{weights_path} holds other weights than the ones {config_path} was saved with (an interrupted "
+                       "save_adapter, or one of the two files replaced): its class names and base-model checks "
+                       "describe other weights. Re-save the adapter from the fine-tuned model, or load the pair as "
+                       "it is.", "load anyway")
     own = model.state_dict()
     unexpected = [k for k in weights if k not in own]
     wanted = set(se_state_dict(model))

@@ -112,7 +112,9 @@ def is_channel_first_norm(module: nn.Module) -> bool:
 
 
 def is_linear_leaf(module: nn.Module) -> bool:
-    return isinstance(module, _LINEAR_LEAVES) or is_path_drop(module) or is_layer_scale(module)
+    # torchvision's FrozenBatchNorm2d (detection backbones): a batch norm with fixed statistics
+    return (isinstance(module, _LINEAR_LEAVES) or is_path_drop(module) or is_layer_scale(module)
+            or "FrozenBatchNorm2d" in _class_names(module))
 
 
 def is_elementwise_leaf(module: nn.Module) -> bool:

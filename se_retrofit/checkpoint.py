@@ -271,7 +271,8 @@ def _torch_load_weights_only(path: Path) -> Any:
                              ".safetensors") from None
         if kind is None:
             raise ValueError(f"{str(path)!r} is not a PyTorch checkpoint: it is neither a zip archive (what "
-                             "torch.save writes) nor a pickle; it may be damaged or another kind of file") from None
+                             "torch.save writes) nor a pickle of protocol 2 or later; it may be damaged or another kind "
+                             "of file") from None
         if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
             reason = _unpickler_reason(exc) or "it references Python objects other than tensors and containers"
             raise UnsafeCheckpointError(
@@ -304,7 +305,15 @@ def _unwrap(obj: Any, path: Path, prefer_ema: bool | None) -> Any:
         warnings.warn(f"{str(path)!r} holds raw weights ({raw}) and EMA weights ({ema}); loading the "
                       "raw ones. Pass prefer_ema=True (the command: --checkpoint-ema) for the EMA weights, or "
                       "prefer_ema=False to silence this.", stacklevel=3)
-    keys = (ema, *WRAPPER_KEYS) if prefer_ema else WRAPPER_KEYS
+    if ema is not None and raw is None:  # EMA weights alone
+        if prefer_ema is False:
+            raise ValueError(f"raw weights were asked for (--no-checkpoint-ema, prefer_ema=False), but {str(path)!r} "
+                             f"holds only EMA weights ({ema}). Load those (--checkpoint-ema), or pass the file that "
+                             "holds the raw ones.")
+        if prefer_ema is None:
+            warnings.warn(f"{str(path)!r} holds only EMA weights ({ema}); loading them. Pass prefer_ema=True (the "
+                          "command: --checkpoint-ema) to silence this.", stacklevel=3)
+    keys = (ema, *WRAPPER_KEYS) if ema is not None and (prefer_ema or raw is None) else WRAPPER_KEYS
     for _ in range(3):
         if not isinstance(obj, Mapping):
             break

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 from typing import Sequence
@@ -43,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # a Ctrl-C the training loop does not handle itself (building the model, a report)
         from .commands._options import INTERRUPTED_EXIT
 
+        if os.environ.get("RANK", "0") != "0":  # under torchrun, said once (by rank 0), not once per process
+            return INTERRUPTED_EXIT
         print(f"se-retrofit {args.command}: interrupted. Every file written so far is whole (each is written under "
               "a temporary name, then renamed); a run that has a last.pt continues with --resume", file=sys.stderr)
         return INTERRUPTED_EXIT

@@ -115,7 +115,8 @@ def _dims_arg(node: fx.Node) -> list[int] | None:
 def _keeps_axes(index: object, ndim: int) -> bool:
     """Is ``x[index]`` a plain slice (``x[:, :c]``) that keeps every axis where it was?"""
     items = index if isinstance(index, tuple) else (index,)
-    return len(items) <= ndim and all(isinstance(i, slice) for i in items)
+    rest = [i for i in items if i is not Ellipsis]
+    return len(items) - len(rest) <= 1 and len(rest) <= ndim and all(isinstance(i, slice) for i in rest)
 
 
 def _function_layout(node: fx.Node, layouts: dict[fx.Node, Layout | None], ndim: int | None) -> Layout | None:

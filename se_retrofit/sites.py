@@ -195,9 +195,7 @@ class _Graph:
             name = self.name(n)
             if n.target in catalog.CONV_FUNCTIONS or is_add(n) or self.is_passthrough(n):
                 continue
-            if name in ("avg_pool2d", "avg_pool1d", "avg_pool3d", "max_pool2d", "adaptive_avg_pool2d",
-                        "interpolate", "pad", "getitem", "contiguous", "batch_norm", "cat", "to", "float",
-                        "size", "dim"):
+            if name in _LINEAR_FUNCTIONS:
                 continue
             if name == "getattr" and len(n.args) == 2 and n.args[1] in _METADATA:  # x.shape: not a value of the map
                 continue
@@ -225,6 +223,15 @@ class _Graph:
         return None
 
 
+# Functions and methods that are linear maps of the map (or read only its shape), as the linear leaves
+# are: pooling, resizing, padding, normalisation, splitting and joining, layout. An FPN's or a helper's
+# ``F.group_norm`` is as linear here as an ``nn.GroupNorm`` leaf.
+_LINEAR_FUNCTIONS = {
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    "interpolate", "pad", "getitem", "contiguous", "batch_norm", "group_norm", "layer_norm", "instance_norm",
+    "cat", "split", "chunk", "permute", "to", "float", "size", "dim",
+}
 _MAX_LIGHT_DEPTH = 4
 _METADATA = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
 
@@ -401,8 +408,8 @@ def _classify(g: _Graph, add: fx.Node, terms: list[fx.Node], position: str) -> P
     if heavy or (len(light_conv) == 1 and zero):
         branch = heavy[0] if heavy else light_conv[0]
         if not heavy and _separate_inputs(g, terms, branch):
-            return Rejection(add.name, "sums a projection of one input and another input (a feature-pyramid "
-                                       "fusion, not a residual)")
+            return Rejection(add.name, "sums a linear projection of one input and another input (a fusion of "
+                                       "two inputs, as in a feature pyramid; not a residual)")
         result = _residual(g, add, terms, exclusive, identity, branch, group, position)
         # a residual unit owns the layers on its branch whether or not it can take SE (see `_outside_units`)
         result.branch = result.branch | frozenset(n.name for n in exclusive[branch])

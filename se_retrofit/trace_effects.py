@@ -11,9 +11,11 @@ module is skipped with the reason instead of rewritten into something else.
 """
 from __future__ import annotations
 
+import functools
 import random
 import re
 import sys
+import types
 from typing import Any
 
 import torch
@@ -72,13 +74,19 @@ def _restore_states(states: dict[str, Any]) -> None:
 
 
 class StateWrites:
-    """Context: the attributes of ``module`` and its submodules that changed inside, restored on exit.
+    """Context: the state of ``module`` and its submodules that changed inside, restored on exit.
 
-    Each module's ``__dict__`` is compared by identity (a rebound attribute, ``+= 1`` on a number) and
-    so are the items of the lists, dicts and sets it holds (``self.history.append(out)``); this includes
-    the module's parameter, buffer and submodule tables. The spy attributes `tracing` sets on the traced
-    module itself, fx's own tensor constants on it, and new entries of a dict named as a cache
-    (restored, not reported) are not writes that change what the forward computes.
+    Each module's ``__dict__`` is compared by identity (a rebound attribute, ``+= 1`` on a number), and
+    so, down to `_DEPTH` levels, are the items of the lists, dicts and sets it holds and the attributes of
+    plain objects (``self.history.append(out)``, ``self.stats["feats"].append(out)``, ``self.rec.last =
+    out``); this includes the module's parameter, buffer and submodule tables. Tensors held there are
+    compared by version counter: fx hands a forward its buffers as real tensors, so ``self.calls += 1`` on
+    a buffer runs for real (their values are put back). The spy attributes `tracing` sets on the traced
+    module itself, and fx's own tensor constants on it, are not the forward's writes; neither are new
+    entries of a dict named as a cache and keyed by a traced value (`_memo_entries`), restored silently.
+
+    ``baked`` lists the tensors kept in the modules' containers (a cache an earlier call filled) that the
+    graph took as constants: it would use that value for every later call.
     """
 
     def __init__(self, module: nn.Module, ignore: tuple[str, ...] = ()) -> None:
@@ -87,92 +95,178 @@ class StateWrites:
 
     def __enter__(self) -> StateWrites:
         self.written: list[str] = []
-        self._saved = [(name, m, dict(m.__dict__), _contents(m.__dict__)) for name, m in self.module.named_modules()]
+        self.baked: list[str] = []
+        self._saved = [(name, m, _snapshot(dict(m.__dict__), _DEPTH + 1)) for name, m in self.module.named_modules()]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for name, m, attrs, contents in self._saved:
+        held = _held_tensors([snap for _, _, snap in self._saved])
+        for name, m, snap in self._saved:
             ignore = self.ignore if m is self.module else ()
-            changed = _changed(m, attrs, contents, ignore)
-            self.written.extend(f"self.{name}.{a}" if name else f"self.{a}" for a in changed)
-            if _any_change(m, attrs, contents, ignore):
-                _restore(m, attrs, contents, ignore)
+            prefix = f"self.{name}." if name else "self."
+            for key, changed in _changes(m.__dict__, snap, ignore):
+                if not _memo_entries(key, m.__dict__.get(key), snap):
+                    self.written.append(prefix + changed)
+            _restore(m.__dict__, snap, ignore)
+        for key, value in self.module.__dict__.items():
+            if _TRACER_CONSTANT.match(key) and id(value) in held:
+                self.baked.append(held[id(value)])
 
 
-def _contents(attrs: dict[str, Any]) -> dict[str, Any]:
-    """Shallow copies of the containers among ``attrs``, to compare their items later."""
-    out: dict[str, Any] = {}
-    for key, value in attrs.items():
-        for kind in (dict, list, set):
-            if isinstance(value, kind):
-                out[key] = kind(value)
-                break
-    return out
+# How far below a module attribute containers and plain objects are compared and restored.
+_DEPTH = 2
+# A dict named as a cache (timm's ``attention_bias_cache``: biases gathered once per device in eval mode)
+# memoises what the forward computes anyway. Keyed by the input's device, its key while fx traces is the
+# string of a traced value, so the trace computes the value (from proxies) and the generated forward,
+# which recomputes it every call, computes the same; those entries are dropped, silently.
+_CACHE = re.compile(r"(^|_)cache$")
+_TRACED_KEY = "Proxy("
 
 
-def _same_items(now: Any, then: Any) -> bool:
-    if isinstance(now, dict):
-        return now.keys() == then.keys() and all(now[k] is then[k] for k in now)
-    if isinstance(now, set):
-        return {id(v) for v in now} == {id(v) for v in then}
-    return len(now) == len(then) and all(a is b for a, b in zip(now, then))
+def _plain_object(value: Any) -> bool:
+    """An object whose attributes are state (a ``SimpleNamespace``, a helper instance): not a module, tensor,
+    function, class or Python module, whose own machinery is not the forward's to change."""
+    return (hasattr(value, "__dict__") and not isinstance(value, (nn.Module, torch.Tensor, type, types.ModuleType,
+                                                                   types.FunctionType, types.MethodType,
+                                                                   types.BuiltinFunctionType, functools.partial)))
+
+
+def _snapshot(value: Any, depth: int) -> tuple | None:
+    """What to compare with and restore later: ``(kind, shallow copy, snapshots of the items)``."""
+    if depth <= 0:
+        return None
+    if isinstance(value, torch.Tensor):
+        if isinstance(value, nn.Parameter):  # fx traces parameters as proxies: a forward cannot write them
+            return ("tensor", _version(value), None)
+        return ("tensor", _version(value), value.detach().clone())
+    if isinstance(value, dict):
+        return ("dict", dict(value), {k: _snapshot(v, depth - 1) for k, v in value.items()})
+    if isinstance(value, list):
+        return ("list", list(value), [_snapshot(v, depth - 1) for v in value])
+    if isinstance(value, set):
+        return ("set", set(value), None)
+    if _plain_object(value):
+        attrs = dict(vars(value))
+        return ("object", attrs, {k: _snapshot(v, depth - 1) for k, v in attrs.items()})
+    return None
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The version counter; None for an inference tensor, which has none (and cannot be written outside
+    ``torch.inference_mode``, where tracing does not run)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _held_tensors(snaps: list[tuple | None], where: str = "self", top: bool = True) -> dict[int, str]:
+    """The tensors inside containers of the modules' state (not their own attributes or tables), by id."""
+    found: dict[int, str] = {}
+    for snap in snaps:
+        if snap is None or snap[0] not in ("dict", "list", "object"):
+            continue
+        items = snap[1].items() if snap[0] != "list" else enumerate(snap[1])
+        for key, value in items:
+            inner = snap[2][key]
+            if isinstance(value, torch.Tensor) and not top:
+                found[id(value)] = f"{where}[{key!r}]"
+            elif inner is not None and not (top and key in ("_parameters", "_buffers", "_modules")):
+                found.update(_held_tensors([inner], f"{where}.{key}" if top else f"{where}[{key!r}]", top=False))
+    return found
+
+
+def _differs(value: Any, snap: tuple | None) -> bool:
+    if snap is None:
+        return False
+    kind, copy, inner = snap
+    if kind == "tensor":
+        return _version(value) != copy
+    if kind == "dict":
+        return (not isinstance(value, dict) or value.keys() != copy.keys()
+                or any(value[k] is not copy[k] or _differs(value[k], inner[k]) for k in copy))
+    if kind == "list":
+        return (not isinstance(value, list) or len(value) != len(copy)
+                or any(a is not b or _differs(a, i) for a, b, i in zip(value, copy, inner)))
+    if kind == "set":
+        return {id(v) for v in value} != {id(v) for v in copy}
+    now = vars(value)
+    return now.keys() != copy.keys() or any(now[k] is not copy[k] or _differs(now[k], inner[k]) for k in copy)
 
 
 def _skipped(key: str, ignore: tuple[str, ...]) -> bool:
     return key in ignore or _TRACER_CONSTANT.match(key) is not None
 
 
-# A dict named as a cache (timm's ``attention_bias_cache``: biases gathered once per device in eval mode)
-# memoises what the forward computes anyway: the generated forward, which recomputes it every call,
-# computes the same. Its new entries are dropped (they hold proxies), but they make no difference.
-_CACHE = re.compile(r"(^|_)cache$")
-
-
-def _changed(m: nn.Module, attrs: dict[str, Any], contents: dict[str, Any], ignore: tuple[str, ...]) -> list[str]:
-    now = m.__dict__
-    names = []
-    for key in sorted(now.keys() | attrs.keys()):
+def _changes(attrs: dict[str, Any], snap: tuple, ignore: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``(attribute, what to call the change)`` for every changed attribute of one module."""
+    _, then, inner = snap
+    out = []
+    for key in sorted(attrs.keys() | then.keys()):
         if _skipped(key, ignore):
             continue
-        if key not in now or key not in attrs or now[key] is not attrs[key]:
-            names.append(key)
-        elif key in contents and not _same_items(now[key], contents[key]):
-            if not (_CACHE.search(key) and isinstance(now[key], dict)):
-                names.append(_container_item(key, now[key], contents[key]))
-    return names
+        if key not in attrs or key not in then or attrs[key] is not then[key]:
+            out.append((key, key))
+        elif _differs(attrs[key], inner[key]):
+            out.append((key, _table_entry(key, attrs[key], inner[key])))
+    return out
 
 
-def _any_change(m: nn.Module, attrs: dict[str, Any], contents: dict[str, Any], ignore: tuple[str, ...]) -> bool:
-    now = m.__dict__
-    return any(not _skipped(key, ignore) and (
-        key not in now or key not in attrs or now[key] is not attrs[key]
-        or (key in contents and not _same_items(now[key], contents[key]))) for key in now.keys() | attrs.keys())
-
-
-def _container_item(key: str, now: Any, then: Any) -> str:
-    """``_buffers['x']`` rather than ``_buffers`` where one entry of a module table changed."""
-    if isinstance(now, dict):
-        keys = sorted(str(k) for k in now.keys() | then.keys() if k not in now or k not in then or now[k] is not then[k])
-        if key in ("_parameters", "_buffers", "_modules") and keys:
-            return keys[0]
+def _table_entry(key: str, now: Any, snap: tuple) -> str:
+    """The name of the entry that changed (the buffer ``calls``) where it is one of a module's tables."""
+    if key in ("_parameters", "_buffers", "_modules") and isinstance(now, dict):
+        then, items = snap[1], snap[2]
+        changed = sorted(str(k) for k in now.keys() | then.keys()
+                         if k not in now or k not in then or now[k] is not then[k] or _differs(now[k], items[k]))
+        if changed:
+            return changed[0]
     return key
 
 
-def _restore(m: nn.Module, attrs: dict[str, Any], contents: dict[str, Any], ignore: tuple[str, ...]) -> None:
-    now = m.__dict__
-    for key in list(now):
-        if key not in attrs and not _skipped(key, ignore):
-            del now[key]
-    for key, value in attrs.items():
+def _memo_entries(key: str, now: Any, snap: tuple) -> bool:
+    """Whether the only change to attribute ``key`` is new entries of a cache keyed by a traced value."""
+    then = snap[1].get(key)
+    if not (_CACHE.search(key) and isinstance(now, dict) and now is then):
+        return False
+    before = snap[2][key][1]
+    return (all(k in now and now[k] is v for k, v in before.items())
+            and all(isinstance(k, str) and _TRACED_KEY in k for k in now.keys() - before.keys()))
+
+
+def _restore(attrs: dict[str, Any], snap: tuple, ignore: tuple[str, ...]) -> None:
+    _, then, inner = snap
+    for key in list(attrs):
+        if key not in then and not _skipped(key, ignore):
+            del attrs[key]
+    for key, value in then.items():
         if not _skipped(key, ignore):
-            now[key] = value
-    for key, items in contents.items():
-        container = now[key]
-        if isinstance(container, dict):
-            container.clear()
-            container.update(items)
-        elif isinstance(container, set):
-            container.clear()
-            container.update(items)
-        else:
-            container[:] = items
+            attrs[key] = value
+            _restore_value(value, inner[key])
+
+
+def _restore_value(value: Any, snap: tuple | None) -> None:
+    if snap is None or not _differs(value, snap):
+        return
+    kind, copy, inner = snap
+    if kind == "tensor":
+        if inner is not None:
+            with torch.no_grad():
+                value.copy_(inner)
+    elif kind == "dict":
+        value.clear()
+        value.update(copy)
+        for k, v in copy.items():
+            _restore_value(v, inner[k])
+    elif kind == "list":
+        value[:] = copy
+        for v, i in zip(copy, inner):
+            _restore_value(v, i)
+    elif kind == "set":
+        value.clear()
+        value.update(copy)
+    else:
+        attrs = vars(value)
+        attrs.clear()
+        attrs.update(copy)
+        for k, v in copy.items():
+            _restore_value(v, inner[k])

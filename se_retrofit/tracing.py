@@ -177,6 +177,9 @@ def trace_forward(module: nn.Module, concrete_args: dict[str, Any], param_names:
             graph = BlockTracer().trace(module, concrete_args=concrete_args or None)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError...): all mean "cannot trace"
         first = first_line(exc)
+        if _TrainingFlag.__name__ in first:  # a submodule's flag passed on as an argument (F.dropout(x, p, flag))
+            raise TraceFailure("its forward passes the train/eval flag of a submodule (self.NAME.training) to a "
+                               "function, which the traced graph would fix to the flag's value now") from None
         raise TraceFailure(f"fx cannot trace its forward ({first[:240]})") from None
     finally:
         read = module.__dict__.pop("_se_training_read", False)
@@ -194,6 +197,9 @@ def trace_forward(module: nn.Module, concrete_args: dict[str, Any], param_names:
     if writes.written:
         raise TraceFailure(f"its forward writes module state ({', '.join(writes.written[:3])}), which the traced graph "
                            "would not repeat")
+    if writes.baked:
+        raise TraceFailure(f"its forward reads a tensor it keeps in {writes.baked[0]} (filled by an earlier call), "
+                           "which the traced graph would fix as a constant")
     _restore_parameter_names(graph, param_names)
     _explain_specialisations(graph, cls.__name__)
     return graph, read

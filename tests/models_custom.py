@@ -106,7 +106,7 @@ class NotResidual(nn.Module):
         self.fc = nn.Linear(channels, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x) + self.pos                      # position embedding (broadcast)
+        x = self.stem(x) + self.pos                      # position embedding (a parameter)
         x = x.permute(0, 2, 3, 1)                        # channels-last from here on
         x = x + self.mlp(self.norm(x))                   # channels-last residual: no SE
         t = x.flatten(1, 2)                              # tokens [B, N, C]

@@ -170,6 +170,13 @@ def test_ema_weights_asked_for_must_be_there(tmp_path):
     for name in ("plain.pth", "other.pth", "plain.safetensors"):
         with pytest.raises(ValueError, match="EMA weights were asked for"):
             load_weights(tmp_path / name, prefer_ema=True)
+    for key in ("state_dict_ema", "model_ema"):  # EMA weights alone
+        torch.save({key: ema, "epoch": 3}, tmp_path / "ema_only.pth")
+        with pytest.warns(UserWarning, match=f"holds only EMA weights \\({key}\\)"):
+            assert torch.equal(load_weights(tmp_path / "ema_only.pth")["fc.weight"], ema["fc.weight"])
+        assert torch.equal(load_weights(tmp_path / "ema_only.pth", prefer_ema=True)["fc.weight"], ema["fc.weight"])
+        with pytest.raises(ValueError, match="raw weights were asked for"):
+            load_weights(tmp_path / "ema_only.pth", prefer_ema=False)
 
 
 def test_the_marker_payload_really_runs_code_when_unpickled(tmp_path):

@@ -387,7 +387,8 @@ def test_cli_refuses_bad_input_before_writing(case: str, image_folder: Path, tmp
 def test_cli_never_overwrites_another_run(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.json").write_text(json.dumps({"model": {"name": "resnet18"}, "train": {"epochs": 90}}))
+    (out / "config.json").write_text(json.dumps({"se_retrofit_version": "0.1.0", "model": {"name": "resnet18"},
+                                                 "train": {"epochs": 90}}))
     (out / "notes.txt").write_text("my earlier run")
     assert run_cli(fast_args(image_folder, out)) == 2
     err = capsys.readouterr().err

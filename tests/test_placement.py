@@ -293,7 +293,7 @@ class _Neck(nn.Module):
 def test_a_feature_pyramid_fusion_of_two_inputs_is_not_a_residual():
     plan = se_retrofit.find_sites(_Neck(), example_input=torch.randn(2, 3, 16, 16))
     assert not plan.sites, f"lateral(c4) + upsample(p5) got SE\n{plan}"
-    assert any("feature-pyramid fusion" in s.reason for s in plan.skipped), plan
+    assert any("a fusion of two inputs, as in a feature pyramid" in s.reason for s in plan.skipped), plan
 
 
 class _CausalBlock(nn.Module):
@@ -330,3 +330,50 @@ def test_a_crop_that_keeps_every_channel_is_not_a_partial_add():
         assert torch.equal(model(x), se_model(x)), "identity init changed the TCN block's output"
     sliced = se_retrofit.find_sites(nn.Sequential(nn.Conv1d(16, 16, 1), _ChannelSliceBlock()), example_input=x)
     assert not sliced.sites and any("partial add" in s.reason for s in sliced.skipped), sliced
+
+
+class _GroupNormConv(nn.Module):
+    """A projection helper normalising with a function call, as timm's GroupNormAct and MixedConv2d do."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 1, 2, bias=False)
+        self.weight, self.bias = nn.Parameter(torch.ones(cout)), nn.Parameter(torch.zeros(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.split(self.conv(x), x.shape[1], dim=1)
+        return nn.functional.group_norm(torch.cat([a, b], 1), 4, self.weight, self.bias)
+
+
+class _ProjectedBlock(nn.Module):
+    def __init__(self, shortcut: nn.Module) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+        self.shortcut = shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+@pytest.mark.parametrize("shortcut", ["group_norm_helper", "frozen_batch_norm"])
+def test_a_projection_with_a_functional_norm_or_a_frozen_norm_is_a_projection(shortcut):
+    """Linear helpers are judged by their own forward now: its norm and split/cat calls are linear ops."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    module = (_GroupNormConv(8, 16) if shortcut == "group_norm_helper"
+              else nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), FrozenBatchNorm2d(16)))
+    plan = se_retrofit.find_sites(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _ProjectedBlock(module)),
+                                  example_input=torch.randn(2, 3, 16, 16))
+    assert [(s.kind, s.shortcut) for s in plan.sites] == [("residual", "projection")], plan
+
+
+class _EllipsisTrim(_CausalBlock):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.conv1(x)[..., :-self.pad])
+        return torch.relu(self.conv2(out)[..., :-self.pad] + x)
+
+
+def test_a_crop_written_with_an_ellipsis_is_a_crop():
+    plan = se_retrofit.find_sites(nn.Sequential(nn.Conv1d(16, 16, 1), _EllipsisTrim()),
+                                  example_input=torch.randn(2, 16, 50))
+    assert [(s.kind, s.shortcut) for s in plan.sites] == [("residual", "identity")], plan

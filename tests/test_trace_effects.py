@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import random
+import types
 import warnings
 
 import numpy as np
@@ -319,3 +320,70 @@ def test_a_forward_that_reads_a_submodules_mode_is_left_alone(mode):
         model.train(train), se_model.train(train)
         with torch.no_grad():
             assert torch.equal(model.block(model.stem(x)), se_model.block(se_model.stem(x))), f"train={train}"
+
+
+class _BufferCounter(_Residual):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1  # fx hands buffers over as real tensors: this runs while tracing
+        return F.relu(self.branch(x) + x)
+
+
+class _NestedWrites(_Residual):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stats = {"feats": []}
+        self.rec = types.SimpleNamespace(last=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branch(x)
+        self.stats["feats"].append(out)
+        self.rec.last = out
+        return F.relu(out + x)
+
+
+class _ConstantKeyCache(_Residual):
+    """A dict named as a cache, filled under a fixed key: apply's own forward fills it before tracing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(1, 8, 1, 1))
+        self.gain_cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "g" not in self.gain_cache:
+            self.gain_cache["g"] = self.gain * 2
+        return F.relu(self.branch(x) * self.gain_cache["g"] + x)
+
+
+class _FlagArgument(_Residual):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(F.dropout(self.branch(x), 0.5, self.drop.training) + x)
+
+
+@pytest.mark.parametrize("block,reason", [
+    (_BufferCounter, "writes module state (self.block.calls)"),
+    (_NestedWrites, "writes module state (self.block.rec, self.block.stats)"),
+    (_ConstantKeyCache, "reads a tensor it keeps in self.block.gain_cache['g']"),
+    (_FlagArgument, "passes the train/eval flag of a submodule"),
+], ids=["buffer", "nested", "filled-cache", "flag-argument"])
+def test_state_the_graph_would_drop_or_fix_is_found_and_put_back(block, reason):
+    """Writes fx does not see as attribute changes (a buffer's value, a list in a dict, a helper object's
+    attribute), a tensor an earlier call cached, a submodule's flag passed on: skipped, state restored."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), block()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    se_model = _apply(model, example_input=x, inplace=True)
+    reasons = [s.reason for s in se_retrofit.get_plan(se_model).skipped]
+    assert any(reason.replace("self.block.", "self.") in r for r in reasons), reasons
+    torch.save(se_model, io.BytesIO())
+    if isinstance(se_model[1], _BufferCounter):
+        assert se_model[1].calls.item() == 1, "tracing changed the buffer (only apply's own forward may count)"
+    if isinstance(se_model[1], _NestedWrites):
+        assert len(se_model[1].stats["feats"]) == 1 and isinstance(se_model[1].rec.last, torch.Tensor)

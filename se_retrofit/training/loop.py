@@ -258,8 +258,9 @@ class Trainer:
                                                                         "val_top1": f"{self.progress.best_top1:.4f}"})
 
     def _restore_best(self) -> None:
-        """After `resume_from`: the best epoch's file, where the run stopped between its ``last.pt`` and it."""
-        if self.out is not None and not (self.out / outputs.BEST).exists():
+        """After `resume_from`: the best epoch's file, where the run stopped between its ``last.pt`` and it
+        (the file is then missing, half-written under its temporary name, or an earlier best epoch's)."""
+        if self.out is not None and outputs.weights_epoch(self.out / outputs.BEST) != self.progress.best_epoch:
             self._save_best()
 
     # ------------------------------------------------------------------------------------------ run

@@ -17,20 +17,23 @@ they always agree with it.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from .. import checkpoint as ckpt
+from ..messages import first_line
 
 CONFIG = "config.json"
 LAST = "last.pt"
@@ -43,9 +46,11 @@ METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_top1", "v
 UNCOMPARED = ("runtime", "se_retrofit_version")
 
 
-# What `checkpoint._atomic_write` leaves of one of the run's files when its process is killed mid-write.
-_LEFTOVER = re.compile(r"^\.(config\.json|last\.pt|best\.safetensors|metrics\.csv|curves\.png|model\.safetensors|"
-                       r"report\.md|report\.json|se_adapter\.safetensors|se_adapter_config\.json)\.\w+\.tmp$")
+# What `checkpoint._atomic_write` leaves of one of the run's files when its process is killed mid-write
+# (`tempfile.mkstemp` names: 8 random characters), and the write test's probe (`_check_writable`).
+_LEFTOVER = re.compile(r"^\.((config\.json|last\.pt|best\.safetensors|metrics\.csv|curves\.png|model\.safetensors|"
+                       r"report\.md|report\.json|se_adapter\.safetensors|se_adapter_config\.json)\.[a-z0-9_]{8}\.tmp"
+                       r"|se_retrofit_write_test_[a-z0-9_]{8})$")
 
 
 def _entries(out: Path) -> list[str]:
@@ -289,13 +294,43 @@ def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
+def weights_epoch(path: Path) -> int | None:
+    """The epoch a weights file of this run records in its metadata (`save_weights`), or None."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int((f.metadata() or {}).get("epoch", ""))
+    except (OSError, ValueError, SafetensorError):
+        return None
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """A failed write of one of the run's files (most often a full disk) as one line that names the file
+    and says the run continues with --resume: the file it would have replaced is intact."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        try:
+            free = f"; {shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there"
+        except OSError:
+            free = ""
+        raise OSError(f"could not write {path} ({first_line(exc)}{free}). The previous {path.name}, if there was "
+                      "one, is intact: free some space (or fix the folder) and continue the run with --resume") from exc
+
+
 def save_weights(path: Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
-    ckpt.atomic_save_safetensors(weights_of(model), path, metadata=metadata)
+    with writing(path):
+        ckpt.atomic_save_safetensors(weights_of(model), path, metadata=metadata)
 
 
 def save_adapter(out: Path, model: nn.Module, base_model: str | None, extra_modules: Iterable[str],
                  class_names: list[str] | None = None) -> Path:
     from ..adapter import save_adapter as _save_adapter
 
-    return Path(_save_adapter(model, out, base_model=base_model, extra_modules=tuple(extra_modules),
-                              class_names=class_names))
+    with writing(out / "se_adapter.safetensors"):
+        return Path(_save_adapter(model, out, base_model=base_model, extra_modules=tuple(extra_modules),
+                                  class_names=class_names))

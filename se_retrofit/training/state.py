@@ -11,7 +11,6 @@ SIGKILL during a save leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,16 +73,10 @@ def save(path: Path, state: dict[str, Any]) -> None:
     """Write ``last.pt`` atomically; a write that fails (most often a full disk, which torch reports as an
     internal ``enforce fail ... unexpected pos``) says which file, how much space is left, and that the
     previous checkpoint is intact."""
-    try:
+    from .outputs import writing
+
+    with writing(path):
         ckpt.atomic_save(state, path)
-    except (OSError, RuntimeError) as exc:
-        try:
-            free = f"; {shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there"
-        except OSError:
-            free = ""
-        raise OSError(f"could not write the checkpoint {path} ({first_line(exc)}{free}). The previous {path.name}, "
-                      "if there was one, is intact: free some space (or fix the folder) and continue the run "
-                      "with --resume") from exc
 
 
 def load(path: Path) -> dict[str, Any]:
