@@ -100,7 +100,9 @@ class StateWrites:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        held = _held_tensors([snap for _, _, snap in self._saved])
+        held: dict[int, str] = {}
+        for name, _, snap in self._saved:
+            held.update(_held_tensors(snap, f"self.{name}." if name else "self."))
         for name, m, snap in self._saved:
             ignore = self.ignore if m is self.module else ()
             prefix = f"self.{name}." if name else "self."
@@ -160,19 +162,20 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
-def _held_tensors(snaps: list[tuple | None], where: str = "self", top: bool = True) -> dict[int, str]:
-    """The tensors inside containers of the modules' state (not their own attributes or tables), by id."""
+def _held_tensors(snap: tuple | None, where: str, top: bool = True) -> dict[int, str]:
+    """The tensors kept as values of dicts in a module's state (a cache; not its own attributes or tables,
+    nor lists of tensors set up once, such as anchors), by id, with where each is kept."""
     found: dict[int, str] = {}
-    for snap in snaps:
-        if snap is None or snap[0] not in ("dict", "list", "object"):
-            continue
-        items = snap[1].items() if snap[0] != "list" else enumerate(snap[1])
-        for key, value in items:
-            inner = snap[2][key]
-            if isinstance(value, torch.Tensor) and not top:
+    if snap is None or snap[0] not in ("dict", "list", "object"):
+        return found
+    items = snap[1].items() if snap[0] != "list" else enumerate(snap[1])
+    for key, value in items:
+        inner = snap[2][key]
+        if isinstance(value, torch.Tensor):
+            if not top and snap[0] == "dict":
                 found[id(value)] = f"{where}[{key!r}]"
-            elif inner is not None and not (top and key in ("_parameters", "_buffers", "_modules")):
-                found.update(_held_tensors([inner], f"{where}.{key}" if top else f"{where}[{key!r}]", top=False))
+        elif inner is not None and not (top and key in ("_parameters", "_buffers", "_modules")):
+            found.update(_held_tensors(inner, f"{where}{key}" if top else f"{where}[{key!r}]", top=False))
     return found
 
 
