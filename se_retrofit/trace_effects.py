@@ -4,10 +4,11 @@ fx runs a module's Python once with proxies for its tensors. Everything that is 
 happens once, at trace time, and is gone from the graph: a random draw in Python (``random.random()``,
 NumPy, ``torch.rand(1).item()`` — a torch call with no proxy argument runs for real) becomes one fixed
 outcome, so stochastic depth written that way would always keep (or always drop) its branch; a write
-to module state (``self.feat = out``, ``self.calls += 1``, ``self.cache.append(out)``) is not repeated
-by the generated forward and, worse, leaves a proxy in the module. Both are detected here, undone (the
-random generators and the modules' attributes are put back as they were), and reported, so that the
-module is skipped with the reason instead of rewritten into something else.
+to module state (``self.feat = out``, ``self.calls += 1``, ``self.history.append(out)``) is not repeated
+by the generated forward and, worse, leaves a proxy in the module; a tensor read from a cache that an
+earlier call filled becomes a constant. These are detected here, undone (the random generators and the
+modules' state are put back as they were), and reported, so that the module is skipped with the reason
+instead of rewritten into something else.
 """
 from __future__ import annotations
 
@@ -85,8 +86,8 @@ class StateWrites:
     module itself, and fx's own tensor constants on it, are not the forward's writes; neither are new
     entries of a dict named as a cache and keyed by a traced value (`_memo_entries`), restored silently.
 
-    ``baked`` lists the tensors kept in the modules' containers (a cache an earlier call filled) that the
-    graph took as constants: it would use that value for every later call.
+    ``baked`` lists the tensors kept as dict values in the modules' state (a cache an earlier call filled)
+    that the graph took as constants: it would use that value for every later call.
     """
 
     def __init__(self, module: nn.Module, ignore: tuple[str, ...] = ()) -> None:
