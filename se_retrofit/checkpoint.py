@@ -342,10 +342,12 @@ def load_weights(path: StrPath, *, prefer_ema: bool | None = None, strip_ddp_pre
                  ) -> dict[str, torch.Tensor]:
     """A model state dict from a ``.safetensors`` file or a weights-only PyTorch checkpoint, on the CPU.
 
-    Training checkpoints that wrap the weights (``{"state_dict": ..., "epoch": ...}``) are unwrapped; with
-    ``prefer_ema`` an EMA copy (``state_dict_ema``) wins over the raw weights (left as None, a file with
-    both loads the raw ones and warns). A pickle that needs
-    anything beyond tensors and containers raises `UnsafeCheckpointError` without running it.
+    Training checkpoints that wrap the weights (``{"state_dict": ..., "epoch": ...}``) are unwrapped. With
+    ``prefer_ema=True`` an EMA copy (`EMA_KEYS`) wins over the raw weights, and a file without one is an
+    error; with ``False`` the raw weights, and a file of EMA weights alone is an error; left as None, a
+    file with both loads the raw ones and warns, and one with EMA weights alone loads them and warns.
+    A pickle that needs anything beyond tensors and containers raises `UnsafeCheckpointError` without
+    running it.
     ``strip_ddp_prefix`` drops a ``module.`` that every key starts with (a user's checkpoint saved from a
     ``DistributedDataParallel`` wrapper); files this package wrote itself have none to drop, and a
     model whose only child is named ``module`` needs it kept.
