@@ -248,7 +248,13 @@ def load(path: str | os.PathLike, base_model: nn.Module, *, strict: bool = True,
     if se_blocks(base_model):
         raise ValueError(f"base_model already has SE blocks ({few([n for n, _ in se_blocks(base_model)])}); "
                          "pass the model without SE, the one se_retrofit.apply was called on.")
-    config = SEConfig.from_dict(meta["se_config"])
+    try:
+        config = SEConfig.from_dict(meta["se_config"])
+    except ValueError as exc:
+        written_by = meta.get("se_retrofit_version")
+        raise ValueError(f"{config_path}: {exc}. The adapter was saved by se_retrofit {written_by or '(unknown)'}, "
+                         f"this is {se_retrofit.__version__}: if that is newer, upgrade se_retrofit; otherwise "
+                         "the file is damaged.") from None
     try:
         model = se_retrofit.apply(base_model, config, example_input=example_input)
     except ValueError as exc:

@@ -18,7 +18,9 @@ own convention for pooling), but only inside `~se_retrofit.se_block.SEBlock` sco
 of each model is counted exactly as fvcore does by default, so the "before" column is the number
 fvcore gives for the original model. An SE block is costed as the paper's block, squeezing its own
 input: the early squeeze (``SEConfig.early_squeeze``, an eval-mode shortcut to the same value) is not
-taken while fvcore traces.
+taken while fvcore traces. One multiplication beyond the paper's is counted: with ``init="identity"``
+(gain 2) a block that does not do the residual add scales its ``N x C`` gate by the gain (a block doing
+the add folds the gain into its ``addcmul``).
 """
 from __future__ import annotations
 

@@ -185,6 +185,10 @@ def test_load_errors(tmp_path, saved, base, tuned):
         (tmp_path / CONFIG_NAME).write_text(json.dumps({**meta, **broken}))
         with pytest.raises(ValueError, match=f"damaged: wrong type of {what}"):
             load(tmp_path, base)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**meta, "se_retrofit_version": "9.0",
+                                                   "se_config": {**meta["se_config"], "new_option": 1}}))
+    with pytest.raises(ValueError, match="unknown SEConfig option.*saved by se_retrofit 9.0.*upgrade se_retrofit"):
+        load(tmp_path, base)
     with pytest.raises(ValueError, match="already has SE blocks"):
         load(se_only, tuned)
     run = tmp_path / "run"
