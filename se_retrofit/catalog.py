@@ -126,22 +126,25 @@ def count_convs(module: nn.Module) -> int:
     return sum(1 for m in module.modules() if is_conv(m))
 
 
-def _computing_modules(module: nn.Module) -> Iterator[nn.Module]:
-    """``module`` and its submodules, leaving out ``torch.nn.utils.parametrize``'s parametrizations: they
-    compute a weight (weight norm, spectral norm), not a map of the feature map."""
-    yield module
+def _computing_children(module: nn.Module) -> Iterator[nn.Module]:
+    """``module``'s children, leaving out ``torch.nn.utils.parametrize``'s parametrizations: they compute a
+    weight (weight norm, spectral norm), not a map of the feature map."""
     for name, child in module.named_children():
-        if name == "parametrizations" and parametrize.is_parametrized(module):
-            continue
+        if not (name == "parametrizations" and parametrize.is_parametrized(module)):
+            yield child
+
+
+def _computing_modules(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` and its submodules, parametrizations left out (`_computing_children`)."""
+    yield module
+    for child in _computing_children(module):
         yield from _computing_modules(child)
 
 
 def is_leaf_like(module: nn.Module) -> bool:
     """A module whose computation its class alone tells: no submodules but parametrizations (a
     parametrized convolution is still a convolution)."""
-    children = [c for name, c in module.named_children()
-                if not (name == "parametrizations" and parametrize.is_parametrized(module))]
-    return not children
+    return next(_computing_children(module), None) is None
 
 
 def is_light_module(module: nn.Module) -> bool:

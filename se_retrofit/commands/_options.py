@@ -33,7 +33,7 @@ def parse_input_size(text: str) -> int | tuple[int, ...]:
     return dims[0] if len(dims) == 1 else dims
 
 
-def input_shape(model: Any, size: int | tuple[int, ...], batch: int | None = None) -> tuple[int, ...]:
+def model_input_shape(model: Any, size: int | tuple[int, ...], batch: int | None = None) -> tuple[int, ...]:
     """The full input shape for ``--input-size``: a full shape is taken as given; S or HxW replace the
     trailing spatial sizes of the input found for the model (`~se_retrofit.capture.candidate_inputs`),
     so that its channels and a video model's frames stay as they must be; ``batch`` replaces its batch."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._options import add_conversion_options, conversion_kwargs, input_shape, parse_input_size
+from ._options import add_conversion_options, conversion_kwargs, model_input_shape, parse_input_size
 
 FORMATS = ("table", "markdown", "json")
 
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
                                       "(a torchvision detector then has plain instead of frozen BatchNorm in "
                                       "its backbone, which changes its counts slightly).")
     se_model = apply(model, config)
-    result = report(model, se_model, input_size=input_shape(model, args.input_size, batch=1), name=args.model)
+    result = report(model, se_model, input_size=model_input_shape(model, args.input_size, batch=1), name=args.model)
     if args.format == "json":
         print(result.to_json())
     elif args.format == "markdown":

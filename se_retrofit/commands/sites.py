@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._options import add_conversion_options, conversion_kwargs, input_shape, parse_input_size
+from ._options import add_conversion_options, conversion_kwargs, model_input_shape, parse_input_size
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     if args.input_size is not None:
         import torch
 
-        example = torch.rand(*input_shape(model, args.input_size))
+        example = torch.rand(*model_input_shape(model, args.input_size))
     try:
         plan = find_sites(model, SEConfig(**conversion_kwargs(args)), example_input=example)
     except NoExampleInput as exc:
