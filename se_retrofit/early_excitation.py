@@ -162,8 +162,10 @@ def gate_through(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock)
 
 def _declines_at_once(z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock) -> bool:
     """The checks of `_declines` that no cached fold can answer: tracers and hooks (a pre-hook on the
-    SE block may change the input it gates, which the gate from ``z`` would not see)."""
-    return recording(z) or hooked(conv, norm) or bool(se._forward_pre_hooks)
+    SE block may change the input it gates, which the gate from ``z`` would not see; one on ``fc1`` or
+    ``fc2``, as pruning and the old-style weight and spectral norms add, recomputes the weight the fold
+    would read)."""
+    return recording(z) or hooked(conv, norm, se.fc1, se.fc2) or bool(se._forward_pre_hooks)
 
 
 def _needs_grad(z: torch.Tensor, tensors: tuple[torch.Tensor | None, ...]) -> bool:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import forward_ad
 
+from .hooks import hooked
 from .recording import recording
 
 _CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -70,7 +71,7 @@ class SEBlock(nn.Module):
         the same bits where the gain is a power of two (scaling by it is exact), as identity init's 2 is.
         """
         if gate is None:
-            gate = self.excite(F.linear(x.mean(self._dims), self.fc1.weight.flatten(1), self.fc1.bias))
+            gate = self._gate(x)
         gate = gate.view(gate.shape + (1,) * self.spatial_dims)
         if residual is None:
             return x * (gate * self.gain if self.gain != 1.0 else gate)
@@ -81,6 +82,18 @@ class SEBlock(nn.Module):
         out = torch.addcmul(residual, x, gate, value=self.gain)
         # ``x += shortcut`` keeps x's dtype (a bfloat16 branch under autocast with a float32 shortcut)
         return out if isinstance(x, fx.Proxy) or out.dtype == x.dtype else out.to(x.dtype)
+
+    def _gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``(N, C)`` gate (before the gain) of the input itself.
+
+        ``fc1`` and ``fc2`` are read as matrices (see `excite`) unless calling them runs more than their
+        forward: pruning masks, the old-style ``weight_norm`` and ``spectral_norm`` recompute ``weight``
+        in a pre-hook, which reading the attribute would skip (a stale weight, and a graph freed by the
+        first backward); such layers, and any with the user's hooks, are called."""
+        if hooked(self.fc1, self.fc2):
+            s = x.mean(self._dims, keepdim=True)
+            return torch.sigmoid(self.fc2(self.act(self.fc1(s)))).flatten(1)
+        return self.excite(F.linear(x.mean(self._dims), self.fc1.weight.flatten(1), self.fc1.bias))
 
     def train(self, mode: bool = True) -> SEBlock:
         """Also count the switch between training and eval mode: `early_excitation` folds its map anew

@@ -338,7 +338,7 @@ def test_a_fused_optimizer_step_refolds(optimizer):
 
 
 @pytest.mark.parametrize("where", ["conv forward hook", "norm forward hook", "norm pre-hook", "se pre-hook",
-                                   "global forward hook", "instance forward", "conv backward hook",
+                                   "fc1 pre-hook", "fc2 forward hook", "global forward hook", "instance forward", "conv backward hook",
                                    "norm backward pre-hook", "global backward hook"])
 def test_hooks_on_the_modules_it_redoes_make_it_decline(where):
     """A hook may change what the conv or the norm returns (calibration, clipping); the early gate,
@@ -351,6 +351,8 @@ def test_hooks_on_the_modules_it_redoes_make_it_decline(where):
         "norm forward hook": lambda: norm.register_forward_hook(hook),
         "norm pre-hook": lambda: norm.register_forward_pre_hook(pre),
         "se pre-hook": lambda: se.register_forward_pre_hook(pre),
+        "fc1 pre-hook": lambda: se.fc1.register_forward_pre_hook(pre),
+        "fc2 forward hook": lambda: se.fc2.register_forward_hook(hook),
         "global forward hook": lambda: nn.modules.module.register_module_forward_hook(hook),
         "conv backward hook": lambda: conv.register_full_backward_hook(lambda m, gi, go: None),
         "norm backward pre-hook": lambda: norm.register_full_backward_pre_hook(lambda m, go: None),
