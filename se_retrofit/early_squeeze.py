@@ -65,8 +65,9 @@ def hoist_squeezes(graph: fx.Graph, module: nn.Module, targets: set[str]) -> set
         if out_channels <= in_channels:
             continue  # averaging the conv's input would read no less: the run-time checks always decline
         conv_node = found[0]
-        if moved_read_problem(graph, module, conv_node, [norm_node]) is not None:
-            continue  # the norm reads a conv output changed in place: the gate from z would not see the change
+        if (moved_read_problem(graph, module, conv_node, [norm_node]) is not None
+                or moved_read_problem(graph, module, norm_node, [se_node]) is not None):
+            continue  # a value changed in place before the next reads it: the gate from z would not see the change
         with graph.inserting_before(conv_node):
             conv_ref = graph.get_attr(conv_node.target)
             norm_ref = graph.get_attr(norm_node.target)

@@ -23,11 +23,19 @@ from .augmented import iadd
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
                       operator.ilshift, operator.irshift, operator.imatmul, operator.setitem, iadd}
-# Ops whose result shares memory with their first input: a write through the result is a write to it.
-_VIEW_NAMES = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",
-               "transpose", "swapaxes", "swapdims", "movedim", "permute", "t", "narrow", "select", "expand",
-               "expand_as", "getitem", "contiguous", "detach", "as_strided", "split", "chunk", "tensor_split",
-               "unbind", "diagonal", "unfold", "real", "imag", "view_as_real", "view_as_complex", "type_as", "to"}
+# Ops whose result may share memory with their first input: a write through the result is a write to it.
+# Views, and the conversions that return the tensor itself when there is nothing to convert (``.float()``
+# of a float tensor, ``.cpu()`` on the CPU).
+_VIEW_NAMES = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "ravel", "squeeze", "unsqueeze",
+               "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "permute", "t", "adjoint", "narrow",
+               "select", "expand", "expand_as", "getitem", "contiguous", "detach", "alias", "as_strided", "split",
+               "split_with_sizes", "chunk", "tensor_split", "hsplit", "vsplit", "dsplit", "unbind", "diagonal",
+               "unfold", "real", "imag", "view_as_real", "view_as_complex", "conj", "resolve_conj", "resolve_neg",
+               "positive", "atleast_1d", "atleast_2d", "atleast_3d", "type_as", "to", "type", "float", "double",
+               "half", "bfloat16", "int", "long", "short", "char", "byte", "bool", "cfloat", "cdouble", "cpu",
+               "cuda"}
+# Tensor attributes that are views (``out.mT.mul_(2)`` writes into ``out``); fx records them as ``getattr``.
+_VIEW_ATTRIBUTES = {"T", "mT", "H", "mH", "real", "imag", "data"}
 
 
 def _first_input(node: fx.Node) -> fx.Node | None:
@@ -67,6 +75,8 @@ def _aliases(node: fx.Node, owner: nn.Module, aliases: set[fx.Node]) -> bool:
         return True
     if node.op == "call_module":
         return catalog.is_path_drop(owner.get_submodule(node.target))  # nn.Identity, eval-mode dropout
+    if node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _VIEW_ATTRIBUTES
     return node.op in ("call_function", "call_method") and catalog.target_name(node.target) in _VIEW_NAMES
 
 

@@ -144,7 +144,8 @@ class InPlaceWrites(nn.Module):
 
     ``scaled``: the branch is scaled in place before the add; ``unbound``: ``out.add_(x)`` whose result
     is dropped and the sum read through ``out``; ``into_clone``: the sum goes into a clone of the input;
-    ``masked``: one channel of the branch is set to zero by item assignment before the add.
+    ``masked``: one channel of the branch is set to zero by item assignment before the add;
+    ``scaled_<alias>``: as ``scaled``, through an alias of the branch (`through`).
     """
 
     def __init__(self, channels: int, kind: str) -> None:
@@ -157,9 +158,9 @@ class InPlaceWrites(nn.Module):
         return self.conv2(F.relu(self.conv1(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "scaled":
+        if self.kind.startswith("scaled"):
             out = self.branch(x)
-            out.mul_(0.5)
+            through(out, self.kind.partition("_")[2] or "direct").mul_(0.5)
             out += x
             return F.relu(out)
         if self.kind == "masked":
@@ -175,12 +176,24 @@ class InPlaceWrites(nn.Module):
         return F.relu(y)
 
 
-class ScaledConv3Bottleneck(nn.Module):
-    """A bottleneck whose ``conv3`` output is scaled in place before ``bn3``: a gate computed from
-    ``conv3``'s input (the early squeeze) would not see the scaling."""
+def through(t: torch.Tensor, alias: str) -> torch.Tensor:
+    """``t`` itself or a tensor sharing its memory, made as fx records it: a write into it is a write into ``t``."""
+    if alias == "direct":
+        return t
+    if alias == "float":  # a float tensor's .float() is the tensor itself
+        return t.float()
+    if alias == "atleast_3d":
+        return torch.atleast_3d(t)
+    return getattr(t, alias)  # attribute views: mT, data
 
-    def __init__(self, channels: int) -> None:
+
+class ScaledConv3Bottleneck(nn.Module):
+    """A bottleneck whose ``conv3`` output is scaled in place (through ``alias``, see `through`) before
+    ``bn3``: a gate computed from ``conv3``'s input (the early squeeze) would not see the scaling."""
+
+    def __init__(self, channels: int, alias: str = "direct") -> None:
         super().__init__()
+        self.alias = alias
         mid = channels // 4
         self.conv1 = nn.Sequential(nn.Conv2d(channels, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU())
         self.conv3 = nn.Conv2d(mid, channels, 1, bias=False)
@@ -188,7 +201,7 @@ class ScaledConv3Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv3(self.conv1(x))
-        c.mul_(0.5)
+        through(c, self.alias).mul_(0.5)
         out = self.bn3(c)
         out += x
         return F.relu(out)

@@ -27,6 +27,10 @@ def _apply(model, **kwargs):
 
 @pytest.mark.parametrize("kind,position,reason", [
     ("scaled", "standard", "is modified in place by 'mul_' before the addition reads it"),
+    ("scaled_float", "standard", "is modified in place by 'mul_' before the addition reads it"),
+    ("scaled_mT", "standard", "is modified in place by 'mul_' before the addition reads it"),
+    ("scaled_data", "standard", "is modified in place by 'mul_' before the addition reads it"),
+    ("scaled_atleast_3d", "standard", "is modified in place by 'mul_' before the addition reads it"),
     ("masked", "standard", "does not support item assignment"),  # fx cannot trace `out[:, 0] = 0`: skipped whole
     ("unbound", "standard", "reads 'conv2' after 'add_' wrote into it in place"),
     ("unbound", "post", "nothing reads the value of 'add_'"),
@@ -64,16 +68,18 @@ def test_in_place_adds_that_stay_exact_are_converted(kind, position, fuse_add):
     assert torch.allclose(got, expected, atol=1e-6), f"{kind}/{position}: off by {(got - expected).abs().max()}"
 
 
+@pytest.mark.parametrize("alias", ["direct", "float", "mT", "data", "atleast_3d"])
 @pytest.mark.parametrize("early_squeeze", [True, False])
-def test_the_gate_is_not_taken_before_a_conv_output_written_in_place(early_squeeze):
-    model = make_pretrained_like(Net([ScaledConv3Bottleneck(16)])).eval()
+def test_the_gate_is_not_taken_before_a_conv_output_written_in_place(early_squeeze, alias):
+    """Also through a tensor sharing the output's memory: a conversion to its own dtype, a view."""
+    model = make_pretrained_like(Net([ScaledConv3Bottleneck(16, alias)])).eval()
     se_model = _apply(model, init="paper", early_squeeze=early_squeeze)
     source = inspect.getsource(type(se_model.blocks[0]).forward)
-    assert "gate_through" not in source, "the gate was hoisted before an in-place write"
+    assert "gate_through" not in source, f"the gate was hoisted before an in-place write through {alias}"
     block = se_model.blocks[0]
     with torch.no_grad():
         h = F.relu(se_model.stem(X))
         c = block.conv3(block.conv1(h)) * 0.5
         expected = F.relu(h + block.se(block.bn3(c)))
         got = se_model.blocks(h)
-    assert torch.allclose(got, expected, atol=1e-6), f"off by {(got - expected).abs().max()}"
+    assert torch.allclose(got, expected, atol=1e-6), f"{alias}: off by {(got - expected).abs().max()}"
