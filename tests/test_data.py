@@ -158,6 +158,25 @@ def test_a_class_named_like_a_split_among_others_is_a_class(tmp_path, model):
     assert classes == ["bus", "car", "train"], f"classes {classes}"
 
 
+@pytest.mark.parametrize("split_like", ["train", "val"])
+def test_a_class_named_like_a_split_with_sub_folders_is_not_taken_for_the_split(tmp_path, model, split_like):
+    """``vehicles/{bus,car,train/{steam,electric}}``: read as a split layout, the run trained a model on the
+    sub-folders of ``train`` and dropped bus and car without a word."""
+    write_class_folders(tmp_path, {"bus": 3, "car": 3})
+    write_class_folders(tmp_path / split_like, {"steam": 2, "electric": 2})
+    with pytest.raises(ValueError, match=rf"holds a '{split_like}' folder .* not splits \('bus', 'car'\).*rename it"):
+        build_datasets(tmp_path, model, val_split=0.3, image_size=16)
+
+
+def test_folders_without_images_beside_the_splits_are_allowed(tmp_path, model):
+    write_class_folders(tmp_path / "train", {"cat": 3, "dog": 3})
+    write_class_folders(tmp_path / "val", {"cat": 1, "dog": 1})
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "labels.json").write_text("{}")
+    _, _, classes = build_datasets(tmp_path, model, image_size=16)
+    assert classes == ["cat", "dog"], f"classes {classes}"
+
+
 def test_single_folder_is_split_per_class_deterministically(tmp_path, model):
     write_class_folders(tmp_path, {"a": 10, "b": 10, "c": 2})
     train, val, classes = build_datasets(tmp_path, model, val_split=0.3, seed=3, image_size=16)
