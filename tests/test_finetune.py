@@ -173,7 +173,7 @@ def test_modes_select_new_parameters_and_freeze_bn() -> None:
 
     set_trainable(model, new, backbone=False)
     model.train()
-    frozen = freeze_batchnorm(model)
+    frozen = freeze_batchnorm(model, backbone_trains=False)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert frozen == len(bns) and not any(m.training for m in bns), "frozen BN layers must be in eval mode"
 
@@ -207,6 +207,42 @@ def test_finetune_se_trains_only_se_and_head() -> None:
                                                                     "val_top1", "val_top5", "lr", "seconds"}
     assert result.best_top1 is not None and 0 <= result.best_top1 <= 100
     assert not result.interrupted and result.out_dir is None and result.files == {}
+
+
+class _NonAffineNormNet(nn.Module):
+    """A residual net whose batch norms have no affine weights: only running statistics to keep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16, affine=False), nn.ReLU())
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16, affine=False)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.bn(self.conv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("train", ["se", "all"])
+def test_batch_norms_without_affine_weights_follow_the_backbone(train) -> None:
+    """``--train se`` promised a backbone bit-identical to the pretrained one, but batch norms built with
+    ``affine=False`` (no weights to freeze) kept updating their running statistics."""
+    import se_retrofit
+
+    torch.manual_seed(0)
+    model = se_retrofit.apply(_NonAffineNormNet())
+    assert se_retrofit.se_blocks(model), "the test net must get an SE block"
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    result = finetune(model, Quadrants(16), Quadrants(6, seed=1), epochs=1, batch_size=8, lr=1e-2, train=train,
+                      warmup_epochs=0, verbose=False, progress=False)
+    trained = {k: v.cpu() for k, v in result.model.state_dict().items()}
+    changed = sorted(k for k, v in stats.items() if not torch.equal(v, trained[k]))
+    if train == "se":
+        assert not changed, f"train='se' changed the backbone's running statistics {changed}"
+    else:
+        assert len(changed) == len(stats), f"train='all' left running statistics unchanged: {set(stats) - set(changed)}"
 
 
 def test_the_cli_defaults_are_the_librarys_but_for_loader_workers() -> None:

@@ -47,16 +47,19 @@ def set_trainable(model: nn.Module, new_names: set[str], backbone: bool) -> int:
     return count
 
 
-def freeze_batchnorm(model: nn.Module) -> int:
-    """Put batch-norm layers whose affine weights are all frozen in eval mode; return how many.
+def freeze_batchnorm(model: nn.Module, backbone_trains: bool) -> int:
+    """Put the frozen part's batch-norm layers in eval mode; return how many.
 
-    Call after every ``model.train()``, which would otherwise switch them back.
+    A layer is frozen when its affine weights are; one without (``affine=False``) has only its running
+    statistics, which belong to the backbone (the SE blocks and the linear head have no batch norm), so
+    it is frozen when the backbone is. Call after every ``model.train()``, which would otherwise switch
+    them back.
     """
     count = 0
     for module in model.modules():
         if isinstance(module, _BatchNorm):
             params = list(module.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            if (not any(p.requires_grad for p in params)) if params else not backbone_trains:
                 module.eval()
                 count += 1
     return count

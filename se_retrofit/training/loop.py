@@ -293,7 +293,7 @@ class Trainer:
                     self._enter_stage(stage)
                 self.model.train()
                 if opts.freeze_bn:
-                    freeze_batchnorm(self.model)
+                    freeze_batchnorm(self.model, trains_backbone(opts.train, stage))
                 epoch_started = time.perf_counter() - self.epoch_seconds
                 batch_bar = tqdm(total=self.steps_per_epoch, initial=progress.step_in_epoch, leave=False,
                                  desc=f"epoch {epoch + 1}/{opts.epochs}", unit="batch", disable=not self.bars,
