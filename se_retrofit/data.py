@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -56,8 +56,8 @@ class ImageFiles(Dataset):
         try:
             with Image.open(path) as image:
                 problem = unsupported_mode(image)
-                if problem is None:
-                    image = to_rgb(image)
+                if problem is None:  # upright as shown: a phone stores a portrait photo sideways, with an EXIF tag
+                    image = to_rgb(ImageOps.exif_transpose(image))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise OSError(f"could not decode image {path} ({exc}); the up-front check only catches broken headers "
                           "and checksums. Replace it with a good copy and --resume; or delete it and start a "

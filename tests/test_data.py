@@ -664,3 +664,20 @@ def test_shared_verification_keeps_the_user_warning_filters(tmp_path, monkeypatc
         checks = _verify_in_one_process(tmp_path)
     assert [checks.listing.files[i] for i in checks.problems] == [big], f"problems: {checks.problems}"
     assert list(checks.problems.values()) == [(False, None)], checks.problems
+
+
+def test_images_are_loaded_upright_as_their_exif_orientation_says(tmp_path):
+    """A phone stores a portrait photo as a landscape one with an EXIF tag; it was trained sideways."""
+    from se_retrofit.data import ImageFiles
+
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :20] = 255  # the left half white
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # Orientation: shown rotated 90 degrees clockwise
+    path = tmp_path / "portrait.jpg"
+    image.save(path, exif=exif, quality=95)
+    loaded, _ = ImageFiles([(path, 0)], ["a"])[0]
+    assert loaded.size == (20, 40), f"loaded as {loaded.size}, not upright (20, 40)"
+    top = np.asarray(loaded)[:20].mean()
+    assert top > 200, f"rotated the wrong way: the top half has mean {top:.0f}, expected the white half"
