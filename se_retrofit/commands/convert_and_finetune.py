@@ -60,8 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=None, metavar="WD",
                        help="default 0.05 (AdamW) / 1e-4 (SGD); none on biases and norm weights")
     train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    train.add_argument("--warmup-epochs", type=float, default=1.0, metavar="E",
-                       help="linear warmup before the cosine decay (default 1)")
+    train.add_argument("--warmup-epochs", type=float, default=None, metavar="E",
+                       help="linear warmup before the cosine decay (default 1; 0.1 when --epochs is 1)")
     train.add_argument("--min-lr", type=float, default=0.0, metavar="LR", help="end of the cosine (default 0)")
     train.add_argument("--label-smoothing", type=float, default=0.1, metavar="S", help="default 0.1")
     train.add_argument("--clip-grad", type=float, default=None, metavar="NORM",

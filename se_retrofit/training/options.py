@@ -43,7 +43,9 @@ class TrainOptions:
         opt: ``"adamw"`` or ``"sgd"`` (Nesterov momentum), built by timm's optimizer factory.
         weight_decay: ``None`` picks 0.05 (AdamW) or 1e-4 (SGD); biases and norm weights get none.
         momentum: SGD momentum.
-        warmup_epochs: linear warmup, then cosine decay to ``min_lr`` (timm's per-step scheduler).
+        warmup_epochs: linear warmup, then cosine decay to ``min_lr`` (timm's per-step scheduler);
+            ``None``: 1 epoch, or a tenth of the run when it has one epoch (a whole run of warmup would
+            never reach ``lr``).
         min_lr: the learning rate the cosine ends at.
         label_smoothing: of the training loss (validation loss is plain cross-entropy).
         clip_grad: maximum global gradient norm, or ``None`` for no clipping.
@@ -75,7 +77,7 @@ class TrainOptions:
     opt: str = "adamw"
     weight_decay: float | None = None
     momentum: float = 0.9
-    warmup_epochs: float = 1.0
+    warmup_epochs: float | None = None
     min_lr: float = 0.0
     label_smoothing: float = 0.1
     clip_grad: float | None = None
@@ -102,7 +104,11 @@ class TrainOptions:
         _choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
         _int_at_least("workers", self.workers, 0)
         _int_at_least("seed", self.seed, 0)
+        if self.seed >= 2**32:  # the per-epoch seeds derived from it must fit the generators' 64 bits
+            raise ValueError(f"seed must be below 2**32 (4294967296), got {self.seed}")
         _int_at_least("checkpoint_every_steps", self.checkpoint_every_steps, 0)
+        if self.warmup_epochs is None:
+            self.warmup_epochs = 1.0 if self.epochs > 1 else 0.1
         for name in ("momentum", "warmup_epochs", "min_lr", "checkpoint_every_seconds"):
             _number_at_least(name, getattr(self, name), 0.0)
         if not 0.0 <= _number("label_smoothing", self.label_smoothing) < 1.0:
@@ -113,9 +119,9 @@ class TrainOptions:
             raise ValueError(f"backbone_lr_scale must be in (0, 1], got {self.backbone_lr_scale!r}; try 0.1")
         if self.clip_grad is not None and _number("clip_grad", self.clip_grad) <= 0:
             raise ValueError(f"clip_grad must be a positive norm or None, got {self.clip_grad!r}; try 1.0")
-        if self.warmup_epochs >= self.epochs and self.epochs > 1:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs:g}) must be shorter than epochs ({self.epochs}); "
-                             "lower --warmup-epochs")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs:g}) must be shorter than epochs ({self.epochs}), or "
+                             "the learning rate never reaches lr; lower --warmup-epochs")
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         for name in ("freeze_bn", "ema", "amp", "channels_last", "compile"):
