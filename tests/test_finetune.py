@@ -214,6 +214,16 @@ def test_finetune_se_trains_only_se_and_head() -> None:
     assert not result.interrupted and result.out_dir is None and result.files == {}
 
 
+def test_top5_is_reported_only_with_more_than_5_classes() -> None:
+    torch.manual_seed(0)
+    for classes, reported in ((5, False), (6, True)):
+        model = pretrained_like(create_model(MODEL, num_classes=classes))
+        result = finetune(model, Quadrants(12, classes=classes), Quadrants(12, classes=classes, seed=1), epochs=1,
+                          batch_size=6, warmup_epochs=0, verbose=False, progress=False)
+        top5 = result.history[0]["val_top5"]
+        assert math.isnan(top5) != reported, f"{classes} classes: val_top5 {top5}, expected {'a value' if reported else 'none'}"
+
+
 class _NonAffineNormNet(nn.Module):
     """A residual net whose batch norms have no affine weights: only running statistics to keep."""
 
@@ -350,6 +360,8 @@ def test_cli_writes_the_run_and_the_adapter_rebuilds_the_model(image_folder: Pat
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0] == "epoch,train_loss,train_acc,val_loss,val_top1,val_top5,lr,seconds", rows[0]
     assert len(rows) == 3, f"expected a header and 2 epoch rows, got {rows}"
+    assert rows[1].split(",")[5] == "" and "val_top5" not in printed, \
+        f"top-5 of 3 classes is always 100 % and must be left empty: {rows[1]}"
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "curves.png is not a PNG"
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["name"] == MODEL and config["model"]["num_classes"] == 3

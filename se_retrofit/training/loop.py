@@ -202,13 +202,14 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self) -> tuple[float, float, float]:
-        """Validation loss, top-1 and top-5 (%) over the whole validation set, summed across ranks."""
+        """Validation loss, top-1 and top-5 (%) over the whole validation set, summed across ranks; top-5 is
+        NaN (no value) with 5 classes or fewer, where every image is in it."""
         if self.val is None:
             return math.nan, math.nan, math.nan
         module = self.ema.module if self.ema is not None else self.model
         was_training = module.training
         module.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # the last: batches with over 5 classes
         try:
             for images, targets in self.val:
                 images = images.to(self.device, non_blocking=True)
@@ -221,13 +222,14 @@ class Trainer:
                 topk = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
                 sums += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
                                      topk[:, 0].sum().double(), topk.any(dim=1).sum().double(),
-                                     torch.tensor(float(targets.numel()), dtype=torch.float64, device=self.device)])
+                                     torch.tensor(float(targets.numel()), dtype=torch.float64, device=self.device),
+                                     torch.tensor(float(logits.shape[1] > 5), dtype=torch.float64, device=self.device)])
         finally:
             module.train(was_training)
-        loss, top1, top5, count = distributed.all_reduce_sum(sums, self.ctx).tolist()
+        loss, top1, top5, count, wide = distributed.all_reduce_sum(sums, self.ctx).tolist()
         if count == 0:
             return math.nan, math.nan, math.nan
-        return loss / count, 100.0 * top1 / count, 100.0 * top5 / count
+        return loss / count, 100.0 * top1 / count, 100.0 * top5 / count if wide else math.nan
 
     def _end_epoch(self, epoch: int, started: float) -> dict[str, float]:
         loss_sum, correct, count = distributed.all_reduce_sum(self.accum.clone(), self.ctx).tolist()
@@ -366,7 +368,8 @@ class Trainer:
 
 
 def _epoch_line(row: dict[str, float], epochs: int) -> str:
+    top5 = "" if math.isnan(row["val_top5"]) else f"val_top5 {row['val_top5']:.2f}%  "
     return (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.2f}%  "
-            f"val_loss {row['val_loss']:.4f}  val_top1 {row['val_top1']:.2f}%  val_top5 {row['val_top5']:.2f}%  "
+            f"val_loss {row['val_loss']:.4f}  val_top1 {row['val_top1']:.2f}%  {top5}"
             f"lr {row['lr']:.2e}  {row['seconds']:.1f}s")
 

@@ -265,6 +265,8 @@ def plot_curves(out: Path, history: list[dict[str, float]]) -> None:
         loss_ax.plot(epochs, [row[key] for row in history], marker="o", label=label)
     accuracies = (("train_acc", "train top-1"), ("val_top1", "validation top-1"), ("val_top5", "validation top-5"))
     for key, label in accuracies:
+        if all(math.isnan(row[key]) for row in history):  # no validation, or top-5 of 5 classes or fewer
+            continue
         acc_ax.plot(epochs, [row[key] for row in history], marker="o", label=label)
     loss_ax.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
     acc_ax.set(title="accuracy", xlabel="epoch", ylabel="%")
