@@ -27,6 +27,7 @@ from torch import nn
 
 from .checkpoint import _atomic_write, atomic_save_safetensors, load_weights
 from .config import SEConfig
+from .fingerprint import base_fingerprint, changed_since_apply
 from .messages import few
 from .models import classifier_of, num_classes_of, reset_classifier
 from .se_block import se_blocks
@@ -57,22 +58,43 @@ def _module_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         hint = f" (the classifier here is {head[0]!r})" if head else ""
         raise ValueError(f"extra module {name!r} is not a submodule of {type(model).__name__}{hint}; "
                          "pass names from model.named_modules().") from None
-    return {f"{name}.{key}": value for key, value in module.state_dict().items()}
+    state = module.state_dict()
+    odd = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
+    if odd:
+        raise ValueError(f"extra module {name!r} holds {type(state[odd[0]]).__name__} entry {name}.{odd[0]} in its "
+                         "state_dict, not a tensor (extra state, a quantized layer's packed weights), which an "
+                         "adapter file cannot hold; save model.state_dict() with torch.save instead.")
+    return {f"{name}.{key}": value for key, value in state.items()}
 
 
-def base_fingerprint(model: nn.Module, left_out: Iterable[str]) -> str:
-    """SHA-256 of every tensor of ``model`` outside the modules ``left_out`` (the SE blocks, the saved head):
-    the base weights the adapter was trained on, which `load` checks, since SE blocks trained on one
-    backbone's features are wrong on another's (other pretrained weights, another checkpoint)."""
-    prefixes = tuple(f"{name}." for name in left_out)
-    digest = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        if key.startswith(prefixes):
-            continue
-        tensor = value.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{key}|{tensor.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+def _check_config_describes(model: nn.Module, config: SEConfig, blocks: list[tuple[str, nn.Module]]) -> None:
+    """Refuse a recorded config and plan that do not describe the SE blocks to be saved: `load` rebuilds
+    the blocks by re-running ``apply`` with the config, and would refuse the adapter (blaming the base)."""
+    import se_retrofit
+
+    plan = se_retrofit.get_plan(model)
+    if plan is None or plan.config != config:
+        return
+    planned = {site.se_name: site.hidden for site in plan.sites}
+    present = {name: block.hidden for name, block in blocks}
+    if planned != present:
+        differ = sorted(n for n in planned.keys() | present.keys() if planned.get(n) != present.get(n))
+        raise ValueError(f"the SE blocks of this model are not the ones its recorded apply call made ({few(differ, 3)} "
+                         "differ: added or changed since), so load() could not rebuild them from the recorded "
+                         "config. Retrofit the base model with one se_retrofit.apply call and train that.")
+
+
+def _warn_changed_base(model: nn.Module, left_out: list[str]) -> None:
+    """Warn when backbone tensors changed since ``apply``: the adapter then records (and `load` then asks for)
+    the changed backbone, not the base model it was made from."""
+    changed = changed_since_apply(model, left_out)
+    if changed:
+        warnings.warn(
+            f"{len(changed)} tensor(s) outside the SE blocks changed since se_retrofit.apply ({few(changed, 3)}); the "
+            "adapter holds only the SE blocks, so it rebuilds this model only on a base with these changed weights, "
+            "and load() refuses the original one. Batch-norm running statistics move in any training-mode forward, "
+            "even with requires_grad=False: keep batch-norm layers in eval mode while training SE, or name the changed "
+            "modules in extra_modules, or save the whole model.", stacklevel=3)
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: str | None = None,
@@ -109,10 +131,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: 
     if config is None:
         raise ValueError("the model has SE blocks but no recorded SEConfig, so load() could not rebuild it; "
                          "pass config=SEConfig(...) with the options the blocks were made with.")
+    _check_config_describes(model, config, blocks)
     extra_modules = list(dict.fromkeys([extra_modules] if isinstance(extra_modules, str) else extra_modules))
     tensors = se_state_dict(model)
     for name in extra_modules:
         tensors.update(_module_state(model, name))
+    _warn_changed_base(model, [name for name, _ in blocks] + extra_modules)
 
     head = classifier_of(model)
     classifier = None
@@ -281,7 +305,9 @@ def load(path: str | os.PathLike, base_model: nn.Module, *, strict: bool = True,
     if saved_print and base_fingerprint(model, found + list(meta.get("extra_modules") or [])) != saved_print:
         message = (f"the base model's weights are not those adapter {weights_path} was trained on: its SE blocks "
                    "learned other features. Create the base model as it was for training (base model "
-                   f"{meta.get('base_model')!r}: the same pretrained weights or checkpoint, the same dtype).")
+                   f"{meta.get('base_model')!r}: the same pretrained weights or checkpoint, the same dtype). If "
+                   "training changed the backbone (batch-norm running statistics updated in a training-mode "
+                   "forward; save_adapter warned), no base has those weights: load the whole fine-tuned model.")
         refuse_or_note(message, "load anyway")
 
     weights = load_weights(weights_path, strip_ddp_prefix=False)

@@ -20,6 +20,7 @@ from torch.nn.parameter import is_lazy
 from . import catalog, layout
 from .capture import Call, capture_calls, describe, preserved_modes
 from .config import SEConfig
+from .fingerprint import DIGESTS_ATTR, tensor_digests
 from .fusion import fused_calls
 from .messages import first_line
 from .neighbours import attention_after
@@ -472,8 +473,11 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     config = _resolve_config(config, dict(reduction=reduction, init=init, position=position,
                                           include=include, exclude=exclude))
     _check_model(model)
+    previous = get_config(model)
     target = model if inplace else _copy(model)
     plan, blocks = _plan(target, config, example_input)
+    if previous is not None and plan.sites:
+        raise ValueError(_second_apply_message(model, previous, plan))
     sites = iter(plan.sites)
     done: list[Site] = []
     for block in blocks:
@@ -495,16 +499,28 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
             site.early_squeeze = attr in rewritten.early_squeeze
         done.extend(block_sites)
     plan.sites = done
-    setattr(target, CONFIG_ATTR, config)
-    target._se_retrofit_plan = plan
+    if previous is None:  # a second call inserts nothing (above): the first call's record describes the model
+        setattr(target, CONFIG_ATTR, config)
+        target._se_retrofit_plan = plan
+        target.__dict__[DIGESTS_ATTR] = tensor_digests(target, [s.se_name for s in done])
     if not done:
         reasons = "; ".join(f"{r} ({n}x)" for r, n in plan.reasons().most_common(4)) or _NO_ADDITIONS
+        again = " (it was already retrofitted; get_config and get_plan still describe that call)" if previous else ""
         # stacklevel 3: past the keyword check wrapping apply, to the caller's line
-        warnings.warn(f"se_retrofit.apply: no SE block inserted into {type(model).__name__}: {reasons}. "
+        warnings.warn(f"se_retrofit.apply: no SE block inserted into {type(model).__name__}{again}: {reasons}. "
                       "The model is returned unchanged.", SERetrofitWarning, stacklevel=3)
     logger.info("se_retrofit: %d SE block(s) inserted into %s, %d addition(s) left alone",
                 len(done), type(model).__name__, len(plan.skipped))
     return target
+
+
+def _second_apply_message(model: nn.Module, previous: SEConfig, plan: SitePlan) -> str:
+    names = [s.se_name for s in plan.sites]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (f"{type(model).__name__} was already retrofitted by se_retrofit.apply ({previous}); this call would add "
+            f"{len(names)} more SE block(s) ({shown}) with options of its own, and the model would no longer be "
+            "the result of one apply call, which get_config, save_adapter and load describe and rebuild. Retrofit "
+            "the original model once, with include/exclude naming every block to get SE.")
 
 
 def get_config(model: nn.Module) -> SEConfig | None:

@@ -58,7 +58,9 @@ def tuned(base) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def saved(tuned, tmp_path_factory):
-    se_only = save_adapter(tuned, tmp_path_factory.mktemp("se_only"), base_model="resnet10t")
+    with pytest.warns(UserWarning, match=r"2 tensor\(s\) outside the SE blocks changed since se_retrofit.apply \(fc.bias, "
+                      r"fc.weight\)"):  # the head was trained but is not saved: the adapter keeps the base's
+        se_only = save_adapter(tuned, tmp_path_factory.mktemp("se_only"), base_model="resnet10t")
     with_head = save_adapter(tuned, tmp_path_factory.mktemp("with_head") / "adapter", base_model="resnet10t",
                              extra_modules=("fc",))
     return se_only, with_head
@@ -150,6 +152,59 @@ def test_save_errors(tmp_path, base):
     with pytest.raises(ValueError, match="config="):
         save_adapter(hand_built, tmp_path)
     assert not (tmp_path / WEIGHTS_NAME).exists(), "nothing may be written when saving fails"
+
+
+def test_backbone_changes_since_apply_are_named_at_save_and_in_loads_refusal(base, tmp_path):
+    """SE trained with a frozen backbone in a training-mode loop still moves batch-norm statistics: the
+    adapter then fits only that changed backbone, and load's refusal blamed the base model alone."""
+    model = se_retrofit.apply(base, example_input=SMALL)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 32, 32))
+    with pytest.warns(UserWarning, match=r"changed since se_retrofit.apply \(bn1.num_batches_tracked, "
+                                         r"bn1.running_mean, bn1.running_var, \.\.\..*eval mode") as caught:
+        save_adapter(model, tmp_path)
+    assert any("tensor(s) outside the SE blocks" in str(w.message) for w in caught)
+    with pytest.raises(ValueError, match="batch-norm running statistics updated in a training-mode forward"):
+        load(tmp_path, copy.deepcopy(base), example_input=SMALL)
+
+
+def test_an_untouched_backbone_saves_without_a_warning(base, tmp_path):
+    import warnings
+
+    model = se_retrofit.apply(base, example_input=SMALL)
+    randomise(se_blocks(model)[0][1], seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_adapter(model, tmp_path)
+
+
+def test_blocks_changed_after_apply_are_refused_at_save(base, tmp_path):
+    model = se_retrofit.apply(base, example_input=SMALL)
+    name, block = se_blocks(model)[0]
+    model.get_submodule(name.rpartition(".")[0]).se = SEBlock(block.channels, block.hidden * 2)
+    with pytest.raises(ValueError, match=rf"not the ones its recorded apply call made \({name}"):
+        save_adapter(model, tmp_path)
+    assert not (tmp_path / WEIGHTS_NAME).exists(), "nothing may be written when saving fails"
+
+
+def test_state_entries_that_are_not_tensors(base, tmp_path):
+    """A module's extra state is no weight: the fingerprints skip it, an adapter cannot hold it."""
+    class Tagged(nn.Identity):
+        def get_extra_state(self):
+            return {"calibrated": True}
+
+        def set_extra_state(self, state):
+            pass
+
+    model = copy.deepcopy(base)
+    model.tag = Tagged()
+    model = se_retrofit.apply(model, example_input=SMALL)
+    save_adapter(model, tmp_path / "se")
+    with pytest.raises(ValueError, match=r"extra module 'tag' holds dict entry tag._extra_state"):
+        save_adapter(model, tmp_path / "tag", extra_modules=("tag",))
 
 
 def test_class_names_travel_with_the_adapter(tmp_path, tuned):

@@ -105,11 +105,24 @@ def test_multi_branch_sum_gets_one_se_after_the_sum():
 
 def test_apply_is_idempotent():
     model, se_model = retrofit(Net([AddSpelling(16, "plus"), FunctionalDropoutBlock(16)]))
-    with pytest.warns(SERetrofitWarning):
-        again = se_retrofit.apply(se_model)
+    with pytest.warns(SERetrofitWarning, match=r"already retrofitted.*already has channel attention: SEBlock"):
+        again = se_retrofit.apply(se_model, reduction=4)
     assert len(se_retrofit.se_blocks(again)) == 2, "a second apply added more SE blocks"
-    reasons = {s.reason for s in se_retrofit.get_plan(again).skipped}
-    assert any("SEBlock" in r for r in reasons), reasons
+    assert se_retrofit.get_config(again) == se_retrofit.get_config(se_model), \
+        "a second apply that inserted nothing replaced the config that made the blocks"
+    assert se_retrofit.get_plan(again).sites == se_retrofit.get_plan(se_model).sites, "the plan was replaced"
+
+
+def test_a_second_apply_that_would_add_blocks_is_refused():
+    """SE stage by stage (``apply(apply(m, include="layer1"), include="layer2")``) made a model no single
+    config describes: save_adapter wrote an adapter that load refused, blaming the base model."""
+    import timm
+
+    model = timm.create_model("resnet10t", pretrained=False)
+    first = se_retrofit.apply(model, include="layer1*")
+    with pytest.raises(ValueError, match=r"already retrofitted .* would add 1 more SE block\(s\) \(layer2.0.se\).*once"):
+        se_retrofit.apply(first, include="layer2*", inplace=True)
+    assert [n for n, _ in se_retrofit.se_blocks(first)] == ["layer1.0.se"], "the refused call changed the model"
 
 
 @pytest.mark.parametrize("position", ["pre", "post", "identity"])
@@ -117,11 +130,11 @@ def test_apply_again_after_any_position_names_the_se_block_already_there(positio
     import timm
 
     _, se_model = retrofit(timm.create_model("resnet10t", pretrained=False), position=position)
-    with pytest.warns(SERetrofitWarning):
+    with pytest.warns(SERetrofitWarning) as caught:
         again = se_retrofit.apply(se_model)
     assert len(se_retrofit.se_blocks(again)) == 4, f"{position}: a second apply added more SE blocks"
-    reasons = {s.reason for s in se_retrofit.get_plan(again).skipped}
-    assert all("already has channel attention: SEBlock" in r for r in reasons), f"{position}: {reasons}"
+    reasons = str(caught[-1].message).partition("): ")[2].rpartition(". The model")[0].split("; ")
+    assert reasons and all("already has channel attention: SEBlock" in r for r in reasons), f"{position}: {reasons}"
 
 
 @pytest.mark.parametrize("position,channels", [("standard", 16), ("pre", 16), ("post", 16), ("identity", 16)])

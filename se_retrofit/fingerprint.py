@@ -1,0 +1,63 @@
+"""Fingerprints of a model's weights: which base an SE adapter was trained on, and what changed since ``apply``.
+
+An SE adapter is only as good as the backbone under it. `base_fingerprint` (one digest of every tensor
+outside the adapter) is what `load` checks a new base against; `tensor_digests` (one per tensor) is what
+``apply`` records, so that `save_adapter` can say which backbone tensors training moved (batch-norm
+running statistics update in a training-mode forward even with ``requires_grad=False``), which the
+adapter alone would not reproduce on the base it was made for.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+# The attribute ``apply`` keeps the per-tensor digests of the model it returned under.
+DIGESTS_ATTR = "_se_retrofit_base_digests"
+
+
+def _tensors(model: nn.Module, left_out: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``model``'s state-dict tensors outside the modules ``left_out``, by name; entries that are not
+    tensors (a module's ``get_extra_state``, packed quantized weights) are not weights to compare."""
+    prefixes = tuple(f"{name}." for name in left_out)
+    for key, value in sorted(model.state_dict().items()):
+        if isinstance(value, torch.Tensor) and not key.startswith(prefixes):
+            yield key, value
+
+
+def _update(digest: "hashlib._Hash", key: str, value: torch.Tensor) -> None:
+    tensor = value.detach().to("cpu").contiguous().reshape(-1)
+    digest.update(f"{key}|{tensor.dtype}|{tuple(value.shape)}|".encode())
+    digest.update(tensor.view(torch.uint8).numpy().tobytes())
+
+
+def base_fingerprint(model: nn.Module, left_out: Iterable[str]) -> str:
+    """SHA-256 of every tensor of ``model`` outside the modules ``left_out`` (the SE blocks, the saved head):
+    the base weights the adapter was trained on, which `load` checks, since SE blocks trained on one
+    backbone's features are wrong on another's (other pretrained weights, another checkpoint)."""
+    digest = hashlib.sha256()
+    for key, value in _tensors(model, left_out):
+        _update(digest, key, value)
+    return digest.hexdigest()
+
+
+def tensor_digests(model: nn.Module, left_out: Iterable[str]) -> dict[str, str]:
+    """SHA-256 of each tensor of ``model`` outside the modules ``left_out``, by state-dict name."""
+    out = {}
+    for key, value in _tensors(model, left_out):
+        digest = hashlib.sha256()
+        _update(digest, key, value)
+        out[key] = digest.hexdigest()
+    return out
+
+
+def changed_since_apply(model: nn.Module, left_out: Iterable[str]) -> list[str]:
+    """Names of the tensors outside ``left_out`` whose values differ from when ``apply`` returned ``model``
+    (empty where ``apply`` recorded nothing)."""
+    recorded = model.__dict__.get(DIGESTS_ATTR)
+    if not recorded:
+        return []
+    now = tensor_digests(model, left_out)
+    return [key for key, digest in now.items() if key in recorded and recorded[key] != digest]
