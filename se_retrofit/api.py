@@ -249,6 +249,10 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
     if call.varies is not None:
         return None, [Skipped(name, None, "module skipped: called again with other non-tensor arguments "
                                           f"({call.varies}); a traced forward fixes those of its first call")], []
+    if "forward" in module.__dict__:
+        return None, [Skipped(name, None, "module skipped: its forward is replaced on the instance (module.forward = "
+                                          "...); se_retrofit rewrites the class's forward, which this module does "
+                                          "not run")], []
     if _defines_init_subclass(type(module)):
         return None, [Skipped(name, None, f"module skipped: {type(module).__name__}'s class hierarchy defines "
                                           "__init_subclass__, which the rewrite's generated subclass would run "

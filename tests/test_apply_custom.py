@@ -451,3 +451,20 @@ def test_hooks_on_a_block_neither_skip_it_nor_run_twice_in_the_check():
         se_retrofit.get_plan(se_model).reasons()
     with torch.no_grad():
         assert torch.equal(se_model(X), model(X)), "the hooked block computes something else after the retrofit"
+
+
+def test_a_block_whose_forward_is_replaced_on_the_instance_is_skipped_with_that_reason():
+    """accelerate-style hooks set ``module.forward``; the rewrite changes the class's forward, which such a
+    wrapper (holding the old bound method) would never run."""
+    import types
+
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    block = model.layer1[0]
+    block.forward = types.MethodType(lambda self, x: type(self).forward(self, x) * 0.5, block)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SERetrofitWarning)
+        se_model = se_retrofit.apply(model)
+    reasons = [s.reason for s in se_retrofit.get_plan(se_model).skipped if s.block == "layer1.0"]
+    assert reasons and "forward is replaced on the instance" in reasons[0], f"layer1.0 skipped for {reasons}"
