@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -56,8 +56,8 @@ class ImageFiles(Dataset):
         try:
             with Image.open(path) as image:
                 problem = unsupported_mode(image)
-                if problem is None:  # upright as shown: a phone stores a portrait photo sideways, with an EXIF tag
-                    image = to_rgb(ImageOps.exif_transpose(image))
+                if problem is None:
+                    image = _upright(to_rgb(image), image)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise OSError(f"could not decode image {path} ({exc}); the up-front check only catches broken headers "
                           "and checksums. Replace it with a good copy and --resume; or delete it and start a "
@@ -66,6 +66,23 @@ class ImageFiles(Dataset):
         if problem is not None:
             raise ValueError(f"cannot use image {path}: {problem}")
         return (self.transform(image) if self.transform else image), target
+
+
+# EXIF orientation -> the transpose that shows the image as its camera saw it (Pillow's ``exif_transpose``).
+_ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                 8: Image.Transpose.ROTATE_90}
+
+
+def _upright(rgb: Image.Image, original: Image.Image) -> Image.Image:
+    """``rgb`` (converted from ``original``) turned as ``original``'s EXIF orientation says: a phone stores a
+    portrait photo sideways with that tag. Read from the file's image, since a conversion drops it; EXIF
+    data Pillow cannot parse leaves the image as stored (its pixels decoded fine)."""
+    try:
+        method = _ORIENTATIONS.get(original.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a damaged EXIF block is not a damaged image
+        method = None
+    return rgb if method is None else rgb.transpose(method)
 
 
 class DigitsImages(Dataset):
