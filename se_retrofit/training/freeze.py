@@ -47,7 +47,7 @@ def set_trainable(model: nn.Module, new_names: set[str], backbone: bool) -> int:
     return count
 
 
-def freeze_batchnorm(model: nn.Module, backbone_trains: bool) -> int:
+def freeze_batchnorm(model: nn.Module, backbone_trains: bool = False) -> int:
     """Put the frozen part's batch-norm layers in eval mode; return how many.
 
     A layer is frozen when its affine weights are; one without (``affine=False``) has only its running
