@@ -5,7 +5,7 @@ maps in a row, so ``fc1(norm(conv(m)))`` is one map ``W' m + b'`` with ``W' = W1
 quarter of ``fc1``'s weight (in a bottleneck) and none of ``conv``'s to read per forward. It is folded
 once in float64 (`Fold.make`) and used while everything it came from is unchanged (`Fold.holds`):
 the tensors (version counter, identity, storage, shape, dtype, strides; `Record`), the modules'
-types and geometry, the norm's eps and mode, the SE block's ``train()``/``eval()`` calls, and the count of
+types and geometry, the norm's eps and mode, the SE block's train/eval switches, and the count of
 ``torch.optim`` optimizer steps (`OptimizerSteps`: fused optimizers write parameters without moving
 their version counters). `early_excitation` decides when a fold may be used at all.
 """
@@ -122,7 +122,7 @@ class Fold:
         fold.geometry = _geometry(conv)
         fold.batchnorm = isinstance(norm, nn.modules.batchnorm._BatchNorm)
         OptimizerSteps.start()
-        fold.extra = (norm.eps, se.__dict__.get("_mode_calls", 0), OptimizerSteps.count)
+        fold.extra = (norm.eps, se.__dict__.get("_mode_switches", 0), OptimizerSteps.count)
         fold.records = records
         fold.dims = tuple(range(2, z.dim()))
         fold.weight_t, fold.bias = _fold(tensors[:8], norm.eps)
@@ -131,13 +131,13 @@ class Fold:
     def holds(self, z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock,
               tensors: tuple[torch.Tensor | None, ...]) -> bool:
         """Whether this fold is still exact for these modules: modules of the same types and geometry,
-        the norm still using running statistics with the same eps, no ``train()``/``eval()`` call on the SE block
-        (see `SEBlock.train`) and no optimizer step since, and each tensor unchanged (`Record`): what
+        the norm still using running statistics with the same eps, no mode switch of the SE block (see
+        `SEBlock.train`) and no optimizer step since, and each tensor unchanged (`Record`): what
         `_declines` and `make` check, at a fraction of their cost. (Other module objects holding the
         same tensors compute the same map.)"""
         if ((type(conv), type(norm)) != self.types
                 or z.dim() != len(self.dims) + 2 or (self.batchnorm and norm.training)
-                or (norm.eps, se.__dict__.get("_mode_calls", 0), OptimizerSteps.count) != self.extra
+                or (norm.eps, se.__dict__.get("_mode_switches", 0), OptimizerSteps.count) != self.extra
                 or _geometry(conv) != self.geometry):
             return False
         for record, t in zip(self.records, tensors):  # `Record.holds`, inline: it runs for every tensor

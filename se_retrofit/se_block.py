@@ -96,13 +96,12 @@ class SEBlock(nn.Module):
         return self.excite(F.linear(x.mean(self._dims), self.fc1.weight.flatten(1), self.fc1.bias))
 
     def train(self, mode: bool = True) -> SEBlock:
-        """Also count the call, a switch or not: `early_excitation` folds its map anew after one. The
-        fold is otherwise checked against the version counters of the weights it came from, which
-        changes made through ``.data`` bypass (as they bypass autograd's checks); such changes (an
-        old-style optimizer step, a hand-written EMA's ``ema_p.data.mul_(d)`` on a model kept in eval
-        mode) are then seen from the next ``train()`` or ``eval()`` on, as the ``model.eval()`` before
-        a validation pass."""
-        self.__dict__["_mode_calls"] = self.__dict__.get("_mode_calls", 0) + 1
+        """Also count the switch between training and eval mode: `early_excitation` folds its map anew
+        after one. The fold is otherwise checked against the version counters of the weights it came
+        from, which changes made through ``.data`` bypass (as they bypass autograd's checks); such
+        changes made in training mode (an old-style optimizer step) are then seen from ``eval()`` on."""
+        if mode != self.training:
+            self.__dict__["_mode_switches"] = self.__dict__.get("_mode_switches", 0) + 1
         return super().train(mode)
 
     def excite(self, hidden: torch.Tensor) -> torch.Tensor:

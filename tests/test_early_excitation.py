@@ -321,20 +321,6 @@ def test_a_change_through_data_is_seen_after_a_train_eval_switch():
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), f"stale fold after a mode switch: {(got - want).abs().max()}"
 
 
-def test_a_change_through_data_is_seen_after_eval_on_a_model_already_in_eval_mode():
-    """A hand-written EMA writes ``ema_p.data`` on a model that stays in eval mode; the ``eval()`` before
-    its validation must refold, though it switches nothing."""
-    conv, norm, se, z = _parts()
-    se.eval()
-    with torch.no_grad():
-        fc1_through(z, conv, norm, se)
-        for p in (conv.weight, se.fc1.weight):
-            p.data.mul_(0.9).add_(torch.ones_like(p), alpha=0.1)
-        se.eval()
-        got, want = fc1_through(z, conv, norm, se), _reference(z, conv, norm, se)
-    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), f"stale fold after eval(): {(got - want).abs().max()}"
-
-
 @pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.AdamW])
 def test_a_fused_optimizer_step_refolds(optimizer):
     """Fused optimizers write the parameters without moving their version counters: any optimizer step
