@@ -87,7 +87,13 @@ def _check_config_describes(model: nn.Module, config: SEConfig, blocks: list[tup
 def _warn_changed_base(model: nn.Module, left_out: list[str]) -> None:
     """Warn when backbone tensors changed since ``apply``: the adapter then records (and `load` then asks for)
     the changed backbone, not the base model it was made from."""
-    changed = changed_since_apply(model, left_out)
+    changed, converted = changed_since_apply(model, left_out)
+    if converted:
+        key, (old, new) = next(iter(converted.items()))
+        warnings.warn(
+            f"{len(converted)} tensor(s) outside the SE blocks were converted to another dtype since se_retrofit.apply "
+            f"({key}: {old} -> {new}); the adapter rebuilds this model only on a base converted the same way, so "
+            f"convert the base model (to {new}) before se_retrofit.load.", stacklevel=3)
     if changed:
         warnings.warn(
             f"{len(changed)} tensor(s) outside the SE blocks changed since se_retrofit.apply ({few(changed, 3)}); the "

@@ -477,7 +477,7 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     config = _resolve_config(config, dict(reduction=reduction, init=init, position=position,
                                           include=include, exclude=exclude))
     _check_model(model)
-    previous = get_config(model)
+    previous = get_config(model) if any(isinstance(m, SEBlock) for m in model.modules()) else None
     target = model if inplace else _copy(model)
     plan, blocks = _plan(target, config, example_input)
     if previous is not None and plan.sites:
@@ -504,6 +504,7 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
         done.extend(block_sites)
     plan.sites = done
     if previous is None:  # a second call inserts nothing (above): the first call's record describes the model
+        # (a first call that inserted nothing leaves no SE block: the model counts as not retrofitted)
         setattr(target, CONFIG_ATTR, config)
         target._se_retrofit_plan = plan
         target.__dict__[DIGESTS_ATTR] = tensor_digests(target, [s.se_name for s in done])

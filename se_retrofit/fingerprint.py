@@ -44,20 +44,30 @@ def base_fingerprint(model: nn.Module, left_out: Iterable[str]) -> str:
 
 
 def tensor_digests(model: nn.Module, left_out: Iterable[str]) -> dict[str, str]:
-    """SHA-256 of each tensor of ``model`` outside the modules ``left_out``, by state-dict name."""
+    """``dtype:SHA-256`` of each tensor of ``model`` outside the modules ``left_out``, by state-dict name."""
     out = {}
     for key, value in _tensors(model, left_out):
         digest = hashlib.sha256()
         _update(digest, key, value)
-        out[key] = digest.hexdigest()
+        out[key] = f"{str(value.dtype).removeprefix('torch.')}:{digest.hexdigest()}"
     return out
 
 
-def changed_since_apply(model: nn.Module, left_out: Iterable[str]) -> list[str]:
-    """Names of the tensors outside ``left_out`` whose values differ from when ``apply`` returned ``model``
-    (empty where ``apply`` recorded nothing)."""
+def changed_since_apply(model: nn.Module, left_out: Iterable[str]) -> tuple[list[str], dict[str, tuple[str, str]]]:
+    """The tensors outside ``left_out`` that differ from when ``apply`` returned ``model``: the names of those
+    whose values changed in their dtype, and (old dtype, new dtype) by name of those converted to another
+    (``model.half()``). Both empty where ``apply`` recorded nothing."""
     recorded = model.__dict__.get(DIGESTS_ATTR)
     if not recorded:
-        return []
-    now = tensor_digests(model, left_out)
-    return [key for key, digest in now.items() if key in recorded and recorded[key] != digest]
+        return [], {}
+    changed, converted = [], {}
+    for key, now in tensor_digests(model, left_out).items():
+        then = recorded.get(key)
+        if then is None or then == now:
+            continue
+        old_dtype, new_dtype = then.partition(":")[0], now.partition(":")[0]
+        if old_dtype != new_dtype:
+            converted[key] = (old_dtype, new_dtype)
+        else:
+            changed.append(key)
+    return changed, converted

@@ -171,6 +171,15 @@ def test_backbone_changes_since_apply_are_named_at_save_and_in_loads_refusal(bas
         load(tmp_path, copy.deepcopy(base), example_input=SMALL)
 
 
+def test_a_model_converted_to_another_dtype_is_named_as_such(base, tmp_path):
+    model = se_retrofit.apply(base, example_input=SMALL).double()
+    with pytest.warns(UserWarning) as caught:
+        save_adapter(model, tmp_path)
+    messages = [str(w.message) for w in caught]
+    assert any("converted to another dtype" in m and "float32 -> float64" in m for m in messages), messages
+    assert not any("running statistics" in m for m in messages), f"a conversion is not a BN-statistics change: {messages}"
+
+
 def test_an_untouched_backbone_saves_without_a_warning(base, tmp_path):
     import warnings
 

@@ -113,6 +113,17 @@ def test_apply_is_idempotent():
     assert se_retrofit.get_plan(again).sites == se_retrofit.get_plan(se_model).sites, "the plan was replaced"
 
 
+def test_an_apply_that_inserted_nothing_does_not_count_as_a_retrofit():
+    """``exclude="*"`` inserts nothing and warns; the model must not then be refused as already retrofitted."""
+    import timm
+
+    model = timm.create_model("resnet10t", pretrained=False)
+    with pytest.warns(SERetrofitWarning, match="no SE block inserted"):
+        nothing = se_retrofit.apply(model, exclude="*")
+    se_model = se_retrofit.apply(nothing, reduction=8)
+    assert len(se_retrofit.se_blocks(se_model)) == 4 and se_retrofit.get_config(se_model).reduction == 8
+
+
 def test_a_second_apply_that_would_add_blocks_is_refused():
     """SE stage by stage (``apply(apply(m, include="layer1"), include="layer2")``) made a model no single
     config describes: save_adapter wrote an adapter that load refused, blaming the base model."""

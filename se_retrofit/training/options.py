@@ -119,7 +119,8 @@ class TrainOptions:
             raise ValueError(f"backbone_lr_scale must be in (0, 1], got {self.backbone_lr_scale!r}; try 0.1")
         if self.clip_grad is not None and _number("clip_grad", self.clip_grad) <= 0:
             raise ValueError(f"clip_grad must be a positive norm or None, got {self.clip_grad!r}; try 1.0")
-        if self.warmup_epochs >= self.epochs:
+        # a one-epoch run warms up for all of it only when asked to (older versions' default, which --resume repeats)
+        if self.warmup_epochs >= self.epochs and self.epochs > 1:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs:g}) must be shorter than epochs ({self.epochs}), or "
                              "the learning rate never reaches lr; lower --warmup-epochs")
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
