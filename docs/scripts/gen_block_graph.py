@@ -12,7 +12,7 @@ Writes, under ``docs/generated/``:
 - ``positions.md``: that forward for each of the four ``position=`` values (the paper's Table 14);
 - ``train_eval.md``: a block whose forward differs between train and eval mode, and the two
   generated forwards plus the dispatch on ``self.training``;
-- ``se_block_source.md``: the source of ``SEBlock.forward`` and ``SEBlock.init_identity``.
+- ``se_block_source.md``: the source of ``SEBlock.forward``, ``_gate``, ``excite`` and ``init_identity``.
 
 Nothing here is drawn by hand: every listing is the text the library produces or runs. Models are
 built without pretrained weights (the graphs do not depend on weights).
@@ -187,7 +187,7 @@ def train_eval() -> str:
 
 def se_block_source() -> str:
     out = [header(SCRIPT)]
-    for fn in (SEBlock.forward, SEBlock.init_identity):
+    for fn in (SEBlock.forward, SEBlock._gate, SEBlock.excite, SEBlock.init_identity):
         out.append(fence(_clean(inspect.getsource(fn)),
                          title=f"se_retrofit/se_block.py: SEBlock.{fn.__name__}"))
     return "\n".join(out)
