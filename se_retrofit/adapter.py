@@ -27,6 +27,7 @@ from torch import nn
 
 from .checkpoint import _atomic_write, atomic_save_safetensors, load_weights
 from .config import SEConfig
+from .deploy_fusion import SLOTS
 from .fingerprint import base_fingerprint, changed_since_apply
 from .messages import few
 from .models import classifier_of, num_classes_of, reset_classifier
@@ -79,9 +80,13 @@ def _check_config_describes(model: nn.Module, config: SEConfig, blocks: list[tup
     present = {name: block.hidden for name, block in blocks}
     if planned != present:
         differ = sorted(n for n in planned.keys() | present.keys() if planned.get(n) != present.get(n))
-        raise ValueError(f"the SE blocks of this model are not the ones its recorded apply call made ({few(differ, 3)} "
-                         "differ: added or changed since), so load() could not rebuild them from the recorded "
-                         "config. Retrofit the base model with one se_retrofit.apply call and train that.")
+        hint = ("SE blocks in a fused block's attention slot: a deploy re-parameterisation (timm's reparameterize_model) "
+                "moved them. Save the adapter from the model before re-parameterising it"
+                if any(name.rpartition(".")[2] in SLOTS for name in present.keys() - planned.keys()) else
+                "Retrofit the base model with one se_retrofit.apply call and train that")
+        raise ValueError(f"the SE blocks of this model are not where its recorded apply call put them, or not of the "
+                         f"widths it gave them ({few(differ, 3)} differ: moved, replaced or added since), so load() "
+                         f"could not rebuild them from the recorded config. {hint}.")
 
 
 def _warn_changed_base(model: nn.Module, left_out: list[str]) -> None:

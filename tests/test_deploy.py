@@ -330,6 +330,18 @@ def test_a_repvgg_style_block_fuses_with_its_se_block_moved_into_its_attention_s
     assert diff <= 1e-8 * expected.abs().max().item(), f"{name}: the fused model differs by {diff}"
 
 
+def test_an_adapter_is_not_saved_from_a_re_parameterised_model(tmp_path):
+    """Fusion moves the SE blocks into the attention slots, under names a re-run apply (which load does)
+    never makes: saving then says so, rather than writing an adapter load refuses as the wrong base."""
+    from timm.utils.model import reparameterize_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", se_retrofit.SERetrofitWarning)
+        se_model = se_retrofit.apply(timm.create_model("repvgg_a0", pretrained=False).eval())
+    with pytest.raises(ValueError, match="attention slot: a deploy re-parameterisation .* before re-parameterising"):
+        se_retrofit.save_adapter(reparameterize_model(se_model), tmp_path)
+
+
 @pytest.mark.parametrize("name, method, why", [
     ("repvit_m0_9", "fuse", "returns a new module in place of the block"),
     ("fastvit_t8", "reparameterize", "no attention slot"),  # a stem block's SE sits on a branch, before its sum
