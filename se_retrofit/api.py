@@ -19,6 +19,7 @@ from torch.nn.parameter import is_lazy
 
 from . import catalog, layout
 from .capture import Call, capture_calls, describe, preserved_modes
+from .codegen import original_class
 from .config import SEConfig
 from .fingerprint import DIGESTS_ATTR, tensor_digests
 from .fusion import fused_calls
@@ -28,6 +29,7 @@ from .nesting import branch_calls, on_a_branch
 from .rewrite import free_name, rewrite_block
 from .se_block import SEBlock, hidden_width
 from .sites import NESTED_REASON, Placement, analyze, tensor_adds
+from .trace_effects import is_tracer_constant
 from .tracing import TraceFailure, bind_call, cached_trace, clear_cache, propagate_shapes, trace_forward
 from .wrappers import unwrapped
 
@@ -479,8 +481,10 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     _check_model(model)
     previous = get_config(model) if any(isinstance(m, SEBlock) for m in model.modules()) else None
     target = model if inplace else _copy(model)
+    constants = _tracer_constants(target)
     plan, blocks = _plan(target, config, example_input)
     if previous is not None and plan.sites:
+        _drop_unused_constants(target, constants)
         raise ValueError(_second_apply_message(model, previous, plan))
     sites = iter(plan.sites)
     done: list[Site] = []
@@ -503,6 +507,7 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
             site.early_squeeze = attr in rewritten.early_squeeze
         done.extend(block_sites)
     plan.sites = done
+    _drop_unused_constants(target, constants)
     if previous is None:  # a second call inserts nothing (above): the first call's record describes the model
         # (a first call that inserted nothing leaves no SE block: the model counts as not retrofitted)
         setattr(target, CONFIG_ATTR, config)
@@ -517,6 +522,19 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     logger.info("se_retrofit: %d SE block(s) inserted into %s, %d addition(s) left alone",
                 len(done), type(model).__name__, len(plan.skipped))
     return target
+
+
+def _tracer_constants(model: nn.Module) -> set[tuple[int, str]]:
+    return {(id(m), key) for m in model.modules() for key in m.__dict__ if is_tracer_constant(key)}
+
+
+def _drop_unused_constants(model: nn.Module, before: set[tuple[int, str]]) -> None:
+    """Remove the tensor constants fx stored on modules it traced whose forward was not rewritten: only a
+    rewritten forward reads them, and on the user's own model (``inplace=True``) they would be left behind."""
+    for m in model.modules():
+        if original_class(m) is type(m):
+            for key in [k for k in m.__dict__ if is_tracer_constant(k) and (id(m), k) not in before]:
+                delattr(m, key)
 
 
 def _second_apply_message(model: nn.Module, previous: SEConfig, plan: SitePlan) -> str:

@@ -27,6 +27,11 @@ from torch import nn
 _TRACER_CONSTANT = re.compile(r"_tensor_constant\d+$")
 
 
+def is_tracer_constant(name: str) -> bool:
+    """Whether ``name`` is one fx gives a tensor constant it stores on the module it traces."""
+    return _TRACER_CONSTANT.match(name) is not None
+
+
 class RandomDraws:
     """Context: whether anything drew from Python's, NumPy's or torch's global random generators inside.
 

@@ -387,3 +387,32 @@ def test_state_the_graph_would_drop_or_fix_is_found_and_put_back(block, reason):
         assert se_model[1].calls.item() == 1, "tracing changed the buffer (only apply's own forward may count)"
     if isinstance(se_model[1], _NestedWrites):
         assert len(se_model[1].stats["feats"]) == 1 and isinstance(se_model[1].rec.last, torch.Tensor)
+
+
+def test_tracer_constants_stay_only_where_a_rewritten_forward_reads_them():
+    """fx stores a tensor the forward makes (``torch.tensor([2.0])``) on the module it traces; a module left
+    as it was kept it, on the user's own model with ``inplace=True``."""
+
+    class Scaled(nn.Module):  # no addition: traced, not rewritten
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) * torch.tensor([2.0])
+
+    class Residual(Scaled):  # rewritten: its generated forward reads the constant
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.conv(x) * torch.tensor([0.5])
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Scaled(), Residual()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", se_retrofit.SERetrofitWarning)
+        se_retrofit.apply(model, inplace=True)
+    left = {name: [k for k in vars(m) if k.startswith("_tensor_constant")] for name, m in model.named_modules()}
+    assert left["1"] == [] and left["2"] == ["_tensor_constant0"], f"tracer constants left on {left}"
+    with torch.no_grad():
+        assert torch.equal(model(x), expected), "the rewritten model lost a constant it reads"
