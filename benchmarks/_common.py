@@ -1,6 +1,7 @@
 """Shared by the benchmark scripts: machine description, interleaved timing, JSON output."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -28,7 +29,7 @@ def machine() -> dict:
     info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "timm": _version("timm"), "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "host": platform.node(), **code_version()}
+            "host": platform.node(), "cpu_capability": _cpu_capability(), **code_version()}
     allocator = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
     if allocator:  # glibc malloc tuning or a preloaded allocator changes CPU timings a lot
         info["allocator_env"] = allocator
@@ -41,6 +42,15 @@ def _version(package: str) -> str | None:
     try:
         return version(package)
     except PackageNotFoundError:
+        return None
+
+
+def _cpu_capability() -> str | None:
+    """The vector ISA PyTorch's CPU kernels use (``AVX512``, ``AVX2``): two hosts with one CPU label can
+    differ in it, and with it in kernels and rounding."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
         return None
 
 
@@ -134,22 +144,32 @@ def se_models(base: str, only: str | None = None) -> dict[str, torch.nn.Module]:
 
     import se_retrofit
 
-    hand = timm.create_model(PAIRS[base]).eval()
-    models = {"base": timm.create_model(base).eval(), "hand-written SE": hand}
+    # zero_init_last=False: timm zeroes each residual branch's last norm, so the SE blocks would gate zeros
+    # and "same function" would hold trivially
+    hand = timm.create_model(PAIRS[base], zero_init_last=False).eval()
+    models = {"base": timm.create_model(base, zero_init_last=False).eval(), "hand-written SE": hand}
     for name, options in RETROFITS.items():
         if only is not None and name != only:
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             config = se_retrofit.SEConfig(init="paper", **options)
-            models[name] = se_retrofit.apply(timm.create_model(base), config).eval()
+            models[name] = se_retrofit.apply(timm.create_model(base, zero_init_last=False), config).eval()
         models[name].load_state_dict(hand.state_dict())
     return {only: models[only]} if only else models
 
 
-def write(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    """``--out DIR``: where the JSON goes. The default is the folder the docs' tables are generated from,
+    so a trial run elsewhere neither replaces a committed result nor becomes a table."""
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help=f"folder for the JSON result (default {RESULTS.relative_to(RESULTS.parents[1])}, "
+                             "which docs/scripts/gen_benchmarks.py renders)")
+
+
+def write(name: str, payload: dict, out: Path = RESULTS) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
     return path
 
@@ -188,4 +208,5 @@ def make_train_step(model: torch.nn.Module, mode: str, batch: int, size: int, de
         loss.backward()
         optimizer.step()
 
+    step.optimizer = optimizer  # type: ignore[attr-defined]  # lets a memory probe free the gradients first
     return step

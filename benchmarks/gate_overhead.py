@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from _common import write
+from _common import add_out_argument, write
 
 STAGES = (("layer1", 3), ("layer2", 4), ("layer3", 6), ("layer4", 3))  # blocks per stage in ResNet-50
 
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="gate_overhead", help="results/NAME.json")
+    add_out_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -105,7 +106,7 @@ def main() -> None:
     import se_retrofit
 
     torch.manual_seed(0)
-    model = se_retrofit.apply(timm.create_model("resnet50"), init="paper").eval()
+    model = se_retrofit.apply(timm.create_model("resnet50", zero_init_last=False), init="paper").eval()
     rows = []
     with torch.inference_mode():
         for stage, blocks in STAGES:
@@ -130,7 +131,7 @@ def main() -> None:
           f"{per_forward / kernels:.2f}x the time of those kernels on 1x1 maps ({kernels * 1e3:.3f} ms)")
     print("written", write(args.name, {"batch": args.batch, "threads": args.threads, "rounds": args.rounds,
                                        "calls": args.calls, "rows": rows, "per_forward_s": per_forward,
-                                       "kernels_per_forward_s": kernels}))
+                                       "kernels_per_forward_s": kernels}, out=args.out))
 
 
 if __name__ == "__main__":

@@ -20,10 +20,18 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 status=0
 
+# Returns the command's status, so that `step ... && cp RESULT` copies only what this run wrote.
 step() {
     echo "=== $* ($(date +%T))"
-    "$@" || { echo "=== FAILED ($?): $*"; status=1; }
+    "$@" && return 0
+    local rc=$?
+    echo "=== FAILED ($rc): $*"
+    status=1
+    return $rc
 }
+if [ -z "${SE_RETROFIT_COMMIT:-}" ] && ! git -C "$HERE" rev-parse HEAD >/dev/null 2>&1; then
+    echo "warning: SE_RETROFIT_COMMIT is not set and this copy has no .git: results will not say which code measured them"
+fi
 
 {
 for part in $PARTS; do

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from _common import make_train_step, median, se_models, write
+from _common import add_out_argument, make_train_step, median, se_models, write
 
 TRAIN = {"resnet50 (base), all": ("base", "all"), "seresnet50 (timm), all": ("hand-written SE", "all"),
          "retrofitted resnet50, all": ("retrofitted", "all"),
@@ -73,6 +73,11 @@ def rounds(steps: dict[str, Callable[[], None]], n_rounds: int, n_steps: int, wa
 
 
 def peak_memory_mib(fn: Callable[[], None]) -> float:
+    """Peak memory of two steps above the weights and optimizer state: the previous step's gradients are
+    freed first, so that the figure holds the gradients as well as the activations."""
+    optimizer = getattr(fn, "optimizer", None)
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
@@ -136,6 +141,7 @@ def main() -> None:
                         help="configurations to time (default: all); hand and retro give the paired ratio")
     parser.add_argument("--kinds", nargs="+", choices=["train", "infer"], default=["train", "infer"])
     parser.add_argument("--name", default="gpu_throughput", help="results/NAME.json")
+    add_out_argument(parser)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_throughput.py needs a CUDA GPU; benchmarks/latency.py and train_step.py time the CPU")
@@ -166,8 +172,8 @@ def main() -> None:
                   f"{retro['retrofitted_over_hand_written_time_paired']:.3f}); hand-written/base "
                   f"{hand['median_step_s'] / base['median_step_s']:.3f}; retrofitted/base "
                   f"{retro['median_step_s'] / base['median_step_s']:.3f}")
-    print("written", write(args.name, {"size": args.size, "rounds": args.rounds, "steps": args.steps,
-                                       "dtype": args.dtype, "channels_last": args.channels_last, "rows": rows}))
+    print("written", write(args.name, {"memory_baseline": "weights and optimizer state (gradients freed)","size": args.size, "rounds": args.rounds, "steps": args.steps,
+                                       "dtype": args.dtype, "channels_last": args.channels_last, "rows": rows}, out=args.out))
 
 
 if __name__ == "__main__":

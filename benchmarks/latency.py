@@ -21,7 +21,7 @@ import argparse
 
 import torch
 
-from _common import PAIRS, interleaved, median, ratio_ci, se_models, write
+from _common import PAIRS, add_out_argument, interleaved, median, ratio_ci, se_models, write
 
 def summarise(base: str, mode: str, times: dict[str, list[float]]) -> dict:
     """Medians and ratios of the models that were timed (``--base-and-retrofit`` times only two)."""
@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--base-and-retrofit", action="store_true",
                         help="time only the base model and the retrofit: twice the rounds per minute for retro/base")
     parser.add_argument("--name", default=None, help="results/NAME.json (default latency or latency_compile)")
+    add_out_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x = torch.rand(args.batch, 3, args.size, args.size)
@@ -98,7 +99,7 @@ def main() -> None:
     print("(times in ms; paired: median of per-round ratios; interval: bootstrap over rounds)")
     print("written", write(args.name or "latency" + ("_compile" if args.compile else ""),
                            {"batch": args.batch, "size": args.size, "repeats": args.repeats, "settle": args.settle,
-                            "rows": rows}))
+                            "rows": rows}, out=args.out))
 
 
 if __name__ == "__main__":

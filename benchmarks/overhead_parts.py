@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from _common import interleaved, machine, median, ratio_ci, se_models, write
+from _common import add_out_argument, interleaved, machine, median, ratio_ci, se_models, write
 
 GATE = "se_retrofit_early_excitation_gate_through"
 
@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--name", default="overhead_parts")
+    add_out_argument(parser)
     args = parser.parse_args()
     if len(args.rounds) not in (1, len(args.threads)):
         raise SystemExit("--rounds takes one count, or one per --threads value")
@@ -171,7 +172,7 @@ def main() -> None:
                   f"{r['over_base_paired']:>9.3f}{f'{lo:.3f}-{hi:.3f}':>17}")
         # the thread count is per table: the machine's entry would give whichever count ran last
         print("written", write(args.name, {"machine": {**machine(), "torch_threads": None}, "batch": args.batch,
-                                           "size": args.size, "settle": 1, "results": results}))
+                                           "size": args.size, "settle": 1, "results": results}, out=args.out))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _common import write
+from _common import add_out_argument, write
 from se_retrofit import SEBlock
 from se_retrofit.early_excitation import fc1_through, gate_through
 
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--cold", action="store_true", help="run conv3 untimed before each timed call")
+    add_out_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -100,7 +101,7 @@ def main() -> None:
         print(f"{name:<34}" + "".join(f"{r['seconds'][name] * 1e6:>9.0f}" for r in rows) + f"{totals[name] * 1e3:>14.2f}")
     print("written", write("se_ops_cold" if args.cold else "se_ops",
                            {"batch": args.batch, "threads": args.threads, "repeats": args.repeats,
-                            "cold": args.cold, "rows": rows, "resnet50_totals_s": totals}))
+                            "cold": args.cold, "rows": rows, "resnet50_totals_s": totals}, out=args.out))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from _common import PAIRS, median, ratio_ci, se_models, write
+from _common import PAIRS, add_out_argument, median, ratio_ci, se_models, write
 
 VARIANTS = ("hand-written SE", "retrofitted", "retrofitted, plain ops")
 # Ops of the convolutional trunk: identical work in every model, the denominator's bulk.
@@ -121,6 +121,7 @@ def main() -> None:
                         help="the SE models to profile against the base model (default: all three)")
     parser.add_argument("--no-page-faults", action="store_true", help="skip the page-fault counts (a process per model)")
     parser.add_argument("--name", default=None, help="results/NAME.json (default se_overhead, se_overhead_MODEL)")
+    add_out_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x = torch.rand(args.batch, 3, args.size, args.size)
@@ -158,7 +159,7 @@ def main() -> None:
     print("written", write(name, {"model": args.model, "batch": args.batch, "size": args.size, "rounds": args.rounds,
                                   "base_total_s": base_total, "base_outside_trunk_s": base_rest,
                                   **({"base_page_faults_per_forward": faults["base"]} if faults else {}),
-                                  "rows": rows}))
+                                  "rows": rows}, out=args.out))
 
 
 if __name__ == "__main__":
