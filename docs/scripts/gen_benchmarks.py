@@ -10,6 +10,7 @@ becomes a table, headed by the machine it was measured on. Nothing is measured h
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,20 @@ from _gen import GENERATED, REPO, header, write
 
 SCRIPT = "gen_benchmarks.py"
 RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import ratio_ci  # noqa: E402  (the scripts' own bootstrap, so derived intervals match theirs)
+
+
+def paired(num: list[float], den: list[float]) -> str:
+    """``median per-round ratio (95 % interval)`` of two models timed in the same rounds."""
+    lo, hi = ratio_ci(num, den, paired=True)
+    return f"{statistics.median(n / d for n, d in zip(num, den)):.3f} ({lo:.3f} to {hi:.3f})"
+
+
+def spread(times: dict[str, list[float]]) -> str:
+    """The range over models of one forward's standard deviation between rounds, in % of its median."""
+    values = [100 * statistics.stdev(t) / statistics.median(t) for t in times.values() if len(t) > 1]
+    return f"{min(values):.0f} to {max(values):.0f} %" if values else "?"
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -27,7 +42,20 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine_line(data: dict[str, Any]) -> str:
+def committed_in(path: Path) -> str | None:
+    """The commit that last wrote ``path`` (git history; None outside a clone): for results that predate
+    recording the code's commit, the code that measured them is at most this one."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "log", "-1", "--format=%h", "--abbrev=7", "--", str(path.relative_to(REPO))],
+                              cwd=REPO, capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return done.stdout.strip() or None
+
+
+def machine_line(data: dict[str, Any], path: Path | None = None) -> str:
     m = data.get("machine") or {}
     parts = [m.get("cpu") or "unknown CPU"]
     if m.get("logical_cpus") is not None:
@@ -40,6 +68,9 @@ def machine_line(data: dict[str, Any]) -> str:
                  + f", Python {m.get('python', '?')}")
     if m.get("commit"):
         parts.append(f"code at commit `{m['commit'][:7]}`" + (" with uncommitted changes" if m.get("uncommitted_changes") else ""))
+    elif path is not None and (sha := committed_in(path)):
+        parts.append(f"code not recorded (the result was committed in `{sha}`, so measured with that commit's code "
+                     "or older)")
     if m.get("allocator_env"):
         parts.append("allocator settings " + " ".join(f"`{k}={v}`" for k, v in sorted(m["allocator_env"].items())))
     return "Measured on: " + ", ".join(parts) + "."
@@ -68,7 +99,10 @@ def latency_base_and_retrofit(data: dict[str, Any]) -> str:
         f"round, {data['repeats']} rounds (`benchmarks/latency.py --base-and-retrofit`). Times in ms (medians). "
         "*paired*: the median of the per-round ratios. Intervals: bootstrap 95 % over rounds.\n",
         table(["base model", "mode", "base", "retrofitted", "retrofitted / base", "95 % interval", "paired",
-               "95 % interval"], rows)])
+               "95 % interval"], rows),
+        "One forward's time varies between rounds by a standard deviation of "
+        + "; ".join(f"{spread(r['times_s'])} ({r['model']})" for r in data["rows"] if "times_s" in r)
+        + " of its median.\n"])
 
 
 def latency(data: dict[str, Any]) -> str:
@@ -98,11 +132,14 @@ def latency(data: dict[str, Any]) -> str:
         row.append(f"{r['retrofitted_over_hand_written']:.3f}")
         if extra:
             row.append(f"{r[extra_ratio]:.3f}")
+        if interval:
+            row.append(paired(r["times_s"]["retrofitted"], r["times_s"]["hand-written SE"]))
         rows.append(row)
     label = extra.split(", ")[1] if extra else None
     headers = ["base model", "mode", "base", "hand-written SE", "retrofitted"] + ([label] if extra else [])
     headers += ["SE / base", "retrofitted / base"] + (["95 % interval"] if interval else [])
     headers += ["retrofitted / SE"] + ([f"{label} / SE"] if extra else [])
+    headers += ["retrofitted / SE per round (95 % interval)"] if interval else []
     order = "in a new order each round" if interval else "in a fixed order"
     if "settle" in data:
         order += f", each timed forward after {data['settle']} untimed one(s) of the same model"
@@ -111,17 +148,26 @@ def latency(data: dict[str, Any]) -> str:
     return "\n".join([
         f"Batch {data.get('batch', '?')}, {data.get('size', '?')}x{data.get('size', '?')} input, eval mode, "
         f"median of {data.get('repeats', '?')} interleaved rounds {order} (`benchmarks/latency.py`). Times in ms. "
-        + note + ("The interval is a bootstrap 95 % interval of *retrofitted / base* over rounds." if interval else "")
+        + note + ("The interval is a bootstrap 95 % interval of *retrofitted / base* over rounds; *per round*: the "
+                  "median of the per-round ratios, with its bootstrap interval." if interval else "")
         + "\n",
-        table(headers, rows)])
+        table(headers, rows)]
+        + ([f"One forward's time varies between rounds by a standard deviation of "
+            f"{'; '.join(spread(r['times_s']) + ' (' + r['model'] + ')' for r in data['rows'])} of its median.\n"]
+           if interval else []))
 
 
 def gpu_throughput(data: dict[str, Any]) -> str:
     rows = []
+    base = {(r["kind"], r["compiled"]): r["median_step_s"] for r in data["rows"] if "(base)" in r["config"]}
     for r in data["rows"]:
         peak = f"{r['peak_mib_above_start']:.0f}" if r.get("peak_mib_above_start") is not None else ""
+        over = base.get((r["kind"], r["compiled"]))
+        steps = r.get("step_s") or []
         rows.append([r["kind"], "compiled" if r["compiled"] else "eager", r["config"], str(r["batch"]),
-                     f"{r['images_per_s']:.0f}", f"{r['median_step_s'] * 1e3:.1f}", peak])
+                     f"{r['images_per_s']:.0f}", f"{r['median_step_s'] * 1e3:.1f}",
+                     f"{min(steps) * 1e3:.1f} to {max(steps) * 1e3:.1f}" if steps else "",
+                     f"{r['median_step_s'] / over:.2f}" if over else "", peak])
     return "\n".join([
         f"{data.get('dtype', '?')} autocast, channels_last={data.get('channels_last', '?')}, {data.get('size', '?')} px, "
         f"median of {data.get('rounds', '?')} interleaved rounds of {data.get('steps', '?')} steps "
@@ -129,7 +175,8 @@ def gpu_throughput(data: dict[str, Any]) -> str:
         + ("steps, the weights and optimizer state (gradients and activations).\n" if data.get("memory_baseline") else
            "steps, which still held the previous step's gradients (activations, and gradients only as far as "
            "they exceed those; measured before the script freed them first).\n"),
-        table(["kind", "mode", "configuration", "batch", "images/s", "ms/step", "peak MiB"], rows)])
+        table(["kind", "mode", "configuration", "batch", "images/s", "ms/step", "range over rounds (ms)",
+               "over base", "peak MiB"], rows)])
 
 
 def train_step(data: dict[str, Any]) -> str:
@@ -246,13 +293,19 @@ def overhead_parts(data: dict[str, Any]) -> str:
            "the median of the per-round ratios, with a bootstrap 95 % interval over rounds.\n"]
     for result in data["results"]:
         base = result["rows"][0]["median_s"]
+        kernels = next((r["times_s"] for r in result["rows"] if r["variant"] == "kernels only"), None)
         rows = []
         for r in result["rows"][1:]:
             lo, hi = r["over_base_paired_ci95"]
+            against = (paired(r["times_s"], kernels) if kernels is not None and r["variant"] != "kernels only"
+                       else "")
             rows.append([r["variant"], f"{r['median_s'] * 1e3:.1f}", f"{(r['median_s'] - base) * 1e3:+.2f}",
-                         f"{r['over_base_paired']:.3f}", f"{lo:.3f} to {hi:.3f}"])
-        out += [f"{result['threads']} threads, {result['rounds']} rounds; the base model: {base * 1e3:.1f} ms.\n",
-                table(["variant", "ms", "minus base (ms)", "over base", "95 % interval"], rows)]
+                         f"{r['over_base_paired']:.3f}", f"{lo:.3f} to {hi:.3f}", against])
+        out += [f"{result['threads']} threads, {result['rounds']} rounds; the base model: {base * 1e3:.1f} ms. One "
+                "forward's time varies between rounds by a standard deviation of "
+                f"{spread({r['variant']: r['times_s'] for r in result['rows']})} of its median.\n",
+                table(["variant", "ms", "minus base (ms)", "over base", "95 % interval",
+                       "over *kernels only* per round (95 % interval)"], rows)]
     return "\n".join(out)
 
 
@@ -328,7 +381,7 @@ def render(results: Path = RESULTS) -> str:
         if renderer is None:
             out.append(f"### `{path.name}`\n\nNo renderer for this file in `docs/scripts/gen_benchmarks.py`.\n")
             continue
-        out += [f"### {title}\n", machine_line(data) + "\n", renderer(data)]
+        out += [f"### {title}\n", machine_line(data, path) + "\n", renderer(data)]
     return "\n".join(out)
 
 
