@@ -4,19 +4,20 @@
 
 The data is scikit-learn's bundled 8x8 handwritten digits (no download), upscaled to 32x32, one channel.
 Per seed, a small timm ResNet (``resnet10t`` at half width, random init) is trained on digits 0-4; it
-then gets a new 5-way head and is adapted to digits 5-9 in five ways, all with the same number of
+then gets a new 5-way head and is adapted to digits 5-9 in six ways, all with the same number of
 epochs, the same data order and augmentation, and the same new head:
 
 1. ``base, all``: the base model, every parameter trains;
 2. ``SE identity, all``: ``se_retrofit.apply(init="identity")``, then every parameter trains;
 3. ``SE paper, all``: ``se_retrofit.apply(init="paper")``, then every parameter trains;
 4. ``SE identity, se``: identity retrofit, only the SE blocks and the head train (``train="se"``);
-5. ``base, head``: the base model, only the head trains (a linear probe: the fair partner of 4).
+5. ``SE paper, se``: the same with the paper's initialisation;
+6. ``base, head``: the base model, only the head trains (a linear probe: the fair partner of 4 and 5).
 
-Arms 1-3 share one learning rate (``--lr-all``), arms 4-5 another (``--lr-new``). The trainable set
+Arms 1-3 share one learning rate (``--lr-all``), arms 4-6 another (``--lr-new``). The trainable set
 and frozen batch norms are those of ``se_retrofit.finetune`` (``se_retrofit.training.freeze``), but
 the loop is a small one in this file: ``finetune`` has no head-only mode for a model without SE, and
-one loop for all five arms keeps them comparable. The 5-9 data is split once, stratified, with
+one loop for all six arms keeps them comparable. The 5-9 data is split once, stratified, with
 ``--split-seed``; the test half is never used for any choice, and the number reported is the last
 epoch's, not the best one.
 
@@ -78,10 +79,12 @@ ARMS = [
     ("se_identity_all", "SE identity, all", "identity", "all", "all"),
     ("se_paper_all", "SE paper, all", "paper", "all", "all"),
     ("se_identity_se", "SE identity, se (SE + head)", "identity", "se", "new"),
+    ("se_paper_se", "SE paper, se (SE + head)", "paper", "se", "new"),
     ("base_head", "base, head only (linear probe)", None, "head", "new"),
 ]
 # Each arm against the arm it should be judged against (same trainable backbone, same learning rate).
-PAIRS = [("se_identity_all", "base_all"), ("se_paper_all", "base_all"), ("se_identity_se", "base_head")]
+PAIRS = [("se_identity_all", "base_all"), ("se_paper_all", "base_all"), ("se_identity_se", "base_head"),
+         ("se_paper_se", "base_head")]
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -406,13 +409,13 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     seeds, summary, cfg = result["seeds"], result["summary"], result["config"]
-    colors = ["#555555", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"]
+    colors = ["#555555", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1.25, 1]})
     epochs = np.arange(cfg["epochs"] + 1)
     for (key, label, *_), color in zip(ARMS, colors):
         curves = np.array([s["arms"][key]["test_acc"] for s in seeds])
         mean = curves.mean(0)
-        style = "--" if key in ("se_identity_se", "base_head") else "-"
+        style = "--" if key in ("se_identity_se", "se_paper_se", "base_head") else "-"
         # The baselines are drawn wide and pale underneath, so an arm that coincides with one stays visible.
         wide = {"lw": 5, "alpha": 0.45, "zorder": 1} if key in ("base_all", "base_head") else {"zorder": 2}
         ax1.plot(epochs, mean, style, color=color, label=label, marker="o", ms=3, **wide)

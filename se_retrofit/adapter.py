@@ -76,8 +76,8 @@ def _check_config_describes(model: nn.Module, config: SEConfig, blocks: list[tup
     plan = se_retrofit.get_plan(model)
     if plan is None or plan.config != config:
         return
-    planned = {site.se_name: site.hidden for site in plan.sites}
-    present = {name: block.hidden for name, block in blocks}
+    planned = {site.se_name: (site.channels, site.hidden, site.spatial_dims, config.gain) for site in plan.sites}
+    present = {name: (block.channels, block.hidden, block.spatial_dims, block.gain) for name, block in blocks}
     if planned != present:
         differ = sorted(n for n in planned.keys() | present.keys() if planned.get(n) != present.get(n))
         hint = ("SE blocks in a fused block's attention slot: a deploy re-parameterisation (timm's reparameterize_model) "
@@ -85,7 +85,7 @@ def _check_config_describes(model: nn.Module, config: SEConfig, blocks: list[tup
                 if any(name.rpartition(".")[2] in SLOTS for name in present.keys() - planned.keys()) else
                 "Retrofit the base model with one se_retrofit.apply call and train that")
         raise ValueError(f"the SE blocks of this model are not where its recorded apply call put them, or not of the "
-                         f"widths it gave them ({few(differ, 3)} differ: moved, replaced or added since), so load() "
+                         f"widths and gain it gave them ({few(differ, 3)} differ: moved, replaced or added since), so load() "
                          f"could not rebuild them from the recorded config. {hint}.")
 
 

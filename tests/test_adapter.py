@@ -199,6 +199,15 @@ def test_blocks_changed_after_apply_are_refused_at_save(base, tmp_path):
     assert not (tmp_path / WEIGHTS_NAME).exists(), "nothing may be written when saving fails"
 
 
+def test_a_block_replaced_with_another_gain_is_refused_at_save(base, tmp_path):
+    """Same width, another gain: load would rebuild the identity block's gain 2 under weights trained at 1."""
+    model = se_retrofit.apply(base, example_input=SMALL)
+    name, block = se_blocks(model)[0]
+    model.get_submodule(name.rpartition(".")[0]).se = SEBlock(block.channels, block.hidden, gain=1.0)
+    with pytest.raises(ValueError, match=rf"widths and gain it gave them \({name}"):
+        save_adapter(model, tmp_path)
+
+
 def test_state_entries_that_are_not_tensors(base, tmp_path):
     """A module's extra state is no weight: the fingerprints skip it, an adapter cannot hold it."""
     class Tagged(nn.Identity):
