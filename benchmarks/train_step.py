@@ -9,7 +9,7 @@ round). Memory is measured in a fresh process per configuration: the peak reside
 what three training steps add on top of the weights: gradients, optimizer state, activations (Linux
 only). Rounds run in a new order each, with one untimed step before each timed one.
 
-    python benchmarks/train_step.py [--batch 8] [--size 160] [--repeats 7] [--threads N] [--json PATH]
+    python benchmarks/train_step.py [--batch 8] [--size 160] [--repeats 7] [--threads N] [--memory-runs 5] [--json PATH]
 """
 from __future__ import annotations
 
@@ -81,11 +81,18 @@ def memory_worker(name: str, batch: int, size: int) -> None:
 
 
 def measure_memory(name: str, args: argparse.Namespace) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--memory-worker", name, "--batch", str(args.batch),
-                           "--size", str(args.size), "--threads", str(args.threads)],
-                          capture_output=True, text=True, check=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["training_mib"] = result["peak_mib"] - result["after_build_mib"]
+    """Medians over ``--memory-runs`` fresh processes: one process's figure moves by tens of MiB between
+    runs (where glibc's arenas happen to put the heap), as much as the configurations differ."""
+    runs = []
+    for _ in range(args.memory_runs):
+        done = subprocess.run([sys.executable, __file__, "--memory-worker", name, "--batch", str(args.batch),
+                               "--size", str(args.size), "--threads", str(args.threads)],
+                              capture_output=True, text=True, check=True)
+        run = json.loads(done.stdout.strip().splitlines()[-1])
+        run["training_mib"] = run["peak_mib"] - run["after_build_mib"]
+        runs.append(run)
+    result = {key: median([r[key] for r in runs]) for key in ("after_build_mib", "peak_mib", "training_mib")}
+    result["training_mib_runs"] = [r["training_mib"] for r in runs]
     return result
 
 
@@ -95,6 +102,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=160)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--memory-runs", type=int, default=5, help="fresh processes per configuration for memory")
     parser.add_argument("--json", type=Path, default=RESULTS / "train_step.json")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -128,8 +136,8 @@ def main() -> None:
 
     payload = {"machine": machine(), "batch": args.batch, "size": args.size, "repeats": args.repeats,
                "threads": args.threads, "step_seconds": times, "median_seconds": medians, "memory": memory,
-               "memory_method": "fresh process per configuration: VmHWM, reset after building the model and "
-                                "returning freed heap (malloc_trim), minus VmRSS at that moment",
+               "memory_method": f"median of {args.memory_runs} fresh processes per configuration: VmHWM, reset after "
+                                "building the model and returning freed heap (malloc_trim), minus VmRSS at that moment",
                "ratio_retrofitted_vs_handwritten": retro_all / hand_all,
                "ratio_retrofitted_vs_handwritten_per_round_median": paired,
                "ratio_se_vs_all_time_per_round_median": paired_se,

@@ -187,8 +187,10 @@ def train_step(data: dict[str, Any]) -> str:
     rows = []
     for name, seconds in data["median_seconds"].items():
         mem = memory.get(name) or {}
-        rows.append([name, f"{seconds * 1e3:.1f}", f"{mem['peak_mib']:.0f}" if "peak_mib" in mem else "",
-                     f"{mem['training_mib']:.0f}" if "training_mib" in mem and trusted else "n/a"])
+        runs = mem.get("training_mib_runs") or []
+        training = (f"{mem['training_mib']:.0f}" + (f" ({min(runs):.0f} to {max(runs):.0f})" if len(runs) > 1 else "")
+                    if "training_mib" in mem and trusted else "n/a")
+        rows.append([name, f"{seconds * 1e3:.1f}", f"{mem['peak_mib']:.0f}" if "peak_mib" in mem else "", training])
     ratios = (f"retrofitted / hand-written (train all), step time: {data['ratio_retrofitted_vs_handwritten']:.3f}; "
               f"`--train se` / `--train all` (retrofitted): step time {data['ratio_se_vs_all_time']:.3f}"
               + (f", training memory {data['ratio_se_vs_all_training_memory']:.3f}." if trusted else "."))
@@ -200,7 +202,7 @@ def train_step(data: dict[str, Any]) -> str:
         f"Batch {data.get('batch', '?')} at {data.get('size', '?')} px, {data.get('threads', '?')} thread(s), "
         f"median of {data.get('repeats', '?')} interleaved rounds (`benchmarks/train_step.py`). Memory: "
         f"{method}.\n",
-        table(["configuration", "step ms", "peak RSS MiB", "training memory MiB"], rows),
+        table(["configuration", "step ms", "peak RSS MiB", "training memory MiB (range over processes)"], rows),
         ratios + "\n"])
 
 
