@@ -62,6 +62,8 @@ def machine_line(data: dict[str, Any], path: Path | None = None) -> str:
         parts.append(f"{m['logical_cpus']} logical CPUs")
     if m.get("torch_threads") is not None:
         parts.append(f"{m['torch_threads']} torch threads")
+    if m.get("cpu_capability"):
+        parts.append(f"vector ISA {m['cpu_capability']}")
     if m.get("cuda"):
         parts.append(f"GPU {m['cuda']}")
     parts.append(f"torch {m.get('torch', '?')}" + (f", timm {m['timm']}" if m.get("timm") else "")
@@ -153,7 +155,8 @@ def latency(data: dict[str, Any]) -> str:
         + "\n",
         table(headers, rows)]
         + ([f"One forward's time varies between rounds by a standard deviation of "
-            f"{'; '.join(spread(r['times_s']) + ' (' + r['model'] + ')' for r in data['rows'])} of its median.\n"]
+            f"{'; '.join(spread(r['times_s']) + ' (' + r['model'] + ', ' + r['mode'] + ')' for r in data['rows'])} of "
+            "its median.\n"]
            if interval else []))
 
 
