@@ -15,7 +15,6 @@ ship the full ``model.safetensors``; otherwise the loaded model has the base mod
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -28,7 +27,7 @@ from torch import nn
 from .checkpoint import _atomic_write, atomic_save_safetensors, load_weights
 from .config import SEConfig
 from .deploy_fusion import SLOTS
-from .fingerprint import base_fingerprint, changed_since_apply
+from .fingerprint import base_fingerprint, changed_since_apply, digest_tensors
 from .messages import few
 from .models import classifier_of, num_classes_of, reset_classifier
 from .se_block import se_blocks
@@ -180,14 +179,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: 
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of the weights themselves (names, dtypes, shapes, values), not of the file's bytes: the
-    safetensors header's order can differ between two saves of the same tensors."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+    """SHA-256 of the weights themselves, not of the file's bytes: the safetensors header's order can differ
+    between two saves of the same tensors."""
+    return digest_tensors(sorted(tensors.items()))
 
 
 def _adapter_files(path: str | os.PathLike) -> tuple[Path, Path]:

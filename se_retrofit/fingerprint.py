@@ -33,14 +33,19 @@ def _update(digest: "hashlib._Hash", key: str, value: torch.Tensor) -> None:
     digest.update(tensor.view(torch.uint8).numpy().tobytes())
 
 
+def digest_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """One SHA-256 of named tensors (names, dtypes, shapes, values), in the order given."""
+    digest = hashlib.sha256()
+    for key, value in tensors:
+        _update(digest, key, value)
+    return digest.hexdigest()
+
+
 def base_fingerprint(model: nn.Module, left_out: Iterable[str]) -> str:
     """SHA-256 of every tensor of ``model`` outside the modules ``left_out`` (the SE blocks, the saved head):
     the base weights the adapter was trained on, which `load` checks, since SE blocks trained on one
     backbone's features are wrong on another's (other pretrained weights, another checkpoint)."""
-    digest = hashlib.sha256()
-    for key, value in _tensors(model, left_out):
-        _update(digest, key, value)
-    return digest.hexdigest()
+    return digest_tensors(_tensors(model, left_out))
 
 
 def tensor_digests(model: nn.Module, left_out: Iterable[str]) -> dict[str, str]:
