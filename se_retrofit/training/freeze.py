@@ -59,7 +59,8 @@ def freeze_batchnorm(model: nn.Module, backbone_trains: bool = False) -> int:
     for module in model.modules():
         if isinstance(module, _BatchNorm):
             params = list(module.parameters(recurse=False))
-            if (not any(p.requires_grad for p in params)) if params else not backbone_trains:
+            frozen = not any(p.requires_grad for p in params) if params else not backbone_trains
+            if frozen:
                 module.eval()
                 count += 1
     return count
