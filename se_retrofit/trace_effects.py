@@ -117,7 +117,7 @@ class StateWrites:
                     self.written.append(prefix + changed)
             _restore(m.__dict__, snap, ignore)
         for key, value in self.module.__dict__.items():
-            if _TRACER_CONSTANT.match(key) and id(value) in held:
+            if is_tracer_constant(key) and id(value) in held:
                 self.baked.append(held[id(value)])
 
 
@@ -204,7 +204,7 @@ def _differs(value: Any, snap: tuple | None) -> bool:
 
 
 def _skipped(key: str, ignore: tuple[str, ...]) -> bool:
-    return key in ignore or _TRACER_CONSTANT.match(key) is not None
+    return key in ignore or is_tracer_constant(key)
 
 
 def _changes(attrs: dict[str, Any], snap: tuple, ignore: tuple[str, ...]) -> list[tuple[str, str]]:
