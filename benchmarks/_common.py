@@ -55,7 +55,8 @@ def _cpu_capability() -> str | None:
 
 
 def code_version() -> dict:
-    """Which code measured: the commit, and whether the tree had uncommitted changes.
+    """Which code measured: the commit, and whether the tree had uncommitted changes (outside
+    ``benchmarks/results``, which the benchmarks themselves write).
 
     Tables from different code states sit side by side in the docs; without this only prose could say
     which is which. A copy without ``.git`` (the GPU machine gets the working tree) takes the commit
@@ -67,7 +68,9 @@ def code_version() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+        # results written by an earlier step of the same run (gpu_checks.sh) are not code changes
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                     ":(exclude)benchmarks/results"], cwd=repo,
                                     capture_output=True, text=True, timeout=10, check=True).stdout.strip())
         return {"commit": commit, "uncommitted_changes": dirty}
     except (OSError, subprocess.SubprocessError):
