@@ -16,7 +16,14 @@ machine hits both terms alike), the times medians over rounds. The shared 2-core
 by up to 2x between runs, Python and kernels alike: the overhead as a multiple of the kernels' time
 moves less than the overhead in ms.
 
-    python benchmarks/gate_overhead.py [--rounds 41] [--calls 200] [--batch 1] [--threads 1] [--name NAME]
+``--after-conv`` times each call on its own right after what precedes it in a forward: the block's
+``conv2``, ``bn2`` and ``act2`` on its stage's map of a batch of 8 at 224x224 (56x56 down to 7x7),
+untimed. In a forward the checks never run warm: the convolution has just replaced the caches'
+contents, and the Python then reads its code and the modules' and tensors' objects from memory. The
+calls run one at a time there, so ``--calls`` is per round and function as before, but each one
+costs a convolution.
+
+    python benchmarks/gate_overhead.py [--rounds 41] [--calls 200] [--batch 1] [--threads 1] [--after-conv] [--name NAME]
 """
 from __future__ import annotations
 
@@ -64,8 +71,10 @@ def stage_functions(block: nn.Module, batch: int) -> dict[str, Callable[[], obje
     }
 
 
-def timed_rounds(fns: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict[str, list[float]]:
-    """Seconds per call, one value per round; each round runs every function ``calls`` times."""
+def timed_rounds(fns: dict[str, Callable[[], object]], rounds: int, calls: int,
+                 before: Callable[[], object] | None = None) -> dict[str, list[float]]:
+    """Seconds per call, one value per round; each round runs every function ``calls`` times. With
+    ``before``, each call is timed alone, right after an untimed ``before()``."""
     rng = random.Random(0)
     for fn in fns.values():
         for _ in range(calls):
@@ -76,11 +85,28 @@ def timed_rounds(fns: dict[str, Callable[[], object]], rounds: int, calls: int) 
         rng.shuffle(order)
         for name in order:
             fn = fns[name]
-            start = time.perf_counter()
+            if before is None:
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                samples[name].append((time.perf_counter() - start) / calls)
+                continue
+            total = 0.0
             for _ in range(calls):
+                before()
+                start = time.perf_counter()
                 fn()
-            samples[name].append((time.perf_counter() - start) / calls)
+                total += time.perf_counter() - start
+            samples[name].append(total / calls)
     return samples
+
+
+def preceding_ops(block: nn.Module, stage_index: int) -> Callable[[], object]:
+    """What runs before the early gate in the block's forward, on the stage's map of a batch of 8 at
+    224x224: ``act2(bn2(conv2(m)))``."""
+    side = 56 >> stage_index
+    m = torch.randn(8, block.conv2.in_channels, side, side)
+    return lambda: block.act2(block.bn2(block.conv2(m)))
 
 
 def paired_overhead(samples: dict[str, list[float]], call: str, kernels: str) -> tuple[float, float]:
@@ -96,6 +122,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--after-conv", action="store_true",
+                        help="time each call alone, right after the block's conv2, bn2 and act2 (untimed)")
     parser.add_argument("--name", default="gate_overhead", help="results/NAME.json")
     add_out_argument(parser)
     args = parser.parse_args()
@@ -109,9 +137,10 @@ def main() -> None:
     model = se_retrofit.apply(timm.create_model("resnet50", zero_init_last=False), init="paper").eval()
     rows = []
     with torch.inference_mode():
-        for stage, blocks in STAGES:
+        for index, (stage, blocks) in enumerate(STAGES):
             block = getattr(model, stage)[1]
-            samples = timed_rounds(stage_functions(block, args.batch), args.rounds, args.calls)
+            before = preceding_ops(block, index) if args.after_conv else None
+            samples = timed_rounds(stage_functions(block, args.batch), args.rounds, args.calls, before)
             gate, gate_share = paired_overhead(samples, "early gate", "its kernels")
             call, call_share = paired_overhead(samples, "SE call", "its kernel")
             rows.append({"stage": stage, "blocks": blocks, "channels": block.conv3.out_channels,
@@ -120,8 +149,9 @@ def main() -> None:
                          "call_overhead_s": call, "call_overhead_over_kernel": call_share})
     per_forward = sum((r["gate_overhead_s"] + r["call_overhead_s"]) * r["blocks"] for r in rows)
     kernels = sum((r["seconds"]["its kernels"] + r["seconds"]["its kernel"]) * r["blocks"] for r in rows)
-    print(f"batch {args.batch}, 1x1 maps, {args.threads} thread(s), median of {args.rounds} rounds x {args.calls} calls;"
-          " microseconds per call")
+    after = ", each call right after the block's conv2, bn2, act2" if args.after_conv else ""
+    print(f"batch {args.batch}, 1x1 maps, {args.threads} thread(s), median of {args.rounds} rounds x {args.calls} calls"
+          f"{after}; microseconds per call")
     print(f"{'stage':<8}{'early gate':>11}{'kernels':>9}{'overhead':>9}{'SE call':>9}{'kernel':>8}{'overhead':>9}")
     for r in rows:
         s = r["seconds"]
@@ -130,7 +160,7 @@ def main() -> None:
     print(f"Python beyond the kernels per ResNet-50 forward (16 bottlenecks): {per_forward * 1e3:.3f} ms, "
           f"{per_forward / kernels:.2f}x the time of those kernels on 1x1 maps ({kernels * 1e3:.3f} ms)")
     print("written", write(args.name, {"batch": args.batch, "threads": args.threads, "rounds": args.rounds,
-                                       "calls": args.calls, "rows": rows, "per_forward_s": per_forward,
+                                       "calls": args.calls, "after_conv": args.after_conv, "rows": rows, "per_forward_s": per_forward,
                                        "kernels_per_forward_s": kernels}, out=args.out))
 
 

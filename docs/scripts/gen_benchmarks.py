@@ -279,8 +279,10 @@ def gate_overhead(data: dict[str, Any]) -> str:
     total, kernels = data["per_forward_s"], data["kernels_per_forward_s"]
     return "\n".join([
         f"Batch {data.get('batch', '?')}, maps of 1x1, {data.get('threads', '?')} thread(s), eval, medians of "
-        f"{data.get('rounds', '?')} rounds of {data.get('calls', '?')} calls (`benchmarks/gate_overhead.py`). "
-        "Microseconds per call of the two SE calls in a retrofitted bottleneck's forward and of the kernels they "
+        f"{data.get('rounds', '?')} rounds of {data.get('calls', '?')} calls (`benchmarks/gate_overhead.py`"
+        + (" --after-conv`; each call timed alone, right after the block's `conv2`, `bn2` and `act2` on its stage's map "
+           "of a batch of 8 at 224x224, untimed, as in a forward). " if data.get("after_conv") else "`). ")
+        + "Microseconds per call of the two SE calls in a retrofitted bottleneck's forward and of the kernels they "
         "run, called directly; *overhead*: the difference, paired within each round, i.e. the Python around the "
         "kernels. Over a ResNet-50 forward (3, 4, 6, 3 bottlenecks) that Python takes "
         f"**{total * 1e3:.2f} ms**, {total / kernels:.2f}x the time of the kernels on these 1x1 maps "
@@ -343,9 +345,17 @@ SUFFIXES = {"cold": "each op after a convolution, as in the forward",
             "h100_host_base_and_retrofit_4threads": "on the H100 machine's CPU, base model and retrofit only, "
                                                     "4 threads",
             "h100_host_16threads": "on the H100 machine's CPU, 16 threads",
+            "h100": "on the H100 (eager training and inference)",
+            "h100_train_rerun": "on the H100, eager training rerun (hand-written, retrofit, plain ops)",
+            "h100_host_base_and_retrofit_16threads_omp_active": "on the H100 machine's CPU, base model and "
+                                                                "retrofit only, 16 threads, `OMP_WAIT_POLICY=ACTIVE`",
+            "h100_host_base_and_retrofit_16threads_omp_passive": "on the H100 machine's CPU, base model and "
+                                                                 "retrofit only, 16 threads, "
+                                                                 "`OMP_WAIT_POLICY=PASSIVE`",
             "h100_host_one_thread": "on one core of the H100 machine's CPU",
             "h100_host_16_and_4_threads": "on the H100 machine's CPU, 16 and 4 threads",
             "resnext50_32x4d": "ResNeXt-50 32x4d",
+            "after_conv": "each call right after a convolution, as in a forward",
             "batch1": "ResNet-50 at batch 1, the paper's setting (one 224x224 image)",
             "previous_code": "the code before the cached fold's quick checks (0600c8b)",
             "resnet50_settled": "ResNet-50, each timed forward after an untimed one",
