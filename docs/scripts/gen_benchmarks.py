@@ -179,7 +179,22 @@ def gpu_throughput(data: dict[str, Any]) -> str:
            "steps, which still held the previous step's gradients (activations, and gradients only as far as "
            "they exceed those; measured before the script freed them first).\n"),
         table(["kind", "mode", "configuration", "batch", "images/s", "ms/step", "range over rounds (ms)",
-               "over base", "peak MiB"], rows)])
+               "over base", "peak MiB"], rows), *gpu_pairs(data["rows"])])
+
+
+def gpu_pairs(rows: list[dict[str, Any]]) -> list[str]:
+    """Per kind and mode: the retrofit's step time over the hand-written model's, per round, where both
+    ran in the same rounds (the configurations alternate within each round)."""
+    lines = []
+    for kind, compiled in dict.fromkeys((r["kind"], r["compiled"]) for r in rows):
+        # both trained whole (", all"), not the retrofit with `--train se`
+        pick = {r["config"].removesuffix(", all"): r.get("step_s") or [] for r in rows
+                if (r["kind"], r["compiled"]) == (kind, compiled)}
+        hand, retro = pick.get("seresnet50 (timm)"), pick.get("retrofitted resnet50")
+        if hand and retro and len(hand) == len(retro) > 1:
+            lines.append(f"- {kind}, {'compiled' if compiled else 'eager'}: retrofitted / hand-written step time per "
+                         f"round {paired(retro, hand)}")
+    return ["\n".join(lines) + "\n"] if lines else []
 
 
 def train_step(data: dict[str, Any]) -> str:
