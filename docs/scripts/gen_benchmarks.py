@@ -294,7 +294,7 @@ def gate_overhead(data: dict[str, Any]) -> str:
     total, kernels = data["per_forward_s"], data["kernels_per_forward_s"]
     return "\n".join([
         f"Batch {data.get('batch', '?')}, maps of 1x1, {data.get('threads', '?')} thread(s), eval, medians of "
-        f"{data.get('rounds', '?')} rounds of {data.get('calls', '?')} calls (`benchmarks/gate_overhead.py`"
+        f"{data.get('rounds', '?')} rounds of {data.get('calls', '?')} calls (`benchmarks/gate_overhead.py"
         + (" --after-conv`; each call timed alone, right after the block's `conv2`, `bn2` and `act2` on its stage's map "
            "of a batch of 8 at 224x224, untimed, as in a forward). " if data.get("after_conv") else "`). ")
         + "Microseconds per call of the two SE calls in a retrofitted bottleneck's forward and of the kernels they "
@@ -371,6 +371,7 @@ SUFFIXES = {"cold": "each op after a convolution, as in the forward",
             "h100_host_16_and_4_threads": "on the H100 machine's CPU, 16 and 4 threads",
             "resnext50_32x4d": "ResNeXt-50 32x4d",
             "after_conv": "each call right after a convolution, as in a forward",
+            "code_9253b73": "the code of `9253b73`",
             "batch1": "ResNet-50 at batch 1, the paper's setting (one 224x224 image)",
             "previous_code": "the code before the cached fold's quick checks (0600c8b)",
             "resnet50_settled": "ResNet-50, each timed forward after an untimed one",
