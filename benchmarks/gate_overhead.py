@@ -16,12 +16,13 @@ machine hits both terms alike), the times medians over rounds. The shared 2-core
 by up to 2x between runs, Python and kernels alike: the overhead as a multiple of the kernels' time
 moves less than the overhead in ms.
 
-``--after-conv`` times each call on its own right after what precedes it in a forward: the block's
-``conv2``, ``bn2`` and ``act2`` on its stage's map of a batch of 8 at 224x224 (56x56 down to 7x7),
-untimed. In a forward the checks never run warm: the convolution has just replaced the caches'
-contents, and the Python then reads its code and the modules' and tensors' objects from memory. The
-calls run one at a time there, so ``--calls`` is per round and function as before, but each one
-costs a convolution.
+``--after-conv`` times each call on its own right after what precedes it in a forward, untimed, on the
+stage's map of a batch of 8 at 224x224 (56x56 down to 7x7): the early gate (and its kernels) after the
+block's ``conv2``, ``bn2`` and ``act2``; the SE call (and its kernel) after ``conv3`` and ``bn3``. In a
+forward the checks never run warm: the convolution has just replaced the caches' contents, and the
+Python then reads its code and the modules' and tensors' objects from memory. Each call then costs a
+convolution, so the defaults drop to 11 rounds of 20 calls, and the result goes to
+``gate_overhead_after_conv.json``.
 
     python benchmarks/gate_overhead.py [--rounds 41] [--calls 200] [--batch 1] [--threads 1] [--after-conv] [--name NAME]
 """
@@ -72,9 +73,9 @@ def stage_functions(block: nn.Module, batch: int) -> dict[str, Callable[[], obje
 
 
 def timed_rounds(fns: dict[str, Callable[[], object]], rounds: int, calls: int,
-                 before: Callable[[], object] | None = None) -> dict[str, list[float]]:
+                 before: dict[str, Callable[[], object]] | None = None) -> dict[str, list[float]]:
     """Seconds per call, one value per round; each round runs every function ``calls`` times. With
-    ``before``, each call is timed alone, right after an untimed ``before()``."""
+    ``before``, each call is timed alone, right after an untimed ``before[name]()``."""
     rng = random.Random(0)
     for fn in fns.values():
         for _ in range(calls):
@@ -91,9 +92,9 @@ def timed_rounds(fns: dict[str, Callable[[], object]], rounds: int, calls: int,
                     fn()
                 samples[name].append((time.perf_counter() - start) / calls)
                 continue
-            total = 0.0
+            total, prepare = 0.0, before[name]
             for _ in range(calls):
-                before()
+                prepare()
                 start = time.perf_counter()
                 fn()
                 total += time.perf_counter() - start
@@ -101,12 +102,15 @@ def timed_rounds(fns: dict[str, Callable[[], object]], rounds: int, calls: int,
     return samples
 
 
-def preceding_ops(block: nn.Module, stage_index: int) -> Callable[[], object]:
-    """What runs before the early gate in the block's forward, on the stage's map of a batch of 8 at
-    224x224: ``act2(bn2(conv2(m)))``."""
+def preceding_ops(block: nn.Module, stage_index: int) -> dict[str, Callable[[], object]]:
+    """What runs before each call in the block's forward, on the stage's map of a batch of 8 at
+    224x224: ``act2(bn2(conv2(m)))`` before the early gate, ``bn3(conv3(z))`` before the SE call."""
     side = 56 >> stage_index
     m = torch.randn(8, block.conv2.in_channels, side, side)
-    return lambda: block.act2(block.bn2(block.conv2(m)))
+    z = torch.randn(8, block.conv3.in_channels, side, side)
+    before_gate = lambda: block.act2(block.bn2(block.conv2(m)))  # noqa: E731
+    before_call = lambda: block.bn3(block.conv3(z))  # noqa: E731
+    return {"early gate": before_gate, "its kernels": before_gate, "SE call": before_call, "its kernel": before_call}
 
 
 def paired_overhead(samples: dict[str, list[float]], call: str, kernels: str) -> tuple[float, float]:
@@ -118,15 +122,22 @@ def paired_overhead(samples: dict[str, list[float]], call: str, kernels: str) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=41)
-    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=None, help="default 41, or 11 with --after-conv")
+    parser.add_argument("--calls", type=int, default=None, help="default 200, or 20 with --after-conv")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--after-conv", action="store_true",
                         help="time each call alone, right after the block's conv2, bn2 and act2 (untimed)")
-    parser.add_argument("--name", default="gate_overhead", help="results/NAME.json")
+    parser.add_argument("--name", default=None,
+                        help="results/NAME.json (default gate_overhead, or gate_overhead_after_conv with --after-conv)")
     add_out_argument(parser)
     args = parser.parse_args()
+    if args.rounds is None:
+        args.rounds = 11 if args.after_conv else 41
+    if args.calls is None:
+        args.calls = 20 if args.after_conv else 200
+    if args.name is None:
+        args.name = "gate_overhead_after_conv" if args.after_conv else "gate_overhead"
     torch.set_num_threads(args.threads)
 
     import timm
@@ -149,7 +160,7 @@ def main() -> None:
                          "call_overhead_s": call, "call_overhead_over_kernel": call_share})
     per_forward = sum((r["gate_overhead_s"] + r["call_overhead_s"]) * r["blocks"] for r in rows)
     kernels = sum((r["seconds"]["its kernels"] + r["seconds"]["its kernel"]) * r["blocks"] for r in rows)
-    after = ", each call right after the block's conv2, bn2, act2" if args.after_conv else ""
+    after = ", each call right after the ops before it in the forward (conv2-bn2-act2, conv3-bn3)" if args.after_conv else ""
     print(f"batch {args.batch}, 1x1 maps, {args.threads} thread(s), median of {args.rounds} rounds x {args.calls} calls"
           f"{after}; microseconds per call")
     print(f"{'stage':<8}{'early gate':>11}{'kernels':>9}{'overhead':>9}{'SE call':>9}{'kernel':>8}{'overhead':>9}")

@@ -75,6 +75,15 @@ def test_gate_overhead_runs_and_renders(run_script, gen_benchmarks):
     assert "`layer4` (2048 ch)" in text, text
 
 
+def test_gate_overhead_after_conv_writes_its_own_file_and_says_so(run_script, gen_benchmarks):
+    written = run_script("gate_overhead.py", "--rounds", "1", "--calls", "1", "--after-conv")
+    assert list(written) == ["gate_overhead_after_conv"], f"--after-conv wrote {list(written)}, not its own file"
+    data = written["gate_overhead_after_conv"]
+    assert data["after_conv"] is True and data["rounds"] == 1, {k: v for k, v in data.items() if k != "rows"}
+    text = _rendered(gen_benchmarks, "gate_overhead_after_conv", data)
+    assert "--after-conv`" in text and "right after" in text, text
+
+
 @pytest.mark.slow
 def test_se_overhead_short_run_renders_without_page_faults(run_script, gen_benchmarks):
     written = run_script("se_overhead.py", "--batch", "1", "--size", "32", "--rounds", "2", "--no-page-faults",

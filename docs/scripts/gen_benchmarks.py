@@ -70,7 +70,8 @@ def machine_line(data: dict[str, Any], path: Path | None = None) -> str:
                  + f", Python {m.get('python', '?')}")
     if m.get("commit"):
         parts.append(f"code at commit `{m['commit'][:7]}`" + (" with uncommitted changes" if m.get("uncommitted_changes") else ""))
-    elif path is not None and (sha := committed_in(path)):
+    # a result moved to another file keeps the commit that first committed it
+    elif sha := m.get("committed_in") or (path is not None and committed_in(path)):
         parts.append(f"code not recorded (the result was committed in `{sha}`, so measured with that commit's code "
                      "or older)")
     if m.get("allocator_env"):
@@ -295,8 +296,9 @@ def gate_overhead(data: dict[str, Any]) -> str:
     return "\n".join([
         f"Batch {data.get('batch', '?')}, maps of 1x1, {data.get('threads', '?')} thread(s), eval, medians of "
         f"{data.get('rounds', '?')} rounds of {data.get('calls', '?')} calls (`benchmarks/gate_overhead.py"
-        + (" --after-conv`; each call timed alone, right after the block's `conv2`, `bn2` and `act2` on its stage's map "
-           "of a batch of 8 at 224x224, untimed, as in a forward). " if data.get("after_conv") else "`). ")
+        + (" --after-conv`; each call timed alone, right after what precedes it in the forward, untimed, on its "
+           "stage's map of a batch of 8 at 224x224: the early gate after the block's `conv2`, `bn2` and `act2`, the "
+           "SE call after `conv3` and `bn3`). " if data.get("after_conv") else "`). ")
         + "Microseconds per call of the two SE calls in a retrofitted bottleneck's forward and of the kernels they "
         "run, called directly; *overhead*: the difference, paired within each round, i.e. the Python around the "
         "kernels. Over a ResNet-50 forward (3, 4, 6, 3 bottlenecks) that Python takes "
