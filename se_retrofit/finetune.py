@@ -2,12 +2,12 @@
 
 The model you pass is left untouched when it has no SE blocks yet: it is copied, its head resized
 to the data's classes, retrofitted with ``se_retrofit.apply`` and the copy trained (``result.model``).
-A model that already has SE blocks is trained in place, like ``Module.fit`` elsewhere. Pass
-``retrofit=False`` with ``train="all"`` to fine-tune a plain model as a baseline.
+So is a plain model fine-tuned as a baseline (``retrofit=False`` with ``train="all"``): the copy trains.
+A model that already has SE blocks is trained in place, like ``Module.fit`` elsewhere; its head is
+resized only once every check that can refuse the run has passed, so a refused call leaves it as it was.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
@@ -109,10 +109,12 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
             print(f"keeping the model's classifier head: it has {n_classes} outputs, as the data has classes "
                   "(they must be the classes it was trained on, in the same order: sorted folder names for an "
                   "image folder). For a new head, pass a checkpoint without the classifier's weights.", flush=True)
+        caller = model
         model, original, se_config = _prepare_model(model, n_classes, se_config, retrofit, opts.train)
-        new_names = new_parameter_names(model) if se_blocks(model) else _head_names(model)
-        head = classifier_of(model)
-        config = _resolved_config(model, train_data, val_data, names, se_config, opts, run_info, dtype, ctx)
+        # the caller's own model (one with SE blocks, trained in place) keeps its head until the checks pass
+        head_pending = model is caller and n_classes is not None and num_classes_of(model) != n_classes
+        config = _resolved_config(model, train_data, val_data, names, se_config, opts, run_info, dtype, ctx,
+                                  num_classes=n_classes if head_pending else None)
 
         restart = out is not None and resume and not has_checkpoint and outputs.restartable(out)
 
@@ -128,6 +130,10 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
             return found
 
         saved = distributed.on_every_rank(check_before_writing, ctx)
+        if head_pending:
+            reset_classifier(model, n_classes)
+        new_names = new_parameter_names(model) if se_blocks(model) else _head_names(model)
+        head = classifier_of(model)
         # each process shards its own dataset: datasets of different sizes would train on neither
         sizes = (len(train_data), len(val_data) if val_data is not None else 0)
         distributed.same_on_every_rank(sizes, lambda n: f"{n[0]:,} training and {n[1]:,} validation samples", ctx)
@@ -202,27 +208,27 @@ def _dataset_classes(data: Dataset) -> list[str] | None:
 
 def _prepare_model(model: nn.Module, n_classes: int | None, se_config: SEConfig | None, retrofit: bool,
                    train: str) -> tuple[nn.Module, nn.Module | None, SEConfig | None]:
-    """Return ``(model to train, original for the report or None, SE config or None)``."""
-    from .api import apply, get_config
+    """Return ``(model to train, original for the report or None, SE config or None)``. A model with SE
+    blocks comes back itself, its head not yet resized (see `finetune`); any other, as a new model."""
+    from .api import _copy, apply, get_config
 
     if se_blocks(model):
         existing = get_config(model)
         if se_config is not None and existing is not None and se_config.to_dict() != existing.to_dict():
             raise ValueError(f"the model is already retrofitted with {existing.to_dict()}, which differs from the "
                              "conversion options given; drop them or pass the plain model")
-        if n_classes is not None:
-            reset_classifier(model, n_classes)
         return model, None, existing
     if not retrofit:
         if train != "all":
             raise ValueError(f"train={train!r} trains SE blocks, but retrofit=False leaves the model without any; "
                              "use train='all' for a plain fine-tune")
+        baseline = _copy(model)
         if n_classes is not None:
-            reset_classifier(model, n_classes)
-        return model, None, None
+            reset_classifier(baseline, n_classes)
+        return baseline, None, None
     original = model
     if n_classes is not None and not _head_fits(model, n_classes):
-        original = copy.deepcopy(model)
+        original = _copy(model)
         reset_classifier(original, n_classes)
     se_config = se_config or SEConfig()
     se_model = apply(original, se_config)
@@ -244,12 +250,13 @@ def _head_names(model: nn.Module) -> set[str]:
 
 def _resolved_config(model: nn.Module, train_data: Dataset, val_data: Dataset | None, names: list[str] | None,
                      se_config: SEConfig | None, opts: TrainOptions, run_info: dict[str, Any] | None, dtype: Any,
-                     ctx: distributed.DistContext) -> dict[str, Any]:
+                     ctx: distributed.DistContext, num_classes: int | None = None) -> dict[str, Any]:
+    """The run's config; ``num_classes``, when given, is the head the model will have (not yet resized)."""
     from . import __version__
 
     run_info = run_info or {}
     model_section = dict(run_info.get("model") or {"class": type(model).__name__})
-    model_section["num_classes"] = num_classes_of(model)
+    model_section["num_classes"] = num_classes if num_classes is not None else num_classes_of(model)
     data_section = dict(run_info.get("data") or {})
     data_section.update(train_size=len(train_data), val_size=len(val_data) if val_data is not None else 0,
                         class_names=names)

@@ -324,6 +324,38 @@ def test_plain_model_without_retrofit_needs_train_all() -> None:
     assert not se_blocks(result.model), "retrofit=False must not add SE blocks"
 
 
+def test_plain_baseline_trains_a_copy_and_leaves_the_callers_model() -> None:
+    model = create_model(MODEL, num_classes=10).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = finetune(model, Quadrants(8), None, retrofit=False, train="all", epochs=1, batch_size=8,
+                      verbose=False, progress=False)
+    changed = [k for k, v in model.state_dict().items() if k not in before or not torch.equal(v, before[k])]
+    assert result.model is not model and not changed and not model.training, (
+        f"retrofit=False must train a copy (the docs say so); the caller's model changed in {changed[:5]}, "
+        f"training={model.training}")
+    assert result.model.get_classifier().out_features == 3, "the copy gets the data's 3 classes"
+
+
+@pytest.mark.parametrize("refusal", ["batch", "resume"])
+def test_refused_finetune_leaves_an_se_models_head(refusal: str, tmp_path: Path) -> None:
+    import se_retrofit
+
+    model = se_retrofit.apply(create_model(MODEL, num_classes=10))
+    head = model.get_classifier()
+    if refusal == "batch":
+        with pytest.raises(ValueError, match="fewer than one batch"):
+            finetune(model, Quadrants(6), None, epochs=1, batch_size=64, verbose=False, progress=False)
+    else:
+        finetune(se_retrofit.apply(create_model(MODEL, num_classes=3)), Quadrants(8), None, out_dir=tmp_path,
+                 epochs=1, batch_size=8, verbose=False, progress=False)
+        with pytest.raises(ValueError, match="different run"):
+            finetune(model, Quadrants(8), None, out_dir=tmp_path, resume=True, epochs=2, batch_size=8,
+                     verbose=False, progress=False)
+    assert model.get_classifier() is head and head.out_features == 10, (
+        f"a refused finetune() replaced the caller's head: now {model.get_classifier()}")
+    assert all(p.requires_grad for p in model.parameters()), "a refused finetune() froze the caller's parameters"
+
+
 def test_amp_on_cpu_uses_bfloat16_and_refuses_float16() -> None:
     result = finetune(create_model(MODEL, num_classes=3), Quadrants(8), Quadrants(3), epochs=1, batch_size=8,
                       amp=True, device="cpu", verbose=False, progress=False)
