@@ -29,7 +29,7 @@ from .config import SEConfig
 from .deploy_fusion import SLOTS
 from .fingerprint import base_fingerprint, changed_since_apply, digest_tensors
 from .messages import few
-from .models import classifier_of, num_classes_of, reset_classifier
+from .models import classifier_of, head_modules, num_classes_of, reset_classifier
 from .se_block import se_blocks
 from .wrappers import unwrapped
 
@@ -148,10 +148,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: 
         tensors.update(_module_state(model, name))
     _warn_changed_base(model, [name for name, _ in blocks] + extra_modules)
 
-    head = classifier_of(model)
+    heads = [name for name, _ in head_modules(model)]
     classifier = None
-    if head is not None and any(head[0] == name or head[0].startswith(f"{name}.") for name in extra_modules):
-        classifier = {"name": head[0], "num_classes": head[1].out_features}
+    saved_head = [head for head in heads if any(head == name or head.startswith(f"{name}.") for name in extra_modules)]
+    if saved_head and num_classes_of(model) is not None:
+        classifier = {"name": saved_head[0], "num_classes": num_classes_of(model)}
     if class_names is not None:
         class_names = [str(name) for name in class_names]
         outputs = classifier["num_classes"] if classifier else num_classes_of(model)

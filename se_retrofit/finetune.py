@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .config import SEConfig
-from .models import classifier_of, num_classes_of, reset_classifier
+from .models import classifier_of, head_modules, num_classes_of, reset_classifier
 from .se_block import se_blocks
 from .training import distributed, outputs, state
 from .training.devices import amp_dtype, resolve_device
@@ -133,7 +133,7 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
         if head_pending:
             reset_classifier(model, n_classes)
         new_names = new_parameter_names(model) if se_blocks(model) else _head_names(model)
-        head = classifier_of(model)
+        heads = [name for name, _ in head_modules(model)]
         # each process shards its own dataset: datasets of different sizes would train on neither
         sizes = (len(train_data), len(val_data) if val_data is not None else 0)
         distributed.same_on_every_rank(sizes, lambda n: f"{n[0]:,} training and {n[1]:,} validation samples", ctx)
@@ -146,7 +146,7 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
                                                            restart, new_run=not resume), ctx)
 
         trainer = Trainer(model=model, train_data=train_data, val_data=val_data, options=opts, device=device,
-                          dtype=dtype, ctx=ctx, new_names=new_names, head_name=head[0] if head else None,
+                          dtype=dtype, ctx=ctx, new_names=new_names, head_names=heads,
                           out_dir=out, config=config, base_model=base_model, verbose=verbose,
                           progress_bars=progress)
         if saved is not None:
@@ -244,8 +244,7 @@ def _head_fits(model: nn.Module, n_classes: int | None) -> bool:
 
 
 def _head_names(model: nn.Module) -> set[str]:
-    head = classifier_of(model)
-    return {f"{head[0]}.{name}" for name, _ in head[1].named_parameters()} if head else set()
+    return {f"{name}.{param}" for name, module in head_modules(model) for param, _ in module.named_parameters()}
 
 
 def _resolved_config(model: nn.Module, train_data: Dataset, val_data: Dataset | None, names: list[str] | None,

@@ -155,9 +155,13 @@ def _offline_hint(spec: str, exc: Exception, hint: str | None) -> str:
 
 
 def num_classes_of(model: nn.Module) -> int | None:
-    """Number of outputs of the classifier head, or None when there is no recognisable one."""
+    """Number of outputs of the classifier head, or None when there is no recognisable one: the linear
+    head's width, else timm's own count for a head of another kind (a 1x1 convolution, an MLP)."""
     head = classifier_of(model)
-    return None if head is None else head[1].out_features
+    if head is not None:
+        return head[1].out_features
+    count = getattr(model, "num_classes", None) if hasattr(model, "reset_classifier") else None
+    return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None
 
 
 def classifier_of(model: nn.Module) -> tuple[str, nn.Linear] | None:
@@ -173,6 +177,23 @@ def classifier_of(model: nn.Module) -> tuple[str, nn.Linear] | None:
         if isinstance(module, nn.Linear):
             last = (name, module)
     return last
+
+
+def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every module of the classifier head, by qualified name: what timm's ``get_classifier()`` returns
+    (one module or a tuple, of any kind: a linear layer, a 1x1 convolution (DLA, DPN), an MLP head
+    (MetaFormer), a head and a distillation head (LeViT)), else `classifier_of`'s linear layer. These
+    are the layers ``reset_classifier`` makes anew, which must train with the SE blocks."""
+    if hasattr(model, "get_classifier"):
+        heads = model.get_classifier()
+        heads = heads if isinstance(heads, (tuple, list)) else (heads,)
+        wanted = {id(h) for h in heads if isinstance(h, nn.Module) and any(True for _ in h.parameters())}
+        found = [(name, module) for name, module in model.named_modules() if id(module) in wanted]
+        found = [(name, m) for name, m in found if not any(name.startswith(f"{other}.") for other, _ in found)]
+        if found:
+            return found
+    head = classifier_of(model)
+    return [head] if head is not None else []
 
 
 def reset_classifier(model: nn.Module, num_classes: int) -> bool:

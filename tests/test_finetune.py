@@ -529,3 +529,23 @@ def test_one_image_per_batch_with_training_batch_norms_says_what_to_change(tmp_p
     assert run_cli(args) == 2
     err = capsys.readouterr().err
     assert "raise --batch-size" in err and "--train se" in err, f"no hint in:\n{err}"
+
+
+@pytest.mark.parametrize("name, head", [("dla34", "fc"), ("caformer_s18", "head.fc")])
+def test_a_head_that_is_not_one_linear_layer_trains_and_is_saved(name: str, head: str, tmp_path: Path) -> None:
+    """timm's reset_classifier makes these heads anew (a 1x1 convolution, an MLP): they must train under
+    --train se, not stay frozen at their random init, and go into the adapter."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10)
+    result = finetune(model, Quadrants(8), None, out_dir=tmp_path / "run", epochs=1, batch_size=8, verbose=False,
+                      progress=False)
+    trained = result.model.get_submodule(head)
+    frozen = [n for n, p in trained.named_parameters() if not p.requires_grad]
+    assert not frozen, f"{name}: the new head's {frozen} stayed frozen under --train se"
+    config = json.loads((tmp_path / "run" / "se_adapter_config.json").read_text())
+    assert config["extra_modules"] == [head], f"{name}: the adapter's extra modules are {config['extra_modules']}"
+    import se_retrofit
+
+    rebuilt = se_retrofit.load(tmp_path / "run", model).eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    assert torch.equal(rebuilt(x), result.model.eval()(x)), f"{name}: the adapter on the 10-class base does not rebuild"

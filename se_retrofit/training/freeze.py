@@ -11,17 +11,15 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..models import classifier_of
+from ..models import head_modules
 from ..se_block import se_blocks
 
 
 def new_parameter_names(model: nn.Module) -> set[str]:
-    """Qualified names of the SE blocks' and the classifier head's parameters."""
+    """Qualified names of the SE blocks' and the classifier head's parameters (every head module, see
+    `~se_retrofit.models.head_modules`: a head that is not one linear layer is made anew too)."""
     names = set()
-    prefixes = [name for name, _ in se_blocks(model)]
-    head = classifier_of(model)
-    if head is not None:
-        prefixes.append(head[0])
+    prefixes = [name for name, _ in se_blocks(model)] + [name for name, _ in head_modules(model)]
     for name, _ in model.named_parameters():
         if any(name.startswith(prefix + ".") for prefix in prefixes):
             names.add(name)

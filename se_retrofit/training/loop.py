@@ -57,14 +57,14 @@ class Trainer:
 
     def __init__(self, *, model: nn.Module, train_data: Dataset, val_data: Dataset | None, options: TrainOptions,
                  device: torch.device, dtype: torch.dtype | None, ctx: DistContext, new_names: set[str],
-                 head_name: str | None, out_dir: Path | None, config: dict[str, Any], base_model: str | None,
+                 head_names: list[str], out_dir: Path | None, config: dict[str, Any], base_model: str | None,
                  verbose: bool = True, progress_bars: bool | None = None) -> None:
         self.opts = options
         self.device = device
         self.dtype = dtype
         self.ctx = ctx
         self.new_names = new_names
-        self.head_name = head_name
+        self.head_names = list(head_names)
         self.out = out_dir if ctx.is_main else None
         self.saving = out_dir is not None
         self.config = config
@@ -337,7 +337,7 @@ class Trainer:
         if self.out is not None:
             outputs.save_weights(self.out / outputs.MODEL, self.model, metadata={"format": "pt"})
             if self.adapter_suffices:
-                extra = [self.head_name] if self.head_name else []
+                extra = self.head_names
                 names = (self.config or {}).get("data", {}).get("class_names")
                 outputs.save_adapter(self.out, self.model, self.base_model, extra, names)
             outputs.write_metrics(self.out, self.progress.history)
