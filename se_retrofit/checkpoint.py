@@ -254,9 +254,31 @@ def _container_kind(path: Path) -> str | None:
     return None
 
 
+def _check_zip_entries(path: Path) -> None:
+    """Refuse a ``torch.save`` archive whose entries fail their CRC-32: ``torch.load`` does not check them,
+    so a file damaged after it was written (a bad copy or download, a failing disk) would load as other
+    weights without a word. One sequential read of the file."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}); "
+                         "it may be truncated or damaged. Pass a good copy of it.") from None
+    if bad is not None:
+        raise ValueError(f"{str(path)!r} is damaged: its entry {bad!r} does not match the checksum written with it, "
+                         "so the file changed after it was saved (a copy or download that went wrong, a failing "
+                         "disk). Its weights would load as other numbers; pass a good copy of it.")
+
+
 def _torch_load_weights_only(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` whose failures say which file and what to do."""
+    """``torch.load(weights_only=True)`` whose failures say which file and what to do; a zip archive's
+    checksums are checked first (`_check_zip_entries`)."""
     import pickle
+
+    if _container_kind(path) == "zip":
+        _check_zip_entries(path)
 
     try:
         # timm's train.py stores its argparse.Namespace of options beside the weights; a Namespace only

@@ -324,3 +324,18 @@ def test_a_damaged_or_misnamed_file_is_not_called_a_dangerous_pickle(tmp_path):
         with pytest.raises(ValueError, match=message) as info:
             load_weights(tmp_path / name)
         assert not isinstance(info.value, UnsafeCheckpointError), f"{name}: {info.value}"
+
+
+def test_a_checkpoint_changed_after_it_was_written_is_refused(tmp_path):
+    """torch.load does not check the zip's checksums: bytes flipped inside a tensor's data loaded as other
+    weights. The archive's CRC-32 catches it, naming the damaged entry; the intact file still loads."""
+    state = {"w": torch.arange(4096, dtype=torch.float32), "b": torch.ones(3)}
+    torch.save(state, tmp_path / "good.pth")
+    data = bytearray((tmp_path / "good.pth").read_bytes())
+    start = data.index(torch.arange(4096, dtype=torch.float32).numpy().tobytes()[:64])
+    for i in range(start + 1000, start + 1100):
+        data[i] ^= 0xFF
+    (tmp_path / "bad.pth").write_bytes(bytes(data))
+    assert torch.equal(load_weights(tmp_path / "good.pth")["w"], state["w"])
+    with pytest.raises(ValueError, match=r"is damaged: its entry '.*data/0' does not match the checksum"):
+        load_weights(tmp_path / "bad.pth")
