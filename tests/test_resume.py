@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.utils.data import Dataset
 
 from se_retrofit.finetune import finetune
@@ -324,3 +325,22 @@ def test_the_resume_hint_under_torchrun_names_the_launcher_and_the_process_count
                     "--data 'my data' --out run --resume"), hint
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert _resume_hint(argparse.Namespace(out=Path("run"))).startswith("to continue: se-retrofit convert-and-finetune")
+
+
+def test_a_resumed_run_checks_its_adapter_against_the_base_it_started_from(tmp_path: Path) -> None:
+    """The CLI resumes by building the model from random weights and loading last.pt into it: apply's record
+    of the base must come from the checkpoint, or save_adapter warns that the whole backbone changed."""
+    import warnings
+
+    def run(model: nn.Module, resume: bool):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            finetune(model, Quadrants(8), None, out_dir=tmp_path / "run", resume=resume, epochs=1, batch_size=8,
+                     train="se", verbose=False, progress=False)
+        return [str(w.message) for w in caught if "changed since se_retrofit.apply" in str(w.message)]
+
+    torch.manual_seed(0)
+    assert not run(pretrained_like(create_model(MODEL)), resume=False), "the first run warned about its own base"
+    torch.manual_seed(1)
+    said = run(create_model(MODEL), resume=True)
+    assert not said, f"resuming into a randomly built model warned falsely: {said[0][:200]}"

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from .. import checkpoint as ckpt
+from ..fingerprint import DIGESTS_ATTR
 from ..fitting import load_into
 from ..messages import first_line
 
@@ -57,6 +58,9 @@ def build(*, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, ema:
         "ranks": rank_states,
         "data_order": data_order,
         "config": config,
+        # what `apply` recorded of the base model: a resumed run rebuilds the model from random weights before
+        # loading these states, and its adapter must still be checked against the base the run started from
+        "base_digests": model.__dict__.get(DIGESTS_ATTR),
     }
 
 
@@ -96,6 +100,8 @@ def restore(state: dict[str, Any], *, model: nn.Module, optimizer: Any, schedule
             ema: Any) -> Progress:
     """Load the states into the live objects and return the progress to continue from."""
     load_into(model, state["model"], strict=True)
+    if state.get("base_digests") is not None:
+        model.__dict__[DIGESTS_ATTR] = dict(state["base_digests"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"] is not None:
