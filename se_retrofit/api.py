@@ -189,8 +189,9 @@ def _check_model(model: Any) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):
         raise ValueError(f"model is a TorchScript module ({type(model).__name__}): its forward is compiled code that "
-                         "se_retrofit cannot trace or rewrite. Pass the eager model it was scripted from, and script "
-                         "or export the model apply returns if you need to.")
+                         "se_retrofit cannot trace or rewrite. Pass the eager model it was scripted from; to take the "
+                         "result out of Python, trace (torch.jit.trace) or export (torch.export, ONNX) the model apply "
+                         "returns: torch.jit.script cannot compile its generated forwards.")
     if unwrapped(model) is not model:
         inner = "_orig_mod" if type(model).__name__ == "OptimizedModule" else "module"
         raise ValueError(f"model is wrapped ({type(model).__name__}): compiled code would run where se_retrofit "
@@ -267,9 +268,10 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
             eval_graph, reads_training = cached_trace(module)
         fused = [Skipped(name, n.name, f"already has channel attention: SEBlock at '{n.target}' (doing the add)")
                  for n in fused_calls(eval_graph, module)]
-        if not tensor_adds(eval_graph):
-            return None, fused, branch_calls(eval_graph, module, [], [])
+        # before the additions are looked for: a converted model's adds are quantized ops, not additions
         quantized = [n for n, child in module.named_children() if catalog.is_quantization_functional(child)]
+        if not tensor_adds(eval_graph) and not quantized:
+            return None, fused, branch_calls(eval_graph, module, [], [])
         if quantized:
             return None, [Skipped(name, None, f"module skipped: its additions go through '{quantized[0]}', a "
                                               f"{type(getattr(module, quantized[0])).__name__} for eager-mode "

@@ -92,8 +92,10 @@ def test_model_without_additions_comes_back_unchanged_with_a_warning():
 def test_a_scripted_model_is_refused_with_the_eager_one_asked_for():
     scripted = torch.jit.script(Net([AddSpelling(16, "plus")]))
     for call in (se_retrofit.apply, se_retrofit.find_sites):
-        with pytest.raises(ValueError, match="TorchScript.*Pass the eager model"):
+        with pytest.raises(ValueError, match="TorchScript.*Pass the eager model") as info:
             call(scripted)
+        # scripting the result fails (its generated forwards call Python): the hint must not suggest it
+        assert "torch.jit.trace" in str(info.value) and "script or export" not in str(info.value), str(info.value)
 
 
 def test_multi_branch_sum_gets_one_se_after_the_sum():

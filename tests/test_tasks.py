@@ -464,3 +464,14 @@ def test_eager_quantizable_blocks_are_left_alone_with_the_float_model_named():
     assert not se_retrofit.se_blocks(se_model), "no SE block should go into an eager-quantizable block"
     reasons = {s.reason for s in se_retrofit.get_plan(se_model).skipped}
     assert any("'add_relu'" in r and "torchvision.models.NAME" in r for r in reasons), reasons
+
+
+def test_a_converted_int8_model_is_told_to_retrofit_the_float_one():
+    """After quantization's convert the adds are quantized ops, not additions: the reason must still name
+    the quantized add, not say the network only concatenates."""
+    import torchvision.models.quantization as quantizable
+
+    plan = se_retrofit.find_sites(quantizable.resnet18(weights=None, quantize=True))
+    reasons = {s.reason for s in plan.skipped}
+    assert not plan.sites and any("QFunctional" in r and "torchvision.models.NAME" in r for r in reasons), (
+        f"a converted int8 model got {reasons or str(plan)}")
