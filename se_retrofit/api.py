@@ -468,9 +468,12 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     and detectors). With ``inplace=False`` (default) ``model`` itself is never touched.
 
     To find the residual additions and check each rewritten block, ``apply`` (as ``find_sites``) runs
-    one eval-mode forward without gradients on ``example_input`` or a random batch. A deep copy keeps
-    the functions of the model's hooks, so a hook that collects activations or statistics into the
-    user's objects sees that forward too: register such hooks after ``apply``.
+    one eval-mode forward without gradients on ``example_input`` or a random batch. A hook that
+    collects activations or statistics into the user's objects sees that forward too. The returned
+    model (``inplace=False``) is a deep copy, and so are its hooks: a plain function or closure still
+    writes where it did, but a hook that is a bound method (``obj.hook``) is bound to a copy of its
+    object, so ``obj`` sees nothing of the new model. Register such hooks on the model ``apply``
+    returns, after ``apply``.
 
     Raises:
         ValueError: a bad option (naming it and the allowed values), an include/exclude pattern that
@@ -484,7 +487,11 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     previous = get_config(model) if any(isinstance(m, SEBlock) for m in model.modules()) else None
     target = model if inplace else _copy(model)
     constants = _tracer_constants(target)
-    plan, blocks = _plan(target, config, example_input)
+    try:
+        plan, blocks = _plan(target, config, example_input)
+    except BaseException:  # a refused plan (a pattern matching nothing...) leaves no fx constant behind either
+        _drop_unused_constants(target, constants)
+        raise
     if previous is not None and plan.sites:
         _drop_unused_constants(target, constants)
         raise ValueError(_second_apply_message(model, previous, plan))

@@ -353,11 +353,23 @@ def _unwrap(obj: Any, path: Path, prefer_ema: bool | None) -> Any:
     return obj
 
 
+# What wrappers put before every key of the model they wrap: DistributedDataParallel, DataParallel and
+# torch.optim.swa_utils.AveragedModel (torchvision's reference EMA) `module.`, torch.compile `_orig_mod.`.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def _strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove the ``module.`` that DistributedDataParallel/DataParallel put before every key."""
-    if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
-    return dict(state)
+    """Remove the prefixes wrappers put before every key (`_WRAPPER_PREFIXES`, nested in any order), and
+    the ``n_averaged`` count an ``AveragedModel`` keeps beside its ``module.`` weights."""
+    state = dict(state)
+    if len(state) > 1 and "n_averaged" in state and all(k.startswith("module.") for k in state if k != "n_averaged"):
+        del state["n_averaged"]
+    while state:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            return state
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
 
 
 def load_weights(path: StrPath, *, prefer_ema: bool | None = None, strip_ddp_prefix: bool = True
@@ -370,9 +382,9 @@ def load_weights(path: StrPath, *, prefer_ema: bool | None = None, strip_ddp_pre
     file with both loads the raw ones and warns, and one with EMA weights alone loads them and warns.
     A pickle that needs anything beyond tensors and containers raises `UnsafeCheckpointError` without
     running it.
-    ``strip_ddp_prefix`` drops a ``module.`` that every key starts with (a user's checkpoint saved from a
-    ``DistributedDataParallel`` wrapper); files this package wrote itself have none to drop, and a
-    model whose only child is named ``module`` needs it kept.
+    ``strip_ddp_prefix`` drops a ``module.`` or ``_orig_mod.`` that every key starts with (a user's checkpoint
+    saved from a ``DistributedDataParallel``, ``AveragedModel`` or ``torch.compile`` wrapper); files this
+    package wrote itself have none to drop, and a model whose only child is named ``module`` needs it kept.
     """
     path = _require_file(path)
     if path.suffix.lower() == ".safetensors":

@@ -339,3 +339,20 @@ def test_a_checkpoint_changed_after_it_was_written_is_refused(tmp_path):
     assert torch.equal(load_weights(tmp_path / "good.pth")["w"], state["w"])
     with pytest.raises(ValueError, match=r"is damaged: its entry '.*data/0' does not match the checksum"):
         load_weights(tmp_path / "bad.pth")
+
+
+def test_wrapper_prefixes_of_compiled_and_averaged_models_are_dropped(tmp_path):
+    """torch.compile saves `_orig_mod.` before every key (also under DDP's `module.`), and torchvision's
+    reference EMA (an AveragedModel) `module.` plus its `n_averaged` count: all load as the plain weights."""
+    net = tiny_net()
+    plain = net.state_dict()
+    compiled = {f"_orig_mod.{k}": v for k, v in plain.items()}
+    both = {f"module._orig_mod.{k}": v for k, v in plain.items()}
+    averaged = torch.optim.swa_utils.AveragedModel(net).state_dict()
+    assert "n_averaged" in averaged, sorted(averaged)[:3]
+    for name, state in (("compiled", compiled), ("ddp_compiled", both), ("averaged", {"model": plain,
+                                                                                      "model_ema": averaged})):
+        torch.save(state, tmp_path / f"{name}.pth")
+        loaded = load_weights(tmp_path / f"{name}.pth", prefer_ema=True if name == "averaged" else None)
+        assert loaded.keys() == plain.keys() and all(torch.equal(loaded[k], plain[k]) for k in plain), (
+            f"{name}: loaded keys {sorted(loaded)[:4]}")

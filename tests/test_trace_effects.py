@@ -416,3 +416,21 @@ def test_tracer_constants_stay_only_where_a_rewritten_forward_reads_them():
     assert left["1"] == [] and left["2"] == ["_tensor_constant0"], f"tracer constants left on {left}"
     with torch.no_grad():
         assert torch.equal(model(x), expected), "the rewritten model lost a constant it reads"
+
+
+def test_a_refused_in_place_apply_leaves_no_tracer_constant() -> None:
+    """fx stores torch.tensor(...) made in a forward on the traced module; a refused apply(inplace=True)
+    (a pattern matching nothing) must take them off the user's model as a successful one does."""
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.conv(x) * torch.tensor([0.5])
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Residual()).eval()
+    with pytest.raises(ValueError, match="nonexistent"):
+        se_retrofit.apply(model, inplace=True, include=["nonexistent"])
+    left = {name: [k for k in vars(m) if k.startswith("_tensor_constant")] for name, m in model.named_modules()}
+    assert not any(left.values()), f"a refused apply left tracer constants on the user's model: {left}"
