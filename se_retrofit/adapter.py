@@ -185,11 +185,21 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest_tensors(sorted(tensors.items()))
 
 
+# The whole-model files of a convert-and-finetune run folder, which `load` is sometimes given by mistake.
+_RUN_MODEL_FILES = ("model.safetensors", "best.safetensors")
+
+
 def _adapter_files(path: str | os.PathLike) -> tuple[Path, Path]:
     path = Path(path)
     if path.is_dir():
         weights, config = path / WEIGHTS_NAME, path / CONFIG_NAME
     elif path.suffix == ".safetensors" and path.exists():
+        if path.name in _RUN_MODEL_FILES and (path.parent / "config.json").is_file():
+            raise ValueError(
+                f"{str(path)!r} holds a whole model, not an SE adapter: it is a convert-and-finetune run's "
+                f"{path.name}. Load it with load_state_dict into se_retrofit.apply(base_model, "
+                "SEConfig.from_dict(config['se'])) (config.json of the run), or pass the run folder to load its "
+                f"adapter ({WEIGHTS_NAME}).")
         weights, config = path, path.parent / CONFIG_NAME
     else:
         raise FileNotFoundError(f"no SE adapter at {str(path)!r}: pass the folder save_adapter wrote "

@@ -270,6 +270,10 @@ def test_load_errors(tmp_path, saved, base, tuned):
         (run / name).write_text("{}")
     with pytest.raises(FileNotFoundError, match="run folder without an SE adapter.*model.safetensors"):
         load(run, base)
+    for name in ("model.safetensors", "best.safetensors"):  # a run's whole-model files, given to load by mistake
+        (run / name).write_text("{}")
+        with pytest.raises(ValueError, match=f"holds a whole model, not an SE adapter.*{name}"):
+            load(run / name, base)
     (tmp_path / "a_file").write_text("mine")
     with pytest.raises(ValueError, match="is a file"):
         save_adapter(tuned, tmp_path / "a_file")
