@@ -99,9 +99,12 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
     device = resolve_device(opts.device, distributed.local_rank(), distributed.launched_world_size())
     dtype = amp_dtype(device, opts.amp, opts.amp_dtype)
     ctx = distributed.setup(device)
+    held = None
     try:
         has_checkpoint = (distributed.main_first(lambda: outputs.prepare_out_dir(out, resume), ctx)
                           if out is not None else False)
+        if out is not None:  # rank 0 holds the folder (one that exists already: a resume, an empty folder)
+            held = distributed.main_first(lambda: outputs.hold(out), ctx)
         seed_everything(opts.seed)
         names = _class_names(class_names, num_classes, train_data)
         n_classes = num_classes if num_classes is not None else (len(names) if names else None)
@@ -144,6 +147,8 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
         if out is not None:
             distributed.main_first(lambda: _start_outputs(out, config, original, model, train_data, base_model,
                                                            restart, new_run=not resume), ctx)
+            if held is None:  # a new run's folder, made just now
+                held = distributed.main_first(lambda: outputs.hold(out), ctx)
 
         trainer = Trainer(model=model, train_data=train_data, val_data=val_data, options=opts, device=device,
                           dtype=dtype, ctx=ctx, new_names=new_names, head_names=heads,
@@ -159,6 +164,8 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
         distributed.barrier(ctx)
         done = trainer.fit()
     finally:
+        if ctx.is_main:
+            outputs.release(held)
         distributed.teardown(ctx)
 
     result = FinetuneResult(model=done.model, history=done.progress.history, best_top1=done.progress.best_top1,

@@ -16,8 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from se_retrofit.finetune import finetune
 from se_retrofit.models import create_model
-from test_finetune import MODEL, fast_args, run_cli, write_image_folder
+from test_finetune import MODEL, Quadrants, fast_args, run_cli, write_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -222,3 +223,24 @@ def test_a_checkpoint_write_that_fails_says_which_file_and_how_to_go_on(tmp_path
     monkeypatch.setattr(checkpoint, "atomic_save", full_disk)
     with pytest.raises(OSError, match=r"could not write .*last\.pt .*MiB free.*is intact.*--resume"):
         state.save(tmp_path / "last.pt", {"format": "x"})
+
+
+def test_a_resume_while_the_run_is_still_going_is_refused(tmp_path: Path) -> None:
+    """Two processes in one run folder would write the same last.pt and delete each other's temporary files:
+    the running one holds the folder, and a --resume started meanwhile stops before touching anything."""
+    from se_retrofit.training import outputs
+
+    out = tmp_path / "run"
+    finetune(create_model(MODEL, num_classes=3), Quadrants(8), None, out_dir=out, epochs=1, batch_size=8,
+             verbose=False, progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    held = outputs.hold(out)  # what the still-running process holds
+    try:
+        with pytest.raises(FileExistsError, match="is in use: another process is running this run"):
+            finetune(create_model(MODEL, num_classes=3), Quadrants(8), None, out_dir=out, resume=True, epochs=1,
+                     batch_size=8, verbose=False, progress=False)
+    finally:
+        outputs.release(held)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before, "the refused resume changed the folder"
+    finetune(create_model(MODEL, num_classes=3), Quadrants(8), None, out_dir=out, resume=True, epochs=1,
+             batch_size=8, verbose=False, progress=False)  # once released, the resume goes ahead

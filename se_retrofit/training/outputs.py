@@ -122,6 +122,34 @@ def prepare_out_dir(out: Path, resume: bool) -> bool:
     return False
 
 
+def hold(out: Path) -> int | None:
+    """Take the run folder for this process until `release`: an advisory lock (``flock``) on the folder
+    itself, so that a ``--resume`` started while the run is still going (a second terminal, a job requeued
+    while the first still runs) is refused instead of training beside it in the same files. None where
+    the system has no ``flock`` (Windows) or the folder is missing (a new run, taken when created)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(out, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FileExistsError(f"--out {out} is in use: another process is running this run now. Let it finish "
+                              "(or stop it), then --resume it if it did not finish") from None
+    return fd
+
+
+def release(held: int | None) -> None:
+    """Give back what `hold` took."""
+    if held is not None:
+        os.close(held)
+
+
 def finished_outputs(out: Path) -> list[str]:
     """The files in ``out`` that only training writes: weights, metrics, the adapter (not the config or report)."""
     return [p.name for p in sorted(Path(out).iterdir()) if p.name in (MODEL, BEST, METRICS, CURVES)
