@@ -164,8 +164,9 @@ _GRAPH_MODULE_REASON = ("module skipped: an fx GraphModule regenerates its forwa
                         "SE blocks; retrofit the model before tracing it with fx")
 
 
-def _copy(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` with every module's train/eval flag as in ``model``.
+def _copy(model: nn.Module, other_way: str = ", or pass inplace=True to apply") -> nn.Module:
+    """``copy.deepcopy`` with every module's train/eval flag as in ``model``; ``other_way`` ends the error's
+    advice for a model that does not copy (the caller's own alternative, if it has one).
 
     Some modules' ``__deepcopy__`` calls ``train()`` (torchvision's DualGraphModule, under timm's
     ``features_only=True, feature_cls="fx"``); the copy must not come back in another mode.
@@ -176,8 +177,7 @@ def _copy(model: nn.Module) -> nn.Module:
         raise ValueError(
             f"cannot copy {type(model).__name__} to work on ({first_line(exc)}). "
             "Models reparametrised with hooks (torch.nn.utils.prune, the old torch.nn.utils.weight_norm) do not "
-            "deep-copy: make the change permanent first (prune.remove, remove_weight_norm), or pass inplace=True "
-            "to apply.") from exc
+            f"deep-copy: make the change permanent first (prune.remove, remove_weight_norm){other_way}.") from exc
     for original, copied in zip(model.modules(), clone.modules()):
         copied.training = original.training
     return clone
@@ -268,9 +268,9 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
             eval_graph, reads_training = cached_trace(module)
         fused = [Skipped(name, n.name, f"already has channel attention: SEBlock at '{n.target}' (doing the add)")
                  for n in fused_calls(eval_graph, module)]
-        # before the additions are looked for: a converted model's adds are quantized ops, not additions
+        # a converted model's adds are quantized ops, not additions: they are looked for too
         quantized = [n for n, child in module.named_children() if catalog.is_quantization_functional(child)]
-        if not tensor_adds(eval_graph) and not quantized:
+        if not tensor_adds(eval_graph) and not (quantized and _quantized_adds(eval_graph)):
             return None, fused, branch_calls(eval_graph, module, [], [])
         if quantized:
             return None, [Skipped(name, None, f"module skipped: its additions go through '{quantized[0]}', a "
@@ -531,6 +531,12 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     logger.info("se_retrofit: %d SE block(s) inserted into %s, %d addition(s) left alone",
                 len(done), type(model).__name__, len(plan.skipped))
     return target
+
+
+def _quantized_adds(graph: fx.Graph) -> bool:
+    """Whether ``graph`` calls a quantized add (``quantized::add``, ``add_relu``, ``add_scalar``...): what
+    quantization's convert leaves of the additions of an eager-quantizable block."""
+    return any(n.op == "call_function" and "quantized.add" in str(n.target) for n in graph.nodes)
 
 
 def _tracer_constants(model: nn.Module) -> set[tuple[int, str]]:

@@ -257,12 +257,22 @@ def _container_kind(path: Path) -> str | None:
 def _check_zip_entries(path: Path) -> None:
     """Refuse a ``torch.save`` archive whose entries fail their CRC-32: ``torch.load`` does not check them,
     so a file damaged after it was written (a bad copy or download, a failing disk) would load as other
-    weights without a word. One sequential read of the file."""
+    weights without a word. One sequential read of the file. Entries saved without a checksum (CRC 0:
+    ``torch.utils.serialization.config.save.compute_crc32 = False``) cannot be checked and are let through."""
     import zipfile
 
+    bad = None
     try:
         with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
+            for info in archive.infolist():
+                if info.CRC == 0 or bad is not None:
+                    continue
+                try:
+                    with archive.open(info) as entry:  # zipfile compares the CRC when the entry is read to its end
+                        while entry.read(1 << 24):
+                            pass
+                except zipfile.BadZipFile:
+                    bad = info.filename
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         raise ValueError(f"{str(path)!r} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}); "
                          "it may be truncated or damaged. Pass a good copy of it.") from None
@@ -364,10 +374,12 @@ def _strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     state = dict(state)
     if len(state) > 1 and "n_averaged" in state and all(k.startswith("module.") for k in state if k != "n_averaged"):
         del state["n_averaged"]
-    while state:
-        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+    left = list(_WRAPPER_PREFIXES)  # each wrapper once: a model's own child may be named `module`
+    while state and left:
+        prefix = next((p for p in left if all(k.startswith(p) for k in state)), None)
         if prefix is None:
             return state
+        left.remove(prefix)
         state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 

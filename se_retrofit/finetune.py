@@ -133,13 +133,13 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
             return found
 
         saved = distributed.on_every_rank(check_before_writing, ctx)
+        # each process shards its own dataset: datasets of different sizes would train on neither
+        sizes = (len(train_data), len(val_data) if val_data is not None else 0)
+        distributed.same_on_every_rank(sizes, lambda n: f"{n[0]:,} training and {n[1]:,} validation samples", ctx)
         if head_pending:
             reset_classifier(model, n_classes)
         new_names = new_parameter_names(model) if se_blocks(model) else _head_names(model)
         heads = [name for name, _ in head_modules(model)]
-        # each process shards its own dataset: datasets of different sizes would train on neither
-        sizes = (len(train_data), len(val_data) if val_data is not None else 0)
-        distributed.same_on_every_rank(sizes, lambda n: f"{n[0]:,} training and {n[1]:,} validation samples", ctx)
         if restart and ctx.is_main and verbose:
             print(f"no {outputs.LAST} in {out}: that run stopped before its first checkpoint; starting it over",
                   flush=True)
@@ -229,13 +229,13 @@ def _prepare_model(model: nn.Module, n_classes: int | None, se_config: SEConfig 
         if train != "all":
             raise ValueError(f"train={train!r} trains SE blocks, but retrofit=False leaves the model without any; "
                              "use train='all' for a plain fine-tune")
-        baseline = _copy(model)
+        baseline = _copy(model, other_way="")
         if n_classes is not None:
             reset_classifier(baseline, n_classes)
         return baseline, None, None
     original = model
     if n_classes is not None and not _head_fits(model, n_classes):
-        original = _copy(model)
+        original = _copy(model, other_way="")
         reset_classifier(original, n_classes)
     se_config = se_config or SEConfig()
     se_model = apply(original, se_config)

@@ -356,3 +356,26 @@ def test_wrapper_prefixes_of_compiled_and_averaged_models_are_dropped(tmp_path):
         loaded = load_weights(tmp_path / f"{name}.pth", prefer_ema=True if name == "averaged" else None)
         assert loaded.keys() == plain.keys() and all(torch.equal(loaded[k], plain[k]) for k in plain), (
             f"{name}: loaded keys {sorted(loaded)[:4]}")
+
+
+def test_a_checkpoint_saved_without_checksums_still_loads(tmp_path):
+    """torch.save can skip the CRC-32s (compute_crc32 = False, stored as 0): nothing to check, not damage."""
+    from torch.utils import serialization
+
+    state = {"w": torch.arange(64, dtype=torch.float32)}
+    serialization.config.save.compute_crc32 = False
+    try:
+        torch.save(state, tmp_path / "nocrc.pth")
+    finally:
+        serialization.config.save.compute_crc32 = True
+    assert torch.equal(load_weights(tmp_path / "nocrc.pth")["w"], state["w"])
+
+
+def test_a_models_own_child_named_module_keeps_its_name(tmp_path):
+    """Each wrapper's prefix goes once: DDP around a model whose only child is `module` saves
+    `module.module.*`, which must load as `module.*`."""
+    wrapped = nn.Sequential()
+    wrapped.module = nn.Linear(2, 2)
+    state = {f"module.{k}": v for k, v in wrapped.state_dict().items()}
+    torch.save(state, tmp_path / "ddp.pth")
+    assert sorted(load_weights(tmp_path / "ddp.pth")) == ["module.bias", "module.weight"]

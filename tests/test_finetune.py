@@ -549,3 +549,14 @@ def test_a_head_that_is_not_one_linear_layer_trains_and_is_saved(name: str, head
     rebuilt = se_retrofit.load(tmp_path / "run", model).eval()
     x = torch.randn(2, 3, SIZE, SIZE)
     assert torch.equal(rebuilt(x), result.model.eval()(x)), f"{name}: the adapter on the 10-class base does not rebuild"
+
+
+def test_a_baseline_of_a_model_that_does_not_copy_says_what_to_do() -> None:
+    """A pruned model does not deep-copy; finetune has no inplace option to suggest."""
+    from torch.nn.utils import prune
+
+    model = create_model(MODEL, num_classes=3)
+    prune.l1_unstructured(model.conv1[0], "weight", amount=0.5)
+    with pytest.raises(ValueError, match=r"prune.remove") as info:
+        finetune(model, Quadrants(8), None, retrofit=False, train="all", epochs=1, batch_size=8, verbose=False)
+    assert "inplace" not in str(info.value), f"the advice names an option finetune does not have: {info.value}"

@@ -475,3 +475,8 @@ def test_a_converted_int8_model_is_told_to_retrofit_the_float_one():
     reasons = {s.reason for s in plan.skipped}
     assert not plan.sites and any("QFunctional" in r and "torchvision.models.NAME" in r for r in reasons), (
         f"a converted int8 model got {reasons or str(plan)}")
+    # a network that only concatenates (its FloatFunctional does `cat`) has no additions to speak of
+    for quantize in (False, True):
+        plan = se_retrofit.find_sites(quantizable.googlenet(weights=None, quantize=quantize, aux_logits=False,
+                                                            init_weights=False))
+        assert not any("additions go through" in s.reason for s in plan.skipped), (quantize, str(plan)[:300])
