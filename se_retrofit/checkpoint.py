@@ -265,7 +265,7 @@ def _check_zip_entries(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
-                if info.CRC == 0 or bad is not None:
+                if info.CRC == 0:
                     continue
                 try:
                     with archive.open(info) as entry:  # zipfile compares the CRC when the entry is read to its end
@@ -273,6 +273,7 @@ def _check_zip_entries(path: Path) -> None:
                             pass
                 except zipfile.BadZipFile:
                     bad = info.filename
+                    break
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         raise ValueError(f"{str(path)!r} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}); "
                          "it may be truncated or damaged. Pass a good copy of it.") from None

@@ -187,7 +187,7 @@ def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if hasattr(model, "get_classifier"):
         heads = model.get_classifier()
         heads = heads if isinstance(heads, (tuple, list)) else (heads,)
-        wanted = {id(h) for h in heads if isinstance(h, nn.Module) and any(True for _ in h.parameters())}
+        wanted = {id(h) for h in heads if isinstance(h, nn.Module) and next(h.parameters(), None) is not None}
         found = [(name, module) for name, module in model.named_modules() if id(module) in wanted]
         found = [(name, m) for name, m in found if not any(name.startswith(f"{other}.") for other, _ in found)]
         if found:
