@@ -32,7 +32,10 @@ def paired(num: list[float], den: list[float]) -> str:
 def spread(times: dict[str, list[float]]) -> str:
     """The range over models of one forward's standard deviation between rounds, in % of its median."""
     values = [100 * statistics.stdev(t) / statistics.median(t) for t in times.values() if len(t) > 1]
-    return f"{min(values):.0f} to {max(values):.0f} %" if values else "?"
+    if not values:
+        return "?"
+    low, high = f"{min(values):.0f}", f"{max(values):.0f}"
+    return f"{low} %" if low == high else f"{low} to {high} %"
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
