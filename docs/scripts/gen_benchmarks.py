@@ -373,6 +373,13 @@ SUFFIXES = {"cold": "each op after a convolution, as in the forward",
                                                                  "retrofit only, 16 threads, "
                                                                  "`OMP_WAIT_POLICY=PASSIVE`",
             "h100_host_one_thread": "on one core of the H100 machine's CPU",
+            "h100_host_base_and_retrofit_16threads_run1": "on the H100 machine's CPU, base model and retrofit only, "
+                                                          "16 threads, first of two runs in a row",
+            "h100_host_base_and_retrofit_16threads_run2": "on the H100 machine's CPU, base model and retrofit only, "
+                                                          "16 threads, second of two runs in a row",
+            "h100_host_16threads_rerun": "on the H100 machine's CPU, 16 threads, a later session's run",
+            "after_conv_h100_host_16threads": "each call right after a convolution, as in a forward, on the H100 "
+                                              "machine's CPU at 16 threads",
             "h100_host_16_and_4_threads": "on the H100 machine's CPU, 16 and 4 threads",
             "resnext50_32x4d": "ResNeXt-50 32x4d",
             "after_conv": "each call right after a convolution, as in a forward",
