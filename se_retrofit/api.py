@@ -30,7 +30,8 @@ from .rewrite import free_name, rewrite_block
 from .se_block import SEBlock, hidden_width
 from .sites import NESTED_REASON, Placement, analyze, tensor_adds
 from .trace_effects import is_tracer_constant
-from .tracing import TraceFailure, bind_call, cached_trace, clear_cache, propagate_shapes, trace_forward
+from .tracing import (TraceFailure, bind_call, cached_trace, checkpoints, clear_cache, propagate_shapes,
+                      trace_forward)
 from .wrappers import unwrapped
 
 logger = logging.getLogger("se_retrofit")
@@ -162,6 +163,11 @@ _NO_ADDITIONS = ("no tensor addition in any traced module, so no residual branch
 _GRAPH_MODULE_REASON = ("module skipped: an fx GraphModule regenerates its forward from its graph (recompile, "
                         "and the train/eval switch of torchvision's feature extractors), which would drop inserted "
                         "SE blocks; retrofit the model before tracing it with fx")
+
+
+_CHECKPOINT_REASON = ("module skipped: its forward calls torch.utils.checkpoint, which the traced graph inlines: the "
+                      "rewritten forward would no longer checkpoint (its memory saving lost); turn checkpointing off "
+                      "before apply to get SE here (timm: model.set_grad_checkpointing(False))")
 
 
 def _copy(model: nn.Module, other_way: str = ", or pass inplace=True to apply") -> nn.Module:
@@ -300,6 +306,8 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
     units = branch_calls(eval_graph, module, all_placements[0], rejections[0])
     if not all_placements[0]:
         return None, skipped, units
+    if any(checkpoints(g) for g in graphs):
+        return None, [Skipped(name, None, _CHECKPOINT_REASON)], []
     return _BlockPlan(name, module, call, graphs, all_placements), skipped, units
 
 

@@ -6,9 +6,12 @@ NumPy, ``torch.rand(1).item()`` — a torch call with no proxy argument runs for
 outcome, so stochastic depth written that way would always keep (or always drop) its branch; a write
 to module state (``self.feat = out``, ``self.calls += 1``, ``self.history.append(out)``) is not repeated
 by the generated forward and, worse, leaves a proxy in the module; a tensor read from a cache that an
-earlier call filled becomes a constant. These are detected here, undone (the random generators and the
-modules' state are put back as they were), and reported, so that the module is skipped with the reason
-instead of rewritten into something else.
+earlier call filled becomes a constant. A branch on global autograd or autocast state
+(``if torch.is_autocast_enabled():``) is decided once, by the state while fx traces, and a
+``torch.autocast`` or ``torch.no_grad`` block in the forward is not recorded at all; a call to
+``torch.utils.checkpoint`` is inlined, so the generated forward no longer checkpoints. These are detected
+here, undone (the random generators and the modules' state are put back as they were), and reported, so
+that the module is skipped with the reason instead of rewritten into something else.
 """
 from __future__ import annotations
 
@@ -20,7 +23,10 @@ import types
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
+
+from .call_watch import WatchCalls
 
 # fx stores a tensor the forward makes without a proxy (``torch.zeros(3)``) on the traced module under
 # this name, and the graph reads it from there: a write of the tracer's, not of the forward's.
@@ -77,6 +83,57 @@ def _restore_states(states: dict[str, Any]) -> None:
         sys.modules["numpy"].random.set_state(states["numpy"])
     if "cuda" in states:
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# The readers of global autograd and autocast state. ``torch.autocast``, ``torch.no_grad``,
+# ``torch.enable_grad`` and ``torch.set_grad_enabled`` read it on entering, which is how such a block in a
+# forward is seen (``torch.inference_mode`` does not: a block of it is not).
+_STATE_READERS = ("is_grad_enabled", "is_inference_mode_enabled", "is_autocast_enabled", "is_autocast_cpu_enabled",
+                  "get_autocast_dtype", "get_autocast_cpu_dtype", "get_autocast_gpu_dtype")
+# Where a read is a block being entered, and what to call it in a reason.
+_BLOCKS = {torch.amp.autocast_mode.__file__: "a torch.autocast block",
+           torch.autograd.grad_mode.__file__: "a torch.no_grad, enable_grad or set_grad_enabled block"}
+# Reads made inside a checkpoint call (checkpoint records the state to recompute under, and runs under
+# torch.no_grad) are not the forward's: `Checkpoints` reports the call itself.
+_CHECKPOINT_FILE = torch.utils.checkpoint.__file__
+
+
+class StateReads(WatchCalls):
+    """Context: ``read``, what inside read global autograd or autocast state (``torch.is_autocast_enabled``,
+    ``a torch.autocast block``), in call order without repeats.
+
+    The generated forward takes the branch the state chose at trace time: under ``torch.autocast`` a
+    block that casts back to float32 only when autocast is on would return bfloat16.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(torch, _STATE_READERS)
+
+    @property
+    def read(self) -> list[str]:
+        found = [_BLOCKS.get(callers[0], f"torch.{name}") for name, callers in self.calls
+                 if _CHECKPOINT_FILE not in callers]
+        return list(dict.fromkeys(found))
+
+
+# Every public way in (``checkpoint``, ``checkpoint_sequential``, timm's ``checkpoint_seq``) reaches
+# ``_checkpoint_impl`` through the module's globals, however the caller imported them.
+_CHECKPOINT_FUNCTIONS = ("checkpoint", "checkpoint_sequential", "_checkpoint_impl")
+
+
+class Checkpoints(WatchCalls):
+    """Context: ``called``, whether anything inside called ``torch.utils.checkpoint``.
+
+    fx runs the checkpointed function with proxies like any other code, so its ops land in the graph
+    one by one: a generated forward would compute the same, but keep every activation for backward.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(torch.utils.checkpoint, _CHECKPOINT_FUNCTIONS)
+
+    @property
+    def called(self) -> bool:
+        return bool(self.calls)
 
 
 class StateWrites:

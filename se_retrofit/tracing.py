@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import re
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from .augmented import AugmentedProxy
 from .capture import Call, preserved_modes
 from .early_excitation import gate_through
 from .messages import first_line
-from .trace_effects import RandomDraws, StateWrites
+from .trace_effects import Checkpoints, RandomDraws, StateReads, StateWrites
 
 
 class TraceFailure(Exception):
@@ -165,7 +166,8 @@ def trace_forward(module: nn.Module, concrete_args: dict[str, Any], param_names:
 
     Returns the graph and whether the forward read ``self.training`` (if not, the graph serves both
     modes). A forward that reads a submodule's flag is refused (`_TrainingFlag`); its children are
-    leaves, so their own reads of it never reach the graph.
+    leaves, so their own reads of it never reach the graph. So is one that does what the graph cannot
+    keep (`trace_effects`), but for a checkpoint call, which is only noted (`checkpoints`).
     """
     cls, was = type(module), module.__dict__["training"]
     module.__class__ = _spy_class(cls)
@@ -173,7 +175,8 @@ def trace_forward(module: nn.Module, concrete_args: dict[str, Any], param_names:
     module.__dict__["_se_training"] = training
     flags = _watch_training_flags(module)
     try:
-        with RandomDraws() as draws, StateWrites(module, ignore=("_se_training", "_se_training_read")) as writes:
+        with RandomDraws() as draws, StateWrites(module, ignore=("_se_training", "_se_training_read")) as writes, \
+                StateReads() as state, Checkpoints() as checkpointing:
             graph = BlockTracer().trace(module, concrete_args=concrete_args or None)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError...): all mean "cannot trace"
         first = first_line(exc)
@@ -190,6 +193,10 @@ def trace_forward(module: nn.Module, concrete_args: dict[str, Any], param_names:
     if children_read:
         raise TraceFailure(f"its forward reads the train/eval flag of a submodule (self.{children_read[0]}.training), "
                            "which the traced graph would fix to the flag's value now")
+    if state.read:
+        raise TraceFailure(f"its forward reads global autograd or autocast state ({', '.join(state.read[:3])}), "
+                           "which the traced graph cannot follow: it would keep what that state was when apply "
+                           "traced it, under torch.autocast, torch.no_grad or torch.inference_mode too")
     if draws.drawn:
         raise TraceFailure("its forward draws random numbers outside tensor ops (random, NumPy, or torch.rand without "
                            "a tensor argument, as in Python-level stochastic depth); the traced graph would fix one "
@@ -202,7 +209,23 @@ def trace_forward(module: nn.Module, concrete_args: dict[str, Any], param_names:
                            "which the traced graph would fix as a constant")
     _restore_parameter_names(graph, param_names)
     _explain_specialisations(graph, cls.__name__)
+    if checkpointing.called:
+        _CHECKPOINTING.add(graph)
     return graph, read
+
+
+# Graphs of forwards that called torch.utils.checkpoint: see `checkpoints`.
+_CHECKPOINTING: weakref.WeakSet[fx.Graph] = weakref.WeakSet()
+
+
+def checkpoints(graph: fx.Graph) -> bool:
+    """Whether the forward traced into ``graph`` called ``torch.utils.checkpoint``, which the graph inlines.
+
+    Not a `TraceFailure`: the graph computes what the forward does, and a module that is not rewritten
+    keeps its own forward, checkpointing included (timm's models and stages, where timm's
+    ``set_grad_checkpointing`` puts its checkpoint calls). Only a module that would get SE loses it.
+    """
+    return graph in _CHECKPOINTING
 
 
 _SPECIALISED = re.compile(r"(\w+) has been specialized to have value (.*) but got another value$", re.S)

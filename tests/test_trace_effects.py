@@ -1,12 +1,14 @@
-"""What a block's forward does while fx traces it that the graph cannot keep: random draws in Python and
-writes to module state. Such blocks are left alone with the reason, and tracing leaves nothing behind
-(no proxy in a module, no move of the random generators). Also forwards fx cannot generate code for,
+"""What a block's forward does while fx traces it that the graph cannot keep: random draws in Python,
+writes to module state, branches on global autograd/autocast state and activation checkpointing. Such
+blocks are left alone with the reason, and tracing leaves nothing behind (no proxy in a module, no move of
+the random generators, no wrapped torch function). Also forwards fx cannot generate code for,
 class attributes in the way of the new block's name, lazy modules, and helpers whose forward applies a
 functional activation."""
 from __future__ import annotations
 
 import io
 import random
+import threading
 import types
 import warnings
 
@@ -14,9 +16,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
+from torch.utils.checkpoint import checkpoint as imported_checkpoint
 
 import se_retrofit
+from se_retrofit.call_watch import WatchCalls
 
 
 def _conv(c: int) -> nn.Conv2d:
@@ -434,3 +439,190 @@ def test_a_refused_in_place_apply_leaves_no_tracer_constant() -> None:
         se_retrofit.apply(model, inplace=True, include=["nonexistent"])
     left = {name: [k for k in vars(m) if k.startswith("_tensor_constant")] for name, m in model.named_modules()}
     assert not any(left.values()), f"a refused apply left tracer constants on the user's model: {left}"
+
+
+class _StateBranchBlock(_Residual):
+    """Branches on global state through ``self.state`` (a function fx traces into like the forward's own code)."""
+
+    def __init__(self, state) -> None:
+        super().__init__()
+        self.state = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branch(x)
+        if self.state():
+            out = out * 0.5
+        return F.relu(out + x)
+
+
+class _AutocastFloatBlock(_Residual):
+    """Written for mixed precision: returns float32 under autocast, whatever its input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branch(x)
+        if torch.is_autocast_enabled("cpu"):
+            out, x = out.float(), x.float()
+        return F.relu(out + x)
+
+
+class _AutocastOffBlock(_Residual):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            out = self.branch(x.float())
+        return F.relu(out + x)
+
+
+class _NoGradBlock(_Residual):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            scale = torch.sigmoid(self.conv1(x))
+        return F.relu(self.branch(x) * scale + x)
+
+
+@pytest.mark.parametrize("block,read", [
+    (_AutocastFloatBlock, "torch.is_autocast_enabled"),
+    (lambda: _StateBranchBlock(lambda: torch.get_autocast_dtype("cpu") == torch.bfloat16), "torch.get_autocast_dtype"),
+    (lambda: _StateBranchBlock(lambda: torch.is_grad_enabled()), "torch.is_grad_enabled"),
+    (lambda: _StateBranchBlock(lambda: torch.is_inference_mode_enabled()), "torch.is_inference_mode_enabled"),
+    (_AutocastOffBlock, "a torch.autocast block"),
+    (_NoGradBlock, "a torch.no_grad, enable_grad or set_grad_enabled block"),
+], ids=["is_autocast_enabled", "get_autocast_dtype", "is_grad_enabled", "is_inference_mode_enabled",
+        "autocast-block", "no_grad-block"])
+def test_a_forward_that_reads_global_autograd_or_autocast_state_is_left_alone(block, read):
+    """fx decides such a branch once, by the state while it traces, and records no autocast or no_grad block."""
+    model = _Net(block()).eval()
+    se_model = _apply(model)
+    reasons = _reasons(se_model, "block")
+    assert any(f"reads global autograd or autocast state ({read})" in r for r in reasons), \
+        f"the read of {read} was not reported: {se_retrofit.get_plan(se_model)}"
+    assert [n for n, _ in se_retrofit.se_blocks(se_model)] == ["plain.se"], "the other block must still get SE"
+
+
+@pytest.mark.parametrize("block", [_AutocastFloatBlock, _AutocastOffBlock])
+def test_a_block_written_for_autocast_computes_as_before_under_autocast(block):
+    """The review's case: the retrofit returned bfloat16 where the block returns float32."""
+    model = _Net(block()).eval()
+    se_model = _apply(model)
+    h = torch.randn(2, 8, 16, 16, dtype=torch.bfloat16)  # what the layer before hands on under autocast
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = model.block(h), se_model.block(h)
+    assert got.dtype == expected.dtype == torch.float32, f"under autocast the block returned {got.dtype}"
+    assert torch.equal(got, expected), "under autocast the block computes something else after apply"
+
+
+_STATE_READERS = ("is_grad_enabled", "is_autocast_enabled", "get_autocast_dtype", "is_inference_mode_enabled")
+
+
+class _ReadsThenFails(_Residual):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.sum() > 0:  # a test on a traced value: fx cannot trace it
+            x = x * 2
+        return F.relu(self.branch(x) + x)
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+def test_tracing_puts_the_watched_torch_functions_back():
+    """Also after a trace that fails, and after a checkpointed forward."""
+    originals = {n: getattr(torch, n) for n in _STATE_READERS}
+    checkpoint = torch.utils.checkpoint.checkpoint
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _ReadsThenFails(), _CheckpointedBlock("reentrant")).eval()
+    plan = se_retrofit.find_sites(model)
+    assert any("fx cannot trace" in s.reason for s in plan.skipped if s.block == "1"), plan
+    left = [n for n, f in originals.items() if getattr(torch, n) is not f]
+    assert not left and torch.utils.checkpoint.checkpoint is checkpoint, f"left wrapped: {left}"
+
+
+def test_watched_calls_count_in_their_thread_only_and_the_last_context_restores():
+    """Two threads tracing at once: neither sees the other's calls, nor removes the wrapper the other uses."""
+    original = torch.is_grad_enabled
+    entered, leave = threading.Event(), threading.Event()
+    seen: list = []
+
+    def other() -> None:
+        with WatchCalls(torch, ("is_grad_enabled",)) as watch:
+            entered.set()
+            leave.wait(10)
+            torch.is_grad_enabled()
+        seen.append(len(watch.calls))
+
+    thread = threading.Thread(target=other)
+    with WatchCalls(torch, ("is_grad_enabled",)) as mine:
+        thread.start()
+        entered.wait(10)
+        torch.is_grad_enabled()  # both contexts open: counts for this thread's only
+    torch.is_grad_enabled()  # the other thread's context is still open: the wrapper must still be there
+    wrapped = torch.is_grad_enabled is not original
+    leave.set()
+    thread.join(10)
+    assert len(mine.calls) == 1, f"expected the one call made inside, got {len(mine.calls)}"
+    assert wrapped and seen == [1], f"the other thread's context lost its wrapper or saw this thread's call " \
+                                    f"(wrapped={wrapped}, calls={seen})"
+    assert torch.is_grad_enabled is original, "the original was not put back when the last context closed"
+
+
+class _CheckpointedBlock(_Residual):
+    """Checkpoints its branch, one way or another."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        if how == "sequential":
+            self.seq = nn.Sequential(self.conv1, nn.ReLU(), self.conv2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "reentrant":
+            out = torch.utils.checkpoint.checkpoint(self.branch, x, use_reentrant=True)
+        elif self.how == "imported":
+            out = imported_checkpoint(self.branch, x, use_reentrant=False)
+        elif self.how == "sequential":
+            out = torch.utils.checkpoint.checkpoint_sequential(self.seq, 2, x, use_reentrant=False)
+        else:
+            out = torch.utils.checkpoint.checkpoint(self.branch, x, use_reentrant=False)
+        return F.relu(out + x)
+
+
+def _count_checkpoints(monkeypatch: pytest.MonkeyPatch, model: nn.Module, x: torch.Tensor) -> int:
+    calls = []
+    impl = torch.utils.checkpoint._checkpoint_impl  # what every way of checkpointing calls
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return impl(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.utils.checkpoint, "_checkpoint_impl", counted)
+        model(x).sum().backward()
+    return len(calls)
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")  # reentrant, in apply's no-grad forward
+@pytest.mark.parametrize("how", ["non-reentrant", "reentrant", "imported", "sequential"])
+def test_a_block_that_checkpoints_is_left_alone_and_keeps_checkpointing(how, monkeypatch):
+    """fx inlines the checkpointed function: the rewritten block would silently keep every activation."""
+    model = _Net(_CheckpointedBlock(how)).train()
+    se_model = _apply(model)
+    reasons = _reasons(se_model, "block")
+    assert any("calls torch.utils.checkpoint" in r and "set_grad_checkpointing(False)" in r for r in reasons), \
+        f"the checkpoint call was not reported: {se_retrofit.get_plan(se_model)}"
+    assert [n for n, _ in se_retrofit.se_blocks(se_model)] == ["plain.se"], "the other block must still get SE"
+    x = torch.randn(2, 3, 16, 16)
+    assert _count_checkpoints(monkeypatch, se_model, x) == _count_checkpoints(monkeypatch, model, x) > 0, \
+        "the retrofitted model checkpoints less than the original"
+
+
+def test_timm_grad_checkpointing_is_kept_and_costs_no_site(monkeypatch):
+    """timm checkpoints in the model's forward_features, which has no addition and is not rewritten: the
+    blocks it checkpoints get SE, and checkpointing goes on (also after turning it on on the result)."""
+    timm = pytest.importorskip("timm")
+    plain = timm.create_model("resnet10t", pretrained=False).train()
+    model = timm.create_model("resnet10t", pretrained=False).train()
+    model.set_grad_checkpointing(True)
+    expected = [s.se_name for s in se_retrofit.find_sites(plain).sites]
+    plan = se_retrofit.find_sites(model)
+    assert [s.se_name for s in plan.sites] == expected and not plan.skipped, plan
+    x = torch.randn(2, 3, 32, 32)
+    se_model = _apply(model)
+    assert _count_checkpoints(monkeypatch, se_model, x) == _count_checkpoints(monkeypatch, model, x) == len(expected)
+    se_plain = _apply(plain)
+    se_plain.set_grad_checkpointing(True)
+    assert _count_checkpoints(monkeypatch, se_plain, x) == len(expected), "turned on after apply, it does not work"
