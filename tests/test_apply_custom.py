@@ -1,6 +1,7 @@
 """The pass on small hand-written networks: one feature of the analysis or the rewrite per test."""
 from __future__ import annotations
 
+import collections
 import copy
 import pickle
 import warnings
@@ -324,6 +325,54 @@ def test_block_returning_a_dict_is_converted():
     model, se_model = retrofit(DictNet())
     assert [n for n, _ in se_retrofit.se_blocks(se_model)] == ["block.se"], se_retrofit.get_plan(se_model)
     assert_same_outputs(model, se_model, "dict-returning block")
+
+
+class AuxOut(torch.nn.Module):
+    """A residual block that also hands out a feature: a tuple holding a dict, or an OrderedDict."""
+
+    def __init__(self, channels: int, container: str) -> None:
+        super().__init__()
+        self.container = container
+        self.inner = AddSpelling(channels, "plus")
+
+    def forward(self, x):
+        feat = torch.relu(self.inner.conv1(x))
+        out = self.inner.conv2(feat) + x
+        if self.container == "ordered":
+            return collections.OrderedDict(y=out, aux=feat)
+        return out, {"aux": [feat]}
+
+
+class AuxNet(torch.nn.Module):
+    def __init__(self, container: str) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.block = AuxOut(16, container)
+
+    def forward(self, x):
+        out = self.block(self.stem(x))
+        return (out["y"] if isinstance(out, dict) else out[0]).mean((2, 3))
+
+
+def test_block_returning_a_tuple_holding_a_dict_is_converted():
+    # fx's replay builds the inner dict as an immutable_dict: a comparison blind to that once skipped the
+    # block as "control flow that fx cannot follow"
+    model, se_model = retrofit(AuxNet("tuple"))
+    assert [n for n, _ in se_retrofit.se_blocks(se_model)] == ["block.se"], se_retrofit.get_plan(se_model)
+    assert_same_outputs(model, se_model, "block returning (out, {'aux': [feat]})")
+    with torch.no_grad():
+        out = se_model.block(torch.rand(1, 16, 8, 8))
+    assert type(out) is tuple and type(out[1]) is dict and type(out[1]["aux"]) is list, \
+        f"the rewritten block returns {type(out).__name__} of {[type(v).__name__ for v in out]}, not the original's types"
+
+
+def test_block_returning_an_ordered_dict_is_skipped_for_its_container():
+    model = make_pretrained_like(AuxNet("ordered")).eval()
+    plan = se_retrofit.find_sites(model)
+    reasons = [s.reason for s in plan.skipped if s.block == "block"]
+    assert not plan.sites and len(reasons) == 1, plan
+    assert "OrderedDict" in reasons[0] and "control flow" not in reasons[0], \
+        f"the skip reason should name the OrderedDict fx rebuilds as a dict, got {reasons[0]!r}"
 
 
 def test_saved_model_loads_in_a_fresh_process(tmp_path):
