@@ -149,10 +149,14 @@ class _BlockPlan:
 
 
 def _is_candidate(module: nn.Module) -> bool:
-    """Modules whose own forward could hold a residual addition: anything with children but plain containers."""
+    """Modules whose own forward could hold a residual addition: anything with children but plain containers.
+
+    A norm is no block either, though timm's norm + activation layers hold their activation as a child;
+    the frozen one's ``x * scale + bias`` would be reported, norm by norm, as an addition of a constant.
+    """
     if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict, SEBlock, fx.GraphModule)):
         return False
-    if catalog.is_conv(module) or catalog.is_channel_attention(module):
+    if catalog.is_conv(module) or catalog.is_channel_attention(module) or catalog.is_channel_first_norm(module):
         return False
     return next(module.children(), None) is not None
 
