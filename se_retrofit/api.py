@@ -161,6 +161,7 @@ def _is_candidate(module: nn.Module) -> bool:
     return next(module.children(), None) is not None
 
 
+_HAS_ATTENTION = "already has channel attention"  # how every reason for a gated residual unit starts
 _NO_ADDITIONS = ("no tensor addition in any traced module, so no residual branch to put SE on (networks that "
                  "only concatenate, such as DenseNet or VoVNet, have none)")
 _GRAPH_MODULE_REASON = ("module skipped: an fx GraphModule regenerates its forward from its graph (recompile, "
@@ -377,15 +378,20 @@ def _select(plan: SitePlan, blocks: list[_BlockPlan], config: SEConfig, units: d
     fill ``plan.sites``; drops the blocks left without sites.
 
     Units of blocks that include/exclude leave out do not count: ``include="*.ghost1"`` asks for SE in
-    the ghost modules rather than on the bottlenecks that run them."""
+    the ghost modules rather than on the bottlenecks that run them.
+
+    A pattern may name blocks whose residual unit already has channel attention (those of a model
+    ``apply`` retrofitted before): they are no typo, and what the call then leaves alone is in the plan."""
     site_blocks = [b.name for b in blocks]
+    gated = [s.block for s in plan.skipped if s.reason.startswith(_HAS_ATTENTION)]
+    known = list(dict.fromkeys(site_blocks + gated))
     for option in ("include", "exclude"):
         for pattern in getattr(config, option) or ():
-            if not any(_matches(n, [pattern]) for n in site_blocks):
-                examples = ", ".join(repr(n) for n in site_blocks[:5]) or "none"
+            if not any(_matches(n, [pattern]) for n in known):
+                examples = ", ".join(repr(n) for n in known[:5]) or "none"
                 raise ValueError(f"{option} pattern {pattern!r} matches no block with a residual site; "
-                                 f"blocks with sites are named like {examples}. Patterns are fnmatch patterns "
-                                 "on module names ('layer3.*' or 'layer3').")
+                                 f"blocks with sites (or with channel attention already) are named like {examples}. "
+                                 "Patterns are fnmatch patterns on module names ('layer3.*' or 'layer3').")
 
     def selected(name: str) -> bool:
         return (config.include is None or _matches(name, config.include)) and not (
@@ -528,7 +534,8 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
         target.__dict__[DIGESTS_ATTR] = tensor_digests(target, [s.se_name for s in done])
     if not done:
         reasons = "; ".join(f"{r} ({n}x)" for r, n in plan.reasons().most_common(4)) or _NO_ADDITIONS
-        again = " (it was already retrofitted; get_config and get_plan still describe that call)" if previous else ""
+        again = (" (it was already retrofitted; get_config and get_plan still describe that call; for SE in other "
+                 "blocks or with other options, retrofit the original model)") if previous else ""
         # stacklevel 3: past the keyword check wrapping apply, to the caller's line
         warnings.warn(f"se_retrofit.apply: no SE block inserted into {type(model).__name__}{again}: {reasons}. "
                       "The model is returned unchanged.", SERetrofitWarning, stacklevel=3)

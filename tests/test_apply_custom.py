@@ -139,6 +139,20 @@ def test_a_second_apply_that_would_add_blocks_is_refused():
     assert [n for n, _ in se_retrofit.se_blocks(first)] == ["layer1.0.se"], "the refused call changed the model"
 
 
+@pytest.mark.parametrize("option", ["include", "exclude"])
+def test_apply_again_with_a_pattern_says_the_model_is_already_retrofitted(option):
+    # the pattern names blocks that hold the first call's SE: once refused as matching "no block"
+    model, se_model = retrofit(Net([AddSpelling(16, "plus"), FunctionalDropoutBlock(16)]))
+    with pytest.warns(SERetrofitWarning, match=r"already retrofitted.*retrofit the original model.*"
+                                               r"already has channel attention: SEBlock"):
+        again = se_retrofit.apply(se_model, **{option: "blocks.0"})
+    assert [n for n, _ in se_retrofit.se_blocks(again)] == ["blocks.0.se", "blocks.1.se"], \
+        f"apply(retrofitted, {option}=...) changed the SE blocks"
+    assert se_retrofit.get_config(again) == se_retrofit.get_config(se_model), f"{option}: the config was replaced"
+    plan = se_retrofit.find_sites(se_model, **{option: "blocks.0"})
+    assert not plan.sites and "already has channel attention" in str(plan), plan
+
+
 @pytest.mark.parametrize("position", ["pre", "post", "identity"])
 def test_apply_again_after_any_position_names_the_se_block_already_there(position):
     import timm
