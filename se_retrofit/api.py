@@ -475,7 +475,9 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     parameters live under the blocks (``layer1.0.se.fc1.weight``). With ``init="identity"`` the
     outputs are unchanged until training moves the new weights. ``example_input`` is only needed
     when the model does not take a batch of images (it is found for timm, torchvision classifiers
-    and detectors). With ``inplace=False`` (default) ``model`` itself is never touched.
+    and detectors). With ``inplace=False`` (default) ``model`` itself is never touched. Called under
+    ``torch.inference_mode()``, it still makes the copy and the new parameters as ordinary tensors,
+    so the result trains.
 
     To find the residual additions and check each rewritten block, ``apply`` (as ``find_sites``) runs
     one eval-mode forward without gradients on ``example_input`` or a random batch. A hook that
@@ -495,6 +497,25 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
                                           include=include, exclude=exclude))
     _check_model(model)
     previous = get_config(model) if any(isinstance(m, SEBlock) for m in model.modules()) else None
+    # outside the caller's torch.inference_mode: the copy and the new parameters would be inference tensors,
+    # which autograd refuses, and the retrofitted model could not train
+    with torch.inference_mode(False):
+        target, plan, done = _retrofit(model, config, previous, inplace, example_input)
+    if not done:
+        reasons = "; ".join(f"{r} ({n}x)" for r, n in plan.reasons().most_common(4)) or _NO_ADDITIONS
+        again = (" (it was already retrofitted; get_config and get_plan still describe that call; for SE in other "
+                 "blocks or with other options, retrofit the original model)") if previous else ""
+        # stacklevel 3: past the keyword check wrapping apply, to the caller's line
+        warnings.warn(f"se_retrofit.apply: no SE block inserted into {type(model).__name__}{again}: {reasons}. "
+                      "The model is returned unchanged.", SERetrofitWarning, stacklevel=3)
+    logger.info("se_retrofit: %d SE block(s) inserted into %s, %d addition(s) left alone",
+                len(done), type(model).__name__, len(plan.skipped))
+    return target
+
+
+def _retrofit(model: nn.Module, config: SEConfig, previous: SEConfig | None, inplace: bool, example_input: Any
+              ) -> tuple[nn.Module, SitePlan, list[Site]]:
+    """`apply`'s work: plan, insert and check the SE blocks; the model, its plan and the sites done."""
     target = model if inplace else _copy(model)
     constants = _tracer_constants(target)
     try:
@@ -532,16 +553,7 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
         setattr(target, CONFIG_ATTR, config)
         target._se_retrofit_plan = plan
         target.__dict__[DIGESTS_ATTR] = tensor_digests(target, [s.se_name for s in done])
-    if not done:
-        reasons = "; ".join(f"{r} ({n}x)" for r, n in plan.reasons().most_common(4)) or _NO_ADDITIONS
-        again = (" (it was already retrofitted; get_config and get_plan still describe that call; for SE in other "
-                 "blocks or with other options, retrofit the original model)") if previous else ""
-        # stacklevel 3: past the keyword check wrapping apply, to the caller's line
-        warnings.warn(f"se_retrofit.apply: no SE block inserted into {type(model).__name__}{again}: {reasons}. "
-                      "The model is returned unchanged.", SERetrofitWarning, stacklevel=3)
-    logger.info("se_retrofit: %d SE block(s) inserted into %s, %d addition(s) left alone",
-                len(done), type(model).__name__, len(plan.skipped))
-    return target
+    return target, plan, done
 
 
 def _quantized_adds(graph: fx.Graph) -> bool:

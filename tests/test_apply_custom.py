@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import itertools
 import pickle
 import warnings
 
@@ -257,6 +258,33 @@ def test_input_model_is_untouched():
     assert model.training and all(m.training for m in model.modules()), "apply changed the caller's train mode"
     assert [type(m) for m in model.modules()] == classes
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_apply_under_inference_mode_gives_a_model_that_trains(inplace):
+    # the copy and the SE parameters were made as inference tensors: the first backward failed
+    model = make_pretrained_like(Net([AddSpelling(16, "plus"), FunctionalDropoutBlock(16)])).eval()
+    originals = {k: (v, v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()}
+    with torch.inference_mode():
+        x = X.clone()
+        se_model = se_retrofit.apply(model, inplace=inplace, example_input=x)
+        with torch.no_grad():
+            expected = model(x) if not inplace else None
+    inference = [n for n, t in itertools.chain(se_model.named_parameters(), se_model.named_buffers())
+                 if t.is_inference()]
+    assert not inference, f"inplace={inplace}: apply under inference_mode left inference tensors: {inference[:5]}"
+    assert len(se_retrofit.se_blocks(se_model)) == 2, se_retrofit.get_plan(se_model)
+    after = model.state_dict(keep_vars=True)
+    assert all(after[k] is obj and torch.equal(obj, value) for k, (obj, value) in originals.items()), \
+        f"inplace={inplace}: apply under inference_mode replaced or changed the model's own tensors"
+    if expected is not None:
+        assert_same_outputs(model, se_model, "apply under inference_mode")
+        assert torch.equal(model(X), expected), "the caller's model changed"
+    assert_original_state_kept(model, se_model)
+    se_model.train()
+    se_model(X).sum().backward()
+    se = se_retrofit.se_blocks(se_model)[0][1]
+    assert all(p.grad is not None for p in se.parameters()), "backward did not reach the SE parameters"
 
 
 def test_find_sites_is_a_dry_run():
