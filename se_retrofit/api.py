@@ -150,14 +150,19 @@ class _BlockPlan:
 
 
 def _is_candidate(module: nn.Module) -> bool:
-    """Modules whose own forward could hold a residual addition: anything with children but plain containers."""
+    """Modules whose own forward could hold a residual addition: anything with children but plain containers.
+
+    A norm is no block either, though timm's norm + activation layers hold their activation as a child;
+    the frozen one's ``x * scale + bias`` would be reported, norm by norm, as an addition of a constant.
+    """
     if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict, SEBlock, fx.GraphModule)):
         return False
-    if catalog.is_conv(module) or catalog.is_channel_attention(module):
+    if catalog.is_conv(module) or catalog.is_channel_attention(module) or catalog.is_channel_first_norm(module):
         return False
     return next(module.children(), None) is not None
 
 
+_HAS_ATTENTION = "already has channel attention"  # how every reason for a gated residual unit starts
 _NO_ADDITIONS = ("no tensor addition in any traced module, so no residual branch to put SE on (networks that "
                  "only concatenate, such as DenseNet or VoVNet, have none)")
 _GRAPH_MODULE_REASON = ("module skipped: an fx GraphModule regenerates its forward from its graph (recompile, "
@@ -381,15 +386,20 @@ def _select(plan: SitePlan, blocks: list[_BlockPlan], config: SEConfig, units: d
     fill ``plan.sites``; drops the blocks left without sites.
 
     Units of blocks that include/exclude leave out do not count: ``include="*.ghost1"`` asks for SE in
-    the ghost modules rather than on the bottlenecks that run them."""
+    the ghost modules rather than on the bottlenecks that run them.
+
+    A pattern may name blocks whose residual unit already has channel attention (those of a model
+    ``apply`` retrofitted before): they are no typo, and what the call then leaves alone is in the plan."""
     site_blocks = [b.name for b in blocks]
+    gated = [s.block for s in plan.skipped if s.reason.startswith(_HAS_ATTENTION)]
+    known = list(dict.fromkeys(site_blocks + gated))
     for option in ("include", "exclude"):
         for pattern in getattr(config, option) or ():
-            if not any(_matches(n, [pattern]) for n in site_blocks):
-                examples = ", ".join(repr(n) for n in site_blocks[:5]) or "none"
+            if not any(_matches(n, [pattern]) for n in known):
+                examples = ", ".join(repr(n) for n in known[:5]) or "none"
                 raise ValueError(f"{option} pattern {pattern!r} matches no block with a residual site; "
-                                 f"blocks with sites are named like {examples}. Patterns are fnmatch patterns "
-                                 "on module names ('layer3.*' or 'layer3').")
+                                 f"blocks with sites (or with channel attention already) are named like {examples}. "
+                                 "Patterns are fnmatch patterns on module names ('layer3.*' or 'layer3').")
 
     def selected(name: str) -> bool:
         return (config.include is None or _matches(name, config.include)) and not (
@@ -473,7 +483,9 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     parameters live under the blocks (``layer1.0.se.fc1.weight``). With ``init="identity"`` the
     outputs are unchanged until training moves the new weights. ``example_input`` is only needed
     when the model does not take a batch of images (it is found for timm, torchvision classifiers
-    and detectors). With ``inplace=False`` (default) ``model`` itself is never touched.
+    and detectors). With ``inplace=False`` (default) ``model`` itself is never touched. Called under
+    ``torch.inference_mode()``, it still makes the copy and the new parameters as ordinary tensors,
+    so the result trains.
 
     To find the residual additions and check each rewritten block, ``apply`` (as ``find_sites``) runs
     one eval-mode forward without gradients on ``example_input`` or a random batch. A hook that
@@ -493,6 +505,25 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
                                           include=include, exclude=exclude))
     _check_model(model)
     previous = get_config(model) if any(isinstance(m, SEBlock) for m in model.modules()) else None
+    # outside the caller's torch.inference_mode: the copy and the new parameters would be inference tensors,
+    # which autograd refuses, and the retrofitted model could not train
+    with torch.inference_mode(False):
+        target, plan, done = _retrofit(model, config, previous, inplace, example_input)
+    if not done:
+        reasons = "; ".join(f"{r} ({n}x)" for r, n in plan.reasons().most_common(4)) or _NO_ADDITIONS
+        again = (" (it was already retrofitted; get_config and get_plan still describe that call; for SE in other "
+                 "blocks or with other options, retrofit the original model)") if previous else ""
+        # stacklevel 3: past the keyword check wrapping apply, to the caller's line
+        warnings.warn(f"se_retrofit.apply: no SE block inserted into {type(model).__name__}{again}: {reasons}. "
+                      "The model is returned unchanged.", SERetrofitWarning, stacklevel=3)
+    logger.info("se_retrofit: %d SE block(s) inserted into %s, %d addition(s) left alone",
+                len(done), type(model).__name__, len(plan.skipped))
+    return target
+
+
+def _retrofit(model: nn.Module, config: SEConfig, previous: SEConfig | None, inplace: bool, example_input: Any
+              ) -> tuple[nn.Module, SitePlan, list[Site]]:
+    """`apply`'s work: plan, insert and check the SE blocks; the model, its plan and the sites done."""
     target = model if inplace else _copy(model)
     constants = _tracer_constants(target)
     try:
@@ -530,15 +561,7 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
         setattr(target, CONFIG_ATTR, config)
         target._se_retrofit_plan = plan
         target.__dict__[DIGESTS_ATTR] = tensor_digests(target, [s.se_name for s in done])
-    if not done:
-        reasons = "; ".join(f"{r} ({n}x)" for r, n in plan.reasons().most_common(4)) or _NO_ADDITIONS
-        again = " (it was already retrofitted; get_config and get_plan still describe that call)" if previous else ""
-        # stacklevel 3: past the keyword check wrapping apply, to the caller's line
-        warnings.warn(f"se_retrofit.apply: no SE block inserted into {type(model).__name__}{again}: {reasons}. "
-                      "The model is returned unchanged.", SERetrofitWarning, stacklevel=3)
-    logger.info("se_retrofit: %d SE block(s) inserted into %s, %d addition(s) left alone",
-                len(done), type(model).__name__, len(plan.skipped))
-    return target
+    return target, plan, done
 
 
 def _quantized_adds(graph: fx.Graph) -> bool:

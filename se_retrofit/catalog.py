@@ -28,6 +28,7 @@ _CHANNEL_ATTENTION_NAMES = {
 _user_attention: list[type] = []
 
 _PATH_DROP_NAMES = {"DropPath", "StochasticDepth", "DropBlock2d"}
+_FROZEN_BATCH_NORM_NAMES = {"FrozenBatchNorm2d", "FrozenBatchNormAct2d"}
 _LAYER_SCALE_NAMES = {"LayerScale", "LayerScale2d", "LayerScaler"}
 
 # Leaf modules that are linear maps of their input (or identities): a shortcut built only from these,
@@ -107,12 +108,18 @@ def is_conv(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.conv._ConvNd)
 
 
+def is_frozen_batch_norm(module: nn.Module) -> bool:
+    """torchvision's FrozenBatchNorm2d (detection backbones, timm's ``freeze_batch_norm_2d``) and timm's
+    FrozenBatchNormAct2d: batch norms with fixed statistics, computed as ``x * scale + bias`` rather than
+    with ``F.batch_norm``."""
+    return bool(_class_names(module) & _FROZEN_BATCH_NORM_NAMES)
+
+
 def is_channel_first_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm))
+    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) or is_frozen_batch_norm(module)
 
 
 def is_linear_leaf(module: nn.Module) -> bool:
-    # torchvision's FrozenBatchNorm2d (detection backbones): a batch norm with fixed statistics
     return (isinstance(module, _LINEAR_LEAVES) or is_path_drop(module) or is_layer_scale(module)
             or "FrozenBatchNorm2d" in _class_names(module))
 

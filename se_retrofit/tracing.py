@@ -295,13 +295,21 @@ def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
 
 
 def _plain_containers(obj: Any) -> Any:
-    """fx's immutable_list / immutable_dict as list / dict: pytree tells them apart, the caller cannot."""
+    """fx's immutable_list / immutable_dict as list / dict: pytree tells them apart, the caller cannot.
+
+    The replay builds them at any depth (``return out, {"aux": feat}`` comes back as a tuple holding an
+    immutable_dict), so plain tuples, lists and dicts are looked into as well.
+    """
     from torch.fx.immutable_collections import immutable_dict, immutable_list
 
-    if isinstance(obj, immutable_list):
+    if isinstance(obj, immutable_list) or type(obj) is list:
         return [_plain_containers(v) for v in obj]
-    if isinstance(obj, immutable_dict):
+    if isinstance(obj, immutable_dict) or type(obj) is dict:
         return {k: _plain_containers(v) for k, v in obj.items()}
+    if type(obj) is tuple:
+        return tuple(_plain_containers(v) for v in obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple keeps its type, as fx keeps it
+        return type(obj)(*(_plain_containers(v) for v in obj))
     return obj
 
 
@@ -366,8 +374,26 @@ def propagate_shapes(module: nn.Module, graph: fx.Graph, call: Call, check_outpu
             first = first_line(exc)
             raise TraceFailure(f"the traced graph fails on the recorded input ({first[:240]})") from None
     if check_output and not same_outputs(out, call.output):
-        raise TraceFailure("the traced graph does not reproduce the module's output "
-                           "(Python control flow that fx cannot follow)")
+        raise TraceFailure(_mismatch_reason(out, call.output))
+
+
+def _mismatch_reason(out: Any, recorded: Any) -> str:
+    """Why the graph's output differs from the forward's: containers fx rebuilds as plain ones (an
+    OrderedDict comes back a dict, so the generated forward would change the output's type), or values."""
+    lost = sorted(_container_types(recorded) - _container_types(_plain_containers(out)))
+    if lost:
+        return (f"the {lost[0]} in its output comes back from the traced graph (and would from a forward generated "
+                "from it) as a plain dict, list or tuple, changing the output's type; return plain containers to "
+                "retrofit it")
+    return "the traced graph does not reproduce the module's output (Python control flow that fx cannot follow)"
+
+
+def _container_types(obj: Any) -> set[str]:
+    if isinstance(obj, (list, tuple)):
+        return {type(obj).__name__}.union(*(_container_types(v) for v in obj))
+    if isinstance(obj, dict):
+        return {type(obj).__name__}.union(*(_container_types(v) for v in obj.values()))
+    return set()
 
 
 def _flatten_for_graph(module: nn.Module, graph: fx.Graph, args: tuple, kwargs: dict) -> list:

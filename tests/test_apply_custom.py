@@ -1,7 +1,9 @@
 """The pass on small hand-written networks: one feature of the analysis or the rewrite per test."""
 from __future__ import annotations
 
+import collections
 import copy
+import itertools
 import pickle
 import warnings
 
@@ -138,6 +140,20 @@ def test_a_second_apply_that_would_add_blocks_is_refused():
     assert [n for n, _ in se_retrofit.se_blocks(first)] == ["layer1.0.se"], "the refused call changed the model"
 
 
+@pytest.mark.parametrize("option", ["include", "exclude"])
+def test_apply_again_with_a_pattern_says_the_model_is_already_retrofitted(option):
+    # the pattern names blocks that hold the first call's SE: once refused as matching "no block"
+    model, se_model = retrofit(Net([AddSpelling(16, "plus"), FunctionalDropoutBlock(16)]))
+    with pytest.warns(SERetrofitWarning, match=r"already retrofitted.*retrofit the original model.*"
+                                               r"already has channel attention: SEBlock"):
+        again = se_retrofit.apply(se_model, **{option: "blocks.0"})
+    assert [n for n, _ in se_retrofit.se_blocks(again)] == ["blocks.0.se", "blocks.1.se"], \
+        f"apply(retrofitted, {option}=...) changed the SE blocks"
+    assert se_retrofit.get_config(again) == se_retrofit.get_config(se_model), f"{option}: the config was replaced"
+    plan = se_retrofit.find_sites(se_model, **{option: "blocks.0"})
+    assert not plan.sites and "already has channel attention" in str(plan), plan
+
+
 @pytest.mark.parametrize("position", ["pre", "post", "identity"])
 def test_apply_again_after_any_position_names_the_se_block_already_there(position):
     import timm
@@ -244,6 +260,33 @@ def test_input_model_is_untouched():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_apply_under_inference_mode_gives_a_model_that_trains(inplace):
+    # the copy and the SE parameters were made as inference tensors: the first backward failed
+    model = make_pretrained_like(Net([AddSpelling(16, "plus"), FunctionalDropoutBlock(16)])).eval()
+    originals = {k: (v, v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()}
+    with torch.inference_mode():
+        x = X.clone()
+        se_model = se_retrofit.apply(model, inplace=inplace, example_input=x)
+        with torch.no_grad():
+            expected = model(x) if not inplace else None
+    inference = [n for n, t in itertools.chain(se_model.named_parameters(), se_model.named_buffers())
+                 if t.is_inference()]
+    assert not inference, f"inplace={inplace}: apply under inference_mode left inference tensors: {inference[:5]}"
+    assert len(se_retrofit.se_blocks(se_model)) == 2, se_retrofit.get_plan(se_model)
+    after = model.state_dict(keep_vars=True)
+    assert all(after[k] is obj and torch.equal(obj, value) for k, (obj, value) in originals.items()), \
+        f"inplace={inplace}: apply under inference_mode replaced or changed the model's own tensors"
+    if expected is not None:
+        assert_same_outputs(model, se_model, "apply under inference_mode")
+        assert torch.equal(model(X), expected), "the caller's model changed"
+    assert_original_state_kept(model, se_model)
+    se_model.train()
+    se_model(X).sum().backward()
+    se = se_retrofit.se_blocks(se_model)[0][1]
+    assert all(p.grad is not None for p in se.parameters()), "backward did not reach the SE parameters"
+
+
 def test_find_sites_is_a_dry_run():
     model = Net([AddSpelling(16, "plus"), AddSpelling(16, "iadd")])
     plan = se_retrofit.find_sites(model)
@@ -324,6 +367,54 @@ def test_block_returning_a_dict_is_converted():
     model, se_model = retrofit(DictNet())
     assert [n for n, _ in se_retrofit.se_blocks(se_model)] == ["block.se"], se_retrofit.get_plan(se_model)
     assert_same_outputs(model, se_model, "dict-returning block")
+
+
+class AuxOut(torch.nn.Module):
+    """A residual block that also hands out a feature: a tuple holding a dict, or an OrderedDict."""
+
+    def __init__(self, channels: int, container: str) -> None:
+        super().__init__()
+        self.container = container
+        self.inner = AddSpelling(channels, "plus")
+
+    def forward(self, x):
+        feat = torch.relu(self.inner.conv1(x))
+        out = self.inner.conv2(feat) + x
+        if self.container == "ordered":
+            return collections.OrderedDict(y=out, aux=feat)
+        return out, {"aux": [feat]}
+
+
+class AuxNet(torch.nn.Module):
+    def __init__(self, container: str) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.block = AuxOut(16, container)
+
+    def forward(self, x):
+        out = self.block(self.stem(x))
+        return (out["y"] if isinstance(out, dict) else out[0]).mean((2, 3))
+
+
+def test_block_returning_a_tuple_holding_a_dict_is_converted():
+    # fx's replay builds the inner dict as an immutable_dict: a comparison blind to that once skipped the
+    # block as "control flow that fx cannot follow"
+    model, se_model = retrofit(AuxNet("tuple"))
+    assert [n for n, _ in se_retrofit.se_blocks(se_model)] == ["block.se"], se_retrofit.get_plan(se_model)
+    assert_same_outputs(model, se_model, "block returning (out, {'aux': [feat]})")
+    with torch.no_grad():
+        out = se_model.block(torch.rand(1, 16, 8, 8))
+    assert type(out) is tuple and type(out[1]) is dict and type(out[1]["aux"]) is list, \
+        f"the rewritten block returns {type(out).__name__} of {[type(v).__name__ for v in out]}, not the original's types"
+
+
+def test_block_returning_an_ordered_dict_is_skipped_for_its_container():
+    model = make_pretrained_like(AuxNet("ordered")).eval()
+    plan = se_retrofit.find_sites(model)
+    reasons = [s.reason for s in plan.skipped if s.block == "block"]
+    assert not plan.sites and len(reasons) == 1, plan
+    assert "OrderedDict" in reasons[0] and "control flow" not in reasons[0], \
+        f"the skip reason should name the OrderedDict fx rebuilds as a dict, got {reasons[0]!r}"
 
 
 def test_saved_model_loads_in_a_fresh_process(tmp_path):

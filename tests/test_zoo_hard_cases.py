@@ -68,3 +68,22 @@ def test_hard_case(name, expected, reason):
 @pytest.mark.parametrize("name,expected,reason", SLOW, ids=[c[0] for c in SLOW])
 def test_hard_case_slow(name, expected, reason):
     check(name, expected, reason)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "mobilenetv2_035"])
+def test_frozen_batch_norm_gives_the_plan_of_batch_norm(name):
+    # freeze_batch_norm_2d swaps BatchNorm2d for torchvision's FrozenBatchNorm2d and timm's BatchNormAct2d for
+    # FrozenBatchNormAct2d, whose forward computes x * scale + bias with its activation as a child: each such
+    # norm was analysed as a block and reported as "adds a constant"
+    from timm.layers import freeze_batch_norm_2d
+
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    plain = se_retrofit.find_sites(make_pretrained_like(timm.create_model(name)).eval(), example_input=x)
+    frozen = se_retrofit.find_sites(freeze_batch_norm_2d(make_pretrained_like(timm.create_model(name))).eval(),
+                                    example_input=x)
+
+    def sites(plan):
+        return [(s.se_name, s.kind, s.shortcut, s.channels) for s in plan.sites]
+
+    assert sites(frozen) == sites(plain) and sites(plain), f"{name}: frozen norms changed the sites\n{plain}\n{frozen}"
+    assert frozen.skipped == plain.skipped, f"{name}: frozen norms changed what is left alone\n{plain}\n{frozen}"
