@@ -161,6 +161,23 @@ def test_a_backbone_checkpoint_without_its_classifier_is_accepted(images: Path, 
     assert run_cli(fast_args(images, tmp_path / "run", "--epochs", "1", "--checkpoint", str(path))) == 0
 
 
+@pytest.mark.parametrize("classes", [10, 0], ids=["10_classes", "backbone_only"])
+def test_a_checkpoint_of_a_convolution_head_model_loads_with_its_own_class_count(classes: int, images: Path,
+                                                                                tmp_path: Path) -> None:
+    """DLA's classifier is a 1x1 convolution: a file with another class count (or none) loads as a linear
+    head's does, its backbone kept and the head fitted to the data's classes."""
+    torch.manual_seed(0)
+    saved = create_model("dla46_c", num_classes=classes).state_dict()
+    path = tmp_path / "dla46_c.safetensors"
+    save_file({k: v.contiguous() for k, v in saved.items()}, str(path))
+    args = fast_args(images, tmp_path / "run", "--epochs", "1", "--checkpoint", str(path))
+    args[1] = "dla46_c"
+    assert run_cli(args) == 0, f"a dla46_c checkpoint with {classes} classes was refused"
+    trained, _ = _safetensors(tmp_path / "run" / "model.safetensors")
+    assert torch.equal(trained["base_layer.0.weight"], saved["base_layer.0.weight"]), "the backbone was not loaded"
+    assert trained["fc.weight"].shape[0] == 2, f"the head has {trained['fc.weight'].shape[0]} outputs, not 2"
+
+
 def test_a_checkpoint_folder_is_named_as_a_folder(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert run_cli(fast_args(images, tmp_path / "run", "--checkpoint", str(tmp_path))) == 2
     assert "is a folder" in capsys.readouterr().err
