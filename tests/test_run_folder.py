@@ -178,6 +178,17 @@ def test_a_checkpoint_of_a_convolution_head_model_loads_with_its_own_class_count
     assert trained["fc.weight"].shape[0] == 2, f"the head has {trained['fc.weight'].shape[0]} outputs, not 2"
 
 
+def test_a_lightning_checkpoint_loads_with_checkpoint(tmp_path: Path) -> None:
+    """PyTorch Lightning saves ``model.`` before every key of a network held as ``self.model``."""
+    from se_retrofit.commands.convert_and_finetune import _build_model
+
+    saved = create_model(MODEL, num_classes=10).state_dict()
+    path = tmp_path / "epoch=3-step=12.ckpt"
+    torch.save({"epoch": 3, "state_dict": {f"model.{k}": v for k, v in saved.items()}}, path)
+    model = _build_model(MODEL, False, path)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items()), "the checkpoint was not loaded"
+
+
 def test_a_checkpoint_folder_is_named_as_a_folder(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert run_cli(fast_args(images, tmp_path / "run", "--checkpoint", str(tmp_path))) == 2
     assert "is a folder" in capsys.readouterr().err

@@ -188,7 +188,7 @@ def _build_model(spec: str, pretrained: bool, checkpoint: Path | None, prefer_em
 
     model = create_model(spec, pretrained=pretrained)
     if checkpoint is not None:
-        weights = ckpt.load_weights(checkpoint, prefer_ema=prefer_ema)
+        weights = ckpt.load_weights(checkpoint, prefer_ema=prefer_ema, model=model)
         saved_classes = _checkpoint_classes(model, weights)
         if saved_classes is not None:
             reset_classifier(model, saved_classes)
