@@ -610,3 +610,19 @@ def test_no_timm_architecture_makes_anew_more_than_its_head() -> None:
         if found:
             missed[name] = found
     assert not missed, f"reset_classifier makes modules anew that head_modules leaves out: {missed}"
+
+
+def test_ema_on_a_model_that_does_not_copy_is_refused_before_writing(tmp_path: Path) -> None:
+    """--ema keeps a deep copy of the model; a pruned one (weight_orig, weight_mask and a forward pre-hook)
+    refuses it with PyTorch's note on weight_norm, which names neither the option nor the fix."""
+    from torch.nn.utils import prune
+
+    import se_retrofit
+
+    model = se_retrofit.apply(pretrained_like(create_model(MODEL, num_classes=3)))
+    prune.l1_unstructured(model.conv1[0], "weight", amount=0.5)
+    with pytest.raises(ValueError, match=r"ema=True keeps a copy .*prune\.remove") as info:
+        finetune(model, Quadrants(8), None, out_dir=tmp_path / "run", epochs=1, batch_size=8, ema=True,
+                 verbose=False, progress=False)
+    assert "without ema" in str(info.value), f"no way on in: {info.value}"
+    assert not (tmp_path / "run").exists(), "the refused run wrote its folder"
