@@ -272,3 +272,38 @@ def test_a_resume_while_the_run_is_still_going_is_refused(tmp_path: Path) -> Non
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before, "the refused resume changed the folder"
     finetune(create_model(MODEL, num_classes=3), Quadrants(8), None, out_dir=out, resume=True, epochs=1,
              batch_size=8, verbose=False, progress=False)  # once released, the resume goes ahead
+
+
+def _edit_last(out: Path, edit) -> None:
+    state = torch.load(out / "last.pt", weights_only=True)
+    edit(state)
+    torch.save(state, out / "last.pt")
+
+
+def test_resuming_a_run_of_a_version_that_recorded_no_head_class_count_says_so(images: Path, tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture) -> None:
+    """Versions before conv and MLP heads were recognised wrote ``model.num_classes: null`` for them (DLA, DPN):
+    the run is not "a different run" with options to change, it is one this version cannot continue."""
+    out = tmp_path / "run"
+    assert run_cli(fast_args(images, out, "--epochs", "1")) == 0
+    config = json.loads((out / "config.json").read_text())
+    config["model"]["num_classes"] = None
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    _edit_last(out, lambda state: state["config"]["model"].update(num_classes=None))
+    before = _digest(out)
+    assert run_cli(fast_args(images, out, "--epochs", "1", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "written by an older se_retrofit" in err and "another --out" in err, f"no version change said in: {err}"
+    assert _digest(out) == before, "the refused resume changed the run's files"
+
+
+def test_a_checkpoint_whose_optimizer_holds_other_parameters_says_why_it_cannot_resume(
+        images: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """What a run of a version that left a head's norm frozen (EfficientViT-MSRA, SHViT) looks like to this one:
+    an optimizer group of another size."""
+    out = tmp_path / "run"
+    assert run_cli(fast_args(images, out, "--epochs", "1")) == 0
+    _edit_last(out, lambda state: state["optimizer"]["param_groups"][0]["params"].pop())
+    assert run_cli(fast_args(images, out, "--epochs", "1", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "optimizer state in the checkpoint is for other trainable parameters" in err and "another --out" in err, err
