@@ -385,8 +385,69 @@ def _strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return state
 
 
-def load_weights(path: StrPath, *, prefer_ema: bool | None = None, strip_ddp_prefix: bool = True
-                 ) -> dict[str, torch.Tensor]:
+_EXTRACT_COMMAND = (
+    "python -c \"import torch, safetensors.torch as st; "
+    "obj = torch.load('IN', map_location='cpu', weights_only=True); "
+    "sd = next((obj[k] for k in ('state_dict', 'model_state_dict', 'model') if k in obj), obj); "
+    "st.save_file({k[len('PREFIX'):]: v.contiguous() for k, v in sd.items() if k.startswith('PREFIX')}, "
+    "'OUT.safetensors')\""
+)
+
+
+def _extract_hint(path: Path, prefix: str) -> str:
+    """The one-liner that writes the weights under ``prefix`` of ``path``, without it, to a new safetensors
+    file beside it (placeholders where the path would not survive a shell, as in `_convert_hint`)."""
+    source = path.expanduser().absolute()
+    target = source.with_name(f"{source.stem}.{prefix.rstrip('.')}.safetensors")
+    command = _EXTRACT_COMMAND.replace("PREFIX", prefix)
+    if source.suffix.lower() == ".safetensors":
+        command = command.replace("torch.load('IN', map_location='cpu', weights_only=True)", "st.load_file('IN')")
+    if target.exists() or _SHELL_UNSAFE.search(str(source)) or _SHELL_UNSAFE.search(prefix):
+        return (f"Extract them once, with IN and OUT.safetensors replaced by its path and a new file's: {command}, "
+                "then pass OUT.safetensors.")
+    command = command.replace("'IN'", f"'{source}'").replace("OUT.safetensors", str(target))
+    return f"Extract them once (it writes {target}): {command}, then pass that file."
+
+
+def _strip_attribute_prefix(state: dict[str, torch.Tensor], model: torch.nn.Module, path: Path
+                            ) -> dict[str, torch.Tensor]:
+    """Remove the attribute name a training framework kept the network under: PyTorch Lightning saves the
+    LightningModule's state dict, so a network held as ``self.model`` puts ``model.`` before every key.
+
+    Removed only where that is the one reading: every key carries the prefix, ``model`` has no child of
+    that name, and without it every key names a tensor of ``model``. A file that holds the whole network
+    under a prefix but is not that case (other entries beside it: a loss's weights, a second network; or
+    a model with its own child of that name) is refused with the command that extracts the network's
+    weights, since which keys are the network's is then the user's call.
+    """
+    own = model.state_dict()
+    if state.keys() <= own.keys():
+        return state
+    children = dict(model.named_children())
+    for name in sorted({key.split(".", 1)[0] for key in state if "." in key}):
+        prefix = f"{name}."
+        under = [key for key in state if key.startswith(prefix)]
+        stripped = {key[len(prefix):] for key in under}
+        if not stripped <= own.keys():
+            continue
+        own_child = name in children or any(k.startswith(prefix) for k in own)
+        if len(under) == len(state) and not own_child:
+            return {key[len(prefix):]: value for key, value in state.items()}
+        if not all(k in stripped or k.endswith(".num_batches_tracked") for k in own):
+            continue  # not the whole network under it: left to the load's own error
+        others = [key for key in state if not key.startswith(prefix)]
+        why = (f"beside {len(others)} other {'entry' if len(others) == 1 else 'entries'} ({', '.join(others[:3])}"
+               f"{', ...' if len(others) > 3 else ''})"
+               if others else f"and {type(model).__name__} has a child named {name!r} itself, so the prefix is "
+                              "not dropped by guessing")
+        raise ValueError(
+            f"{str(path)!r} holds the weights of {type(model).__name__} under {prefix!r} (the attribute a PyTorch "
+            f"Lightning module or another wrapper kept the network in), {why}. {_extract_hint(path, prefix)}")
+    return state
+
+
+def load_weights(path: StrPath, *, prefer_ema: bool | None = None, strip_ddp_prefix: bool = True,
+                 model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """A model state dict from a ``.safetensors`` file or a weights-only PyTorch checkpoint, on the CPU.
 
     Training checkpoints that wrap the weights (``{"state_dict": ..., "epoch": ...}``) are unwrapped. With
@@ -398,6 +459,8 @@ def load_weights(path: StrPath, *, prefer_ema: bool | None = None, strip_ddp_pre
     ``strip_ddp_prefix`` drops a ``module.`` or ``_orig_mod.`` that every key starts with (a user's checkpoint
     saved from a ``DistributedDataParallel``, ``AveragedModel`` or ``torch.compile`` wrapper); files this
     package wrote itself have none to drop, and a model whose only child is named ``module`` needs it kept.
+    Given the ``model`` the weights are for, the name of the attribute a training framework kept it under
+    (PyTorch Lightning's ``model.``) is dropped too, where that is the one reading (`_strip_attribute_prefix`).
     """
     path = _require_file(path)
     if path.suffix.lower() == ".safetensors":
@@ -415,7 +478,8 @@ def load_weights(path: StrPath, *, prefer_ema: bool | None = None, strip_ddp_pre
                              "Re-export it, or pass the original checkpoint.") from None
     else:
         state = _unwrap(_torch_load_weights_only(path), path, prefer_ema)
-    return _strip_module_prefix(state) if strip_ddp_prefix else dict(state)
+    state = _strip_module_prefix(state) if strip_ddp_prefix else dict(state)
+    return _strip_attribute_prefix(state, model, path) if model is not None else state
 
 
 def load_checkpoint(path: StrPath) -> dict[str, Any]:

@@ -8,6 +8,7 @@ resized only once every check that can refuse the run has passed, so a refused c
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .config import SEConfig
+from .messages import first_line
 from .models import classifier_of, head_modules, num_classes_of, reset_classifier
 from .se_block import se_blocks
 from .training import distributed, outputs, state
@@ -130,6 +132,8 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
             elif out is not None and resume and not restart:
                 outputs.check_same_run(outputs.read_config(out), config, out)
             check_one_batch(len(train_data), opts.batch_size, ctx.world_size)
+            if opts.ema:
+                _check_ema_copies(model)
             return found
 
         saved = distributed.on_every_rank(check_before_writing, ctx)
@@ -243,6 +247,22 @@ def _prepare_model(model: nn.Module, n_classes: int | None, se_config: SEConfig 
         raise ValueError(f"se_retrofit.apply found no residual branch to put SE blocks in {type(model).__name__} "
                          f"(options {se_config.to_dict()}); check --include/--exclude, or see `se-retrofit sites`")
     return se_model, original, se_config
+
+
+def _check_ema_copies(model: nn.Module) -> None:
+    """Refuse ``ema=True`` for a model that does not deep-copy, before anything is written: timm's
+    ``ModelEmaV3`` keeps a deep copy, and a model reparametrised with hooks (``torch.nn.utils.prune``, the
+    old ``weight_norm``) holds computed tensors that refuse it, an error that names neither. Tried on the
+    modules alone, every parameter and buffer shared through the memo, so that no weight is copied."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    try:
+        copy.deepcopy(model, shared)
+    except Exception as exc:  # deepcopy raises what the failing object raises (RuntimeError, TypeError...)
+        raise ValueError(
+            f"ema=True keeps a copy of the model, but {type(model).__name__} does not deep-copy ({first_line(exc)}). "
+            "Models reparametrised with hooks (torch.nn.utils.prune, the old torch.nn.utils.weight_norm) do not: "
+            "make the change permanent first (prune.remove(module, 'weight'), remove_weight_norm), or train "
+            "without ema.") from exc
 
 
 def _head_fits(model: nn.Module, n_classes: int | None) -> bool:

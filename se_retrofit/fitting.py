@@ -38,7 +38,10 @@ def _mismatch_hint(model: nn.Module, missing: list[str], unexpected: list[str], 
     if len(prefixes) == 1:
         prefix = prefixes.pop() + "."
         if all(k[len(prefix):] in model_keys for k in unexpected if k.startswith(prefix)):
-            return f"Every unexpected key starts with {prefix!r}: strip that prefix from the checkpoint's keys."
+            return (f"Every unexpected key starts with {prefix!r}: strip that prefix from the checkpoint's keys "
+                    f"({{k.removeprefix({prefix!r}): v for k, v in state.items()}}), or read the file with "
+                    "se_retrofit.checkpoint.load_weights(path, model=model), which drops a prefix such as PyTorch "
+                    "Lightning's 'model.' where nothing else could be meant.")
     return ("Is this a checkpoint of a different architecture or variant? Check that the model name matches "
             "the one the checkpoint was trained as.")
 

@@ -179,14 +179,39 @@ def classifier_of(model: nn.Module) -> tuple[str, nn.Linear] | None:
     return last
 
 
+# timm models whose ``reset_classifier`` makes anew more than ``get_classifier()`` returns, by the class that
+# defines it: the norm-and-linear head whose linear layer alone is "the classifier" (EfficientViT-MSRA, SHViT:
+# ``head.bn`` is new too), the token-labelling head beside the classifier (VOLO). A survey of every timm
+# architecture (tests/test_finetune.py, marked slow) keeps this list complete.
+_ALSO_RESET = {
+    ("timm.models.efficientvit_msra", "EfficientVitMsra"): ("head",),
+    ("timm.models.shvit", "SHViT"): ("head",),
+    ("timm.models.volo", "VOLO"): ("aux_head",),
+}
+
+
+def _also_reset(model: nn.Module) -> list[nn.Module]:
+    """The modules `_ALSO_RESET` names for ``model``'s class (or the timm class it derives from)."""
+    names = next((_ALSO_RESET[key] for key in ((c.__module__, c.__qualname__) for c in type(model).__mro__)
+                  if key in _ALSO_RESET), ())
+    found = []
+    for name in names:
+        try:
+            found.append(model.get_submodule(name))
+        except AttributeError:
+            continue
+    return found
+
+
 def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every module of the classifier head, by qualified name: what timm's ``get_classifier()`` returns
     (one module or a tuple, of any kind: a linear layer, a 1x1 convolution (DLA, DPN), an MLP head
-    (MetaFormer), a head and a distillation head (LeViT)), else `classifier_of`'s linear layer. These
-    are the layers ``reset_classifier`` makes anew, which must train with the SE blocks."""
+    (MetaFormer), a head and a distillation head (LeViT)) and what its ``reset_classifier`` makes anew
+    beside it (`_ALSO_RESET`: a head's norm, an auxiliary head), else `classifier_of`'s linear layer.
+    These are the layers ``reset_classifier`` makes anew, which must train with the SE blocks."""
     if hasattr(model, "get_classifier"):
         heads = model.get_classifier()
-        heads = heads if isinstance(heads, (tuple, list)) else (heads,)
+        heads = [*(heads if isinstance(heads, (tuple, list)) else (heads,)), *_also_reset(model)]
         wanted = {id(h) for h in heads if isinstance(h, nn.Module) and next(h.parameters(), None) is not None}
         found = [(name, module) for name, module in model.named_modules() if id(module) in wanted]
         found = [(name, m) for name, m in found if not any(name.startswith(f"{other}.") for other, _ in found)]

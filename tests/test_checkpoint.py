@@ -379,3 +379,49 @@ def test_a_models_own_child_named_module_keeps_its_name(tmp_path):
     state = {f"module.{k}": v for k, v in wrapped.state_dict().items()}
     torch.save(state, tmp_path / "ddp.pth")
     assert sorted(load_weights(tmp_path / "ddp.pth")) == ["module.bias", "module.weight"]
+
+
+# --------------------------------------------------------------------------------------------- Lightning's prefix
+
+def _lightning(state: dict, path: Path, **extra: torch.Tensor) -> Path:
+    """What PyTorch Lightning saves for a LightningModule holding the network as ``self.model``."""
+    torch.save({"epoch": 3, "global_step": 12, "pytorch-lightning_version": "2.4.0",
+                "state_dict": {**{f"model.{k}": v for k, v in state.items()}, **extra}}, path)
+    return path
+
+
+def test_a_lightning_checkpoints_model_prefix_is_dropped_when_it_is_the_one_reading(tmp_path):
+    net = tiny_net()
+    path = _lightning(net.state_dict(), tmp_path / "epoch=3.ckpt")
+    loaded = load_weights(path, model=net)
+    assert loaded.keys() == net.state_dict().keys(), f"the prefix was kept: {sorted(loaded)[:3]}"
+    assert all(torch.equal(loaded[k], v) for k, v in net.state_dict().items()), "the values changed"
+    assert all(k.startswith("model.") for k in load_weights(path)), "without the model, no prefix may be guessed"
+
+
+@pytest.mark.parametrize("case", ["other entries", "own child named model"])
+def test_a_prefix_that_is_not_the_one_reading_is_refused_with_a_command_that_works(tmp_path, case):
+    import re
+    import shlex
+    import subprocess
+
+    net = tiny_net()
+    if case == "other entries":
+        path = _lightning(net.state_dict(), tmp_path / "last.ckpt", **{"criterion.weight": torch.ones(5)})
+        target = net
+    else:  # the model's own child is `model`: its weights already load, but model.model.* must not be guessed at
+        target = nn.Module()
+        target.model = net
+        path = _lightning(target.state_dict(), tmp_path / "last.ckpt")
+    with pytest.raises(ValueError, match=r"under 'model\.'") as info:
+        load_weights(path, model=target)
+    message = str(info.value)
+    assert ("criterion.weight" in message) if case == "other entries" else ("child named 'model'" in message), message
+    command = re.search(r'python -c ".*"', message)
+    assert command and str(path) in command.group(0), f"no one-liner naming the file in: {message}"
+    done = subprocess.run([sys.executable, *shlex.split(command.group(0))[1:]], capture_output=True, text=True)
+    assert done.returncode == 0, f"the printed extraction failed: {done.stderr[-500:]}"
+    extracted = load_weights(tmp_path / "last.model.safetensors")
+    load_into(target, extracted)
+    assert extracted.keys() == target.state_dict().keys() and all(
+        torch.equal(v, target.state_dict()[k]) for k, v in extracted.items()), "the extracted weights differ"

@@ -531,10 +531,12 @@ def test_one_image_per_batch_with_training_batch_norms_says_what_to_change(tmp_p
     assert "raise --batch-size" in err and "--train se" in err, f"no hint in:\n{err}"
 
 
-@pytest.mark.parametrize("name, head", [("dla34", "fc"), ("caformer_s18", "head.fc")])
+@pytest.mark.parametrize("name, head", [("dla34", "fc"), ("caformer_s18", "head.fc"), ("efficientvit_m0", "head"),
+                                        ("shvit_s1", "head")])
 def test_a_head_that_is_not_one_linear_layer_trains_and_is_saved(name: str, head: str, tmp_path: Path) -> None:
-    """timm's reset_classifier makes these heads anew (a 1x1 convolution, an MLP): they must train under
-    --train se, not stay frozen at their random init, and go into the adapter."""
+    """timm's reset_classifier makes these heads anew (a 1x1 convolution, an MLP, a batch norm and the linear
+    layer get_classifier returns): they must train under --train se, not stay frozen at their random init,
+    and go into the adapter."""
     torch.manual_seed(0)
     model = create_model(name, num_classes=10)
     result = finetune(model, Quadrants(8), None, out_dir=tmp_path / "run", epochs=1, batch_size=8, verbose=False,
@@ -560,3 +562,67 @@ def test_a_baseline_of_a_model_that_does_not_copy_says_what_to_do() -> None:
     with pytest.raises(ValueError, match=r"prune.remove") as info:
         finetune(model, Quadrants(8), None, retrofit=False, train="all", epochs=1, batch_size=8, verbose=False)
     assert "inplace" not in str(info.value), f"the advice names an option finetune does not have: {info.value}"
+
+
+def _made_anew_outside_the_head(name: str) -> list[str]:
+    """Modules with weights that ``reset_classifier`` replaces in a model with a classifier but `head_modules`
+    does not name (built on the meta device: no memory, no initialisation)."""
+    import timm
+
+    from se_retrofit.models import head_modules
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+        model.reset_classifier(5)  # encoders are created without a head (num_classes=0)
+    heads = [head for head, _ in head_modules(model)]
+    before = {key: id(module) for key, module in model.named_modules()}
+    with torch.device("meta"):
+        model.reset_classifier(7)
+    return [key for key, module in model.named_modules()
+            if before.get(key) != id(module) and next(module.parameters(recurse=False), None) is not None
+            and not any(key == head or key.startswith(f"{head}.") for head in heads)]
+
+
+@pytest.mark.parametrize("name", ["efficientvit_m0", "shvit_s1", "volo_d1_224", "resnet10t", "convnext_atto"])
+def test_the_head_is_every_module_reset_classifier_makes_anew(name: str) -> None:
+    """EfficientViT-MSRA and SHViT make ``head.bn`` anew beside ``get_classifier()``'s linear layer, VOLO its
+    ``aux_head``: left out of the head, they would stay frozen at their random init under --train se."""
+    missed = _made_anew_outside_the_head(name)
+    assert not missed, f"{name}: reset_classifier makes {missed} anew, but head_modules leaves them out"
+
+
+@pytest.mark.slow
+def test_no_timm_architecture_makes_anew_more_than_its_head() -> None:
+    """One model per timm module and class: `_ALSO_RESET` must name whatever else a new classifier replaces."""
+    import timm
+    from timm.models import _registry
+
+    missed, seen = {}, set()
+    for name in timm.list_models():
+        module = _registry._model_to_module.get(name)
+        if (module, name.split("_")[0]) in seen:
+            continue
+        seen.add((module, name.split("_")[0]))
+        try:
+            found = _made_anew_outside_the_head(name)
+        except Exception:  # encoders without a classifier, models that need arguments
+            continue
+        if found:
+            missed[name] = found
+    assert not missed, f"reset_classifier makes modules anew that head_modules leaves out: {missed}"
+
+
+def test_ema_on_a_model_that_does_not_copy_is_refused_before_writing(tmp_path: Path) -> None:
+    """--ema keeps a deep copy of the model; a pruned one (weight_orig, weight_mask and a forward pre-hook)
+    refuses it with PyTorch's note on weight_norm, which names neither the option nor the fix."""
+    from torch.nn.utils import prune
+
+    import se_retrofit
+
+    model = se_retrofit.apply(pretrained_like(create_model(MODEL, num_classes=3)))
+    prune.l1_unstructured(model.conv1[0], "weight", amount=0.5)
+    with pytest.raises(ValueError, match=r"ema=True keeps a copy .*prune\.remove") as info:
+        finetune(model, Quadrants(8), None, out_dir=tmp_path / "run", epochs=1, batch_size=8, ema=True,
+                 verbose=False, progress=False)
+    assert "without ema" in str(info.value), f"no way on in: {info.value}"
+    assert not (tmp_path / "run").exists(), "the refused run wrote its folder"

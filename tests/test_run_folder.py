@@ -161,6 +161,34 @@ def test_a_backbone_checkpoint_without_its_classifier_is_accepted(images: Path, 
     assert run_cli(fast_args(images, tmp_path / "run", "--epochs", "1", "--checkpoint", str(path))) == 0
 
 
+@pytest.mark.parametrize("classes", [10, 0], ids=["10_classes", "backbone_only"])
+def test_a_checkpoint_of_a_convolution_head_model_loads_with_its_own_class_count(classes: int, images: Path,
+                                                                                tmp_path: Path) -> None:
+    """DLA's classifier is a 1x1 convolution: a file with another class count (or none) loads as a linear
+    head's does, its backbone kept and the head fitted to the data's classes."""
+    torch.manual_seed(0)
+    saved = create_model("dla46_c", num_classes=classes).state_dict()
+    path = tmp_path / "dla46_c.safetensors"
+    save_file({k: v.contiguous() for k, v in saved.items()}, str(path))
+    args = fast_args(images, tmp_path / "run", "--epochs", "1", "--checkpoint", str(path))
+    args[1] = "dla46_c"
+    assert run_cli(args) == 0, f"a dla46_c checkpoint with {classes} classes was refused"
+    trained, _ = _safetensors(tmp_path / "run" / "model.safetensors")
+    assert torch.equal(trained["base_layer.0.weight"], saved["base_layer.0.weight"]), "the backbone was not loaded"
+    assert trained["fc.weight"].shape[0] == 2, f"the head has {trained['fc.weight'].shape[0]} outputs, not 2"
+
+
+def test_a_lightning_checkpoint_loads_with_checkpoint(tmp_path: Path) -> None:
+    """PyTorch Lightning saves ``model.`` before every key of a network held as ``self.model``."""
+    from se_retrofit.commands.convert_and_finetune import _build_model
+
+    saved = create_model(MODEL, num_classes=10).state_dict()
+    path = tmp_path / "epoch=3-step=12.ckpt"
+    torch.save({"epoch": 3, "state_dict": {f"model.{k}": v for k, v in saved.items()}}, path)
+    model = _build_model(MODEL, False, path)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items()), "the checkpoint was not loaded"
+
+
 def test_a_checkpoint_folder_is_named_as_a_folder(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert run_cli(fast_args(images, tmp_path / "run", "--checkpoint", str(tmp_path))) == 2
     assert "is a folder" in capsys.readouterr().err
@@ -244,3 +272,38 @@ def test_a_resume_while_the_run_is_still_going_is_refused(tmp_path: Path) -> Non
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before, "the refused resume changed the folder"
     finetune(create_model(MODEL, num_classes=3), Quadrants(8), None, out_dir=out, resume=True, epochs=1,
              batch_size=8, verbose=False, progress=False)  # once released, the resume goes ahead
+
+
+def _edit_last(out: Path, edit) -> None:
+    state = torch.load(out / "last.pt", weights_only=True)
+    edit(state)
+    torch.save(state, out / "last.pt")
+
+
+def test_resuming_a_run_of_a_version_that_recorded_no_head_class_count_says_so(images: Path, tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture) -> None:
+    """Versions before conv and MLP heads were recognised wrote ``model.num_classes: null`` for them (DLA, DPN):
+    the run is not "a different run" with options to change, it is one this version cannot continue."""
+    out = tmp_path / "run"
+    assert run_cli(fast_args(images, out, "--epochs", "1")) == 0
+    config = json.loads((out / "config.json").read_text())
+    config["model"]["num_classes"] = None
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    _edit_last(out, lambda state: state["config"]["model"].update(num_classes=None))
+    before = _digest(out)
+    assert run_cli(fast_args(images, out, "--epochs", "1", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "written by an older se_retrofit" in err and "another --out" in err, f"no version change said in: {err}"
+    assert _digest(out) == before, "the refused resume changed the run's files"
+
+
+def test_a_checkpoint_whose_optimizer_holds_other_parameters_says_why_it_cannot_resume(
+        images: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """What a run of a version that left a head's norm frozen (EfficientViT-MSRA, SHViT) looks like to this one:
+    an optimizer group of another size."""
+    out = tmp_path / "run"
+    assert run_cli(fast_args(images, out, "--epochs", "1")) == 0
+    _edit_last(out, lambda state: state["optimizer"]["param_groups"][0]["params"].pop())
+    assert run_cli(fast_args(images, out, "--epochs", "1", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "optimizer state in the checkpoint is for other trainable parameters" in err and "another --out" in err, err

@@ -184,22 +184,43 @@ def _build_model(spec: str, pretrained: bool, checkpoint: Path | None, prefer_em
     """Create the model and load ``--checkpoint`` into it, resizing the head to the file's first."""
     from .. import checkpoint as ckpt
     from ..fitting import load_into
-    from ..models import classifier_of, create_model, reset_classifier
+    from ..models import create_model, head_modules, reset_classifier
 
     model = create_model(spec, pretrained=pretrained)
     if checkpoint is not None:
-        weights = ckpt.load_weights(checkpoint, prefer_ema=prefer_ema)
-        head = classifier_of(model)
-        if head is not None:
-            saved = weights.get(f"{head[0]}.weight")
-            if saved is not None and saved.ndim == 2 and saved.shape[0] != head[1].out_features:
-                reset_classifier(model, int(saved.shape[0]))
-            own_head = {k: v for k, v in model.state_dict().items() if k.startswith(f"{head[0]}.")}
+        weights = ckpt.load_weights(checkpoint, prefer_ema=prefer_ema, model=model)
+        saved_classes = _checkpoint_classes(model, weights)
+        if saved_classes is not None:
+            reset_classifier(model, saved_classes)
+        prefixes = tuple(f"{name}." for name, _ in head_modules(model))
+        if prefixes:
+            own_head = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
             if not own_head.keys() & weights.keys():
                 # a backbone saved without its classifier (num_classes=0): the head is fitted to the data anyway
                 weights = {**weights, **own_head}
         load_into(model, weights, strict=True)
     return model
+
+
+def _checkpoint_classes(model: Any, weights: dict[str, Any]) -> int | None:
+    """The checkpoint's number of classes where it differs from the model's, else None.
+
+    Read from the head's output layers (every tensor of the head whose first dimension is the model's
+    class count: a linear layer's, a 1x1 convolution's (DLA, DPN), an MLP head's last layer, a
+    distillation head beside the classifier), so that any head timm's ``reset_classifier`` makes anew
+    is resized before the file is loaded; a head whose output layers disagree is left to the load's
+    shape error.
+    """
+    from ..models import head_modules, num_classes_of
+
+    current = num_classes_of(model)
+    prefixes = tuple(f"{name}." for name, _ in head_modules(model))
+    if current is None or not prefixes:
+        return None
+    widths = {int(weights[k].shape[0]) for k, v in model.state_dict().items()
+              if k.startswith(prefixes) and k in weights and v.ndim >= 1 and v.shape[0] == current
+              and weights[k].ndim == v.ndim and weights[k].shape[1:] == v.shape[1:]}
+    return widths.pop() if len(widths) == 1 and current not in widths else None
 
 
 def _datasets(args: argparse.Namespace, model: Any, seed: int, ctx: Any) -> tuple[Any, Any, list[str]]:

@@ -226,10 +226,28 @@ def _importance(key: str) -> tuple[int, str]:
 
 def check_same_run(saved: dict[str, Any], new: dict[str, Any], out: Path) -> None:
     diffs = config_differences(saved, new)
+    if diffs and _older_head_record(saved, new):
+        written = saved.get("se_retrofit_version")
+        raise ValueError(
+            f"--resume: {out} was written by an older se_retrofit (its {CONFIG} records version {written!r}), from "
+            f"before the class count of a classifier that is not one linear layer (a 1x1 convolution as in DLA and "
+            f"DPN, an MLP head) was recorded: its model.num_classes is None where this version finds "
+            f"{new['model']['num_classes']}. That version also kept such a head frozen, so its optimizer state does "
+            "not fit the parameters this one trains, and the run cannot continue here. Start it again with the "
+            f"same options in another --out (its {CONFIG} lists them), or finish it with the se_retrofit that wrote it")
     if diffs:
         shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
         raise ValueError(f"--resume: {out} holds a different run ({shown}). Resume with the options of that run "
                          f"(see {out / CONFIG}), or choose another --out for a new one")
+
+
+def _older_head_record(saved: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether ``saved`` is a config of a version that recorded no class count for a head it did not know
+    as a classifier (``None``), where this version records one: before a head that is not one linear
+    layer was recognised, which also changed what trains."""
+    saved_model, new_model = saved.get("model"), new.get("model")
+    return (isinstance(saved_model, dict) and isinstance(new_model, dict) and "num_classes" in saved_model
+            and saved_model["num_classes"] is None and new_model.get("num_classes") is not None)
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -102,7 +102,17 @@ def restore(state: dict[str, Any], *, model: nn.Module, optimizer: Any, schedule
     load_into(model, state["model"], strict=True)
     if state.get("base_digests") is not None:
         model.__dict__[DIGESTS_ATTR] = dict(state["base_digests"])
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as exc:  # torch: "loaded state dict contains a parameter group that doesn't match ..."
+        written = (state.get("config") or {}).get("se_retrofit_version")
+        raise ValueError(
+            f"cannot resume: the optimizer state in the checkpoint is for other trainable parameters than this run "
+            f"has ({first_line(exc)}): it was written for another model (finetune() given a different one), or by an "
+            f"se_retrofit that chose other layers to train with the SE blocks (its config records version "
+            f"{written!r}; before a head's norm or second head was counted as part of the head, they stayed frozen). "
+            "Continue it with the model and the se_retrofit that wrote it, or start the run again with the same "
+            "options in another --out") from exc
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
