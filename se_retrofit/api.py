@@ -311,8 +311,8 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
     units = branch_calls(eval_graph, module, all_placements[0], rejections[0])
     if not all_placements[0]:
         return None, skipped, units
-    if any(checkpoints(g) for g in graphs):
-        return None, [Skipped(name, None, _CHECKPOINT_REASON)], []
+    if any(checkpoints(g) for g in graphs):  # its units still enclose what their branches run (`nesting`)
+        return None, skipped + [Skipped(name, None, _CHECKPOINT_REASON)], units
     return _BlockPlan(name, module, call, graphs, all_placements), skipped, units
 
 

@@ -626,3 +626,39 @@ def test_timm_grad_checkpointing_is_kept_and_costs_no_site(monkeypatch):
     se_plain = _apply(plain)
     se_plain.set_grad_checkpointing(True)
     assert _count_checkpoints(monkeypatch, se_plain, x) == len(expected), "turned on after apply, it does not work"
+
+
+class _LinearArms(nn.Module):
+    """RepVGG-style: parallel arms summed without an activation."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.a, self.b = _conv(c), nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+class _CheckpointedUnit(nn.Module):
+    """A residual unit that checkpoints its branch (which runs a linear sum) and adds a bias to its input."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(_LinearArms(c), nn.ReLU(), _conv(c))
+        self.bias = nn.Parameter(torch.zeros(1, c, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.bias
+        return F.relu(x + torch.utils.checkpoint.checkpoint(self.branch, x, use_reentrant=False))
+
+
+def test_a_block_skipped_for_checkpointing_keeps_its_units_and_its_other_reasons():
+    """The skipped unit still runs its branch: the linear sum there is no site of its own (SE goes at the end of
+    a unit's branch, not inside it), and the unit's other additions keep their reasons."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _CheckpointedUnit()).train()
+    plan = se_retrofit.find_sites(model)
+    reasons = {(s.block, s.reason.split(" (")[0].split(":")[0]) for s in plan.skipped}
+    assert not plan.sites, f"SE went inside the branch of a unit skipped for checkpointing: {plan}"
+    assert ("1.branch.0", "linear sum on a residual branch") in reasons, plan
+    assert ("1", "adds a constant") in reasons and ("1", "module skipped") in reasons, \
+        f"the unit's own reasons were dropped: {plan.skipped}"
