@@ -31,7 +31,7 @@ from .se_block import SEBlock, hidden_width
 from .sites import NESTED_REASON, Placement, analyze, tensor_adds
 from .trace_effects import is_tracer_constant
 from .tracing import (TraceFailure, bind_call, cached_trace, checkpoints, clear_cache, propagate_shapes,
-                      trace_forward)
+                      state_reads, trace_forward)
 from .wrappers import unwrapped
 
 logger = logging.getLogger("se_retrofit")
@@ -175,6 +175,16 @@ _CHECKPOINT_REASON = ("module skipped: its forward calls torch.utils.checkpoint,
                       "before apply to get SE here (timm: model.set_grad_checkpointing(False))")
 
 
+def _state_read(graphs: list[fx.Graph]) -> list[str]:
+    return list(dict.fromkeys(r for g in graphs for r in state_reads(g)))
+
+
+def _state_read_reason(reads: list[str]) -> str:
+    return (f"module skipped: its forward reads global autograd or autocast state ({', '.join(reads[:3])}), which the "
+            "traced graph cannot follow: the rewritten forward would keep what that state was when apply traced it, "
+            "under torch.autocast, torch.no_grad or torch.inference_mode too")
+
+
 def _copy(model: nn.Module, other_way: str = ", or pass inplace=True to apply") -> nn.Module:
     """``copy.deepcopy`` with every module's train/eval flag as in ``model``; ``other_way`` ends the error's
     advice for a model that does not copy (the caller's own alternative, if it has one).
@@ -271,12 +281,14 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
         return None, [Skipped(name, None, f"module skipped: {type(module).__name__}'s class hierarchy defines "
                                           "__init_subclass__, which the rewrite's generated subclass would run "
                                           "(class registries, required class arguments)")], []
+    graphs: list[fx.Graph] = []
     try:
         param_names, concrete = bind_call(module, call)
         if concrete:
             eval_graph, reads_training = trace_forward(module, concrete, param_names, training=False)
         else:
             eval_graph, reads_training = cached_trace(module)
+        graphs.append(eval_graph)
         fused = [Skipped(name, n.name, f"already has channel attention: SEBlock at '{n.target}' (doing the add)")
                  for n in fused_calls(eval_graph, module)]
         # a converted model's adds are quantized ops, not additions: they are looked for too
@@ -290,14 +302,14 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
                                               "would bypass; retrofit the float model instead (torchvision.models.NAME, "
                                               "not torchvision.models.quantization.NAME)")], []
         propagate_shapes(module, eval_graph, call, check_output=True)
-        graphs = [eval_graph]
         if reads_training:
             train_graph, _ = trace_forward(module, concrete, param_names, training=True)
             if train_graph.python_code("self").src != eval_graph.python_code("self").src:
-                propagate_shapes(module, train_graph, call, check_output=False)
                 graphs.append(train_graph)
+                propagate_shapes(module, train_graph, call, check_output=False)
     except TraceFailure as exc:
-        return None, [Skipped(name, None, f"module skipped: {exc}")], []
+        reads = _state_read(graphs)  # the likely cause of a graph that does not reproduce the output
+        return None, [Skipped(name, None, _state_read_reason(reads) if reads else f"module skipped: {exc}")], []
     all_placements = []
     rejections = []
     for graph in graphs:
@@ -311,7 +323,12 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
     units = branch_calls(eval_graph, module, all_placements[0], rejections[0])
     if not all_placements[0]:
         return None, skipped, units
-    if any(checkpoints(g) for g in graphs):  # its units still enclose what their branches run (`nesting`)
+    # what the graph cannot keep, but only a module that would run it instead of its forward loses; such a
+    # module's units still enclose what their branches run (`nesting`)
+    reads = _state_read(graphs)
+    if reads:
+        return None, skipped + [Skipped(name, None, _state_read_reason(reads))], units
+    if any(checkpoints(g) for g in graphs):
         return None, skipped + [Skipped(name, None, _CHECKPOINT_REASON)], units
     return _BlockPlan(name, module, call, graphs, all_placements), skipped, units
 

@@ -11,7 +11,8 @@ earlier call filled becomes a constant. A branch on global autograd or autocast 
 ``torch.autocast`` or ``torch.no_grad`` block in the forward is not recorded at all; a call to
 ``torch.utils.checkpoint`` is inlined, so the generated forward no longer checkpoints. These are detected
 here, undone (the random generators and the modules' state are put back as they were), and reported, so
-that the module is skipped with the reason instead of rewritten into something else.
+that the module is skipped with the reason instead of rewritten into something else (the last two only
+when it would be rewritten: the graph still shows what the forward computed while traced).
 """
 from __future__ import annotations
 

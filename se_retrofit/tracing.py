@@ -167,7 +167,8 @@ def trace_forward(module: nn.Module, concrete_args: dict[str, Any], param_names:
     Returns the graph and whether the forward read ``self.training`` (if not, the graph serves both
     modes). A forward that reads a submodule's flag is refused (`_TrainingFlag`); its children are
     leaves, so their own reads of it never reach the graph. So is one that does what the graph cannot
-    keep (`trace_effects`), but for a checkpoint call, which is only noted (`checkpoints`).
+    keep (`trace_effects`), but for a read of autograd or autocast state and a checkpoint call, which
+    are only noted (`state_reads`, `checkpoints`).
     """
     cls, was = type(module), module.__dict__["training"]
     module.__class__ = _spy_class(cls)
@@ -193,10 +194,6 @@ def trace_forward(module: nn.Module, concrete_args: dict[str, Any], param_names:
     if children_read:
         raise TraceFailure(f"its forward reads the train/eval flag of a submodule (self.{children_read[0]}.training), "
                            "which the traced graph would fix to the flag's value now")
-    if state.read:
-        raise TraceFailure(f"its forward reads global autograd or autocast state ({', '.join(state.read[:3])}), "
-                           "which the traced graph cannot follow: it would keep what that state was when apply "
-                           "traced it, under torch.autocast, torch.no_grad or torch.inference_mode too")
     if draws.drawn:
         raise TraceFailure("its forward draws random numbers outside tensor ops (random, NumPy, or torch.rand without "
                            "a tensor argument, as in Python-level stochastic depth); the traced graph would fix one "
@@ -211,11 +208,27 @@ def trace_forward(module: nn.Module, concrete_args: dict[str, Any], param_names:
     _explain_specialisations(graph, cls.__name__)
     if checkpointing.called:
         _CHECKPOINTING.add(graph)
+    if state.read:
+        _STATE_READS[graph] = tuple(state.read)
     return graph, read
 
 
-# Graphs of forwards that called torch.utils.checkpoint: see `checkpoints`.
+# Graphs of forwards that called torch.utils.checkpoint (`checkpoints`), and of forwards that read global
+# autograd or autocast state, with what they read (`state_reads`).
 _CHECKPOINTING: weakref.WeakSet[fx.Graph] = weakref.WeakSet()
+_STATE_READS: weakref.WeakKeyDictionary[fx.Graph, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def state_reads(graph: fx.Graph) -> tuple[str, ...]:
+    """What the forward traced into ``graph`` read of global autograd or autocast state (`StateReads.read`):
+    the graph keeps the branch that state chose while it was traced, and no ``torch.autocast`` or
+    ``torch.no_grad`` block.
+
+    Not a `TraceFailure`: the graph is what the forward computed then, which is all the analysis of the
+    modules around it needs (a parent's attention after it, a child's layout), and a module that is not
+    rewritten keeps its own forward. Only a module that would get SE would run the graph instead.
+    """
+    return _STATE_READS.get(graph, ())
 
 
 def checkpoints(graph: fx.Graph) -> bool:

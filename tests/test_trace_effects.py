@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 from torch.utils.checkpoint import checkpoint as imported_checkpoint
+from torchvision.ops import SqueezeExcitation
 
 import se_retrofit
 from se_retrofit.call_watch import WatchCalls
@@ -662,3 +663,84 @@ def test_a_block_skipped_for_checkpointing_keeps_its_units_and_its_other_reasons
     assert ("1.branch.0", "linear sum on a residual branch") in reasons, plan
     assert ("1", "adds a constant") in reasons and ("1", "module skipped") in reasons, \
         f"the unit's own reasons were dropped: {plan.skipped}"
+
+
+class _OptInCheckpointBranch(nn.Module):
+    """Checkpoints its layers while grad is on (a common opt-in pattern); has no addition of its own."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.seq = nn.Sequential(_conv(c), nn.BatchNorm2d(c), nn.ReLU(), _conv(c), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.seq, x, use_reentrant=False)
+        return self.seq(x)
+
+
+class _UnitAroundBranch(nn.Module):
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.branch = _OptInCheckpointBranch(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.branch(x))
+
+
+def test_a_child_that_reads_grad_state_but_gets_no_se_leaves_its_parent_unit_alone(monkeypatch):
+    """The child is never rewritten (no addition): its read must not hide its graph from the unit's
+    analysis (the channel axis of the unit's branch), and it keeps checkpointing."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _UnitAroundBranch()).train()
+    plan = se_retrofit.find_sites(model)
+    assert [s.se_name for s in plan.sites] == ["1.se"] and not plan.skipped, \
+        f"a read in a child that is not rewritten changed its parent's site: {plan}"
+    se_model = _apply(model)
+    x = torch.randn(2, 3, 16, 16)
+    assert _count_checkpoints(monkeypatch, se_model, x) == _count_checkpoints(monkeypatch, model, x) == 1, \
+        "the retrofitted model no longer checkpoints in the child"
+
+
+class _StageGatedInFloat(nn.Module):
+    """Gates its unit's output with SE, in float32 under autocast: reads autocast state, has no addition."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.unit, self.se = _PlainBlock(c), SqueezeExcitation(c, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.unit(x)
+        if torch.is_autocast_enabled():
+            y = y.float()
+        return self.se(y)
+
+
+def test_a_parent_that_reads_autocast_state_still_counts_as_the_units_channel_attention():
+    """The parent is never rewritten (no addition): its read must not hide the SE it applies to the unit."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _StageGatedInFloat()).eval()
+    plan = se_retrofit.find_sites(model)
+    assert not plan.sites, f"a unit already gated by its parent's SE got a second one: {plan}"
+    reasons = {s.block: s.reason for s in plan.skipped}
+    assert list(reasons) == ["1.unit"] and reasons["1.unit"].startswith("already has channel attention"), \
+        f"expected only the unit, as already gated by the parent: {plan.skipped}"
+
+
+class _GradReadingUnit(_CheckpointedUnit):
+    """`_CheckpointedUnit` that branches on grad mode instead of checkpointing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.bias
+        out = self.branch(x)
+        if not torch.is_grad_enabled():
+            out = out.detach()
+        return F.relu(x + out)
+
+
+def test_a_block_skipped_for_reading_state_keeps_its_units_and_its_other_reasons():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _GradReadingUnit()).train()
+    plan = se_retrofit.find_sites(model)
+    reasons = {(s.block, s.reason.split(" (")[0].split(":")[0]) for s in plan.skipped}
+    assert not plan.sites, f"SE went inside the branch of a unit skipped for reading grad state: {plan}"
+    assert ("1.branch.0", "linear sum on a residual branch") in reasons, plan
+    assert ("1", "adds a constant") in reasons, f"the unit's own reasons were dropped: {plan.skipped}"
+    assert any(s.block == "1" and "reads global autograd or autocast state (torch.is_grad_enabled)" in s.reason
+               for s in plan.skipped), plan.skipped
