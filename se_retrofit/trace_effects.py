@@ -94,14 +94,16 @@ _STATE_READERS = ("is_grad_enabled", "is_inference_mode_enabled", "is_autocast_e
 # Where a read is a block being entered, and what to call it in a reason.
 _BLOCKS = {torch.amp.autocast_mode.__file__: "a torch.autocast block",
            torch.autograd.grad_mode.__file__: "a torch.no_grad, enable_grad or set_grad_enabled block"}
-# Reads made inside a checkpoint call (checkpoint records the state to recompute under, and runs under
-# torch.no_grad) are not the forward's: `Checkpoints` reports the call itself.
+# Reads made inside a checkpoint call are not the forward's but checkpoint's own: every version of it, reentrant
+# or not, records the autocast state to recompute under (``torch.is_autocast_enabled``,
+# ``torch.get_autocast_dtype``), so they are how a checkpoint call is seen (`StateReads.checkpointed`).
 _CHECKPOINT_FILE = torch.utils.checkpoint.__file__
 
 
 class StateReads(WatchCalls):
     """Context: ``read``, what inside read global autograd or autocast state (``torch.is_autocast_enabled``,
-    ``a torch.autocast block``), in call order without repeats.
+    ``a torch.autocast block``), in call order without repeats; ``checkpointed``, whether anything inside
+    called ``torch.utils.checkpoint`` (see `Checkpoints`).
 
     The generated forward takes the branch the state chose at trace time: under ``torch.autocast`` a
     block that casts back to float32 only when autocast is on would return bfloat16.
@@ -116,14 +118,21 @@ class StateReads(WatchCalls):
                  if _CHECKPOINT_FILE not in callers]
         return list(dict.fromkeys(found))
 
+    @property
+    def checkpointed(self) -> bool:
+        return any(_CHECKPOINT_FILE in callers for _, callers in self.calls)
 
-# Every public way in (``checkpoint``, ``checkpoint_sequential``, timm's ``checkpoint_seq``) reaches
-# ``_checkpoint_impl`` through the module's globals, however the caller imported them.
+
+# Where this torch has ``_checkpoint_impl`` (the decorator form of ``checkpoint``, 2026), every public way in
+# (``checkpoint``, ``checkpoint_sequential``, timm's ``checkpoint_seq``) reaches it through the module's
+# globals, however the caller imported them. Older versions have none such, and ``checkpoint`` imported
+# by name before ``apply`` is not seen here: checkpoint's own state reads are (`StateReads.checkpointed`).
 _CHECKPOINT_FUNCTIONS = ("checkpoint", "checkpoint_sequential", "_checkpoint_impl")
 
 
 class Checkpoints(WatchCalls):
-    """Context: ``called``, whether anything inside called ``torch.utils.checkpoint``.
+    """Context: ``called``, whether anything inside called one of ``torch.utils.checkpoint``'s functions
+    `_CHECKPOINT_FUNCTIONS` through the module.
 
     fx runs the checkpointed function with proxies like any other code, so its ops land in the graph
     one by one: a generated forward would compute the same, but keep every activation for backward.

@@ -206,7 +206,7 @@ def trace_forward(module: nn.Module, concrete_args: dict[str, Any], param_names:
                            "which the traced graph would fix as a constant")
     _restore_parameter_names(graph, param_names)
     _explain_specialisations(graph, cls.__name__)
-    if checkpointing.called:
+    if checkpointing.called or state.checkpointed:
         _CHECKPOINTING.add(graph)
     if state.read:
         _STATE_READS[graph] = tuple(state.read)

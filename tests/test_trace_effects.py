@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint as imported_checkpoint
 from torchvision.ops import SqueezeExcitation
 
 import se_retrofit
+from se_retrofit import trace_effects
 from se_retrofit.call_watch import WatchCalls
 
 
@@ -583,15 +584,19 @@ class _CheckpointedBlock(_Residual):
 
 
 def _count_checkpoints(monkeypatch: pytest.MonkeyPatch, model: nn.Module, x: torch.Tensor) -> int:
+    """Checkpointed forwards run in a training step: each records the autocast state once, reentrant or not,
+    through this helper of torch's (there in every supported version, unlike ``_checkpoint_impl``)."""
+    if not hasattr(torch.utils.checkpoint, "_get_autocast_kwargs"):
+        pytest.skip("this torch's checkpoint has no _get_autocast_kwargs to count its calls by")
     calls = []
-    impl = torch.utils.checkpoint._checkpoint_impl  # what every way of checkpointing calls
+    helper = torch.utils.checkpoint._get_autocast_kwargs
 
     def counted(*args, **kwargs):
         calls.append(1)
-        return impl(*args, **kwargs)
+        return helper(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(torch.utils.checkpoint, "_checkpoint_impl", counted)
+        patch.setattr(torch.utils.checkpoint, "_get_autocast_kwargs", counted)
         model(x).sum().backward()
     return len(calls)
 
@@ -609,6 +614,18 @@ def test_a_block_that_checkpoints_is_left_alone_and_keeps_checkpointing(how, mon
     x = torch.randn(2, 3, 16, 16)
     assert _count_checkpoints(monkeypatch, se_model, x) == _count_checkpoints(monkeypatch, model, x) > 0, \
         "the retrofitted model checkpoints less than the original"
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+@pytest.mark.parametrize("how", ["non-reentrant", "reentrant", "imported", "sequential"])
+def test_a_checkpoint_call_is_seen_without_watching_torchs_checkpoint_functions(how, monkeypatch):
+    """Older torch has no _checkpoint_impl, and checkpoint imported by name before apply is not seen through
+    the module's attributes: the state reads checkpoint itself makes show the call on every version."""
+    monkeypatch.setattr(trace_effects, "_CHECKPOINT_FUNCTIONS", ())
+    model = _Net(_CheckpointedBlock(how)).train()
+    reasons = _reasons(_apply(model), "block")
+    assert any("calls torch.utils.checkpoint" in r for r in reasons), \
+        f"a block that checkpoints ({how}) was not seen to: {reasons}"
 
 
 def test_timm_grad_checkpointing_is_kept_and_costs_no_site(monkeypatch):
