@@ -171,8 +171,9 @@ _GRAPH_MODULE_REASON = ("module skipped: an fx GraphModule regenerates its forwa
 
 
 _CHECKPOINT_REASON = ("module skipped: its forward calls torch.utils.checkpoint, which the traced graph inlines: the "
-                      "rewritten forward would no longer checkpoint (its memory saving lost); turn checkpointing off "
-                      "before apply to get SE here (timm: model.set_grad_checkpointing(False))")
+                      "rewritten forward would no longer checkpoint (its memory saving lost); to get SE here, turn "
+                      "this block's own checkpointing off before apply, then checkpoint the rewritten block from the "
+                      "module that calls it")
 
 
 def _state_read(graphs: list[fx.Graph]) -> list[str]:

@@ -4,9 +4,11 @@ A forward can consult state fx never sees (``torch.is_autocast_enabled()``) or c
 effect fx cannot record (``torch.utils.checkpoint``): nothing in the traced graph shows it. The only
 place to see such a call is the function itself, so for as long as a `WatchCalls` context is open the
 function's module attribute is a pass-through wrapper that notes the call. The wrappers are shared:
-the first open context installs one, the last to close puts the original back, so that threads tracing
-at once neither keep each other's wrappers nor restore one too early; a call counts only for the
-contexts open in the thread that made it.
+the first open context installs one and the last to close puts the original back, and a call counts only
+for the contexts open in the thread that made it, so contexts that overlap (nested, or in other threads)
+neither keep nor remove each other's wrappers. That is bookkeeping, not thread safety for tracing: fx
+itself patches ``nn.Module.__call__`` for every thread while it traces, so ``apply`` in several threads at
+once does not work anyway.
 """
 from __future__ import annotations
 

@@ -535,7 +535,8 @@ def test_tracing_puts_the_watched_torch_functions_back():
 
 
 def test_watched_calls_count_in_their_thread_only_and_the_last_context_restores():
-    """Two threads tracing at once: neither sees the other's calls, nor removes the wrapper the other uses."""
+    """Two threads with a context open at once: neither sees the other's calls, nor removes the wrapper the other
+    uses."""
     original = torch.is_grad_enabled
     entered, leave = threading.Event(), threading.Event()
     seen: list = []
@@ -608,8 +609,12 @@ def test_a_block_that_checkpoints_is_left_alone_and_keeps_checkpointing(how, mon
     model = _Net(_CheckpointedBlock(how)).train()
     se_model = _apply(model)
     reasons = _reasons(se_model, "block")
-    assert any("calls torch.utils.checkpoint" in r and "set_grad_checkpointing(False)" in r for r in reasons), \
+    assert any("calls torch.utils.checkpoint" in r for r in reasons), \
         f"the checkpoint call was not reported: {se_retrofit.get_plan(se_model)}"
+    # timm's own checkpointing (set_grad_checkpointing) never causes this skip: the hint is for the block's own
+    assert all("set_grad_checkpointing" not in r for r in reasons) and \
+        any("checkpoint the rewritten block from the module that calls it" in r for r in reasons), \
+        f"the hint does not say what to do with the block's own checkpointing: {reasons}"
     assert [n for n, _ in se_retrofit.se_blocks(se_model)] == ["plain.se"], "the other block must still get SE"
     x = torch.randn(2, 3, 16, 16)
     assert _count_checkpoints(monkeypatch, se_model, x) == _count_checkpoints(monkeypatch, model, x) > 0, \
