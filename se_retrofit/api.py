@@ -488,7 +488,8 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     so the result trains.
 
     To find the residual additions and check each rewritten block, ``apply`` (as ``find_sites``) runs
-    one eval-mode forward without gradients on ``example_input`` or a random batch. A hook that
+    one eval-mode forward without gradients on a copy of ``example_input`` (the caller's tensors are
+    never changed) or a random batch. A hook that
     collects activations or statistics into the user's objects sees that forward too. The returned
     model (``inplace=False``) is a deep copy, and so are its hooks: a plain function or closure still
     writes where it did, but a hook that is a bound method (``obj.hook``) is bound to a copy of its
