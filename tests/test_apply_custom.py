@@ -287,6 +287,22 @@ def test_apply_under_inference_mode_gives_a_model_that_trains(inplace):
     assert all(p.grad is not None for p in se.parameters()), "backward did not reach the SE parameters"
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_model_built_under_inference_mode_trains_only_from_a_copy(inplace):
+    # what apply's docstring says: inplace=False copies the inference-tensor weights into ordinary ones;
+    # inplace=True has no copy to make, and the model's own weights stay inference tensors
+    with torch.inference_mode():
+        model = make_pretrained_like(Net([AddSpelling(16, "plus")])).eval()
+        se_model = se_retrofit.apply(model, inplace=inplace, example_input=X)
+    se_model.train()
+    if inplace:
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+            se_model(X).sum().backward()
+    else:
+        se_model(X).sum().backward()
+        assert all(p.grad is not None for p in se_model.parameters() if p.requires_grad), "backward missed weights"
+
+
 def _example_input_of_form(x, form):
     return {"tensor": x, "tuple": (x,), "dict": {"x": x}}[form]
 
