@@ -503,15 +503,18 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     when the model does not take a batch of images (it is found for timm, torchvision classifiers
     and detectors). With ``inplace=False`` (default) ``model`` itself is never touched. Called under
     ``torch.inference_mode()``, it still makes the copy and the new parameters as ordinary tensors,
-    so the result trains.
+    so the result trains. With ``inplace=True`` there is no copy: a model whose own weights are
+    inference tensors (built or loaded under ``torch.inference_mode()``) keeps them, and its backward
+    fails ("Inference tensors cannot be saved for backward"); retrofit such a model with
+    ``inplace=False``, or build it outside inference mode.
 
     To find the residual additions and check each rewritten block, ``apply`` (as ``find_sites``) runs
-    one eval-mode forward without gradients on ``example_input`` or a random batch. A hook that
-    collects activations or statistics into the user's objects sees that forward too. The returned
-    model (``inplace=False``) is a deep copy, and so are its hooks: a plain function or closure still
-    writes where it did, but a hook that is a bound method (``obj.hook``) is bound to a copy of its
-    object, so ``obj`` sees nothing of the new model. Register such hooks on the model ``apply``
-    returns, after ``apply``.
+    one eval-mode forward without gradients on a copy of ``example_input`` (the caller's tensors are
+    never changed) or a random batch. A hook that collects activations or statistics into the user's
+    objects sees that forward too. The returned model (``inplace=False``) is a deep copy, and so are
+    its hooks: a plain function or closure still writes where it did, but a hook that is a bound
+    method (``obj.hook``) is bound to a copy of its object, so ``obj`` sees nothing of the new model.
+    Register such hooks on the model ``apply`` returns, after ``apply``.
 
     Raises:
         ValueError: a bad option (naming it and the allowed values), an include/exclude pattern that

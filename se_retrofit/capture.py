@@ -221,12 +221,24 @@ def _small_detection_transforms(model: nn.Module) -> Iterator[None]:
             m.min_size, m.max_size = min_size, max_size
 
 
+def _private_copy(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Copies of every tensor in the example arguments, for the one forward that may modify them.
+
+    A model may change its input in place (``ReLU(inplace=True)`` first): the caller's example input
+    must come back as it was given. The copies are made outside ``torch.inference_mode``, so an input
+    made under it (an inference tensor, which refuses in-place updates there) runs too.
+    """
+    with torch.inference_mode(False):
+        return _clone(args), _clone(kwargs)
+
+
 def capture_calls(model: nn.Module, modules: dict[str, nn.Module], example_input: Any = None
                   ) -> tuple[dict[str, Call], tuple[tuple, dict]]:
     """Record the first call of every module in ``modules`` during one example forward.
 
-    Returns the calls by module name and the example arguments that worked. Raises ValueError
-    when no example input runs, with the shapes tried and the last error.
+    Returns the calls by module name and the example arguments that worked, as they were before the
+    forward (it runs on copies). Raises ValueError when no example input runs, with the shapes tried
+    and the last error.
     """
     if example_input is not None:
         candidates = [normalize_example_input(example_input)]
@@ -235,7 +247,7 @@ def capture_calls(model: nn.Module, modules: dict[str, nn.Module], example_input
     errors: list[str] = []
     for args, kwargs in candidates:
         try:
-            return _record(model, modules, args, kwargs), (args, kwargs)
+            return _record(model, modules, *_private_copy(args, kwargs)), (args, kwargs)
         except Exception as exc:  # any failure means "try the next input"; all are reported below
             errors.append(f"input {describe(args, kwargs)}: {first_line(exc, 300)}")
     raise NoExampleInput(type(model).__name__, errors)

@@ -385,23 +385,26 @@ def _strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return state
 
 
+# Through se_retrofit's own loader, so that the keys the command filters are the ones the refusal saw:
+# the file unwrapped and its EMA or raw weights chosen as `load_weights` did, wrapper prefixes dropped.
 _EXTRACT_COMMAND = (
-    "python -c \"import torch, safetensors.torch as st; "
-    "obj = torch.load('IN', map_location='cpu', weights_only=True); "
-    "sd = next((obj[k] for k in ('state_dict', 'model_state_dict', 'model') if k in obj), obj); "
-    "st.save_file({k[len('PREFIX'):]: v.contiguous() for k, v in sd.items() if k.startswith('PREFIX')}, "
-    "'OUT.safetensors')\""
+    "python -c \"from se_retrofit.checkpoint import load_weights; import safetensors.torch as st; "
+    "sd = load_weights('IN'OPTIONS); "
+    "st.save_file({k[len('PREFIX'):]: v.detach().clone().contiguous() for k, v in sd.items() "
+    "if k.startswith('PREFIX')}, 'OUT.safetensors')\""
 )
 
 
-def _extract_hint(path: Path, prefix: str) -> str:
+def _extract_hint(path: Path, prefix: str, options: dict[str, Any]) -> str:
     """The one-liner that writes the weights under ``prefix`` of ``path``, without it, to a new safetensors
-    file beside it (placeholders where the path would not survive a shell, as in `_convert_hint`)."""
+    file beside it (placeholders where the path would not survive a shell, as in `_convert_hint`).
+
+    ``options`` are the `load_weights` arguments of the refused call other than their defaults, passed on
+    so that the command reads the same keys."""
     source = path.expanduser().absolute()
     target = source.with_name(f"{source.stem}.{prefix.rstrip('.')}.safetensors")
-    command = _EXTRACT_COMMAND.replace("PREFIX", prefix)
-    if source.suffix.lower() == ".safetensors":
-        command = command.replace("torch.load('IN', map_location='cpu', weights_only=True)", "st.load_file('IN')")
+    given = "".join(f", {name}={value!r}" for name, value in options.items())
+    command = _EXTRACT_COMMAND.replace("PREFIX", prefix).replace("OPTIONS", given)
     if target.exists() or _SHELL_UNSAFE.search(str(source)) or _SHELL_UNSAFE.search(prefix):
         return (f"Extract them once, with IN and OUT.safetensors replaced by its path and a new file's: {command}, "
                 "then pass OUT.safetensors.")
@@ -409,8 +412,8 @@ def _extract_hint(path: Path, prefix: str) -> str:
     return f"Extract them once (it writes {target}): {command}, then pass that file."
 
 
-def _strip_attribute_prefix(state: dict[str, torch.Tensor], model: torch.nn.Module, path: Path
-                            ) -> dict[str, torch.Tensor]:
+def _strip_attribute_prefix(state: dict[str, torch.Tensor], model: torch.nn.Module, path: Path,
+                            options: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Remove the attribute name a training framework kept the network under: PyTorch Lightning saves the
     LightningModule's state dict, so a network held as ``self.model`` puts ``model.`` before every key.
 
@@ -418,7 +421,8 @@ def _strip_attribute_prefix(state: dict[str, torch.Tensor], model: torch.nn.Modu
     that name, and without it every key names a tensor of ``model``. A file that holds the whole network
     under a prefix but is not that case (other entries beside it: a loss's weights, a second network; or
     a model with its own child of that name) is refused with the command that extracts the network's
-    weights, since which keys are the network's is then the user's call.
+    weights, since which keys are the network's is then the user's call (``options``: the `load_weights`
+    arguments that read ``state``, for that command).
     """
     own = model.state_dict()
     if state.keys() <= own.keys():
@@ -442,7 +446,7 @@ def _strip_attribute_prefix(state: dict[str, torch.Tensor], model: torch.nn.Modu
                               "not dropped by guessing")
         raise ValueError(
             f"{str(path)!r} holds the weights of {type(model).__name__} under {prefix!r} (the attribute a PyTorch "
-            f"Lightning module or another wrapper kept the network in), {why}. {_extract_hint(path, prefix)}")
+            f"Lightning module or another wrapper kept the network in), {why}. {_extract_hint(path, prefix, options)}")
     return state
 
 
@@ -479,7 +483,12 @@ def load_weights(path: StrPath, *, prefer_ema: bool | None = None, strip_ddp_pre
     else:
         state = _unwrap(_torch_load_weights_only(path), path, prefer_ema)
     state = _strip_module_prefix(state) if strip_ddp_prefix else dict(state)
-    return _strip_attribute_prefix(state, model, path) if model is not None else state
+    if model is None:
+        return state
+    options = {name: value for name, value, default in (("prefer_ema", prefer_ema, None),
+                                                        ("strip_ddp_prefix", strip_ddp_prefix, True))
+               if value != default}
+    return _strip_attribute_prefix(state, model, path, options)
 
 
 def load_checkpoint(path: StrPath) -> dict[str, Any]:

@@ -253,16 +253,19 @@ def _check_ema_copies(model: nn.Module) -> None:
     """Refuse ``ema=True`` for a model that does not deep-copy, before anything is written: timm's
     ``ModelEmaV3`` keeps a deep copy, and a model reparametrised with hooks (``torch.nn.utils.prune``, the
     old ``weight_norm``) holds computed tensors that refuse it, an error that names neither. Tried on the
-    modules alone, every parameter and buffer shared through the memo, so that no weight is copied."""
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    modules alone, every parameter and leaf buffer shared through the memo, so that no weight is copied.
+    A buffer computed with gradients on (one with a ``grad_fn``) is left out of the memo: its copy is
+    refused before any data is read, as it is in the real copy."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers()) if t.is_leaf}
     try:
         copy.deepcopy(model, shared)
     except Exception as exc:  # deepcopy raises what the failing object raises (RuntimeError, TypeError...)
         raise ValueError(
             f"ema=True keeps a copy of the model, but {type(model).__name__} does not deep-copy ({first_line(exc)}). "
-            "Models reparametrised with hooks (torch.nn.utils.prune, the old torch.nn.utils.weight_norm) do not: "
-            "make the change permanent first (prune.remove(module, 'weight'), remove_weight_norm), or train "
-            "without ema.") from exc
+            "Models reparametrised with hooks (torch.nn.utils.prune, the old torch.nn.utils.weight_norm) do not, "
+            "nor do buffers computed from parameters with gradients on: make the change permanent first "
+            "(prune.remove(module, 'weight'), remove_weight_norm), register such buffers detached (.detach()), "
+            "or train without ema.") from exc
 
 
 def _head_fits(model: nn.Module, n_classes: int | None) -> bool:

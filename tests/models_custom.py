@@ -232,3 +232,15 @@ class FlaggedBlock(nn.Module):
         if flag is True or flag == torch.float32:
             out = out + x
         return F.relu(out)
+
+
+class InPlaceInputNet(nn.Module):
+    """Changes its input in place first (``ReLU(inplace=True)`` on the image), as some stems do."""
+
+    def __init__(self, channels: int = 16) -> None:
+        super().__init__()
+        self.act = nn.ReLU(inplace=True)
+        self.net = Net([AddSpelling(channels, "plus")], channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.act(x))

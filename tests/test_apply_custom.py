@@ -14,8 +14,8 @@ import se_retrofit
 from se_retrofit import SEBlock, SERetrofitWarning
 
 from conftest import assert_original_state_kept, make_pretrained_like
-from models_custom import (AddSpelling, CalledTwice, FunctionalDropoutBlock, Net, NotResidual, ParallelConvs,
-                           PlainNet, ShortcutArgNet)
+from models_custom import (AddSpelling, CalledTwice, FunctionalDropoutBlock, InPlaceInputNet, Net, NotResidual,
+                           ParallelConvs, PlainNet, ShortcutArgNet)
 
 X = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
 
@@ -285,6 +285,55 @@ def test_apply_under_inference_mode_gives_a_model_that_trains(inplace):
     se_model(X).sum().backward()
     se = se_retrofit.se_blocks(se_model)[0][1]
     assert all(p.grad is not None for p in se.parameters()), "backward did not reach the SE parameters"
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_model_built_under_inference_mode_trains_only_from_a_copy(inplace):
+    # what apply's docstring says: inplace=False copies the inference-tensor weights into ordinary ones;
+    # inplace=True has no copy to make, and the model's own weights stay inference tensors
+    with torch.inference_mode():
+        model = make_pretrained_like(Net([AddSpelling(16, "plus")])).eval()
+        se_model = se_retrofit.apply(model, inplace=inplace, example_input=X)
+    se_model.train()
+    if inplace:
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+            se_model(X).sum().backward()
+    else:
+        se_model(X).sum().backward()
+        assert all(p.grad is not None for p in se_model.parameters() if p.requires_grad), "backward missed weights"
+
+
+def _example_input_of_form(x, form):
+    return {"tensor": x, "tuple": (x,), "dict": {"x": x}}[form]
+
+
+@pytest.mark.parametrize("form", ["tensor", "tuple", "dict"])
+@pytest.mark.parametrize("call", ["apply", "find_sites"])
+def test_the_callers_example_input_is_not_changed(call, form):
+    # the example forward ran on the caller's tensors: a model that changes its input in place
+    # (ReLU(inplace=True) first) cleared every negative value of the caller's example_input
+    model = make_pretrained_like(InPlaceInputNet()).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    before = x.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SERetrofitWarning)
+        found = getattr(se_retrofit, call)(model, example_input=_example_input_of_form(x, form))
+    assert torch.equal(x, before), f"{call} changed the caller's example_input ({form}) in place"
+    plan = found if call == "find_sites" else se_retrofit.get_plan(found)
+    assert [s.se_name for s in plan.sites] == ["net.blocks.0.se"], plan
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_an_inference_tensor_example_input_runs_a_model_that_changes_its_input(inplace):
+    # apply runs outside the caller's inference_mode, where an in-place update of the caller's inference
+    # tensor is refused: the example forward failed and the message asked for the example_input it was given
+    model = make_pretrained_like(InPlaceInputNet()).eval()
+    with torch.inference_mode():
+        x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        before = x.clone()
+        se_model = se_retrofit.apply(model, inplace=inplace, example_input=x)
+    assert torch.equal(x, before), "apply changed the caller's example_input in place"
+    assert [n for n, _ in se_retrofit.se_blocks(se_model)] == ["net.blocks.0.se"], se_retrofit.get_plan(se_model)
 
 
 def test_find_sites_is_a_dry_run():

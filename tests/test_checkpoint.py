@@ -399,29 +399,45 @@ def test_a_lightning_checkpoints_model_prefix_is_dropped_when_it_is_the_one_read
     assert all(k.startswith("model.") for k in load_weights(path)), "without the model, no prefix may be guessed"
 
 
-@pytest.mark.parametrize("case", ["other entries", "own child named model"])
+@pytest.mark.parametrize("case", ["other entries", "own child named model", "DDP-wrapped", "EMA chosen"])
 def test_a_prefix_that_is_not_the_one_reading_is_refused_with_a_command_that_works(tmp_path, case):
+    # the command filtered the file's raw keys: after load_weights had dropped a DDP `module.` (or chosen the
+    # EMA weights) it found none of them under the prefix and wrote an empty file
     import re
     import shlex
     import subprocess
 
     net = tiny_net()
-    if case == "other entries":
-        path = _lightning(net.state_dict(), tmp_path / "last.ckpt", **{"criterion.weight": torch.ones(5)})
-        target = net
-    else:  # the model's own child is `model`: its weights already load, but model.model.* must not be guessed at
+    expected, options = net.state_dict(), {}
+    if case == "own child named model":  # the model's own child is `model`: model.model.* must not be guessed at
         target = nn.Module()
         target.model = net
         path = _lightning(target.state_dict(), tmp_path / "last.ckpt")
+        expected = target.state_dict()
+    else:
+        target = net
+        path = _lightning(net.state_dict(), tmp_path / "last.ckpt", **{"criterion.weight": torch.ones(5)})
+    if case == "DDP-wrapped":  # the LightningModule saved from inside DistributedDataParallel
+        saved = torch.load(path, weights_only=True)
+        saved["state_dict"] = {f"module.{k}": v for k, v in saved["state_dict"].items()}
+        torch.save(saved, path)
+    if case == "EMA chosen":  # raw weights beside an EMA copy, which the call asks for
+        saved = torch.load(path, weights_only=True)
+        expected = {k: v + 1 if v.is_floating_point() else v for k, v in net.state_dict().items()}
+        saved["state_dict_ema"] = {**{f"model.{k}": v for k, v in expected.items()}, "criterion.weight": torch.ones(5)}
+        torch.save(saved, path)
+        options = {"prefer_ema": True}
     with pytest.raises(ValueError, match=r"under 'model\.'") as info:
-        load_weights(path, model=target)
+        load_weights(path, model=target, **options)
     message = str(info.value)
-    assert ("criterion.weight" in message) if case == "other entries" else ("child named 'model'" in message), message
+    assert ("child named 'model'" in message) if case == "own child named model" else ("criterion.weight" in message), \
+        message
     command = re.search(r'python -c ".*"', message)
     assert command and str(path) in command.group(0), f"no one-liner naming the file in: {message}"
     done = subprocess.run([sys.executable, *shlex.split(command.group(0))[1:]], capture_output=True, text=True)
     assert done.returncode == 0, f"the printed extraction failed: {done.stderr[-500:]}"
     extracted = load_weights(tmp_path / "last.model.safetensors")
+    assert extracted.keys() == expected.keys(), \
+        f"{case}: the printed command extracted {sorted(extracted)[:4]} ({len(extracted)} tensors), not the network's"
+    assert all(torch.equal(v, expected[k]) for k, v in extracted.items()), f"{case}: the extracted weights differ"
     load_into(target, extracted)
-    assert extracted.keys() == target.state_dict().keys() and all(
-        torch.equal(v, target.state_dict()[k]) for k, v in extracted.items()), "the extracted weights differ"

@@ -626,3 +626,18 @@ def test_ema_on_a_model_that_does_not_copy_is_refused_before_writing(tmp_path: P
                  verbose=False, progress=False)
     assert "without ema" in str(info.value), f"no way on in: {info.value}"
     assert not (tmp_path / "run").exists(), "the refused run wrote its folder"
+
+
+def test_ema_on_a_model_with_a_buffer_computed_with_gradients_is_refused_before_writing(tmp_path: Path) -> None:
+    """A buffer with a ``grad_fn`` refuses timm's deep copy; the trial copy shared every buffer through its memo,
+    so it passed, and the run failed later in ModelEmaV3 with PyTorch's note on weight_norm."""
+    import se_retrofit
+
+    model = se_retrofit.apply(pretrained_like(create_model(MODEL, num_classes=3)))
+    model.fc.register_buffer("scaled", model.fc.weight * 2)
+    assert model.fc.scaled.grad_fn is not None, "the premise changed: the buffer has no grad_fn"
+    with pytest.raises(ValueError, match=r"ema=True keeps a copy .*detached") as info:
+        finetune(model, Quadrants(8), None, out_dir=tmp_path / "run", epochs=1, batch_size=8, ema=True,
+                 verbose=False, progress=False)
+    assert "without ema" in str(info.value), f"no way on in: {info.value}"
+    assert not (tmp_path / "run").exists(), "the refused run wrote its folder"

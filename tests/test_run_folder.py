@@ -15,9 +15,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import TensorDataset
 
 from se_retrofit.finetune import finetune
 from se_retrofit.models import create_model
+from se_retrofit.training import outputs
 from test_finetune import MODEL, Quadrants, fast_args, run_cli, write_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -286,14 +289,50 @@ def test_resuming_a_run_of_a_version_that_recorded_no_head_class_count_says_so(i
     the run is not "a different run" with options to change, it is one this version cannot continue."""
     out = tmp_path / "run"
     assert run_cli(fast_args(images, out, "--epochs", "1")) == 0
+    older = {"se_retrofit_version": "0.0.9"}
     config = json.loads((out / "config.json").read_text())
     config["model"]["num_classes"] = None
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    _edit_last(out, lambda state: state["config"]["model"].update(num_classes=None))
+    (out / "config.json").write_text(json.dumps(config | older, indent=2))
+    _edit_last(out, lambda state: (state["config"]["model"].update(num_classes=None), state["config"].update(older)))
     before = _digest(out)
     assert run_cli(fast_args(images, out, "--epochs", "1", "--resume")) == 2
     err = capsys.readouterr().err
-    assert "written by an older se_retrofit" in err and "another --out" in err, f"no version change said in: {err}"
+    assert "written by an older se_retrofit" in err and "'0.0.9'" in err and "another --out" in err, \
+        f"no version change said in: {err}"
+    assert _digest(out) == before, "the refused resume changed the run's files"
+
+
+class _ConvHeadNet(nn.Module):
+    """A head this version does not know as a classifier (a 1x1 convolution, no timm API): its run records
+    ``model.num_classes: null``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1, self.conv2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+        return self.head(x).mean((2, 3))
+
+
+def test_resuming_a_run_of_this_version_with_another_model_lists_the_differences(tmp_path: Path) -> None:
+    """``num_classes: null`` is also what this version writes for a head it does not know: resumed by mistake
+    with another model, the run was blamed on "an older se_retrofit" and the model change went unsaid."""
+    out = tmp_path / "run"
+    data = TensorDataset(torch.randn(8, 3, 16, 16), torch.arange(8) % 3)  # no class list: the head is kept as it is
+    finetune(_ConvHeadNet(), data, None, out_dir=out, epochs=1, batch_size=4, verbose=False, progress=False)
+    assert json.loads((out / "config.json").read_text())["model"]["num_classes"] is None, "the premise changed"
+    before = _digest(out)
+    with pytest.raises(ValueError) as info:
+        finetune(create_model(MODEL, num_classes=3), data, None, out_dir=out, resume=True, epochs=1, batch_size=4,
+                 verbose=False, progress=False)
+    message = str(info.value)
+    assert "older se_retrofit" not in message, f"a run of this version blamed on an older one: {message}"
+    assert "holds a different run" in message and "model.class: " in message and "-> 'ResNet'" in message, \
+        f"the model change is not listed: {message}"
     assert _digest(out) == before, "the refused resume changed the run's files"
 
 
@@ -307,3 +346,23 @@ def test_a_checkpoint_whose_optimizer_holds_other_parameters_says_why_it_cannot_
     assert run_cli(fast_args(images, out, "--epochs", "1", "--resume")) == 2
     err = capsys.readouterr().err
     assert "optimizer state in the checkpoint is for other trainable parameters" in err and "another --out" in err, err
+
+
+@pytest.mark.parametrize("version, other", [("0.0.9", None), ("0.0.9", ("name", "dla34")), (None, None)])
+def test_the_older_version_message_needs_another_version_and_only_the_class_count_changed(version, other) -> None:
+    """The older-version reading holds only where nothing else explains a ``num_classes: null``."""
+    new = {"se_retrofit_version": "0.1.0", "model": {"name": "dla46_c", "num_classes": 3}, "train": {"epochs": 1}}
+    saved = json.loads(json.dumps(new))
+    saved["model"]["num_classes"] = None
+    if version is None:
+        del saved["se_retrofit_version"]
+    else:
+        saved["se_retrofit_version"] = version
+    if other is not None:
+        saved["model"][other[0]] = other[1]
+    with pytest.raises(ValueError) as info:
+        outputs.check_same_run(saved, new, Path("run"))
+    older = "written by an older se_retrofit" in str(info.value)
+    assert older == (other is None), f"version {version!r}, other difference {other}: {info.value}"
+    if other is not None:
+        assert "model.name: 'dla34' -> 'dla46_c'" in str(info.value), f"the model change is not listed: {info.value}"

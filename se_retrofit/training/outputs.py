@@ -206,6 +206,10 @@ def read_config(out: Path) -> dict[str, Any]:
 
 def config_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``section.key: saved -> new`` for every setting that differs, runtime settings aside."""
+    return [f"{key}: {a!r} -> {b!r}" for key, a, b in _differing(saved, new)]
+
+
+def _differing(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     flat_saved, flat_new = _flatten(saved), _flatten(new)
     diffs = []
     for key in sorted(set(flat_saved) | set(flat_new), key=_importance):
@@ -213,7 +217,7 @@ def config_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
             continue
         a, b = flat_saved.get(key, "<unset>"), flat_new.get(key, "<unset>")
         if a != b:
-            diffs.append(f"{key}: {a!r} -> {b!r}")
+            diffs.append((key, a, b))
     return diffs
 
 
@@ -244,10 +248,16 @@ def check_same_run(saved: dict[str, Any], new: dict[str, Any], out: Path) -> Non
 def _older_head_record(saved: dict[str, Any], new: dict[str, Any]) -> bool:
     """Whether ``saved`` is a config of a version that recorded no class count for a head it did not know
     as a classifier (``None``), where this version records one: before a head that is not one linear
-    layer was recognised, which also changed what trains."""
+    layer was recognised, which also changed what trains.
+
+    Only when another version (or none) is recorded and the class count is all that differs: this
+    version records ``None`` too, for a model whose head it does not know, so the same ``None`` beside
+    a model name or class that differs is a run of another model, which the usual message lists."""
     saved_model, new_model = saved.get("model"), new.get("model")
-    return (isinstance(saved_model, dict) and isinstance(new_model, dict) and "num_classes" in saved_model
-            and saved_model["num_classes"] is None and new_model.get("num_classes") is not None)
+    return (saved.get("se_retrofit_version") != new.get("se_retrofit_version")
+            and isinstance(saved_model, dict) and isinstance(new_model, dict) and "num_classes" in saved_model
+            and saved_model["num_classes"] is None and new_model.get("num_classes") is not None
+            and [key for key, _, _ in _differing(saved, new)] == ["model.num_classes"])
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
