@@ -232,8 +232,11 @@ def check_same_run(saved: dict[str, Any], new: dict[str, Any], out: Path) -> Non
     diffs = config_differences(saved, new)
     if diffs and _older_head_record(saved, new):
         written = saved.get("se_retrofit_version")
+        which = (f"an older se_retrofit (its {CONFIG} records version {written!r})"
+                 if written != new.get("se_retrofit_version") else
+                 f"an earlier build of se_retrofit (one that still called itself {written!r})")
         raise ValueError(
-            f"--resume: {out} was written by an older se_retrofit (its {CONFIG} records version {written!r}), from "
+            f"--resume: {out} was written by {which}, from "
             f"before the class count of a classifier that is not one linear layer (a 1x1 convolution as in DLA and "
             f"DPN, an MLP head) was recorded: its model.num_classes is None where this version finds "
             f"{new['model']['num_classes']}. That version also kept such a head frozen, so its optimizer state does "
@@ -250,12 +253,12 @@ def _older_head_record(saved: dict[str, Any], new: dict[str, Any]) -> bool:
     as a classifier (``None``), where this version records one: before a head that is not one linear
     layer was recognised, which also changed what trains.
 
-    Only when another version (or none) is recorded and the class count is all that differs: this
-    version records ``None`` too, for a model whose head it does not know, so the same ``None`` beside
-    a model name or class that differs is a run of another model, which the usual message lists."""
+    Only when the class count is all that differs: this version records ``None`` too, for a model whose
+    head it does not know, so the same ``None`` beside a model name or class that differs is a run of
+    another model, which the usual message lists. The recorded version alone cannot tell: it stayed the
+    same across the change."""
     saved_model, new_model = saved.get("model"), new.get("model")
-    return (saved.get("se_retrofit_version") != new.get("se_retrofit_version")
-            and isinstance(saved_model, dict) and isinstance(new_model, dict) and "num_classes" in saved_model
+    return (isinstance(saved_model, dict) and isinstance(new_model, dict) and "num_classes" in saved_model
             and saved_model["num_classes"] is None and new_model.get("num_classes") is not None
             and [key for key, _, _ in _differing(saved, new)] == ["model.num_classes"])
 
