@@ -358,6 +358,8 @@ SUFFIXES = {"cold": "each op after a convolution, as in the forward",
                                                      "16 threads",
             "h200_host_base_and_retrofit_4threads": "on the H200 machine's CPU, base model and retrofit only, "
                                                     "4 threads",
+            "h200_host_base_and_retrofit_16threads_current": "on the H200 machine's CPU, base model and retrofit "
+                                                             "only, 16 threads, a later session's code",
             "compile_infer": "inference, eager and torch.compile",
             "h100_compile_train": "on the H100, compiled training only (base model, timm's seresnet50, retrofit)",
             "h100_host_base_and_retrofit_16threads": "on the H100 machine's CPU, base model and retrofit only, "
