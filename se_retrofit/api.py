@@ -283,6 +283,7 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
                                           "__init_subclass__, which the rewrite's generated subclass would run "
                                           "(class registries, required class arguments)")], []
     graphs: list[fx.Graph] = []
+    traced: list[fx.Graph] = []  # every graph traced, a train graph kept or not: what they noted counts
     try:
         param_names, concrete = bind_call(module, call)
         if concrete:
@@ -290,6 +291,7 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
         else:
             eval_graph, reads_training = cached_trace(module)
         graphs.append(eval_graph)
+        traced.append(eval_graph)
         fused = [Skipped(name, n.name, f"already has channel attention: SEBlock at '{n.target}' (doing the add)")
                  for n in fused_calls(eval_graph, module)]
         # a converted model's adds are quantized ops, not additions: they are looked for too
@@ -305,11 +307,12 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
         propagate_shapes(module, eval_graph, call, check_output=True)
         if reads_training:
             train_graph, _ = trace_forward(module, concrete, param_names, training=True)
+            traced.append(train_graph)
             if train_graph.python_code("self").src != eval_graph.python_code("self").src:
                 graphs.append(train_graph)
                 propagate_shapes(module, train_graph, call, check_output=False)
     except TraceFailure as exc:
-        reads = _state_read(graphs)  # the likely cause of a graph that does not reproduce the output
+        reads = _state_read(traced)  # the likely cause of a graph that does not reproduce the output
         return None, [Skipped(name, None, _state_read_reason(reads) if reads else f"module skipped: {exc}")], []
     all_placements = []
     rejections = []
@@ -325,11 +328,12 @@ def _trace_block(name: str, module: nn.Module, call: Call, position: str
     if not all_placements[0]:
         return None, skipped, units
     # what the graph cannot keep, but only a module that would run it instead of its forward loses; such a
-    # module's units still enclose what their branches run (`nesting`)
-    reads = _state_read(graphs)
+    # module's units still enclose what their branches run (`nesting`). The train graph counts even where its
+    # code is the eval graph's: a checkpoint call or a state read made only in training leaves no trace in it.
+    reads = _state_read(traced)
     if reads:
         return None, skipped + [Skipped(name, None, _state_read_reason(reads))], units
-    if any(checkpoints(g) for g in graphs):
+    if any(checkpoints(g) for g in traced):
         return None, skipped + [Skipped(name, None, _CHECKPOINT_REASON)], units
     return _BlockPlan(name, module, call, graphs, all_placements), skipped, units
 

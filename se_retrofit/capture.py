@@ -7,6 +7,7 @@ recorded here in one forward, in eval mode and without gradients so that no Batc
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -40,7 +41,24 @@ class Call:
 
 
 def _clone(value: Any) -> Any:
-    return tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
+    return tree_map(_clone_leaf, value)
+
+
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+
+
+def _clone_leaf(value: Any) -> Any:
+    """A tensor's copy, or a deep copy of an object pytree does not look into (a batch class, torchvision's
+    ImageList), whose tensors the forward may change as well; an object that does not deep-copy is passed
+    as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, _IMMUTABLE):
+        return value
+    try:
+        return copy.deepcopy(value)
+    except Exception:  # deepcopy raises what the failing object raises (TypeError, RuntimeError, ...)
+        return value
 
 
 @contextlib.contextmanager
@@ -131,7 +149,10 @@ def describe(args: tuple, kwargs: dict) -> str:
         if isinstance(v, (list, tuple)):
             inner = ", ".join(one(x) for x in v)
             return f"[{inner}]" if isinstance(v, list) else f"({inner})"
-        return repr(v)
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k!r}: {one(x)}" for k, x in v.items()) + "}"
+        text = repr(v)  # a user's object may print every tensor it holds
+        return text if len(text) <= 80 else f"<{type(v).__name__}>"
     parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
     return ", ".join(parts)
 

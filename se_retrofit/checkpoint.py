@@ -406,10 +406,11 @@ def _extract_hint(path: Path, prefix: str, options: dict[str, Any]) -> str:
     given = "".join(f", {name}={value!r}" for name, value in options.items())
     command = _EXTRACT_COMMAND.replace("PREFIX", prefix).replace("OPTIONS", given)
     if target.exists() or _SHELL_UNSAFE.search(str(source)) or _SHELL_UNSAFE.search(prefix):
-        return (f"Extract them once, with IN and OUT.safetensors replaced by its path and a new file's: {command}, "
-                "then pass OUT.safetensors.")
+        return (f"Extract them once, with the Python se_retrofit is installed in and IN and OUT.safetensors "
+                f"replaced by its path and a new file's: {command}, then pass OUT.safetensors.")
     command = command.replace("'IN'", f"'{source}'").replace("OUT.safetensors", str(target))
-    return f"Extract them once (it writes {target}): {command}, then pass that file."
+    return (f"Extract them once, with the Python se_retrofit is installed in (it writes {target}): {command}, "
+            "then pass that file.")
 
 
 def _strip_attribute_prefix(state: dict[str, torch.Tensor], model: torch.nn.Module, path: Path,

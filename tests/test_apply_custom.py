@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import itertools
 import pickle
 import warnings
@@ -303,16 +304,29 @@ def test_a_model_built_under_inference_mode_trains_only_from_a_copy(inplace):
         assert all(p.grad is not None for p in se_model.parameters() if p.requires_grad), "backward missed weights"
 
 
+@dataclasses.dataclass
+class _Batch:
+    """A batch class pytree does not look into (as a data pipeline's own batch type)."""
+
+    image: torch.Tensor
+
+
+class _BatchInPlaceInputNet(InPlaceInputNet):
+    def forward(self, batch: _Batch) -> torch.Tensor:
+        return super().forward(batch.image)
+
+
 def _example_input_of_form(x, form):
-    return {"tensor": x, "tuple": (x,), "dict": {"x": x}}[form]
+    return {"tensor": x, "tuple": (x,), "dict": {"x": x}, "object": _Batch(x)}[form]
 
 
-@pytest.mark.parametrize("form", ["tensor", "tuple", "dict"])
+@pytest.mark.parametrize("form", ["tensor", "tuple", "dict", "object"])
 @pytest.mark.parametrize("call", ["apply", "find_sites"])
 def test_the_callers_example_input_is_not_changed(call, form):
     # the example forward ran on the caller's tensors: a model that changes its input in place
-    # (ReLU(inplace=True) first) cleared every negative value of the caller's example_input
-    model = make_pretrained_like(InPlaceInputNet()).eval()
+    # (ReLU(inplace=True) first) cleared every negative value of the caller's example_input; a tensor
+    # inside an object pytree does not know was still changed after containers were copied
+    model = make_pretrained_like(_BatchInPlaceInputNet() if form == "object" else InPlaceInputNet()).eval()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     before = x.clone()
     with warnings.catch_warnings():
@@ -621,3 +635,11 @@ def test_a_block_whose_forward_is_replaced_on_the_instance_is_skipped_with_that_
         se_model = se_retrofit.apply(model)
     reasons = [s.reason for s in se_retrofit.get_plan(se_model).skipped if s.block == "layer1.0"]
     assert reasons and "forward is replaced on the instance" in reasons[0], f"layer1.0 skipped for {reasons}"
+
+
+def test_a_failed_example_forward_names_an_objects_type_not_its_tensors():
+    # the list of inputs tried printed repr() of a user's batch object, every value of its tensors included
+    from se_retrofit.capture import describe
+
+    text = describe((_Batch(torch.randn(2, 3, 64, 64)),), {"extra": {"mask": torch.ones(2, 64)}})
+    assert text == "<_Batch>, extra={'mask': Tensor(2, 64)}", text

@@ -766,3 +766,40 @@ def test_a_block_skipped_for_reading_state_keeps_its_units_and_its_other_reasons
     assert ("1", "adds a constant") in reasons, f"the unit's own reasons were dropped: {plan.skipped}"
     assert any(s.block == "1" and "reads global autograd or autocast state (torch.is_grad_enabled)" in s.reason
                for s in plan.skipped), plan.skipped
+
+
+class _TrainOnlyBlock(_Residual):
+    """Checkpoints, or reads grad state, only in training: the eval graph shows nothing, and the train graph's
+    code is the eval graph's (the checkpointed ops are inlined), so that graph is not kept for the rewrite."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "checkpoint" and self.training:
+            out = torch.utils.checkpoint.checkpoint(self.branch, x, use_reentrant=False)
+        elif self.how == "checkpoint when grad is on" and self.training and torch.is_grad_enabled():
+            out = torch.utils.checkpoint.checkpoint(self.branch, x, use_reentrant=False)
+        else:
+            out = self.branch(x)
+            if self.how == "grad read" and self.training and not torch.is_grad_enabled():
+                out = out * 0
+        return F.relu(out + x)
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "checkpoint when grad is on", "grad read"])
+def test_a_checkpoint_or_state_read_made_only_in_training_is_seen(how, monkeypatch):
+    """What only the train trace notes counts, though that trace's code equals the eval one's and is dropped."""
+    model = _Net(_TrainOnlyBlock(how)).train()
+    plan = se_retrofit.find_sites(model)
+    assert [s.block for s in plan.sites] == ["plain"], \
+        f"{how}: a block that checkpoints or reads grad state in training got SE: {plan.sites}"
+    reasons = [s.reason for s in plan.skipped if s.block == "block"]
+    expected = "torch.utils.checkpoint" if how == "checkpoint" else "global autograd or autocast state"
+    assert any(expected in r for r in reasons), f"{how}: no reason names {expected!r}: {reasons}"
+    if how != "grad read":
+        x = torch.randn(2, 3, 8, 8)
+        se_model = se_retrofit.apply(model).train()
+        assert _count_checkpoints(monkeypatch, se_model, x) == _count_checkpoints(monkeypatch, model, x) == 1, \
+            f"{how}: the retrofitted model does not checkpoint as the original does"

@@ -239,8 +239,10 @@ def check_same_run(saved: dict[str, Any], new: dict[str, Any], out: Path) -> Non
             f"--resume: {out} was written by {which}, from "
             f"before the class count of a classifier that is not one linear layer (a 1x1 convolution as in DLA and "
             f"DPN, an MLP head) was recorded: its model.num_classes is None where this version finds "
-            f"{new['model']['num_classes']}. That version also kept such a head frozen, so its optimizer state does "
-            "not fit the parameters this one trains, and the run cannot continue here. Start it again with the "
+            f"{new['model']['num_classes']} (or, for a model of your own, its head changed from one this version "
+            "does not know as a classifier to one it does). That version also kept such a head frozen, so its "
+            "optimizer state does not fit the parameters this one trains, and the run cannot continue here. Start "
+            "it again with the "
             f"same options in another --out (its {CONFIG} lists them), or finish it with the se_retrofit that wrote it")
     if diffs:
         shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
