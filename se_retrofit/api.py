@@ -6,6 +6,7 @@ import fnmatch
 import functools
 import itertools
 import logging
+import threading
 import typing
 import warnings
 from collections import Counter
@@ -38,6 +39,12 @@ logger = logging.getLogger("se_retrofit")
 T = TypeVar("T")
 
 CONFIG_ATTR = "_se_retrofit_config"
+
+# fx's tracer patches ``nn.Module.__call__`` and ``__getattr__`` process-wide while it traces, and restores what it
+# found: two traces at once in two threads end with the patched call left in place, and every later forward and
+# trace of the process fails ("module is not installed as a submodule"). `apply` and `find_sites` hold this lock
+# for their whole work (traces, example forwards, checks), so calls from several threads take turns.
+_TRACE_LOCK = threading.RLock()
 
 
 class SERetrofitWarning(UserWarning):
@@ -490,7 +497,8 @@ def find_sites(model: nn.Module, config: SEConfig | None = None, *, reduction: f
                                           include=include, exclude=exclude))
     _check_model(model)
     work = _copy(model)
-    plan, _ = _plan(work, config, example_input)
+    with _TRACE_LOCK:
+        plan, _ = _plan(work, config, example_input)
     return plan
 
 
@@ -520,6 +528,10 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     method (``obj.hook``) is bound to a copy of its object, so ``obj`` sees nothing of the new model.
     Register such hooks on the model ``apply`` returns, after ``apply``.
 
+    Calls of ``apply`` and `find_sites` from several threads take turns (one lock). Other code must not run
+    forwards in other threads meanwhile: torch.fx replaces ``nn.Module.__call__`` process-wide while it
+    traces, so such a forward would be recorded into the trace instead of run.
+
     Raises:
         ValueError: a bad option (naming it and the allowed values), an include/exclude pattern that
             matches nothing, no example input the model accepts, or options given both in ``config``
@@ -532,7 +544,7 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     previous = get_config(model) if any(isinstance(m, SEBlock) for m in model.modules()) else None
     # outside the caller's torch.inference_mode: the copy and the new parameters would be inference tensors,
     # which autograd refuses, and the retrofitted model could not train
-    with torch.inference_mode(False):
+    with _TRACE_LOCK, torch.inference_mode(False):
         target, plan, done = _retrofit(model, config, previous, inplace, example_input)
     if not done:
         reasons = "; ".join(f"{r} ({n}x)" for r, n in plan.reasons().most_common(4)) or _NO_ADDITIONS

@@ -164,14 +164,41 @@ def num_classes_of(model: nn.Module) -> int | None:
     return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None
 
 
+def _timm_heads(model: nn.Module) -> list[nn.Module] | None:
+    """What timm's ``get_classifier()`` returns, as a list of modules; None for a model without it.
+
+    Empty where it has no module to return: some timm models built with ``num_classes=0`` raise
+    ``AttributeError`` there (EfficientViT-MSRA returns ``self.head.linear`` of an ``nn.Identity`` head)."""
+    if not callable(getattr(model, "get_classifier", None)):
+        return None
+    try:
+        heads = model.get_classifier()
+    except AttributeError:
+        return []
+    heads = heads if isinstance(heads, (tuple, list)) else (heads,)
+    return [h for h in heads if isinstance(h, nn.Module)]
+
+
 def classifier_of(model: nn.Module) -> tuple[str, nn.Linear] | None:
-    """The classifier head: timm's ``get_classifier()``, else the last ``nn.Linear`` of the model."""
-    if hasattr(model, "get_classifier"):
-        head = model.get_classifier()
-        if isinstance(head, nn.Linear):
-            for name, module in model.named_modules():
-                if module is head:
-                    return name, head
+    """The classifier head: timm's ``get_classifier()`` where it is a linear layer, else the last
+    ``nn.Linear`` inside what it returns (an MLP head, LeViT's norm-and-linear heads), else None; the last
+    ``nn.Linear`` of the whole model only for models without ``get_classifier`` (torchvision).
+
+    A timm model built with ``num_classes=0`` returns ``nn.Identity``: it has no classifier, and the
+    model's last linear layer is then inside a block (a ViT's last MLP), not a head to resize or train."""
+    heads = _timm_heads(model)
+    if heads is not None:
+        if not heads:
+            return None
+        head = heads[0]
+        prefix = next((name for name, module in model.named_modules() if module is head), None)
+        if prefix is None:
+            return None
+        found = None
+        for name, module in head.named_modules():
+            if isinstance(module, nn.Linear):
+                found = (f"{prefix}.{name}" if prefix and name else prefix or name, module)
+        return found
     last = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -207,16 +234,15 @@ def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every module of the classifier head, by qualified name: what timm's ``get_classifier()`` returns
     (one module or a tuple, of any kind: a linear layer, a 1x1 convolution (DLA, DPN), an MLP head
     (MetaFormer), a head and a distillation head (LeViT)) and what its ``reset_classifier`` makes anew
-    beside it (`_ALSO_RESET`: a head's norm, an auxiliary head), else `classifier_of`'s linear layer.
-    These are the layers ``reset_classifier`` makes anew, which must train with the SE blocks."""
-    if hasattr(model, "get_classifier"):
-        heads = model.get_classifier()
-        heads = [*(heads if isinstance(heads, (tuple, list)) else (heads,)), *_also_reset(model)]
+    beside it (`_ALSO_RESET`: a head's norm, an auxiliary head); for models without ``get_classifier``,
+    `classifier_of`'s linear layer. These are the layers ``reset_classifier`` makes anew, which must train
+    with the SE blocks; none for a timm model built with ``num_classes=0``."""
+    heads = _timm_heads(model)
+    if heads is not None:
+        heads = [*heads, *_also_reset(model)]
         wanted = {id(h) for h in heads if isinstance(h, nn.Module) and next(h.parameters(), None) is not None}
         found = [(name, module) for name, module in model.named_modules() if id(module) in wanted]
-        found = [(name, m) for name, m in found if not any(name.startswith(f"{other}.") for other, _ in found)]
-        if found:
-            return found
+        return [(name, m) for name, m in found if not any(name.startswith(f"{other}.") for other, _ in found)]
     head = classifier_of(model)
     return [head] if head is not None else []
 

@@ -643,3 +643,36 @@ def test_a_failed_example_forward_names_an_objects_type_not_its_tensors():
 
     text = describe((_Batch(torch.randn(2, 3, 64, 64)),), {"extra": {"mask": torch.ones(2, 64)}})
     assert text == "<_Batch>, extra={'mask': Tensor(2, 64)}", text
+
+
+def test_apply_from_several_threads_takes_turns():
+    """fx patches ``nn.Module.__call__`` process-wide while it traces: two traces at once left the patch in
+    place, every thread's apply inserted nothing, and every later forward of the process failed."""
+    import threading
+
+    import timm
+
+    models = [timm.create_model("resnet10t", pretrained=False, num_classes=5).eval() for _ in range(4)]
+    x = torch.randn(1, 3, 32, 32)
+    results: list = [None] * len(models)
+
+    def work(i: int) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SERetrofitWarning)
+            results[i] = se_retrofit.apply(models[i], example_input=x)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(models))]
+    call = torch.nn.Module.__call__
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        patched = torch.nn.Module.__call__ is not call
+    finally:
+        torch.nn.Module.__call__ = call  # a failure here must not break the tests that follow
+    counts = [len(se_retrofit.get_plan(r).sites) if r is not None else None for r in results]
+    assert counts == [4] * len(models), f"SE blocks inserted per thread: {counts}, expected 4 each"
+    assert not patched, "fx's patch of Module.__call__ was left in place"
+    with torch.no_grad():
+        assert torch.equal(results[0](x), models[0](x)), "identity init changed the output"

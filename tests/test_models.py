@@ -78,3 +78,20 @@ def test_unknown_names_get_suggestions() -> None:
         models.create_model("resnet18x")
     with pytest.raises(ValueError, match="Did you mean.*resnet18"):
         models.create_model("torchvision:resnet19")
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "efficientvit_m0", "levit_128s", "resnet10t"])
+def test_a_model_built_without_classifier_has_no_head(name: str) -> None:
+    """``num_classes=0`` (a feature extractor): no head, rather than the model's last linear layer, which is
+    inside a block (a ViT's last MLP) and would be trained under --train se and saved as the head."""
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+    assert models.head_modules(model) == [], f"{name} without a classifier: head {models.head_modules(model)}"
+    assert models.classifier_of(model) is None, f"{name}: classifier {models.classifier_of(model)}"
+    assert models.num_classes_of(model) is None, f"{name}: {models.num_classes_of(model)} classes"
+    with torch.device("meta"):
+        model.reset_classifier(7)
+    assert models.num_classes_of(model) == 7, f"{name} with a 7-class head: {models.num_classes_of(model)} classes"
+    heads = [head for head, _ in models.head_modules(model)]
+    assert heads and all(not head.startswith(("blocks.", "stages.", "layer")) for head in heads), (
+        f"{name}: the head found is {heads}")
