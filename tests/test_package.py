@@ -46,3 +46,15 @@ def test_functions_named_like_their_modules_stay_functions_after_the_modules_loa
 def test_unknown_names_raise_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
         se_retrofit.not_a_name  # noqa: B018
+
+
+def test_installed_version_is_the_code_version() -> None:
+    """Run folders and adapter files record ``__version__``: the installed distribution must report the same."""
+    import importlib.metadata
+
+    try:
+        installed = importlib.metadata.version("se_retrofit")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("se_retrofit is not installed (run from a source tree)")
+    assert installed == se_retrofit.__version__, (
+        f"installed metadata says {installed}, the code {se_retrofit.__version__}: reinstall with pip install -e .")
