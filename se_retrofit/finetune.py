@@ -263,9 +263,11 @@ def _check_ema_copies(model: nn.Module) -> None:
         raise ValueError(
             f"ema=True keeps a copy of the model, but {type(model).__name__} does not deep-copy ({first_line(exc)}). "
             "Models reparametrised with hooks (torch.nn.utils.prune, the old torch.nn.utils.weight_norm) do not, "
-            "nor do buffers computed from parameters with gradients on: make the change permanent first "
-            "(prune.remove(module, 'weight'), remove_weight_norm), register such buffers detached (.detach()), "
-            "or train without ema.") from exc
+            "nor do tensors computed from parameters with gradients on and kept on a module (a buffer, or a cache "
+            "such as LeViT's attention_bias_cache, filled by an eval-mode forward run with gradients on): make the "
+            "change permanent first (prune.remove(module, 'weight'), remove_weight_norm), register such buffers "
+            "detached (.detach()), clear such a cache (LeViT's model.train() does) and run eval forwards under "
+            "torch.no_grad(), or train without ema.") from exc
 
 
 def _head_fits(model: nn.Module, n_classes: int | None) -> bool:

@@ -641,3 +641,19 @@ def test_ema_on_a_model_with_a_buffer_computed_with_gradients_is_refused_before_
                  verbose=False, progress=False)
     assert "without ema" in str(info.value), f"no way on in: {info.value}"
     assert not (tmp_path / "run").exists(), "the refused run wrote its folder"
+
+
+def test_ema_refusal_of_a_filled_levit_cache_says_what_clears_it() -> None:
+    """LeViT caches attention biases computed with gradients on in an eval forward: the refusal's hint must fit
+    that cause (the buffer hint alone did not), and what it says to do must make the copy work."""
+    import timm
+
+    from se_retrofit.finetune import _check_ema_copies
+
+    model = timm.create_model("levit_128s", pretrained=False, num_classes=3).eval()
+    model(torch.randn(1, 3, 224, 224))
+    with pytest.raises(ValueError, match=r"attention_bias_cache") as info:
+        _check_ema_copies(model)
+    assert "model.train()" in str(info.value), f"the hint does not say what clears the cache: {info.value}"
+    model.train()
+    _check_ema_copies(model)
