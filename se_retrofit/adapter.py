@@ -290,7 +290,7 @@ def load(path: str | os.PathLike, base_model: nn.Module, *, strict: bool = True,
                          "pass the model without SE, the one se_retrofit.apply was called on.")
     try:
         config = SEConfig.from_dict(meta["se_config"])
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         written_by = meta.get("se_retrofit_version")
         raise ValueError(f"{config_path}: {exc}. The adapter was saved by se_retrofit {written_by or '(unknown)'}, "
                          f"this is {se_retrofit.__version__}: if that is newer, upgrade se_retrofit; otherwise "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import functools
 import itertools
@@ -115,7 +116,6 @@ class SitePlan:
     sites: list[Site] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     example_input: str = ""
-    example_args: tuple = field(default=((), {}), repr=False, compare=False)  # (args, kwargs) that ran
 
     def reasons(self) -> Counter:
         """How many additions were left alone for each reason."""
@@ -262,7 +262,10 @@ def _resolve_config(config: SEConfig | None, options: dict[str, Any]) -> SEConfi
     if not isinstance(config, SEConfig):
         raise TypeError(f"config must be an SEConfig, got {type(config).__name__}; build one with "
                         "se_retrofit.SEConfig(reduction=..., ...) or SEConfig.from_dict(...)")
-    return config
+    # A copy, validated again: fields set after construction skip __post_init__, and the model records its
+    # config (get_config, save_adapter): the caller's object, changed for the next experiment, would change
+    # what this model says it was made with.
+    return dataclasses.replace(config)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -387,7 +390,7 @@ def _plan(model: nn.Module, config: SEConfig, example_input: Any) -> tuple[SiteP
     clear_cache()
     candidates = {name: m for name, m in model.named_modules() if _is_candidate(m)}
     calls, used = capture_calls(model, candidates, example_input)
-    plan = SitePlan(type(model).__name__, config, example_input=describe(*used), example_args=used)
+    plan = SitePlan(type(model).__name__, config, example_input=describe(*used))
     plan.skipped.extend(Skipped(name, None, _GRAPH_MODULE_REASON) for name, m in model.named_modules()
                         if isinstance(m, fx.GraphModule) and tensor_adds(m.graph))
     blocks: list[_BlockPlan] = []
@@ -541,6 +544,8 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     config = _resolve_config(config, dict(reduction=reduction, init=init, position=position,
                                           include=include, exclude=exclude))
     _check_model(model)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be True or False, got {inplace!r}")
     previous = get_config(model) if any(isinstance(m, SEBlock) for m in model.modules()) else None
     # outside the caller's torch.inference_mode: the copy and the new parameters would be inference tensors,
     # which autograd refuses, and the retrofitted model could not train
@@ -594,10 +599,10 @@ def _retrofit(model: nn.Module, config: SEConfig, previous: SEConfig | None, inp
     plan.sites = done
     _drop_unused_constants(target, constants)
     if previous is None:  # a second call inserts nothing (above): the first call's record describes the model
-        # (a first call that inserted nothing leaves no SE block: the model counts as not retrofitted)
-        setattr(target, CONFIG_ATTR, config)
-        target._se_retrofit_plan = plan
-        target.__dict__[DIGESTS_ATTR] = tensor_digests(target, [s.se_name for s in done])
+        target._se_retrofit_plan = plan  # says why, also where nothing was inserted
+        if done:  # a call that inserted nothing leaves no SE block: the model is not retrofitted (get_config None)
+            setattr(target, CONFIG_ATTR, config)
+            target.__dict__[DIGESTS_ATTR] = tensor_digests(target, [s.se_name for s in done])
     return target, plan, done
 
 

@@ -242,6 +242,17 @@ def _small_detection_transforms(model: nn.Module) -> Iterator[None]:
             m.min_size, m.max_size = min_size, max_size
 
 
+def candidate_described(model: nn.Module, description: str) -> tuple[tuple, dict]:
+    """The candidate input (`candidate_inputs`) that `describe` gives as ``description``: the input a plan's
+    ``example_input`` names, made anew (a plan keeps only the description, not the tensors: a model would
+    otherwise carry its example batch, and the caller's autograd graph, for life, in memory and in pickles)."""
+    for args, kwargs in candidate_inputs(model):
+        if describe(args, kwargs) == description:
+            return args, kwargs
+    raise ValueError(f"no candidate input of {type(model).__name__} is {description!r}; the plan was made with an "
+                     "example_input of the caller's: run the model on that input")
+
+
 def _private_copy(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Copies of every tensor in the example arguments, for the one forward that may modify them.
 

@@ -19,7 +19,9 @@ def _as_patterns(name: str, value: str | Sequence[str] | None) -> tuple[str, ...
     if value is None:
         return None
     try:
-        patterns = (value,) if isinstance(value, str) else tuple(value)
+        # a set has no order: sorted, so that the config (recorded, saved with adapters) is always the same
+        patterns = (value,) if isinstance(value, str) else tuple(sorted(value) if isinstance(value, (set, frozenset))
+                                                                 else value)
     except TypeError:
         raise ValueError(f"{name} must be a pattern string or a list of them, got {value!r}") from None
     if not patterns or not all(isinstance(p, str) and p for p in patterns):
@@ -100,6 +102,9 @@ class SEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SEConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"SEConfig.from_dict takes a dict of options such as {{'reduction': 16}}, got "
+                            f"{type(data).__name__}; for a saved config, pass the dict that to_dict() returned")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

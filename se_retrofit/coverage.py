@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .api import apply, get_plan
+from .capture import candidate_described
 from .messages import first_line
 from .models import create_model, parse_model_spec, unknown_model_message
 from .se_block import se_blocks
@@ -198,7 +199,7 @@ def _check_model(zoo: str, family: str, name: str) -> CoverageRow:
         row.inserted = len(se_blocks(se_model))
         row.sites = len(plan.sites)
         row.skipped = dict(plan.reasons())
-        args, kwargs = plan.example_args
+        args, kwargs = candidate_described(model, plan.example_input)
         se_model.eval()
         with torch.no_grad():
             row.identity_max_diff = _max_diff(model(*args, **kwargs), se_model(*args, **kwargs))

@@ -676,3 +676,75 @@ def test_apply_from_several_threads_takes_turns():
     assert not patched, "fx's patch of Module.__call__ was left in place"
     with torch.no_grad():
         assert torch.equal(results[0](x), models[0](x)), "identity init changed the output"
+
+
+def test_the_model_keeps_its_own_copy_of_the_config(tmp_path):
+    """The caller's SEConfig, changed for the next experiment, must not change what an earlier result says it
+    was made with: get_config and save_adapter recorded the caller's object, and a changed position loaded
+    silently into other places."""
+    net = Net([AddSpelling(16, "plus"), AddSpelling(16, "plus")]).eval()
+    config = se_retrofit.SEConfig(reduction=4)
+    se_model = se_retrofit.apply(net, config)
+    config.position, config.reduction = "post", 8
+    recorded = se_retrofit.get_config(se_model)
+    assert (recorded.position, recorded.reduction) == ("standard", 4), f"the recorded config followed: {recorded}"
+    assert se_retrofit.get_plan(se_model).config is recorded, "the plan and get_config disagree"
+    for block in se_retrofit.se_blocks(se_model):
+        torch.nn.init.normal_(block[1].fc2.weight)
+    se_retrofit.save_adapter(se_model, tmp_path / "adapter")
+    loaded = se_retrofit.load(tmp_path / "adapter", copy.deepcopy(net))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), se_model(x)), "the adapter does not rebuild the model it was saved from"
+
+
+@pytest.mark.parametrize("field, value, match", [("reduction", -5, "reduction"), ("init", "paper ", "init"),
+                                                 ("include", 7, "include")])
+def test_a_config_changed_after_construction_is_validated_again(field, value, match):
+    """Checks ran only in __post_init__: a typo set afterwards (init='paper ') silently gave another block."""
+    config = se_retrofit.SEConfig()
+    setattr(config, field, value)
+    for call in (se_retrofit.apply, se_retrofit.find_sites):
+        with pytest.raises(ValueError, match=match):
+            call(Net([AddSpelling(16, "plus")]), config)
+
+
+def test_a_pattern_string_set_after_construction_is_one_pattern():
+    config = se_retrofit.SEConfig()
+    config.include = "blocks.1"
+    se_model = se_retrofit.apply(Net([AddSpelling(16, "plus"), AddSpelling(16, "plus")]), config)
+    assert [name for name, _ in se_retrofit.se_blocks(se_model)] == ["blocks.1.se"], (
+        f"include set as a string after construction selected {se_retrofit.se_blocks(se_model)}")
+
+
+def test_the_result_keeps_no_reference_to_the_example_input():
+    """The plan kept the caller's example tensors: the model held them (and their autograd graph) for life, put
+    them in every pickle, and a non-leaf example made the result refuse deepcopy (and timm's ModelEma)."""
+    net = Net([AddSpelling(16, "plus")]).eval()
+    leaf = torch.randn(2, 3, 64, 64, requires_grad=True)
+    example = leaf * 2  # not a leaf: refuses deepcopy
+    se_model = se_retrofit.apply(net, example_input=example)
+    copy.deepcopy(se_model)
+    held = [v for v in pickle.loads(pickle.dumps(se_retrofit.get_plan(se_model))).__dict__.values()
+            if isinstance(v, (tuple, torch.Tensor))]
+    assert not held, f"the plan holds tensors or arguments: {held}"
+    assert len(pickle.dumps(se_model)) < len(pickle.dumps(net)) + 64 * 1024, "the pickle carries the example input"
+
+
+def test_a_call_that_inserts_nothing_leaves_the_model_not_retrofitted():
+    """get_config is None 'if it was not retrofitted'; get_plan still says why nothing was inserted."""
+    with pytest.warns(SERetrofitWarning, match="no SE block inserted"):
+        result = se_retrofit.apply(Net([AddSpelling(16, "plus")]), exclude="*")
+    assert se_retrofit.get_config(result) is None, f"get_config of an unchanged model: {se_retrofit.get_config(result)}"
+    assert se_retrofit.get_plan(result) is not None and not se_retrofit.get_plan(result).sites
+
+
+def test_inplace_must_be_a_bool():
+    with pytest.raises(TypeError, match="inplace must be True or False"):
+        se_retrofit.apply(Net([AddSpelling(16, "plus")]), inplace=None)
+
+
+def test_config_from_dict_and_set_patterns():
+    with pytest.raises(TypeError, match="takes a dict"):
+        se_retrofit.SEConfig.from_dict([("reduction", 8)])
+    assert se_retrofit.SEConfig(include={"b", "a"}).include == ("a", "b"), "a set of patterns is not sorted"

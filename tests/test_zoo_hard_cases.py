@@ -13,6 +13,7 @@ import timm
 import torch
 
 import se_retrofit
+from se_retrofit.capture import candidate_described
 
 from conftest import make_pretrained_like
 
@@ -48,7 +49,7 @@ def check(name: str, expected: int, reason: str | None) -> None:
     assert n == expected, f"{name}: expected {expected} SE blocks, got {n}\n{plan}"
     if reason is not None:
         assert any(reason in s.reason for s in plan.skipped), f"{name}: no skip reason containing {reason!r}\n{plan}"
-    args, kwargs = plan.example_args
+    args, kwargs = candidate_described(model, plan.example_input)
     se_model.eval()
     with torch.no_grad():
         diff = (model(*args, **kwargs) - se_model(*args, **kwargs)).abs().max().item()
