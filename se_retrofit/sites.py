@@ -275,12 +275,15 @@ def _group_terms(g: _Graph, add: fx.Node, adds: set[fx.Node], inner: set[fx.Node
     operands = add_operands(add)
     if operands is None:
         return None
+    # A sum that adds a constant (``x + branch(x) + self.beta``) is not one group: merged, the residual
+    # ``x + branch(x)`` inside it would be rejected with the constant and vanish from the plan.
+    merge = not _adds_constant(g, operands)
     terms: list[fx.Node] = []
     for op in operands:
         probe = op
         while g.is_passthrough(probe) and len(probe.users) == 1 and g.tensor_input(probe) is not None:
             probe = g.tensor_input(probe)
-        if probe in adds and len(probe.users) == 1:
+        if merge and probe in adds and len(probe.users) == 1 and not _adds_constant(g, add_operands(probe) or []):
             sub = _group_terms(g, probe, adds, inner)
             if sub is not None:
                 inner.add(probe)
@@ -288,6 +291,10 @@ def _group_terms(g: _Graph, add: fx.Node, adds: set[fx.Node], inner: set[fx.Node
                 continue
         terms.append(op)
     return terms
+
+
+def _adds_constant(g: _Graph, operands: list[fx.Node]) -> bool:
+    return any(g.is_constant(op) for op in operands)
 
 
 def _consumer(term: fx.Node, group: list[fx.Node]) -> fx.Node:

@@ -748,3 +748,34 @@ def test_config_from_dict_and_set_patterns():
     with pytest.raises(TypeError, match="takes a dict"):
         se_retrofit.SEConfig.from_dict([("reduction", 8)])
     assert se_retrofit.SEConfig(include={"b", "a"}).include == ("a", "b"), "a set of patterns is not sorted"
+
+
+class _BiasAfterSum(torch.nn.Module):
+    """A residual sum with a learned bias added in the same expression, in three orders."""
+
+    def __init__(self, channels: int, form: int) -> None:
+        super().__init__()
+        self.form = form
+        self.a = torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 3, 1, 1), torch.nn.BatchNorm2d(channels),
+                                     torch.nn.ReLU())
+        self.b = torch.nn.Conv2d(channels, channels, 3, 1, 1)
+        self.beta = torch.nn.Parameter(torch.randn(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == 0:
+            return x + self.b(self.a(x)) + self.beta
+        if self.form == 1:
+            return self.beta + x + self.b(self.a(x))
+        return self.b(self.a(x)) + self.beta + x
+
+
+def test_a_residual_summed_with_a_constant_in_one_expression_gets_se():
+    """``x + branch(x) + self.beta`` was one group of three terms, rejected whole for its constant: the residual
+    inside it was neither a site nor in the plan's skipped list."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 1, 1), *[_BiasAfterSum(16, form) for form in range(3)]).eval()
+    se_model = se_retrofit.apply(net)
+    plan = se_retrofit.get_plan(se_model)
+    assert [s.se_name for s in plan.sites] == ["1.se", "2.se", "3.se"], f"a residual with a bias was lost:\n{plan}"
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(se_model(x), net(x)), "identity init changed the output"
