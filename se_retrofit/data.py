@@ -554,6 +554,12 @@ def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_siz
         train_idx, val_idx = _stratified_split([t for _, t in samples], val_split, seed)
         train_samples, val_samples = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
     ignored, oversized, skipped = found.ignored, found.oversized, found.skipped
+    if not val_samples:
+        warnings.warn(f"the validation split of {root} is empty: each of its {len(classes)} classes has a single "
+                      "image, which stays in training (--val-split takes at least one image from every class that "
+                      "has two or more). Training runs without validation: no val_top1, and no best.safetensors. "
+                      "Add images to the classes, or a 'val' folder of class folders beside a 'train' folder.",
+                      stacklevel=3)
     if ignored:
         kinds = sorted({p.suffix.lower() for p in ignored})
         warnings.warn(f"ignored {len(ignored)} image file(s) of type {', '.join(kinds)} under {root} (e.g. "
@@ -591,9 +597,10 @@ def build_datasets(data: str, model: nn.Module, *, val_split: float = 0.1, seed:
     A folder: ``DIR/train`` and ``DIR/val`` of class sub-folders, used as they are; otherwise the class
     sub-folders of ``DIR`` (or of ``DIR/train`` alone), split per class by ``val_split`` and ``seed``.
     Transforms are timm's for the model's pretrained config (torchvision models get ImageNet's), at
-    ``image_size`` when given. Files without an image extension and hidden files are ignored. Links are
-    followed, but a folder or file reached twice (a link loop, a linked copy) counts once, and one
-    reached from two classes, or from both train and val, is an error. At least two
+    ``image_size`` when given. Files without an image extension and hidden files are ignored. A split
+    that leaves no validation image (every class has a single one, which stays in training) warns.
+    Links are followed, but a folder or file reached twice (a link loop, a linked copy) counts once,
+    and one reached from two classes, or from both train and val, is an error. At least two
     classes are needed: with one, training reaches 100% accuracy without learning anything.
 
     Corrupt files do not stop the run: every image is opened and ``verify()``-ed up front (header and,

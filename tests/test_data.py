@@ -206,6 +206,24 @@ def test_single_folder_is_split_per_class_deterministically(tmp_path, model):
     assert [p for p, _ in val_other.samples] != [p for p, _ in val.samples], "another seed, another split"
 
 
+def test_a_split_that_leaves_no_validation_image_says_so_before_training(tmp_path, model):
+    """A class of one image stays in training, so classes of one image each leave validation empty: the run
+    would train without validation, and write no best.safetensors, without a word."""
+    write_class_folders(tmp_path, {"a": 1, "b": 1})
+    with pytest.warns(UserWarning, match="validation split of .* is empty") as record:
+        train, val, _ = build_datasets(tmp_path, model, val_split=0.5, image_size=16)
+    assert (len(train), len(val)) == (2, 0), f"{(len(train), len(val))}"
+    warned = next(w for w in record if "is empty" in str(w.message))
+    message = str(warned.message)
+    assert "single image" in message and "best.safetensors" in message and "'val' folder" in message, message
+    assert Path(warned.filename).name == "test_data.py", "the warning should point at the caller"
+    write_image(tmp_path / "b" / "img1.png", seed=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one class that can spare an image: no warning
+        _, val, _ = build_datasets(tmp_path, model, val_split=0.5, image_size=16)
+    assert len(val) == 1, f"{len(val)} validation images"
+
+
 def test_train_folder_alone_is_split(tmp_path, model):
     write_class_folders(tmp_path / "train", {"x": 5, "y": 5})
     train, val, classes = build_datasets(tmp_path, model, val_split=0.2, image_size=16)
