@@ -224,6 +224,39 @@ def test_a_split_that_leaves_no_validation_image_says_so_before_training(tmp_pat
     assert len(val) == 1, f"{len(val)} validation images"
 
 
+@pytest.mark.parametrize("layout", ["one folder", "train and val", "listed first"])
+def test_images_beside_the_class_folders_are_named_in_a_warning(tmp_path, model, layout):
+    """``DIR/stray.png`` beside ``DIR/a/`` and ``DIR/b/`` belongs to no class: it is left out, but not silently
+    (also where a listing made elsewhere, under torchrun, replaces the walk)."""
+    from se_retrofit.data import ImageChecks, check_images, list_images
+
+    root = tmp_path / "train" if layout == "train and val" else tmp_path
+    write_class_folders(root, {"a": 3, "b": 3})
+    if layout == "train and val":
+        write_class_folders(tmp_path / "val", {"a": 1, "b": 1})
+        write_image(tmp_path / "val" / "val_stray.jpg", seed=70)
+    for i in range(6):
+        write_image(root / f"stray{i}.png", seed=50 + i)
+    (root / "notes.txt").write_text("not an image")
+    (root / ".hidden.png").write_bytes(b"")
+    checked = None
+    if layout == "listed first":
+        listing = list_images(str(tmp_path))
+        checked = ImageChecks(listing, check_images(listing.files))
+    with pytest.warns(UserWarning, match="in no class") as record:
+        train, val, classes = build_datasets(tmp_path, model, val_split=0.34, image_size=16, checked=checked)
+    warned = [w for w in record if "in no class" in str(w.message)]
+    messages = [str(w.message) for w in warned]
+    assert len(messages) == 1, f"one warning expected: {messages}"
+    strays = 7 if layout == "train and val" else 6
+    assert messages[0].startswith(f"{strays} image file(s)"), messages[0]
+    assert "stray0.png" in messages[0] and ", ..." in messages[0], f"the first few should be named: {messages[0]}"
+    assert "notes.txt" not in messages[0] and ".hidden" not in messages[0], messages[0]
+    assert Path(warned[0].filename).name == "test_data.py", "the warning should point at the caller"
+    assert classes == ["a", "b"], classes
+    assert not any("stray" in p.name for p, _ in train.samples + val.samples), "a stray image was used"
+
+
 def test_train_folder_alone_is_split(tmp_path, model):
     write_class_folders(tmp_path / "train", {"x": 5, "y": 5})
     train, val, classes = build_datasets(tmp_path, model, val_split=0.2, image_size=16)
