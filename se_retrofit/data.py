@@ -278,6 +278,13 @@ def _class_dirs(root: Path) -> list[Path]:
     return dirs
 
 
+def _loose_images(root: Path) -> list[Path]:
+    """Image files directly in ``root``, beside its class folders: they belong to no class, so they are
+    not used (a photo dropped one level too high, a class's image saved next to its folder)."""
+    return sorted(p for p in root.iterdir() if _visible(p.name) and p.is_file()
+                  and p.name.lower().endswith(IMG_EXTENSIONS + _OTHER_IMAGE_EXTENSIONS))
+
+
 def _unvisited_dirs(folder: Path, names: list[str], visited: set[str]) -> list[str]:
     """``names`` (sub-folders of ``folder``) whose real path is not in ``visited``, which gains them.
 
@@ -347,6 +354,7 @@ class _Walk:
     follows it, so that a process walks a large folder once."""
 
     class_dirs: dict[Path, list[Path]] = field(default_factory=dict)
+    loose: dict[Path, list[Path]] = field(default_factory=dict)  # images beside each root's class folders
     images: dict[Path, tuple[list[Path], list[Path], int]] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
 
@@ -390,14 +398,20 @@ class _Findings:
     skipped: list[Path] = field(default_factory=list)    # unreadable
     ignored: list[Path] = field(default_factory=list)    # image types that are not loaded
     oversized: list[Path] = field(default_factory=list)  # over Pillow's size guard
+    loose: list[Path] = field(default_factory=list)      # beside the class folders, in no class
 
     def class_dirs(self, root: Path) -> list[Path]:
+        """The class folders of ``root``; the images beside them go to ``loose``."""
         walk = self.walk
         if walk is not None and root in walk.class_dirs:
+            self.loose.extend(walk.loose.get(root, []))
             return walk.class_dirs[root]
         dirs = _class_dirs(root)
+        loose = _loose_images(root)
+        self.loose.extend(loose)
         if walk is not None and self.listing:
             walk.class_dirs[root] = dirs
+            walk.loose[root] = loose
         return dirs
 
     def images(self, class_dir: Path) -> tuple[list[Path], int | None]:
@@ -553,7 +567,18 @@ def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_siz
         samples = _samples(classes, train_files)
         train_idx, val_idx = _stratified_split([t for _, t in samples], val_split, seed)
         train_samples, val_samples = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
-    ignored, oversized, skipped = found.ignored, found.oversized, found.skipped
+    ignored, oversized, skipped, loose = found.ignored, found.oversized, found.skipped, found.loose
+    if loose:
+        warnings.warn(f"{len(loose)} image file(s) under {root} sit beside the class folders, in no class, and are "
+                      f"not used: {', '.join(str(p) for p in loose[:5])}{', ...' if len(loose) > 5 else ''}. Move "
+                      "each into the folder of its class (or out of the data folder) to silence this warning.",
+                      stacklevel=3)
+    if not val_samples:
+        warnings.warn(f"the validation split of {root} is empty: each of its {len(classes)} classes has a single "
+                      "image, which stays in training (--val-split takes at least one image from every class that "
+                      "has two or more). Training runs without validation: no val_top1, and no best.safetensors. "
+                      "Add images to the classes, or a 'val' folder of class folders beside a 'train' folder.",
+                      stacklevel=3)
     if ignored:
         kinds = sorted({p.suffix.lower() for p in ignored})
         warnings.warn(f"ignored {len(ignored)} image file(s) of type {', '.join(kinds)} under {root} (e.g. "
@@ -591,9 +616,11 @@ def build_datasets(data: str, model: nn.Module, *, val_split: float = 0.1, seed:
     A folder: ``DIR/train`` and ``DIR/val`` of class sub-folders, used as they are; otherwise the class
     sub-folders of ``DIR`` (or of ``DIR/train`` alone), split per class by ``val_split`` and ``seed``.
     Transforms are timm's for the model's pretrained config (torchvision models get ImageNet's), at
-    ``image_size`` when given. Files without an image extension and hidden files are ignored. Links are
-    followed, but a folder or file reached twice (a link loop, a linked copy) counts once, and one
-    reached from two classes, or from both train and val, is an error. At least two
+    ``image_size`` when given. Files without an image extension and hidden files are ignored; images
+    beside the class folders belong to no class and are left out, with a warning. A split that leaves
+    no validation image (every class has a single one, which stays in training) warns.
+    Links are followed, but a folder or file reached twice (a link loop, a linked copy) counts once,
+    and one reached from two classes, or from both train and val, is an error. At least two
     classes are needed: with one, training reaches 100% accuracy without learning anything.
 
     Corrupt files do not stop the run: every image is opened and ``verify()``-ed up front (header and,

@@ -206,6 +206,57 @@ def test_single_folder_is_split_per_class_deterministically(tmp_path, model):
     assert [p for p, _ in val_other.samples] != [p for p, _ in val.samples], "another seed, another split"
 
 
+def test_a_split_that_leaves_no_validation_image_says_so_before_training(tmp_path, model):
+    """A class of one image stays in training, so classes of one image each leave validation empty: the run
+    would train without validation, and write no best.safetensors, without a word."""
+    write_class_folders(tmp_path, {"a": 1, "b": 1})
+    with pytest.warns(UserWarning, match="validation split of .* is empty") as record:
+        train, val, _ = build_datasets(tmp_path, model, val_split=0.5, image_size=16)
+    assert (len(train), len(val)) == (2, 0), f"{(len(train), len(val))}"
+    warned = next(w for w in record if "is empty" in str(w.message))
+    message = str(warned.message)
+    assert "single image" in message and "best.safetensors" in message and "'val' folder" in message, message
+    assert Path(warned.filename).name == "test_data.py", "the warning should point at the caller"
+    write_image(tmp_path / "b" / "img1.png", seed=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one class that can spare an image: no warning
+        _, val, _ = build_datasets(tmp_path, model, val_split=0.5, image_size=16)
+    assert len(val) == 1, f"{len(val)} validation images"
+
+
+@pytest.mark.parametrize("layout", ["one folder", "train and val", "listed first"])
+def test_images_beside_the_class_folders_are_named_in_a_warning(tmp_path, model, layout):
+    """``DIR/stray.png`` beside ``DIR/a/`` and ``DIR/b/`` belongs to no class: it is left out, but not silently
+    (also where a listing made elsewhere, under torchrun, replaces the walk)."""
+    from se_retrofit.data import ImageChecks, check_images, list_images
+
+    root = tmp_path / "train" if layout == "train and val" else tmp_path
+    write_class_folders(root, {"a": 3, "b": 3})
+    if layout == "train and val":
+        write_class_folders(tmp_path / "val", {"a": 1, "b": 1})
+        write_image(tmp_path / "val" / "val_stray.jpg", seed=70)
+    for i in range(6):
+        write_image(root / f"stray{i}.png", seed=50 + i)
+    (root / "notes.txt").write_text("not an image")
+    (root / ".hidden.png").write_bytes(b"")
+    checked = None
+    if layout == "listed first":
+        listing = list_images(str(tmp_path))
+        checked = ImageChecks(listing, check_images(listing.files))
+    with pytest.warns(UserWarning, match="in no class") as record:
+        train, val, classes = build_datasets(tmp_path, model, val_split=0.34, image_size=16, checked=checked)
+    warned = [w for w in record if "in no class" in str(w.message)]
+    messages = [str(w.message) for w in warned]
+    assert len(messages) == 1, f"one warning expected: {messages}"
+    strays = 7 if layout == "train and val" else 6
+    assert messages[0].startswith(f"{strays} image file(s)"), messages[0]
+    assert "stray0.png" in messages[0] and ", ..." in messages[0], f"the first few should be named: {messages[0]}"
+    assert "notes.txt" not in messages[0] and ".hidden" not in messages[0], messages[0]
+    assert Path(warned[0].filename).name == "test_data.py", "the warning should point at the caller"
+    assert classes == ["a", "b"], classes
+    assert not any("stray" in p.name for p, _ in train.samples + val.samples), "a stray image was used"
+
+
 def test_train_folder_alone_is_split(tmp_path, model):
     write_class_folders(tmp_path / "train", {"x": 5, "y": 5})
     train, val, classes = build_datasets(tmp_path, model, val_split=0.2, image_size=16)

@@ -405,3 +405,39 @@ def test_finetune_refuses_processes_with_datasets_of_different_sizes(tmp_path: P
     rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
     assert "rank 0 has 12 training" in rank0 and "rank 1 has 16 training" in rank0, rank0
     assert rank0.endswith("|False") and rank1.endswith("|True"), (rank0, rank1)
+
+
+class _NanImages(Quadrants):
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, target = super().__getitem__(index)
+        return torch.full_like(image, float("nan")), target
+
+
+def _finetune_nan_on_rank1(rank: int, port: int, out: Path) -> None:
+    try:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        data = _NanImages(24) if rank == 1 else Quadrants(24)
+        try:
+            finetune(pretrained_like(create_model(MODEL)), data, Quadrants(6, seed=1), out_dir=out / "run",
+                     batch_size=4, **OPTIONS)
+            (out / f"rank{rank}.txt").write_text("no error")
+        except RuntimeError as exc:
+            (out / f"rank{rank}.txt").write_text(f"{exc}|{getattr(exc, 'echo_of_rank0', False)}")
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    """Rank 1 alone has a NaN loss at step 1 (rank 0's turns NaN a step later, through the averaged
+    gradients): both must stop with the same error, printed once, and neither wait in a collective."""
+    codes = _run_two_ranks(_finetune_nan_on_rank1, (tmp_path,), timeout=180)
+    assert codes == [0, 0], f"ranks failed or hung: {codes}"
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
+    assert "NaN or inf at epoch 1/2, step 1 (of 3)" in rank0, rank0
+    assert rank0.rsplit("|", 1)[0] == rank1.rsplit("|", 1)[0], f"the ranks disagree:\n{rank0}\n{rank1}"
+    assert rank0.endswith("|False") and rank1.endswith("|True"), "rank 0 alone should print it"
+    assert not (tmp_path / "run" / "model.safetensors").exists() and not (tmp_path / "run" / "last.pt").exists()

@@ -531,6 +531,49 @@ def test_one_image_per_batch_with_training_batch_norms_says_what_to_change(tmp_p
     assert "raise --batch-size" in err and "--train se" in err, f"no hint in:\n{err}"
 
 
+def test_a_loss_that_is_nan_from_the_start_stops_the_run_with_an_error_and_writes_no_weights(
+        base_checkpoint: Path, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint whose outputs are not finite (a bad export, weights of the wrong scale) trained on to a
+    "done" and exit code 0, with NaN weights in best, model and adapter files."""
+    weights = {k: torch.full_like(v, 1e38) if k.endswith("bn1.weight") else v
+               for k, v in load_file(str(base_checkpoint)).items()}
+    bad = tmp_path / "overflowing.safetensors"
+    save_file(weights, str(bad))
+    out = tmp_path / "run"
+    assert run_cli(fast_args(image_folder, out, "--checkpoint", str(bad))) == 2, "the run should fail"
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "training loss is NaN or inf at epoch 1/2, step 1 (of 3)" in err, f"no epoch and step in:\n{err}"
+    assert err.endswith("Lower --lr, check the --checkpoint weights (a model whose outputs are already inf or NaN "
+                        "gives such a loss from the first step), or train without --amp, in a new --out"), err
+    assert "done:" not in captured.out, captured.out
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["config.json", "report.json", "report.md"], f"weights or metrics were written: {written}"
+    assert "holds no last.pt, weights or metrics" in err, err
+
+
+class _Reads(Quadrants):
+    """Images whose loss is NaN, counting how many the training reads."""
+
+    reads = 0
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, target = super().__getitem__(index)
+        self.reads += 1
+        return torch.full_like(image, float("nan")), target
+
+
+def test_a_nan_loss_is_found_within_a_few_steps_without_a_checkpoint_due() -> None:
+    """With no checkpoint due in a long epoch, the loss is still read every LOSS_CHECK_EVERY steps: a NaN
+    run does not train on to the end of the epoch."""
+    from se_retrofit.training.loop import LOSS_CHECK_EVERY
+
+    data = _Reads(40)
+    with pytest.raises(RuntimeError, match=r"NaN or inf at epoch 1/1, step 1 \(of 20\)"):
+        finetune(create_model(MODEL), data, None, epochs=1, batch_size=2, verbose=False, progress=False)
+    assert data.reads <= 2 * LOSS_CHECK_EVERY + 2, f"{data.reads} images read: the run went on past the check"
+
+
 @pytest.mark.parametrize("name, head", [("dla34", "fc"), ("caformer_s18", "head.fc"), ("efficientvit_m0", "head"),
                                         ("shvit_s1", "head")])
 def test_a_head_that_is_not_one_linear_layer_trains_and_is_saved(name: str, head: str, tmp_path: Path) -> None:

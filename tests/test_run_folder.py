@@ -134,6 +134,52 @@ def test_a_run_stopped_between_its_checkpoint_and_best_weights_resumes_and_write
         "the resumed run's best weights differ from an uninterrupted run's"
 
 
+class _Poisoned(Quadrants):
+    """Training images that turn NaN once ``poisoned`` is set, as activations that overflow mid-run do;
+    ``on_first`` is called when the first NaN image is served."""
+
+    poisoned = False
+    on_first = None
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, target = super().__getitem__(index)
+        if not self.poisoned:
+            return image, target
+        if self.on_first is not None:
+            self.on_first()
+            self.on_first = None
+        return torch.full_like(image, float("nan")), target
+
+
+def test_a_loss_that_turns_nan_mid_run_stops_it_and_keeps_the_last_good_files(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loss goes NaN in epoch 2, with a checkpoint due after every step: the error comes before that
+    checkpoint, so last.pt, best.safetensors and metrics.csv stay those of epoch 1 (--resume still has a
+    good state), and no model.safetensors or adapter is written."""
+    out = tmp_path / "run"
+    data = _Poisoned(24)
+    good: dict[str, str] = {}
+    data.on_first = lambda: good.update(_digest(out))  # the folder as epoch 1 left it
+    write_metrics = outputs.write_metrics
+
+    def poison_after_the_first_epoch(*args, **kwargs) -> None:
+        write_metrics(*args, **kwargs)
+        data.poisoned = True
+
+    monkeypatch.setattr(outputs, "write_metrics", poison_after_the_first_epoch)
+    with pytest.raises(RuntimeError, match=r"NaN or inf at epoch 2/3, step 1 \(of 3\)") as error:
+        finetune(create_model(MODEL), data, Quadrants(9, seed=1), out_dir=out, epochs=3, batch_size=8,
+                 checkpoint_every_steps=1, verbose=False, progress=False)
+    assert "keeps last.pt from the end of epoch 1" in str(error.value), str(error.value)
+    assert sorted(good) == ["best.safetensors", "config.json", "curves.png", "last.pt", "metrics.csv", "report.json",
+                            "report.md"], sorted(good)
+    assert _digest(out) == good, "files of the last good state were changed, or others added, after the loss went NaN"
+    assert len((out / "metrics.csv").read_text().splitlines()) == 2, "metrics.csv should hold epoch 1 alone"
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point()), \
+        "last.pt holds non-finite weights"
+
+
 @pytest.mark.parametrize("where", ["inside", "around"])
 def test_out_and_data_must_not_contain_each_other(where: str, images: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:

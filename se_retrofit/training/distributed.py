@@ -76,6 +76,12 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_min(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if ctx.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
 def any_rank(flags: list[bool], device: torch.device, ctx: DistContext) -> list[bool]:
     """Element-wise OR over ranks: every process must stop or checkpoint at the same step."""
     if not ctx.enabled:

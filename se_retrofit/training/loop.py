@@ -35,6 +35,11 @@ from .interrupt import GracefulStop
 from .options import TrainOptions
 from .sampling import TrainBatches, val_loader
 
+# How often (in steps) `Trainer._check_loss` reads whether a training loss was NaN or inf; it also reads it
+# before every checkpoint and at the end of every epoch, so before anything is written.
+LOSS_CHECK_EVERY = 10
+_NO_STEP = 2**62  # `Trainer.first_nonfinite` before any loss was NaN or inf: above every step number
+
 
 @dataclass
 class LoopResult:
@@ -66,6 +71,7 @@ class Trainer:
         self.new_names = new_names
         self.head_names = list(head_names)
         self.out = out_dir if ctx.is_main else None
+        self.out_dir = out_dir  # on every rank, for messages every rank raises alike
         self.saving = out_dir is not None
         self.config = config
         self.base_model = base_model
@@ -102,6 +108,9 @@ class Trainer:
         self.progress = state.Progress()
         self.resumed = False
         self.last_lr = float(self.optimizer.param_groups[0]["lr"])
+        # the step (in this epoch) of the first loss that was NaN or inf, kept on the device (`_check_loss`)
+        self.first_nonfinite = torch.full((), _NO_STEP, dtype=torch.int64, device=device)
+        self.saved_at: tuple[int, int] | None = None  # (epoch, step_in_epoch) of the last.pt written
 
     # ----------------------------------------------------------------------------------------- state
     def resume_from(self, saved: dict[str, Any]) -> None:
@@ -116,6 +125,7 @@ class Trainer:
         self.last_lr = float(mine["last_lr"])
         rng.set_rng_state(mine["rng"])
         self.resumed = True
+        self.saved_at = (self.progress.epoch, self.progress.step_in_epoch)
         self._restore_best()
 
     def _save(self) -> None:
@@ -133,6 +143,7 @@ class Trainer:
                                    config=self.config)
             state.save(self.out / outputs.LAST, snapshot)
         self.last_save = time.monotonic()
+        self.saved_at = (self.progress.epoch, self.progress.step_in_epoch)
 
     def _checkpoint_due(self) -> bool:
         if not self.saving or self.progress.step_in_epoch >= self.steps_per_epoch:
@@ -199,6 +210,42 @@ class Trainer:
             correct = (logits.argmax(dim=1) == targets).sum()
             self.accum += torch.stack([loss.detach().double() * count, correct.double(),
                                        torch.tensor(float(count), dtype=torch.float64, device=self.device)])
+            # on the device, without a synchronisation: `_check_loss` reads it
+            self.first_nonfinite = torch.where(torch.isfinite(loss.detach()), self.first_nonfinite,
+                                               self.first_nonfinite.clamp(max=self.progress.step_in_epoch))
+
+    def _check_loss(self) -> None:
+        """Stop the run, on every rank, if a training loss since the last check was NaN or inf.
+
+        Trained on, such a loss makes every weight it updates NaN, and the run would end as a success
+        with NaN weights written over the files of its last good state. So the error comes before any
+        file is written: this runs every `LOSS_CHECK_EVERY` steps, before every checkpoint (mid-epoch,
+        at a stop) and at the end of every epoch, which leaves ``last.pt``, ``best.safetensors`` and
+        ``metrics.csv`` as the last check that passed found them, and writes no ``model.safetensors``
+        or adapter. Each step only records the first non-finite loss's step on the device (`_step`);
+        reading it is the synchronisation (under DDP, a small all-reduce whose minimum gives every rank
+        the same answer, so that all stop together), once per ``LOSS_CHECK_EVERY`` steps rather than once
+        per step; the price is up to that many steps trained in vain before the error.
+        """
+        first = int(distributed.all_reduce_min(self.first_nonfinite.clone(), self.ctx).item())
+        if first == _NO_STEP:
+            return
+        if self.out_dir is None:
+            kept = "No file is written without an out_dir."
+        elif self.saved_at is None:
+            kept = f"No checkpoint was saved before it: {self.out_dir} holds no {outputs.LAST}, weights or metrics."
+        else:
+            epoch, step = self.saved_at
+            at = f"the end of epoch {epoch}" if step == 0 else f"epoch {epoch + 1}, step {step}"
+            kept = (f"Nothing was written since: {self.out_dir} keeps {outputs.LAST} from {at} and the files "
+                    f"written up to it, and has no {outputs.MODEL}.")
+        error = RuntimeError(
+            f"the training loss is NaN or inf at epoch {self.progress.epoch + 1}/{self.opts.epochs}, step {first} "
+            f"(of {self.steps_per_epoch}): training stopped, since every weight it updates from there on is NaN. "
+            f"{kept} Lower --lr, check the --checkpoint weights (a model whose outputs are already inf or NaN "
+            "gives such a loss from the first step), or train without --amp, in a new --out")
+        error.echo_of_rank0 = not self.ctx.is_main  # every rank raises it; rank 0 prints it
+        raise error
 
     @torch.no_grad()
     def _evaluate(self) -> tuple[float, float, float]:
@@ -309,12 +356,15 @@ class Trainer:
                                                   lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
                         stop_now, save_now = distributed.any_rank([stop.requested, self._checkpoint_due()],
                                                                   self.device, self.ctx)
+                        if stop_now or save_now or progress.step_in_epoch % LOSS_CHECK_EVERY == 0:
+                            self._check_loss()
                         if stop_now or save_now:
                             self.epoch_seconds = time.perf_counter() - epoch_started
                             self._save()
                         if stop_now:
                             self._announce_stop()
                             return True
+                self._check_loss()
                 row = self._end_epoch(epoch, epoch_started)
                 self._save()
                 self._save_best()

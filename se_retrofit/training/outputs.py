@@ -4,7 +4,7 @@ Layout of ``--out``::
 
     config.json          the resolved config (every default made concrete), compared on --resume
     last.pt              training state, rewritten atomically every epoch and mid-epoch (see state.py)
-    best.safetensors     weights of the epoch with the best validation top-1
+    best.safetensors     weights of the epoch with the best validation top-1 (none without validation)
     metrics.csv          one row per epoch
     curves.png           loss and accuracy against epochs
     report.md/.json      parameters and FLOPs before and after the retrofit (se_retrofit.report)
