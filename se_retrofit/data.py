@@ -40,13 +40,16 @@ class ImageFiles(Dataset):
         samples: ``(path, class index)`` for every image.
         classes: class names, index order.
         targets: the class index of every sample (for stratification and per-class metrics).
+        verified: whether every file was opened and verified before (what a decode error can blame).
     """
 
-    def __init__(self, samples: list[tuple[Path, int]], classes: list[str], transform: Callable | None = None) -> None:
+    def __init__(self, samples: list[tuple[Path, int]], classes: list[str], transform: Callable | None = None,
+                 verified: bool = True) -> None:
         self.samples = samples
         self.classes = classes
         self.targets = [target for _, target in samples]
         self.transform = transform
+        self.verified = verified
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -59,6 +62,12 @@ class ImageFiles(Dataset):
                 if problem is None:
                     image = _upright(to_rgb(image), image)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            if not self.verified:
+                raise OSError(f"could not decode image {path} ({exc}); the images were not checked before training "
+                              "(--no-verify-images; verify_images=False), a check that finds such files and skips "
+                              "them with a warning. Replace it with a good copy and --resume; or start a new run in "
+                              "another --out without --no-verify-images, since a resumed run must see the data it "
+                              "started with (a run that saved no checkpoint yet restarts with --resume).") from exc
             raise OSError(f"could not decode image {path} ({exc}); the up-front check only catches broken headers "
                           "and checksums. Replace it with a good copy and --resume; or delete it and start a "
                           "new run in another --out, since a resumed run must see the data it started with (a "
@@ -571,8 +580,8 @@ def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_siz
                       f"{shown}{', ...' if len(skipped) > 5 else ''}. Delete or replace them to silence this warning.",
                       stacklevel=3)
     config = _data_config(model, image_size)
-    return (ImageFiles(train_samples, classes, create_transform(**config, is_training=True)),
-            ImageFiles(val_samples, classes, create_transform(**config, is_training=False)),
+    return (ImageFiles(train_samples, classes, create_transform(**config, is_training=True), found.verify),
+            ImageFiles(val_samples, classes, create_transform(**config, is_training=False), found.verify),
             classes)
 
 
