@@ -623,6 +623,27 @@ def build_datasets(data: str, model: nn.Module, *, val_split: float = 0.1, seed:
     return _folder(Path(data), model, val_split, seed, image_size, _Findings(verify_images, progress, checked, walk))
 
 
+def image_size_used(data: str, model: nn.Module, image_size: int | None = None) -> int | list[int]:
+    """The size in pixels `build_datasets` brings ``data``'s images to for ``model``: ``image_size`` when
+    given, else the digits' (32, or the model's minimum or fixed size) or the model's pretrained input
+    size; ``[height, width]`` where the two differ. What a run records: the option left unset says
+    nothing of the size a run trained at, and a timm release may change a model's default."""
+    if isinstance(data, str) and data == "digits":
+        return _digits_size(model, image_size)
+    height, width = (int(side) for side in _data_config(model, image_size)["input_size"][-2:])
+    return height if height == width else [height, width]
+
+
+def splits_for_validation(data: str) -> bool:
+    """Whether `build_datasets` takes ``data``'s validation images from its training images by
+    ``val_split`` (the digits, a folder without a validation folder of class folders), rather than
+    from a folder of their own, where ``val_split`` has no effect."""
+    if isinstance(data, str) and data == "digits":
+        return True
+    root = Path(data)
+    return _split_dir(root, _TRAIN_NAMES) is None or _split_dir(root, _VAL_NAMES) is None
+
+
 def list_images(data: str, progress: Callable[[int], None] | None = None) -> FolderListing:
     """The files `build_datasets` would open to verify in the image folder ``data``, in its scan order,
     without opening any (none for ``"digits"``).

@@ -696,6 +696,21 @@ def test_images_are_loaded_upright_as_their_exif_orientation_says(tmp_path):
     assert top > 200, f"rotated the wrong way: the top half has mean {top:.0f}, expected the white half"
 
 
+def test_the_image_size_used_is_the_one_the_datasets_get(model, tmp_path: Path) -> None:
+    from se_retrofit.data import image_size_used
+
+    assert image_size_used("digits", model) == 32 == build_datasets("digits", model)[1][0][0].shape[-1]
+    assert image_size_used("digits", model, 40) == 40
+    folder = write_class_folders(tmp_path / "f", {"a": 2, "b": 2})
+    default = model.pretrained_cfg["input_size"][-1]
+    assert image_size_used(str(folder), model) == default
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, val, _ = build_datasets(str(folder), model, val_split=0.5)
+    assert val[0][0].shape[-1] == default, "the folder's images are not at the size reported"
+    assert image_size_used(str(folder), model, 24) == 24
+
+
 @pytest.mark.parametrize("verify", [True, False])
 def test_a_file_that_does_not_decode_is_explained_by_whether_images_were_checked(tmp_path, model, verify):
     """With verification off no check ran: "the up-front check only catches broken headers" blamed one."""
