@@ -20,7 +20,7 @@ from torch.utils.data import TensorDataset
 
 from se_retrofit.finetune import finetune
 from se_retrofit.models import create_model
-from se_retrofit.training import naming, outputs
+from se_retrofit.training import outputs
 from test_finetune import MODEL, Quadrants, fast_args, run_cli, write_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -246,7 +246,7 @@ def test_a_checkpoint_write_that_fails_says_which_file_and_how_to_go_on(tmp_path
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A full disk reaches torch.save as an internal 'enforce fail ... unexpected pos' error."""
     from se_retrofit import checkpoint
-    from se_retrofit.training import state
+    from se_retrofit.training import naming, state
 
     def full_disk(obj, path, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 35581056 vs 35580952")
