@@ -165,8 +165,12 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
             trainer.resume_from(saved)
             if ctx.is_main and verbose:
                 p = trainer.progress
-                where = "complete" if p.complete else f"epoch {p.epoch + 1}, step {p.step_in_epoch}"
-                print(f"resuming {out / outputs.LAST} at {where} (step {p.global_step})", flush=True)
+                if p.complete:
+                    print(f"the run in {out} is complete ({len(p.history)} epoch(s), step {p.global_step}): nothing "
+                          "left to train; writing its final files again", flush=True)
+                else:
+                    print(f"resuming {out / outputs.LAST} at epoch {p.epoch + 1}, step {p.step_in_epoch} "
+                          f"(step {p.global_step})", flush=True)
             del saved
         distributed.barrier(ctx)
         done = trainer.fit()

@@ -488,3 +488,18 @@ def test_a_run_that_differs_only_in_run_info_is_still_refused_to_a_call_without_
     assert "<unset>" not in str(info.value) and "model.name 'resnet10t'" in str(info.value), str(info.value)
     with pytest.raises(ValueError, match=r"model.class: '<unset>' -> 'ResNet'"):  # as the command lists it
         outputs.check_same_run(saved, new, Path("run"))
+
+
+def test_epoch_lines_and_the_resume_of_a_finished_run_read_as_what_happened(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    """Without validation data the epoch line said ``val_loss nan  val_top1 nan%``; resuming a finished run
+    said ``resuming .../last.pt at complete``."""
+    data = TensorDataset(torch.randn(8, 3, 16, 16), torch.arange(8) % 2)
+    out = tmp_path / "run"
+    finetune(create_model(MODEL, num_classes=2), data, None, out_dir=out, epochs=1, batch_size=4, progress=False)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/1"))
+    assert "val_" not in line and "nan" not in line, f"metrics of a validation that did not run are shown: {line}"
+    finetune(create_model(MODEL, num_classes=2), data, None, out_dir=out, resume=True, epochs=1, batch_size=4,
+             progress=False)
+    printed = capsys.readouterr().out
+    assert "at complete" not in printed and f"the run in {out} is complete (1 epoch(s), step 2)" in printed, printed
