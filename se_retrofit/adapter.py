@@ -27,7 +27,7 @@ from torch import nn
 from .checkpoint import _atomic_write, atomic_save_safetensors, load_weights
 from .config import SEConfig
 from .deploy_fusion import SLOTS
-from .fingerprint import base_fingerprint, changed_since_apply, digest_tensors
+from .fingerprint import base_fingerprint, changed_since_apply, digest_tensors, tensor_digests
 from .messages import few
 from .models import classifier_of, head_modules, num_classes_of, reset_classifier
 from .se_block import se_blocks
@@ -88,9 +88,10 @@ def _check_config_describes(model: nn.Module, config: SEConfig, blocks: list[tup
                          f"could not rebuild them from the recorded config. {hint}.")
 
 
-def _warn_changed_base(model: nn.Module, left_out: list[str]) -> None:
+def _warn_changed_base(model: nn.Module, left_out: list[str]) -> list[str]:
     """Warn when backbone tensors changed since ``apply``: the adapter then records (and `load` then asks for)
-    the changed backbone, not the base model it was made from."""
+    the changed backbone, not the base model it was made from. Returns the names of those whose values
+    changed (not only their dtype)."""
     changed, converted = changed_since_apply(model, left_out)
     if converted:
         key, (old, new) = next(iter(converted.items()))
@@ -105,6 +106,33 @@ def _warn_changed_base(model: nn.Module, left_out: list[str]) -> None:
             "and load() refuses the original one. Batch-norm running statistics move in any training-mode forward, "
             "even with requires_grad=False: keep batch-norm layers in eval mode while training SE, or name the changed "
             "modules in extra_modules, or save the whole model.", stacklevel=3)
+    return changed
+
+
+def _changed_record(model: nn.Module, left_out: list[str], changed: list[str]) -> dict[str, Any]:
+    """What `load` needs to name the tensors a base differs in when they are ones that changed after ``apply``
+    (a classifier replaced, batch-norm statistics moved) and that the adapter does not hold: their digests,
+    and a fingerprint of the other tensors, which a base it was made from matches."""
+    digests = tensor_digests(model, left_out)
+    return {"tensors": {key: digests[key] for key in changed},
+            "others_fingerprint": base_fingerprint(model, left_out, without=changed)}
+
+
+def _differing_changed(model: nn.Module, left_out: list[str], record: Any) -> list[str]:
+    """The tensors of `_changed_record` in which ``model`` differs from the model saved, where they are all it
+    differs in (else, or without a record, none)."""
+    if not _changed_entry(record):
+        return []
+    names = list(record["tensors"])
+    if base_fingerprint(model, left_out, without=names) != record["others_fingerprint"]:
+        return []
+    now = tensor_digests(model, left_out)
+    return [key for key in names if now.get(key) != record["tensors"][key]]
+
+
+def _changed_entry(value: Any) -> bool:
+    return (isinstance(value, dict) and isinstance(value.get("others_fingerprint"), str)
+            and isinstance(value.get("tensors"), dict) and all(isinstance(v, str) for v in value["tensors"].values()))
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: str | None = None,
@@ -146,7 +174,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: 
     tensors = se_state_dict(model)
     for name in extra_modules:
         tensors.update(_module_state(model, name))
-    _warn_changed_base(model, [name for name, _ in blocks] + extra_modules)
+    changed = _warn_changed_base(model, [name for name, _ in blocks] + extra_modules)
 
     heads = [name for name, _ in head_modules(model)]
     classifier = None
@@ -169,6 +197,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: 
         "extra_modules": extra_modules,
         "classifier": classifier,
     }
+    if changed:
+        meta["changed_since_apply"] = _changed_record(model, [name for name, _ in blocks] + extra_modules, changed)
     if class_names is not None:
         meta["class_names"] = class_names
     atomic_save_safetensors(tensors, directory / WEIGHTS_NAME,
@@ -238,11 +268,35 @@ def _read_config(path: Path) -> dict[str, Any]:
         ("base_fingerprint", meta.get("base_fingerprint") is None or isinstance(meta.get("base_fingerprint"), str)),
         ("weights_sha256", meta.get("weights_sha256") is None or isinstance(meta.get("weights_sha256"), str)),
         ("classifier", meta.get("classifier") is None or _classifier_entry(meta.get("classifier"))),
+        ("changed_since_apply", meta.get("changed_since_apply") is None or _changed_entry(meta["changed_since_apply"])),
     ) if not ok]
     if wrong:
         raise ValueError(f"{path} is damaged: wrong type of {', '.join(wrong)} (se_config is a dict, the module "
                          "entries are lists of names); re-save the adapter with save_adapter.")
     return meta
+
+
+def _changed_after_apply(weights_path: Path, differ: list[str], heads: list[str]) -> str:
+    """Why a base made from the right model still differs: tensors that changed after ``apply`` (save_adapter
+    named them) are missing from the adapter, so no base has them."""
+    modules = sorted({key.rpartition(".")[0] for key in differ})
+    statistics = any(key.endswith(_BN_STATISTICS) for key in differ)
+    if statistics:
+        why = "batch-norm running statistics updated in a training-mode forward"
+    elif all(any(m == h or m.startswith(f"{h}.") for h in heads) for m in modules):
+        why = "the classifier head replaced or trained"
+    else:
+        why = "trained or edited"
+    save = (f"extra_modules={modules!r}" if len(modules) <= 3 else
+            f"their modules ({few(modules, 3)}) in extra_modules")
+    return (f"the base model's weights differ from those adapter {weights_path} was saved with in {few(differ, 3)} "
+            f"alone (the others match): tensors that changed after se_retrofit.apply ({why}; save_adapter warned) "
+            f"and that the adapter does not hold. Save the adapter again from the fine-tuned model with {save}, "
+            "or load the whole fine-tuned model" + (" (batch-norm layers kept in eval mode while training keep their "
+                                                    "statistics)." if statistics else "."))
+
+
+_BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _classifier_entry(value: Any) -> bool:
@@ -318,8 +372,12 @@ def load(path: str | os.PathLike, base_model: nn.Module, *, strict: bool = True,
         reset_classifier(model, int(classifier["num_classes"]))
 
     saved_print = meta.get("base_fingerprint")  # absent in adapters written before it was recorded
-    if saved_print and base_fingerprint(model, found + list(meta.get("extra_modules") or [])) != saved_print:
-        message = (f"the base model's weights are not those adapter {weights_path} was trained on: its SE blocks "
+    left_out = found + list(meta.get("extra_modules") or [])
+    if saved_print and base_fingerprint(model, left_out) != saved_print:
+        differ = _differing_changed(model, left_out, meta.get("changed_since_apply"))
+        heads = [name for name, _ in head_modules(model)]
+        message = (_changed_after_apply(weights_path, differ, heads) if differ else
+                   f"the base model's weights are not those adapter {weights_path} was trained on: its SE blocks "
                    "learned other features. Create the base model as it was for training (base model "
                    f"{meta.get('base_model')!r}: the same pretrained weights or checkpoint, the same dtype). If "
                    "training changed the backbone (batch-norm running statistics updated in a training-mode "

@@ -337,7 +337,7 @@ def _unwrap(obj: Any, path: Path, prefer_ema: bool | None) -> Any:
     if prefer_ema is None and ema is not None and raw is not None:
         warnings.warn(f"{str(path)!r} holds raw weights ({raw}) and EMA weights ({ema}); loading the "
                       "raw ones. Pass prefer_ema=True (the command: --checkpoint-ema) for the EMA weights, or "
-                      "prefer_ema=False to silence this.", stacklevel=3)
+                      "prefer_ema=False (--no-checkpoint-ema) to silence this.", stacklevel=3)
     if ema is not None and raw is None:  # EMA weights alone
         if prefer_ema is False:
             raise ValueError(f"raw weights were asked for (--no-checkpoint-ema, prefer_ema=False), but {str(path)!r} "

@@ -40,13 +40,16 @@ class ImageFiles(Dataset):
         samples: ``(path, class index)`` for every image.
         classes: class names, index order.
         targets: the class index of every sample (for stratification and per-class metrics).
+        verified: whether every file was opened and verified before (what a decode error can blame).
     """
 
-    def __init__(self, samples: list[tuple[Path, int]], classes: list[str], transform: Callable | None = None) -> None:
+    def __init__(self, samples: list[tuple[Path, int]], classes: list[str], transform: Callable | None = None,
+                 verified: bool = True) -> None:
         self.samples = samples
         self.classes = classes
         self.targets = [target for _, target in samples]
         self.transform = transform
+        self.verified = verified
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -59,6 +62,12 @@ class ImageFiles(Dataset):
                 if problem is None:
                     image = _upright(to_rgb(image), image)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            if not self.verified:
+                raise OSError(f"could not decode image {path} ({exc}); the images were not checked before training "
+                              "(--no-verify-images; verify_images=False), a check that finds such files and skips "
+                              "them with a warning. Replace it with a good copy and --resume; or start a new run in "
+                              "another --out without --no-verify-images, since a resumed run must see the data it "
+                              "started with (a run that saved no checkpoint yet restarts with --resume).") from exc
             raise OSError(f"could not decode image {path} ({exc}); the up-front check only catches broken headers "
                           "and checksums. Replace it with a good copy and --resume; or delete it and start a "
                           "new run in another --out, since a resumed run must see the data it started with (a "
@@ -596,8 +605,8 @@ def _folder(root: Path, model: nn.Module, val_split: float, seed: int, image_siz
                       f"{shown}{', ...' if len(skipped) > 5 else ''}. Delete or replace them to silence this warning.",
                       stacklevel=3)
     config = _data_config(model, image_size)
-    return (ImageFiles(train_samples, classes, create_transform(**config, is_training=True)),
-            ImageFiles(val_samples, classes, create_transform(**config, is_training=False)),
+    return (ImageFiles(train_samples, classes, create_transform(**config, is_training=True), found.verify),
+            ImageFiles(val_samples, classes, create_transform(**config, is_training=False), found.verify),
             classes)
 
 
@@ -639,6 +648,27 @@ def build_datasets(data: str, model: nn.Module, *, val_split: float = 0.1, seed:
         return _digits(model, val_split, seed, image_size)
     walk = None if checked is None else checked.listing.walk
     return _folder(Path(data), model, val_split, seed, image_size, _Findings(verify_images, progress, checked, walk))
+
+
+def image_size_used(data: str, model: nn.Module, image_size: int | None = None) -> int | list[int]:
+    """The size in pixels `build_datasets` brings ``data``'s images to for ``model``: ``image_size`` when
+    given, else the digits' (32, or the model's minimum or fixed size) or the model's pretrained input
+    size; ``[height, width]`` where the two differ. What a run records: the option left unset says
+    nothing of the size a run trained at, and a timm release may change a model's default."""
+    if isinstance(data, str) and data == "digits":
+        return _digits_size(model, image_size)
+    height, width = (int(side) for side in _data_config(model, image_size)["input_size"][-2:])
+    return height if height == width else [height, width]
+
+
+def splits_for_validation(data: str) -> bool:
+    """Whether `build_datasets` takes ``data``'s validation images from its training images by
+    ``val_split`` (the digits, a folder without a validation folder of class folders), rather than
+    from a folder of their own, where ``val_split`` has no effect."""
+    if isinstance(data, str) and data == "digits":
+        return True
+    root = Path(data)
+    return _split_dir(root, _TRAIN_NAMES) is None or _split_dir(root, _VAL_NAMES) is None
 
 
 def list_images(data: str, progress: Callable[[int], None] | None = None) -> FolderListing:

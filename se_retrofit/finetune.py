@@ -69,7 +69,7 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
              class_names: Sequence[str] | None = None, se_config: SEConfig | dict | None = None,
              retrofit: bool = True, base_model: str | None = None, run_info: dict[str, Any] | None = None,
              verbose: bool = True, progress: bool | None = None, resume_hint: str | None = None,
-             **options: Any) -> FinetuneResult:
+             run_info_before: dict[str, Any] | None = None, **options: Any) -> FinetuneResult:
     """Fine-tune ``model`` (retrofitting it with SE blocks first when it has none).
 
     Args:
@@ -86,6 +86,9 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
         run_info: extra config sections (the CLI's ``model`` and ``data``), saved and compared on resume.
         verbose / progress: per-epoch lines and the summary / tqdm bars (default: when stdout is a tty).
         resume_hint: what to print after an interruption (the CLI passes its own command line).
+        run_info_before: ``run_info`` as earlier versions recorded it for the same options, where
+            it now records something else (the CLI's image size as given, now the size used): a run
+            folder they wrote resumes as it did then.
         **options: `~se_retrofit.training.TrainOptions` fields (``epochs``, ``lr``, ``train``...).
 
     Returns a `FinetuneResult`; ``interrupted`` is True when Ctrl-C/SIGTERM stopped the run
@@ -129,9 +132,9 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
             if out is not None and resume and has_checkpoint:
                 found = state.load(out / outputs.LAST)
                 state.check_world_size(found, ctx.world_size)  # before config.json is rewritten below
-                outputs.check_same_run(found["config"], config, out)
+                outputs.check_same_run(found["config"], config, out, run_info_before, run_info is not None)
             elif out is not None and resume and not restart:
-                outputs.check_same_run(outputs.read_config(out), config, out)
+                outputs.check_same_run(outputs.read_config(out), config, out, run_info_before, run_info is not None)
             check_one_batch(len(train_data), opts.batch_size, ctx.world_size)
             if opts.ema:
                 _check_ema_copies(model)
@@ -163,8 +166,12 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
             trainer.resume_from(saved)
             if ctx.is_main and verbose:
                 p = trainer.progress
-                where = "complete" if p.complete else f"epoch {p.epoch + 1}, step {p.step_in_epoch}"
-                print(f"resuming {out / outputs.LAST} at {where} (step {p.global_step})", flush=True)
+                if p.complete:
+                    print(f"the run in {out} is complete ({len(p.history)} epoch(s), step {p.global_step}): nothing "
+                          "left to train; writing its final files again", flush=True)
+                else:
+                    print(f"resuming {out / outputs.LAST} at epoch {p.epoch + 1}, step {p.step_in_epoch} "
+                          f"(step {p.global_step})", flush=True)
             del saved
         distributed.barrier(ctx)
         done = trainer.fit()

@@ -41,11 +41,14 @@ def digest_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     return digest.hexdigest()
 
 
-def base_fingerprint(model: nn.Module, left_out: Iterable[str]) -> str:
+def base_fingerprint(model: nn.Module, left_out: Iterable[str], without: Iterable[str] = ()) -> str:
     """SHA-256 of every tensor of ``model`` outside the modules ``left_out`` (the SE blocks, the saved head):
     the base weights the adapter was trained on, which `load` checks, since SE blocks trained on one
-    backbone's features are wrong on another's (other pretrained weights, another checkpoint)."""
-    return digest_tensors(_tensors(model, left_out))
+    backbone's features are wrong on another's (other pretrained weights, another checkpoint). ``without``
+    names tensors to leave out as well: the ones that changed since ``apply``, so that `load` can tell
+    a base that differs in those alone."""
+    skipped = set(without)
+    return digest_tensors((key, value) for key, value in _tensors(model, left_out) if key not in skipped)
 
 
 def tensor_digests(model: nn.Module, left_out: Iterable[str]) -> dict[str, str]:

@@ -106,15 +106,34 @@ def test_se_only_adapter_keeps_the_base_head(saved, base, tuned):
     """``tuned`` also changed its head; an adapter without it does not rebuild ``tuned``, which the base
     fingerprint notices (strict), and strict=False loads the SE weights onto the base head."""
     se_only, _ = saved
-    with pytest.raises(ValueError, match="not those adapter"):
+    with pytest.raises(ValueError) as info:
         load(se_only / WEIGHTS_NAME, base, example_input=SMALL)
-    with pytest.warns(UserWarning, match="not those adapter"):
+    message = str(info.value)
+    assert "in fc.bias, fc.weight alone" in message and "extra_modules=['fc']" in message \
+        and "learned other features" not in message, f"the refusal should name the head left out: {message}"
+    with pytest.warns(UserWarning, match="in fc.bias, fc.weight alone"):
         loaded = load(se_only / WEIGHTS_NAME, base, strict=False, example_input=SMALL)
     state = loaded.state_dict()
     assert all(torch.equal(state[k], v) for k, v in se_state_dict(tuned).items()), "SE weights not restored"
     assert torch.equal(loaded.fc.weight, base.fc.weight), "without extra_modules the head must stay the base's"
     assert not torch.allclose(outputs(loaded), outputs(base), atol=1e-3), \
         "control: with the base head, only the loaded SE weights can change the output, and they should"
+
+
+def test_an_adapter_saved_before_changes_were_recorded_is_refused_as_before(saved, base, tmp_path):
+    import shutil
+
+    se_only, _ = saved
+    older = shutil.copytree(se_only, tmp_path / "older")
+    meta = json.loads((older / CONFIG_NAME).read_text())
+    assert meta.pop("changed_since_apply")["tensors"].keys() == {"fc.weight", "fc.bias"}, meta
+    (older / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="not those adapter .* was trained on"):
+        load(older, base, example_input=SMALL)
+    meta["changed_since_apply"] = {"tensors": ["fc.weight"]}
+    (older / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="is damaged: wrong type of changed_since_apply"):
+        load(older, base, example_input=SMALL)
 
 
 def test_saved_head_resizes_an_imagenet_classifier(saved, base, tuned):
@@ -167,8 +186,14 @@ def test_backbone_changes_since_apply_are_named_at_save_and_in_loads_refusal(bas
                                          r"bn1.running_mean, bn1.running_var, \.\.\..*eval mode") as caught:
         save_adapter(model, tmp_path)
     assert any("tensor(s) outside the SE blocks" in str(w.message) for w in caught)
-    with pytest.raises(ValueError, match="batch-norm running statistics updated in a training-mode forward"):
+    with pytest.raises(ValueError, match=r"in bn1.num_batches_tracked, bn1.running_mean, bn1.running_var, \.\.\. "
+                                         r".* alone .*batch-norm running statistics updated in a training-mode forward"):
         load(tmp_path, copy.deepcopy(base), example_input=SMALL)
+    other = copy.deepcopy(base)  # another base as well: nothing to single out
+    with torch.no_grad():
+        other.layer1[0].conv1.weight.mul_(1.01)
+    with pytest.raises(ValueError, match="not those adapter .* was trained on"):
+        load(tmp_path, other, example_input=SMALL)
 
 
 def test_a_model_converted_to_another_dtype_is_named_as_such(base, tmp_path):

@@ -309,3 +309,21 @@ def test_an_interrupted_sweep_keeps_its_rows_through_pickling():
     rows = [coverage.CoverageRow("timm", "-", f"m{i}", built=True) for i in range(3)]
     back = pickle.loads(pickle.dumps(coverage.SweepInterrupted(rows)))
     assert back.rows == rows and "after 3 models" in str(back), f"{back!r} lost its rows"
+
+
+@pytest.mark.parametrize("markdown", ["same", "relative", "link"])
+def test_out_and_markdown_naming_one_file_are_refused_before_the_first_model(
+        markdown: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """The page was written over the JSON rows, and the command exited 0."""
+    checked = fake_sweep(monkeypatch)
+    out = tmp_path / "keep.json"
+    out.write_text("[]")
+    monkeypatch.chdir(tmp_path)
+    if markdown == "link":
+        (tmp_path / "page.md").symlink_to(out)
+    page = {"same": str(out), "relative": "keep.json", "link": "page.md"}[markdown]
+    code = main(["coverage", "--models", "resnet10t", "--out", str(out), "--markdown", page])
+    err = capsys.readouterr().err
+    assert code == 2 and "are the same file" in err and "--markdown another file" in err, \
+        f"expected a one-line error, got {code}: {err!r}"
+    assert checked == [] and out.read_text() == "[]", "the refused sweep ran or wrote"

@@ -745,3 +745,36 @@ def test_images_are_loaded_upright_as_their_exif_orientation_says(tmp_path):
     assert loaded.size == (20, 40), f"loaded as {loaded.size}, not upright (20, 40)"
     top = np.asarray(loaded)[:20].mean()
     assert top > 200, f"rotated the wrong way: the top half has mean {top:.0f}, expected the white half"
+
+
+def test_the_image_size_used_is_the_one_the_datasets_get(model, tmp_path: Path) -> None:
+    from se_retrofit.data import image_size_used
+
+    assert image_size_used("digits", model) == 32 == build_datasets("digits", model)[1][0][0].shape[-1]
+    assert image_size_used("digits", model, 40) == 40
+    folder = write_class_folders(tmp_path / "f", {"a": 2, "b": 2})
+    default = model.pretrained_cfg["input_size"][-1]
+    assert image_size_used(str(folder), model) == default
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, val, _ = build_datasets(str(folder), model, val_split=0.5)
+    assert val[0][0].shape[-1] == default, "the folder's images are not at the size reported"
+    assert image_size_used(str(folder), model, 24) == 24
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_file_that_does_not_decode_is_explained_by_whether_images_were_checked(tmp_path, model, verify):
+    """With verification off no check ran: "the up-front check only catches broken headers" blamed one."""
+    write_class_folders(tmp_path, {"a": 2, "b": 2})
+    train, _, _ = build_datasets(tmp_path, model, val_split=0.5, image_size=16, verify_images=verify)
+    path, _ = train.samples[0]
+    path.write_bytes(b"not an image")  # broken after the check, or unchecked
+    with pytest.raises(OSError) as info:
+        train[0]
+    message = str(info.value)
+    assert str(path) in message, message
+    if verify:
+        assert "up-front check only catches broken headers" in message, message
+    else:
+        assert "up-front check" not in message and "not checked before training (--no-verify-images" in message \
+            and "without --no-verify-images" in message, f"the message does not say verification was off: {message}"

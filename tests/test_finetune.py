@@ -519,6 +519,8 @@ def test_no_verify_images_skips_the_scan_and_a_bad_file_stops_the_run_naming_it(
     assert run_cli(fast_args(data, tmp_path / "unchecked", "--epochs", "1", "--no-verify-images")) == 2
     err = capsys.readouterr().err
     assert "broken.png" in err and "could not decode image" in err, f"the error should name the file:\n{err}"
+    assert "were not checked before training (--no-verify-images" in err and "up-front check" not in err, \
+        f"the error should say that verification was off, not blame a check that did not run:\n{err}"
 
 
 def test_one_image_per_batch_with_training_batch_norms_says_what_to_change(tmp_path: Path,

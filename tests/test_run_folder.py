@@ -292,13 +292,15 @@ def test_a_checkpoint_write_that_fails_says_which_file_and_how_to_go_on(tmp_path
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A full disk reaches torch.save as an internal 'enforce fail ... unexpected pos' error."""
     from se_retrofit import checkpoint
-    from se_retrofit.training import state
+    from se_retrofit.training import naming, state
 
     def full_disk(obj, path, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 35581056 vs 35580952")
 
     monkeypatch.setattr(checkpoint, "atomic_save", full_disk)
-    with pytest.raises(OSError, match=r"could not write .*last\.pt .*MiB free.*is intact.*--resume"):
+    with pytest.raises(OSError, match=r"could not write .*last\.pt .*MiB free.*is intact.*with resume=True"):
+        state.save(tmp_path / "last.pt", {"format": "x"})
+    with naming.command_options(), pytest.raises(OSError, match=r"is intact.*with --resume"):
         state.save(tmp_path / "last.pt", {"format": "x"})
 
 
@@ -414,3 +416,136 @@ def test_the_older_version_message_needs_only_the_class_count_changed(version, o
     assert older == (other is None), f"version {version!r}, other difference {other}: {info.value}"
     if other is not None:
         assert "model.name: 'dla34' -> 'dla46_c'" in str(info.value), f"the model change is not listed: {info.value}"
+
+
+# ------------------------------------------------------------------------------- the size and split recorded
+
+def _default_size_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """`fast_args` without ``--image-size``: the run takes the model's size (resnet10t's pretrained 176)."""
+    args = fast_args(data, out, "--epochs", "1", *extra)
+    at = args.index("--image-size")
+    return args[:at] + args[at + 2:]
+
+
+def _edit_data_section(out: Path, **changes) -> None:
+    """What an earlier version wrote: both the config and the checkpoint's copy of it."""
+    config = json.loads((out / "config.json").read_text())
+    config["data"].update(changes)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    _edit_last(out, lambda state: state["config"]["data"].update(changes))
+
+
+def test_config_records_the_image_size_used_and_resume_compares_it(images: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """``--image-size`` left out recorded ``null``: the size given explicitly on --resume was "a different run",
+    and a changed default (a timm release) went unseen."""
+    out = tmp_path / "run"
+    assert run_cli(_default_size_args(images, out)) == 0
+    size = json.loads((out / "config.json").read_text())["data"]["image_size"]
+    assert size == 176, f"config.json records image_size {size!r}, not the 176 px resnet10t trained at"
+    capsys.readouterr()
+    assert run_cli(_default_size_args(images, out, "--image-size", "176", "--resume")) == 0, \
+        f"the size used, given explicitly, was refused: {capsys.readouterr().err}"
+    _edit_data_section(out, image_size=64)  # as if the model's default was 64 when the run started
+    before = _digest(out)
+    assert run_cli(_default_size_args(images, out, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "data.image_size: 64 -> 176" in err, f"a changed default size was not seen: {err}"
+    assert _digest(out) == before, "the refused resume changed the run's files"
+
+
+def test_a_run_folder_that_recorded_no_image_size_resumes_as_before(images: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    assert run_cli(_default_size_args(images, out)) == 0
+    _edit_data_section(out, image_size=None)
+    assert run_cli(_default_size_args(images, out, "--image-size", "64", "--resume")) == 2
+    assert "data.image_size: None -> 64" in capsys.readouterr().err, "another size given was not refused"
+    assert run_cli(_default_size_args(images, out, "--resume")) == 0, \
+        f"a run of an earlier version was refused with the same options: {capsys.readouterr().err}"
+
+
+def test_val_split_is_recorded_and_compared_only_where_it_splits(images: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """With DIR/train and DIR/val the fraction has no effect: ``--val-split 0.2 --resume`` was refused."""
+    out = tmp_path / "run"
+    assert run_cli(fast_args(images, out, "--epochs", "1")) == 0
+    assert "val_split" not in json.loads((out / "config.json").read_text())["data"], \
+        "val_split recorded for a layout with a validation folder"
+    assert run_cli(fast_args(images, out, "--epochs", "1", "--val-split", "0.2", "--resume")) == 0, \
+        f"a val-split that has no effect was compared: {capsys.readouterr().err}"
+
+    _edit_data_section(out, val_split=0.1)  # what earlier versions recorded there
+    assert run_cli(fast_args(images, out, "--epochs", "1", "--resume")) == 0, \
+        f"a run of an earlier version was refused with the same options: {capsys.readouterr().err}"
+
+    split = tmp_path / "split"
+    assert run_cli(fast_args(images / "train", split, "--epochs", "1", "--batch-size", "2", "--val-split", "0.5")) == 0
+    assert json.loads((split / "config.json").read_text())["data"]["val_split"] == 0.5
+    capsys.readouterr()
+    assert run_cli(fast_args(images / "train", split, "--epochs", "1", "--batch-size", "2", "--val-split", "0.25",
+                                     "--resume")) == 2
+    assert "data.val_split: 0.5 -> 0.25" in capsys.readouterr().err, "a changed split was not refused"
+
+
+# ------------------------------------------------------------------------------- messages to Python callers
+
+def test_finetune_refusals_name_its_own_arguments(tmp_path: Path) -> None:
+    """A Python caller has no --out or --resume to change."""
+    data = TensorDataset(torch.randn(8, 3, 16, 16), torch.arange(8) % 2)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError) as info:
+        finetune(create_model(MODEL, num_classes=2), data, None, out_dir=taken, epochs=1, verbose=False)
+    assert "out_dir=" in str(info.value) and "another out_dir" in str(info.value) and "--" not in str(info.value), \
+        f"the refusal does not name finetune's argument: {info.value}"
+    with pytest.raises(FileNotFoundError) as info:
+        finetune(create_model(MODEL, num_classes=2), data, None, out_dir=tmp_path / "none", resume=True, epochs=1,
+                 verbose=False)
+    assert "drop resume=True" in str(info.value) and "--" not in str(info.value), str(info.value)
+
+
+def test_a_python_resume_of_a_command_run_lists_only_real_differences(images: Path, tmp_path: Path) -> None:
+    """The command records model and data sections (``run_info``) a finetune() call does not: the differences
+    listed were '<unset>' noise beside the real ones."""
+    out = tmp_path / "run"
+    assert run_cli(fast_args(images, out, "--epochs", "1")) == 0
+    before = _digest(out)
+    data = TensorDataset(torch.randn(9, 3, 32, 32), torch.arange(9) % 3)
+    with pytest.raises(ValueError) as info:
+        finetune(create_model(MODEL), data, None, out_dir=out, resume=True, num_classes=3, epochs=1, batch_size=8,
+                 verbose=False)
+    message = str(info.value)
+    assert "<unset>" not in message, f"settings only the command records are listed as differences: {message}"
+    assert "model.num_classes: 2 -> 3" in message, f"the real difference is not listed: {message}"
+    assert message.startswith("resume=True:") and "run_info" in message and "model.name 'resnet10t'" in message, \
+        f"the message does not say the run was started with run_info: {message}"
+    assert _digest(out) == before, "the refused resume changed the run's files"
+
+
+def test_a_run_that_differs_only_in_run_info_is_still_refused_to_a_call_without_it() -> None:
+    saved = {"se_retrofit_version": "0.2.0", "model": {"name": "resnet10t", "num_classes": 3},
+             "data": {"data": "/d", "train_size": 9}, "train": {"epochs": 1}}
+    new = {"se_retrofit_version": "0.2.0", "model": {"class": "ResNet", "num_classes": 3},
+           "data": {"train_size": 9}, "train": {"epochs": 1}}
+    with pytest.raises(ValueError) as info:
+        outputs.check_same_run(saved, new, Path("run"), with_run_info=False)
+    assert "<unset>" not in str(info.value) and "model.name 'resnet10t'" in str(info.value), str(info.value)
+    with pytest.raises(ValueError, match=r"model.class: '<unset>' -> 'ResNet'"):  # as the command lists it
+        outputs.check_same_run(saved, new, Path("run"))
+
+
+def test_epoch_lines_and_the_resume_of_a_finished_run_read_as_what_happened(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    """Without validation data the epoch line said ``val_loss nan  val_top1 nan%``; resuming a finished run
+    said ``resuming .../last.pt at complete``."""
+    data = TensorDataset(torch.randn(8, 3, 16, 16), torch.arange(8) % 2)
+    out = tmp_path / "run"
+    finetune(create_model(MODEL, num_classes=2), data, None, out_dir=out, epochs=1, batch_size=4, progress=False)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/1"))
+    assert "val_" not in line and "nan" not in line, f"metrics of a validation that did not run are shown: {line}"
+    finetune(create_model(MODEL, num_classes=2), data, None, out_dir=out, resume=True, epochs=1, batch_size=4,
+             progress=False)
+    printed = capsys.readouterr().out
+    assert "at complete" not in printed and f"the run in {out} is complete (1 epoch(s), step 2)" in printed, printed

@@ -117,6 +117,14 @@ def training_options(args: argparse.Namespace) -> TrainOptions:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..training.naming import command_options
+
+    with command_options():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .. import data as data_module
     from ..config import SEConfig
     from ..finetune import finetune
     from ..training import distributed, outputs
@@ -156,11 +164,16 @@ def run(args: argparse.Namespace) -> int:
                       "checkpoint": str(args.checkpoint.resolve()) if args.checkpoint else None,
                       **({"checkpoint_ema": args.checkpoint_ema} if args.checkpoint_ema is not None else {})},
             "data": {"data": args.data if args.data == "digits" else str(Path(args.data).resolve()),
-                     "val_split": args.val_split, "image_size": args.image_size},
+                     # where a validation folder is used as it is, the fraction has no effect to record
+                     **({"val_split": args.val_split} if data_module.splits_for_validation(args.data) else {}),
+                     "image_size": data_module.image_size_used(args.data, model, args.image_size)},
         }
+        # what versions before these two were resolved recorded: their run folders resume as they did
+        before = {"data": {"val_split": args.val_split, "image_size": args.image_size}}
         result = finetune(model, train_ds, val_ds, out_dir=args.out, resume=args.resume, class_names=class_names,
                           se_config=se_config, base_model=args.model, run_info=run_info,
-                          progress=args.progress, resume_hint=_resume_hint(args), **_fields(opts))
+                          progress=args.progress, resume_hint=_resume_hint(args), run_info_before=before,
+                          **_fields(opts))
     finally:
         distributed.teardown(ctx)
     return INTERRUPTED_EXIT if result.interrupted else 0

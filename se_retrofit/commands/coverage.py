@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from .. import coverage
 
     models = _selection(args)
+    if args.markdown is not None:
+        _check_apart(args.out, args.markdown)
     _check_writable(args.out, "--out", "coverage.json")
     if args.markdown is not None:
         _check_writable(args.markdown, "--markdown", "coverage.md")
@@ -77,6 +79,16 @@ def _selection(args: argparse.Namespace) -> Iterator[tuple[str, str, str]]:
     if zoo in ("timm", "all"):
         parts.append(("timm", f, n) for f, n in itertools.islice(coverage.timm_models(), args.limit))
     return itertools.chain(*parts)
+
+
+def _check_apart(out: Path, markdown: Path) -> None:
+    """Refuse one file for both outputs: the page is written last, over the JSON rows, and the sweep
+    would end without an error and without its rows."""
+    same = out.resolve() == markdown.resolve() or (out.exists() and markdown.exists() and out.samefile(markdown))
+    if same:
+        other = out.with_suffix(".md") if out.suffix != ".md" else out.with_name(f"{out.stem}-table.md")
+        raise ValueError(f"--out {out} and --markdown {markdown} are the same file: the markdown page would "
+                         f"replace the JSON rows. Give --markdown another file, e.g. {other}.")
 
 
 def _check_writable(path: Path, option: str, example: str) -> None:

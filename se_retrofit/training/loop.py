@@ -418,8 +418,11 @@ class Trainer:
 
 
 def _epoch_line(row: dict[str, float], epochs: int) -> str:
+    """One epoch's metrics; those of a validation that did not run (no validation set) are left out, as
+    metrics.csv leaves their cells empty, where a diverged model's ``val_loss nan`` is shown."""
     top5 = "" if math.isnan(row["val_top5"]) else f"val_top5 {row['val_top5']:.2f}%  "
+    validated = not math.isnan(row["val_top1"])
+    val = f"val_loss {row['val_loss']:.4f}  val_top1 {row['val_top1']:.2f}%  {top5}" if validated else ""
     return (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.2f}%  "
-            f"val_loss {row['val_loss']:.4f}  val_top1 {row['val_top1']:.2f}%  {top5}"
-            f"lr {row['lr']:.2e}  {row['seconds']:.1f}s")
+            f"{val}lr {row['lr']:.2e}  {row['seconds']:.1f}s")
 

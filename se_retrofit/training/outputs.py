@@ -27,13 +27,14 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from .. import checkpoint as ckpt
 from ..messages import first_line
+from .naming import names
 
 CONFIG = "config.json"
 LAST = "last.pt"
@@ -86,38 +87,39 @@ def prepare_out_dir(out: Path, resume: bool) -> bool:
     ``config.json`` se_retrofit did not write is never taken for a run's. Temporary files that a killed
     write left (`remove_leftovers`) count for nothing.
     """
-    out = Path(out)
+    out, n = Path(out), names()
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file, not a folder; choose a folder path")
+        raise FileExistsError(f"{n.folder(out)} is a file, not a folder; choose a folder path")
     if out.is_dir():
         entries = _entries(out)
         if resume:
             if CONFIG not in entries and LAST not in entries:
                 raise FileNotFoundError(f"nothing to resume in {out}: it has no {CONFIG} or {LAST} from an earlier "
-                                        "run; drop --resume to start a new run there (it must be empty)")
+                                        f"run; drop {n.resume} to start a new run there (it must be empty)")
             if LAST not in entries and not is_run_config(out):
-                raise FileExistsError(f"--resume: {out} has no {LAST}, and its {CONFIG} is not the config of an "
-                                      "se_retrofit run; refusing to overwrite it. Choose another --out")
+                raise FileExistsError(f"{n.resume}: {out} has no {LAST}, and its {CONFIG} is not the config of an "
+                                      f"se_retrofit run; refusing to overwrite it. Choose another {n.out}")
             if LAST not in entries:
                 finished = finished_outputs(out)
                 if finished:
                     raise FileExistsError(
-                        f"--resume: {out} has no {LAST} to resume from but holds the results of a run "
-                        f"({', '.join(finished)}); starting over would overwrite them. Choose another --out "
+                        f"{n.resume}: {out} has no {LAST} to resume from but holds the results of a run "
+                        f"({', '.join(finished)}); starting over would overwrite them. Choose another {n.out} "
                         f"for a new run, or put {LAST} back to continue that one")
             _check_writable(out)
             return LAST in entries
         if entries:
             if not is_run_config(out) and LAST not in entries:
-                raise FileExistsError(f"--out {out} {_describe_run(out, entries)}; refusing to overwrite it. "
-                                      "Choose another --out (a new run needs a missing or empty folder)")
-            again = "; it stopped before its first checkpoint, so --resume starts it over" if restartable(out) else ""
-            raise FileExistsError(f"--out {out} {_describe_run(out, entries)}; refusing to overwrite it. Pass "
-                                  f"--resume to continue that run{again}, or choose another --out")
+                raise FileExistsError(f"{n.folder(out)} {_describe_run(out, entries)}; refusing to overwrite it. "
+                                      f"Choose another {n.out} (a new run needs a missing or empty folder)")
+            again = (f"; it stopped before its first checkpoint, so {n.resume} starts it over" if restartable(out)
+                     else "")
+            raise FileExistsError(f"{n.folder(out)} {_describe_run(out, entries)}; refusing to overwrite it. Pass "
+                                  f"{n.resume} to continue that run{again}, or choose another {n.out}")
         _check_writable(out)
         return False
     if resume:
-        raise FileNotFoundError(f"nothing to resume: {out} does not exist; drop --resume to start a new run")
+        raise FileNotFoundError(f"nothing to resume: {out} does not exist; drop {n.resume} to start a new run")
     _check_writable(_existing_ancestor(out))
     return False
 
@@ -139,8 +141,9 @@ def hold(out: Path) -> int | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise FileExistsError(f"--out {out} is in use: another process is running this run now. Let it finish "
-                              "(or stop it), then --resume it if it did not finish") from None
+        n = names()
+        raise FileExistsError(f"{n.folder(out)} is in use: another process is running this run now. Let it finish "
+                              f"(or stop it), then {n.resume_it} if it did not finish") from None
     return fd
 
 
@@ -170,14 +173,16 @@ def make_out_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise PermissionError(f"cannot create --out {out}: {exc.strerror or exc}; choose a writable folder") from exc
+        raise PermissionError(f"cannot create {names().folder(out)}: {exc.strerror or exc}; choose a writable "
+                              "folder") from exc
 
 
 def _existing_ancestor(path: Path) -> Path:
     for parent in path.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
-                raise FileExistsError(f"cannot create --out {path}: {parent} is a file; choose a folder path")
+                raise FileExistsError(f"cannot create {names().folder(path)}: {parent} is a file; choose a folder "
+                                      "path")
             return parent
     return Path("/")
 
@@ -188,7 +193,8 @@ def _check_writable(folder: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise PermissionError(f"cannot write to {folder} ({exc.strerror or exc}); choose a writable --out") from exc
+        raise PermissionError(f"cannot write to {folder} ({exc.strerror or exc}); choose a writable "
+                              f"{names().out}") from exc
 
 
 def _describe_run(out: Path, entries: list[str]) -> str:
@@ -204,21 +210,36 @@ def read_config(out: Path) -> dict[str, Any]:
     return json.loads((Path(out) / CONFIG).read_text())
 
 
-def config_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``section.key: saved -> new`` for every setting that differs, runtime settings aside."""
-    return [f"{key}: {a!r} -> {b!r}" for key, a, b in _differing(saved, new)]
+def config_differences(saved: dict[str, Any], new: dict[str, Any],
+                       recorded_before: Mapping[str, Any] | None = None) -> list[str]:
+    """``section.key: saved -> new`` for every setting that differs, runtime settings aside
+    (``recorded_before``: see `check_same_run`)."""
+    return [f"{key}: {a!r} -> {b!r}" for key, a, b in _differing(saved, new, recorded_before)]
 
 
-def _differing(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+def _differing(saved: dict[str, Any], new: dict[str, Any],
+               recorded_before: Mapping[str, Any] | None = None) -> list[tuple[str, Any, Any]]:
     flat_saved, flat_new = _flatten(saved), _flatten(new)
+    before = _flatten(recorded_before) if recorded_before else {}
     diffs = []
     for key in sorted(set(flat_saved) | set(flat_new), key=_importance):
         if key.split(".", 1)[0] in UNCOMPARED:
             continue
-        a, b = flat_saved.get(key, "<unset>"), flat_new.get(key, "<unset>")
+        a, b = flat_saved.get(key, _UNSET), flat_new.get(key, _UNSET)
+        if a != b and key in before:
+            if a == before[key]:  # recorded as older versions did, for the same options
+                continue
+            if b == _UNSET:
+                b = before[key]
         if a != b:
             diffs.append((key, a, b))
     return diffs
+
+
+# What a key recorded in one config only shows as in the other.
+_UNSET = "<unset>"
+# The sections `finetune`'s ``run_info`` adds to (the command's model and data options).
+_RUN_INFO_SECTIONS = ("model", "data")
 
 
 def _importance(key: str) -> tuple[int, str]:
@@ -228,29 +249,68 @@ def _importance(key: str) -> tuple[int, str]:
     return (order.index(section) if section in order else len(order), key)
 
 
-def check_same_run(saved: dict[str, Any], new: dict[str, Any], out: Path) -> None:
-    diffs = config_differences(saved, new)
-    if diffs and _older_head_record(saved, new):
+def check_same_run(saved: dict[str, Any], new: dict[str, Any], out: Path,
+                   recorded_before: Mapping[str, Any] | None = None, with_run_info: bool = True) -> None:
+    """Refuse to resume the run ``saved`` describes with the config ``new``, listing what differs.
+
+    ``recorded_before`` holds, in sections as the config does, what earlier versions recorded for
+    settings now recorded otherwise, given the same options (the command's ``--image-size`` as given,
+    ``null`` when left out, where it now records the size that resolves to): a saved config holding
+    that value resumes as it did then. ``with_run_info`` False (a `finetune` call without ``run_info``):
+    see `_started_with`.
+    """
+    n = names()
+    diffs = _differing(saved, new, recorded_before)
+    started_with = []
+    if not with_run_info:
+        diffs, started_with = _started_with(saved, diffs)
+    if diffs and _older_head_record(saved, new, recorded_before):
         written = saved.get("se_retrofit_version")
         which = (f"an older se_retrofit (its {CONFIG} records version {written!r})"
                  if written != new.get("se_retrofit_version") else
                  f"an earlier build of se_retrofit (one that still called itself {written!r})")
         raise ValueError(
-            f"--resume: {out} was written by {which}, from "
+            f"{n.resume}: {out} was written by {which}, from "
             f"before the class count of a classifier that is not one linear layer (a 1x1 convolution as in DLA and "
             f"DPN, an MLP head) was recorded: its model.num_classes is None where this version finds "
             f"{new['model']['num_classes']} (or, for a model of your own, its head changed from one this version "
             "does not know as a classifier to one it does). That version also kept such a head frozen, so its "
             "optimizer state does not fit the parameters this one trains, and the run cannot continue here. Start "
             "it again with the "
-            f"same options in another --out (its {CONFIG} lists them), or finish it with the se_retrofit that wrote it")
+            f"same {n.options} in another {n.out} (its {CONFIG} lists them), or finish it with the se_retrofit that "
+            "wrote it")
+    run_info = ""
+    if started_with:
+        shown = ", ".join(started_with[:3]) + (", ..." if len(started_with) > 3 else "")
+        run_info = (f"It was started with run_info ({shown}; the se-retrofit command records its options there), "
+                    "which this call does not pass: continue it with the same run_info, or with the command and "
+                    "its --resume")
+        if not diffs:
+            raise ValueError(f"{n.resume}: {out} holds a run that this call cannot tell is the same. {run_info}; or "
+                             f"choose another {n.out} for a new run")
     if diffs:
-        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
-        raise ValueError(f"--resume: {out} holds a different run ({shown}). Resume with the options of that run "
-                         f"(see {out / CONFIG}), or choose another --out for a new one")
+        listed = [f"{key}: {a!r} -> {b!r}" for key, a, b in diffs]
+        shown = "; ".join(listed[:6]) + (f"; and {len(listed) - 6} more" if len(listed) > 6 else "")
+        raise ValueError(f"{n.resume}: {out} holds a different run ({shown}). Resume with the {n.options} of that run "
+                         f"(see {out / CONFIG}), or choose another {n.out} for a new one"
+                         + (f". {run_info}" if run_info else ""))
 
 
-def _older_head_record(saved: dict[str, Any], new: dict[str, Any]) -> bool:
+def _started_with(saved: dict[str, Any], diffs: list[tuple[str, Any, Any]]
+                  ) -> tuple[list[tuple[str, Any, Any]], list[str]]:
+    """For a `finetune` call without ``run_info``: ``diffs`` less the settings of the model and data
+    sections that only one of the two configs records, and those the saved run records, as ``key value``.
+    They come from ``run_info`` (the command's options, where the call records the model's class), not
+    from a difference the call could fix: listed as ``'<unset>'`` they drowned the real ones."""
+    one_sided = {key: a for key, a, b in diffs if key.split(".", 1)[0] in _RUN_INFO_SECTIONS and _UNSET in (a, b)}
+    kept = [d for d in diffs if d[0] not in one_sided]
+    started_with = [f"{key} {value!r}" for key, value in _flatten(saved).items()  # as recorded: the name first
+                    if key in one_sided and one_sided[key] != _UNSET]
+    return kept, started_with
+
+
+def _older_head_record(saved: dict[str, Any], new: dict[str, Any],
+                       recorded_before: Mapping[str, Any] | None = None) -> bool:
     """Whether ``saved`` is a config of a version that recorded no class count for a head it did not know
     as a classifier (``None``), where this version records one: before a head that is not one linear
     layer was recognised, which also changed what trains.
@@ -262,7 +322,7 @@ def _older_head_record(saved: dict[str, Any], new: dict[str, Any]) -> bool:
     saved_model, new_model = saved.get("model"), new.get("model")
     return (isinstance(saved_model, dict) and isinstance(new_model, dict) and "num_classes" in saved_model
             and saved_model["num_classes"] is None and new_model.get("num_classes") is not None
-            and [key for key, _, _ in _differing(saved, new)] == ["model.num_classes"])
+            and [key for key, _, _ in _differing(saved, new, recorded_before)] == ["model.num_classes"])
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -293,8 +353,9 @@ def write_config(out: Path, config: dict[str, Any], new_run: bool = False) -> No
     try:
         atomic_write_text(out / CONFIG, json.dumps(config, indent=2, default=str) + "\n", exclusive=new_run)
     except FileExistsError:
-        raise FileExistsError(f"--out {out} was taken by another run started at the same time (its {CONFIG} "
-                              "appeared after this run found the folder empty); choose another --out") from None
+        n = names()
+        raise FileExistsError(f"{n.folder(out)} was taken by another run started at the same time (its {CONFIG} "
+                              f"appeared after this run found the folder empty); choose another {n.out}") from None
 
 
 def write_metrics(out: Path, history: list[dict[str, float]]) -> None:
@@ -382,7 +443,8 @@ def writing(path: Path) -> Iterator[None]:
         except OSError:
             free = ""
         raise OSError(f"could not write {path} ({first_line(exc)}{free}). The previous {path.name}, if there was "
-                      "one, is intact: free some space (or fix the folder) and continue the run with --resume") from exc
+                      f"one, is intact: free some space (or fix the folder) and continue the run with "
+                      f"{names().resume}") from exc
 
 
 def save_weights(path: Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:

@@ -21,6 +21,7 @@ from .. import checkpoint as ckpt
 from ..fingerprint import DIGESTS_ATTR
 from ..fitting import load_into
 from ..messages import first_line
+from .naming import names
 
 FORMAT = "se_retrofit.train_state/1"
 
@@ -88,11 +89,12 @@ def load(path: Path) -> dict[str, Any]:
         state = ckpt.load_checkpoint(path)
     except (ValueError, RuntimeError, EOFError) as exc:  # what torch.load raises for a torn or foreign file
         raise ValueError(f"cannot resume: {path} is damaged ({first_line(exc)}). The run's other files "
-                         "are untouched; put back a good copy of it, or start a new run in another --out") from exc
+                         f"are untouched; put back a good copy of it, or start a new run in another {names().out}"
+                         ) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} is not a se_retrofit training checkpoint (format {found!r}, expected {FORMAT!r}); "
-                         "--resume continues only runs written by convert-and-finetune")
+                         f"{names().resume} continues only runs written by {names().writer}")
     return state
 
 
@@ -112,7 +114,7 @@ def restore(state: dict[str, Any], *, model: nn.Module, optimizer: Any, schedule
             f"se_retrofit that chose other layers to train with the SE blocks (its config records version "
             f"{written!r}; before a head's norm or second head was counted as part of the head, they stayed frozen). "
             "Continue it with the model and the se_retrofit that wrote it, or start the run again with the same "
-            "options in another --out") from exc
+            f"options in another {names().out}") from exc
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
