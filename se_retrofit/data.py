@@ -65,13 +65,15 @@ class ImageFiles(Dataset):
             if not self.verified:
                 raise OSError(f"could not decode image {path} ({exc}); the images were not checked before training "
                               "(--no-verify-images; verify_images=False), a check that finds such files and skips "
-                              "them with a warning. Replace it with a good copy and --resume; or start a new run in "
-                              "another --out without --no-verify-images, since a resumed run must see the data it "
-                              "started with (a run that saved no checkpoint yet restarts with --resume).") from exc
+                              "them with a warning. Replace it with a good copy and resume the run (--resume, "
+                              "resume=True); or start a new run in another output folder with the check, since a "
+                              "resumed run must see the data it started with (a run that saved no checkpoint yet "
+                              "restarts when resumed).") from exc
+            # worded for both callers: this may run in a data-loader worker, which does not know which one it serves
             raise OSError(f"could not decode image {path} ({exc}); the up-front check only catches broken headers "
-                          "and checksums. Replace it with a good copy and --resume; or delete it and start a "
-                          "new run in another --out, since a resumed run must see the data it started with (a "
-                          "run that saved no checkpoint yet restarts with --resume).") from exc
+                          "and checksums. Replace it with a good copy and resume the run (--resume, resume=True); "
+                          "or delete it and start a new run in another output folder, since a resumed run must see "
+                          "the data it started with (a run that saved no checkpoint yet restarts when resumed).") from exc
         if problem is not None:
             raise ValueError(f"cannot use image {path}: {problem}")
         return (self.transform(image) if self.transform else image), target

@@ -546,12 +546,28 @@ def test_a_loss_that_is_nan_from_the_start_stops_the_run_with_an_error_and_write
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert "training loss is NaN or inf at epoch 1/2, step 1 (of 3)" in err, f"no epoch and step in:\n{err}"
-    assert err.endswith("Lower --lr, check the --checkpoint weights (a model whose outputs are already inf or NaN "
-                        "gives such a loss from the first step), or train without --amp, in a new --out"), err
+    assert err.endswith("Lower the learning rate (--lr), check the --checkpoint weights (a model whose outputs are "
+                        "already inf or NaN gives such a loss from the first step) and the input data for NaN or inf "
+                        "values, or train without mixed precision (--amp), in a new run (--out)."), err
     assert "done:" not in captured.out, captured.out
     written = sorted(p.name for p in out.iterdir())
     assert written == ["config.json", "report.json", "report.md"], f"weights or metrics were written: {written}"
     assert "holds no last.pt, weights or metrics" in err, err
+
+
+def test_weights_overflowed_by_a_step_with_a_finite_loss_are_not_saved(tmp_path: Path) -> None:
+    """One step per epoch at lr 1e30: the loss of the step that overflows the weights is finite, so the loss
+    check passed and the epoch's end saved NaN weights to last.pt (and, on the last epoch, model.safetensors
+    and the adapter, with exit code 0). The error names finetune()'s own arguments."""
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=r"trainable weights are NaN or inf at epoch 2/3, step 1 \(of 1\)") as info:
+        finetune(create_model(MODEL), Quadrants(8), Quadrants(4), out_dir=out, epochs=3, batch_size=8, lr=1e30,
+                 opt="sgd", warmup_epochs=0, verbose=False, progress=False)
+    assert "(lr=)" in str(info.value) and "--lr" not in str(info.value), f"CLI names to a Python caller: {info.value}"
+    assert not (out / "model.safetensors").exists(), "final weights were written"
+    saved = torch.load(out / "last.pt", weights_only=False)["model"]
+    broken = [k for k, v in saved.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    assert not broken, f"last.pt holds non-finite tensors: {broken[:5]}"
 
 
 class _Reads(Quadrants):

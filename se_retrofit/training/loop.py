@@ -26,12 +26,14 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ..messages import few
 from . import rng
 from . import distributed, outputs, state
 from .devices import autocast, grad_scaler
 from .distributed import DistContext
 from .freeze import freeze_batchnorm, parameter_groups, set_trainable, stage_of, trains_backbone
 from .interrupt import GracefulStop
+from .naming import names
 from .options import TrainOptions
 from .sampling import TrainBatches, val_loader
 
@@ -214,21 +216,31 @@ class Trainer:
             self.first_nonfinite = torch.where(torch.isfinite(loss.detach()), self.first_nonfinite,
                                                self.first_nonfinite.clamp(max=self.progress.step_in_epoch))
 
-    def _check_loss(self) -> None:
-        """Stop the run, on every rank, if a training loss since the last check was NaN or inf.
+    def _check_loss(self, weights: bool = False) -> None:
+        """Stop the run, on every rank, if a training loss since the last check was NaN or inf, or (with
+        ``weights``, before anything is written) a trainable weight is.
 
         Trained on, such a loss makes every weight it updates NaN, and the run would end as a success
         with NaN weights written over the files of its last good state. So the error comes before any
-        file is written: this runs every `LOSS_CHECK_EVERY` steps, before every checkpoint (mid-epoch,
-        at a stop) and at the end of every epoch, which leaves ``last.pt``, ``best.safetensors`` and
-        ``metrics.csv`` as the last check that passed found them, and writes no ``model.safetensors``
-        or adapter. Each step only records the first non-finite loss's step on the device (`_step`);
-        reading it is the synchronisation (under DDP, a small all-reduce whose minimum gives every rank
-        the same answer, so that all stop together), once per ``LOSS_CHECK_EVERY`` steps rather than once
-        per step; the price is up to that many steps trained in vain before the error.
+        file is written: this runs every `LOSS_CHECK_EVERY` steps, and with ``weights`` before every
+        checkpoint (mid-epoch, at a stop) and at the end of every epoch, which leaves ``last.pt``,
+        ``best.safetensors`` and ``metrics.csv`` as the last check that passed found them, and writes no
+        ``model.safetensors`` or adapter. Each step only records the first non-finite loss's step on the
+        device (`_step`); reading it is the synchronisation (under DDP, a small all-reduce whose minimum
+        gives every rank the same answer, so that all stop together), once per ``LOSS_CHECK_EVERY`` steps
+        rather than once per step; the price is up to that many steps trained in vain before the error.
+        The weights are checked too where files are written: the last update before a check can overflow
+        them while its own loss was finite (a learning rate far too high), and its result is what gets
+        saved; one pass over the trainable tensors (and the EMA's), only at those points.
         """
         first = int(distributed.all_reduce_min(self.first_nonfinite.clone(), self.ctx).item())
-        if first == _NO_STEP:
+        broken: list[str] = []
+        if first == _NO_STEP and weights:
+            broken = self._nonfinite_weights()
+            flag = torch.tensor(0 if broken else 1, dtype=torch.int64, device=self.device)
+            if int(distributed.all_reduce_min(flag, self.ctx).item()) == 1:
+                return
+        elif first == _NO_STEP:
             return
         if self.out_dir is None:
             kept = "No file is written without an out_dir."
@@ -239,13 +251,29 @@ class Trainer:
             at = f"the end of epoch {epoch}" if step == 0 else f"epoch {epoch + 1}, step {step}"
             kept = (f"Nothing was written since: {self.out_dir} keeps {outputs.LAST} from {at} and the files "
                     f"written up to it, and has no {outputs.MODEL}.")
-        error = RuntimeError(
-            f"the training loss is NaN or inf at epoch {self.progress.epoch + 1}/{self.opts.epochs}, step {first} "
-            f"(of {self.steps_per_epoch}): training stopped, since every weight it updates from there on is NaN. "
-            f"{kept} Lower --lr, check the --checkpoint weights (a model whose outputs are already inf or NaN "
-            "gives such a loss from the first step), or train without --amp, in a new --out")
+        where = f"epoch {self.progress.epoch + 1}/{self.opts.epochs}"
+        if first != _NO_STEP:
+            what = (f"the training loss is NaN or inf at {where}, step {first} (of {self.steps_per_epoch}): training "
+                    "stopped, since every weight it updates from there on is NaN.")
+        else:
+            what = (f"trainable weights are NaN or inf at {where}, step {self.progress.step_in_epoch} (of "
+                    f"{self.steps_per_epoch}), though every loss was finite ({few(broken or ['on another rank'], 3)}):"
+                    " an update overflowed them, and training stopped before they were saved.")
+        error = RuntimeError(f"{what} {kept} {_divergence_hint()}")
         error.echo_of_rank0 = not self.ctx.is_main  # every rank raises it; rank 0 prints it
         raise error
+
+    def _nonfinite_weights(self) -> list[str]:
+        """Names of the trainable tensors (the model's, and the EMA copy's, which the files are written from)
+        holding a NaN or inf; one synchronisation for all of them."""
+        named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        if self.ema is not None:
+            trained = {name.removeprefix("module.") for name, _ in named}  # DDP's wrapper prefixes them
+            named += [(f"ema.{name}", p) for name, p in self.ema.module.named_parameters() if name in trained]
+        if not named:
+            return []
+        finite = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist()
+        return [name for (name, _), ok in zip(named, finite) if not ok]
 
     @torch.no_grad()
     def _evaluate(self) -> tuple[float, float, float]:
@@ -357,14 +385,14 @@ class Trainer:
                         stop_now, save_now = distributed.any_rank([stop.requested, self._checkpoint_due()],
                                                                   self.device, self.ctx)
                         if stop_now or save_now or progress.step_in_epoch % LOSS_CHECK_EVERY == 0:
-                            self._check_loss()
+                            self._check_loss(weights=stop_now or save_now)
                         if stop_now or save_now:
                             self.epoch_seconds = time.perf_counter() - epoch_started
                             self._save()
                         if stop_now:
                             self._announce_stop()
                             return True
-                self._check_loss()
+                self._check_loss(weights=True)
                 row = self._end_epoch(epoch, epoch_started)
                 self._save()
                 self._save_best()
@@ -426,3 +454,13 @@ def _epoch_line(row: dict[str, float], epochs: int) -> str:
     return (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.2f}%  "
             f"{val}lr {row['lr']:.2e}  {row['seconds']:.1f}s")
 
+
+def _divergence_hint() -> str:
+    """What to change after a NaN or inf, in the caller's terms (`naming`): the function's arguments or the
+    command's options."""
+    n = names()
+    lr, amp = ("--lr", "--amp") if n.is_command else ("lr=", "amp=")
+    start = "the --checkpoint weights" if n.is_command else "the starting weights"
+    return (f"Lower the learning rate ({lr}), check {start} (a model whose outputs are already inf or NaN gives "
+            f"such a loss from the first step) and the input data for NaN or inf values, or train without "
+            f"mixed precision ({amp}), in a new run ({n.out}).")
