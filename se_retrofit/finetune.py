@@ -92,8 +92,9 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
         **options: `~se_retrofit.training.TrainOptions` fields (``epochs``, ``lr``, ``train``...).
 
     Returns a `FinetuneResult`; ``interrupted`` is True when Ctrl-C/SIGTERM stopped the run
-    (a checkpoint was saved first if ``out_dir`` was given). A training loss that is NaN or inf raises
-    a ``RuntimeError`` naming its epoch and step, before anything trained with it is written.
+    (a checkpoint was saved first if ``out_dir`` was given). A training loss that is NaN or inf, or
+    trainable weights that became so, raise a ``RuntimeError`` naming the epoch and step, before anything
+    trained with them is written.
     """
     conversion = {key: options.pop(key) for key in CONVERSION_KEYS if key in options}
     opts = TrainOptions.from_kwargs(options)
