@@ -27,7 +27,7 @@ from torch import nn
 from .checkpoint import _atomic_write, atomic_save_safetensors, load_weights
 from .config import SEConfig
 from .deploy_fusion import SLOTS
-from .fingerprint import base_fingerprint, changed_since_apply, digest_tensors, tensor_digests
+from .fingerprint import DIGESTS_ATTR, base_fingerprint, changed_since_apply, digest_tensors, tensor_digests
 from .messages import few
 from .models import classifier_of, head_modules, num_classes_of, reset_classifier
 from .se_block import se_blocks
@@ -101,7 +101,8 @@ def _warn_changed_base(model: nn.Module, left_out: list[str]) -> list[str]:
             f"convert the base model (to {new}) before se_retrofit.load.", stacklevel=3)
     if changed:
         warnings.warn(
-            f"{len(changed)} tensor(s) outside the SE blocks changed since se_retrofit.apply ({few(changed, 3)}); the "
+            f"{len(changed)} tensor(s) outside the SE blocks changed since se_retrofit.apply ({few(changed, 3)}"
+            f"{_structural_note(model, changed)}); the "
             "adapter holds only the SE blocks, so it rebuilds this model only on a base with these changed weights, "
             "and load() refuses the original one. Batch-norm running statistics move in any training-mode forward, "
             "even with requires_grad=False: keep batch-norm layers in eval mode while training SE, or name the changed "
@@ -109,12 +110,19 @@ def _warn_changed_base(model: nn.Module, left_out: list[str]) -> list[str]:
     return changed
 
 
+def _structural_note(model: nn.Module, changed: list[str]) -> str:
+    """``"; N of them added or removed ..."`` where a module was replaced by one with other parameters."""
+    recorded, present = model.__dict__.get(DIGESTS_ATTR) or {}, set(model.state_dict())
+    moved = [key for key in changed if key not in recorded or key not in present]
+    return f"; {len(moved)} of them added or removed: a module replaced by one with other parameters" if moved else ""
+
+
 def _changed_record(model: nn.Module, left_out: list[str], changed: list[str]) -> dict[str, Any]:
     """What `load` needs to name the tensors a base differs in when they are ones that changed after ``apply``
     (a classifier replaced, batch-norm statistics moved) and that the adapter does not hold: their digests,
     and a fingerprint of the other tensors, which a base it was made from matches."""
     digests = tensor_digests(model, left_out)
-    return {"tensors": {key: digests[key] for key in changed},
+    return {"tensors": {key: digests.get(key) for key in changed},  # None: removed since apply
             "others_fingerprint": base_fingerprint(model, left_out, without=changed)}
 
 
@@ -132,7 +140,8 @@ def _differing_changed(model: nn.Module, left_out: list[str], record: Any) -> li
 
 def _changed_entry(value: Any) -> bool:
     return (isinstance(value, dict) and isinstance(value.get("others_fingerprint"), str)
-            and isinstance(value.get("tensors"), dict) and all(isinstance(v, str) for v in value["tensors"].values()))
+            and isinstance(value.get("tensors"), dict)
+            and all(v is None or isinstance(v, str) for v in value["tensors"].values()))
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: str | None = None,
@@ -276,10 +285,19 @@ def _read_config(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _changed_after_apply(weights_path: Path, differ: list[str], heads: list[str]) -> str:
+def _changed_after_apply(weights_path: Path, differ: list[str], heads: list[str], structural: list[str]) -> str:
     """Why a base made from the right model still differs: tensors that changed after ``apply`` (save_adapter
-    named them) are missing from the adapter, so no base has them."""
-    modules = sorted({key.rpartition(".")[0] for key in differ})
+    named them) are missing from the adapter, so no base has them. Where tensors were added or removed
+    (``structural``: a head swapped for a module of other parameter names), saving the module is not enough:
+    the base needs the same change before `load`, which rebuilds the model from it."""
+    owners = {key.rpartition(".")[0] for key in differ}
+    modules = sorted(m for m in owners if not any(m.startswith(f"{other}.") for other in owners if other != m))
+    if structural:
+        return (f"the base model differs from the model adapter {weights_path} was saved from in {few(differ, 3)} "
+                f"alone (the others match): the module(s) {few(modules, 3)} were replaced after se_retrofit.apply by "
+                f"ones with other parameters ({few(structural, 3)} added or removed; save_adapter warned). Make the "
+                "same change to the base model before se_retrofit.load, with the adapter saved again from the "
+                f"fine-tuned model with extra_modules={modules!r}, or load the whole fine-tuned model.")
     statistics = any(key.endswith(_BN_STATISTICS) for key in differ)
     if statistics:
         why = "batch-norm running statistics updated in a training-mode forward"
@@ -374,9 +392,12 @@ def load(path: str | os.PathLike, base_model: nn.Module, *, strict: bool = True,
     saved_print = meta.get("base_fingerprint")  # absent in adapters written before it was recorded
     left_out = found + list(meta.get("extra_modules") or [])
     if saved_print and base_fingerprint(model, left_out) != saved_print:
-        differ = _differing_changed(model, left_out, meta.get("changed_since_apply"))
+        record = meta.get("changed_since_apply")
+        differ = _differing_changed(model, left_out, record)
         heads = [name for name, _ in head_modules(model)]
-        message = (_changed_after_apply(weights_path, differ, heads) if differ else
+        present = set(model.state_dict())
+        structural = [key for key in differ if record["tensors"][key] is None or key not in present]
+        message = (_changed_after_apply(weights_path, differ, heads, structural) if differ else
                    f"the base model's weights are not those adapter {weights_path} was trained on: its SE blocks "
                    "learned other features. Create the base model as it was for training (base model "
                    f"{meta.get('base_model')!r}: the same pretrained weights or checkpoint, the same dtype). If "

@@ -63,15 +63,22 @@ def tensor_digests(model: nn.Module, left_out: Iterable[str]) -> dict[str, str]:
 
 def changed_since_apply(model: nn.Module, left_out: Iterable[str]) -> tuple[list[str], dict[str, tuple[str, str]]]:
     """The tensors outside ``left_out`` that differ from when ``apply`` returned ``model``: the names of those
-    whose values changed in their dtype, and (old dtype, new dtype) by name of those converted to another
-    (``model.half()``). Both empty where ``apply`` recorded nothing."""
+    whose values changed in their dtype, or that were added or removed since (a head swapped for an
+    ``nn.Sequential(nn.Dropout(), nn.Linear())``: its keys change), and (old dtype, new dtype) by name of
+    those converted to another (``model.half()``). Both empty where ``apply`` recorded nothing."""
     recorded = model.__dict__.get(DIGESTS_ATTR)
     if not recorded:
         return [], {}
     changed, converted = [], {}
-    for key, now in tensor_digests(model, left_out).items():
+    current = tensor_digests(model, left_out)
+    prefixes = tuple(f"{name}." for name in left_out)
+    changed += [key for key in recorded if key not in current and not key.startswith(prefixes)]
+    for key, now in current.items():
         then = recorded.get(key)
-        if then is None or then == now:
+        if then is None:
+            changed.append(key)
+            continue
+        if then == now:
             continue
         old_dtype, new_dtype = then.partition(":")[0], now.partition(":")[0]
         if old_dtype != new_dtype:

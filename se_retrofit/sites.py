@@ -459,6 +459,20 @@ def _downstream(g: _Graph, node: fx.Node, limit: int = 3) -> list[fx.Node]:
     return out
 
 
+def _past_constant_adds(g: _Graph, add: fx.Node) -> fx.Node:
+    """The last of the additions of a constant (a learned bias: ``x + branch(x) + self.beta``) that take
+    ``add``'s sum alone and keep its shape: part of the sum for position ``"post"``, which goes after it."""
+    node = add
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        operands = add_operands(user) if is_add(user) else None
+        if (operands is None or len(operands) != 2 or node not in operands or _shape(user) != _shape(add)
+                or not _adds_constant(g, [op for op in operands if op is not node])):
+            break
+        node = user
+    return node
+
+
 def _activation_after(g: _Graph, node: fx.Node) -> fx.Node | None:
     if len(node.users) != 1:
         return None
@@ -535,7 +549,8 @@ def _residual(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list[set
         consumer = chain[-1] if chain else _consumer(branch, group + [add])
         return Placement(add.name, "residual", shortcut, _shape(anchor)[1], spatial, anchor.name, (consumer.name,))
     if position == "post":
-        anchor = _activation_after(g, add) or add
+        after = _past_constant_adds(g, add)
+        anchor = _activation_after(g, after) or after
         return Placement(add.name, "residual", shortcut, shape[1], spatial, anchor.name, None)
     if position == "identity":
         if len(others) != 1:
@@ -576,5 +591,6 @@ def _multi_branch(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list
         fork, readers = found
         return Placement(add.name, "multi-branch", "none", _shape(fork)[1], spatial, fork.name, readers,
                          linear=True)
-    anchor = (_activation_after(g, add) or add) if position == "post" else add
+    after = _past_constant_adds(g, add)
+    anchor = (_activation_after(g, after) or after) if position == "post" else add
     return Placement(add.name, "multi-branch", "none", shape[1], spatial, anchor.name, None, linear=True)

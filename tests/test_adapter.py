@@ -389,3 +389,26 @@ def test_the_same_weights_saved_again_still_load(saved, base):
     tensors = load_file(str(with_head / WEIGHTS_NAME))
     save_file(tensors, str(with_head / WEIGHTS_NAME))  # same tensors, no metadata: other bytes
     load(with_head, base, example_input=SMALL)
+
+
+def test_a_head_swapped_for_other_parameter_names_is_named_at_save_and_load(tmp_path) -> None:
+    """``model.fc = nn.Sequential(nn.Dropout(), nn.Linear())`` after apply changes the head's keys: compared only
+    where a key existed before and after, it was not seen, save_adapter said nothing and load blamed the SE
+    blocks ("learned other features"). Saving the module alone does not help there: the base needs the change."""
+    def base() -> nn.Module:
+        torch.manual_seed(0)
+        return create_model("resnet10t", num_classes=10).eval()
+
+    se_model = se_retrofit.apply(base())
+    se_model.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(se_model.fc.in_features, 3))
+    with pytest.warns(UserWarning, match=r"changed since se_retrofit.apply \(fc\..*4 of them added or removed"):
+        save_adapter(se_model, tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"the module\(s\) fc were replaced after se_retrofit.apply") as info:
+        load(tmp_path / "adapter", base())
+    assert "extra_modules=['fc']" in str(info.value) and "same change to the base" in str(info.value), str(info.value)
+    changed = base()
+    changed.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(changed.fc.in_features, 3))
+    save_adapter(se_model, tmp_path / "with_head", extra_modules=["fc"])
+    rebuilt = load(tmp_path / "with_head", changed).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(rebuilt(x), se_model.eval()(x)), "the advice given does not rebuild the model"

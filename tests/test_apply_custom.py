@@ -779,3 +779,20 @@ def test_a_residual_summed_with_a_constant_in_one_expression_gets_se():
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(se_model(x), net(x)), "identity init changed the output"
+
+
+def test_position_post_goes_after_a_bias_added_to_the_sum_and_its_activation():
+    """``relu(x + branch(x) + self.beta)`` with position="post": SE went between the residual sum and its bias,
+    before the ReLU, where "post" means after the addition and the activation that follows it."""
+    class Block(_BiasAfterSum):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(x + self.b(self.a(x)) + self.beta)
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 1, 1), Block(16, 0)).eval()
+    se_model = se_retrofit.apply(net, position="post")
+    seen = []
+    se_model[1].se.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(se_model(x), net(x)), "identity init changed the output"
+    assert seen and seen[0].min() >= 0, "the SE block's input is not the ReLU's output (it has negative values)"
