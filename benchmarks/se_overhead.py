@@ -39,6 +39,10 @@ from _common import PAIRS, add_out_argument, median, ratio_ci, se_models, write
 VARIANTS = ("hand-written SE", "retrofitted", "retrofitted, plain ops")
 # Ops of the convolutional trunk: identical work in every model, the denominator's bulk.
 TRUNK = ("aten::mkldnn_convolution", "aten::native_batch_norm", "aten::max_pool2d_with_indices")
+# What a convolution runs as where oneDNN does not take it: the trunk's own on small inputs, and always the
+# hand-written SE's 1x1 fc1/fc2. These cannot join TRUNK (that would drop the hand-written SE's cost), so a
+# base model that shows them (`trunk_warning`) makes the figures meaningless.
+SLOW_CONVOLUTIONS = ("aten::_slow_conv2d_forward", "aten::thnn_conv2d")
 
 
 def op_times_by_round(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int
@@ -98,6 +102,22 @@ def _faults_here(base: str, variant: str, x_shape: tuple[int, ...], threads: int
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
+def trunk_warning(base_times: list[dict[str, float]], size: int) -> str | None:
+    """Why this run's SE figures are meaningless, or None: the base model's convolutions left oneDNN.
+
+    At small inputs PyTorch runs some of the trunk's convolutions as ``_slow_conv2d_forward``, which is
+    not in `TRUNK`: their time, and its noise, then lands in *SE ops* (at 32 px, SE / base read -14 % for
+    the retrofit and +128 % for the hand-written SE).
+    """
+    ops = sorted({op for per_op in base_times for op in per_op if op in SLOW_CONVOLUTIONS})
+    if not ops:
+        return None
+    return (f"the base model's own convolutions ran as {', '.join(ops)} at {size}x{size}, which the trunk ops "
+            "left out of 'SE ops' do not include, so their time counts as SE's: the SE ops and SE / base figures "
+            "of this run are meaningless. Run with a larger --size (the default, 224, where every trunk "
+            "convolution ran on oneDNN in the committed runs).")
+
+
 def attribute(base: dict[str, float], other: dict[str, float]) -> dict[str, float]:
     """Seconds per forward that ``other`` spends beyond ``base`` outside the trunk ops, by op."""
     extra = {}
@@ -129,6 +149,7 @@ def main() -> None:
     times = op_times_by_round(models, x, args.rounds)
     faults = ({} if args.no_page_faults else
               {name: page_faults(args.model, name, tuple(x.shape), args.threads) for name in models})
+    warning = trunk_warning(times["base"], args.size)
     base_totals = [sum(t.values()) for t in times["base"]]
     base_total = median(base_totals)
     base_rest = median([total - sum(t.get(op, 0.0) for op in TRUNK) for t, total in zip(times["base"], base_totals)])
@@ -155,9 +176,12 @@ def main() -> None:
         lo, hi = r["se_over_base_ci95"]
         print(f"{r['model']:<24}{r['total_s'] * 1e3:>9.1f}{r['se_s'] * 1e3:>10.2f}{r['se_over_base_total']:>10.2%}"
               f"{f'[{lo:.2%}, {hi:.2%}]':>16}{r.get('page_faults_per_forward', float('nan')):>8.0f}  {top}")
+    if warning:
+        print(f"WARNING: {warning}", file=sys.stderr)
     name = args.name or ("se_overhead" if args.model == "resnet50" else f"se_overhead_{args.model}")
     print("written", write(name, {"model": args.model, "batch": args.batch, "size": args.size, "rounds": args.rounds,
                                   "base_total_s": base_total, "base_outside_trunk_s": base_rest,
+                                  **({"warning": warning} if warning else {}),
                                   **({"base_page_faults_per_forward": faults["base"]} if faults else {}),
                                   "rows": rows}, out=args.out))
 

@@ -21,6 +21,11 @@ input: the early squeeze (``SEConfig.early_squeeze``, an eval-mode shortcut to t
 taken while fvcore traces. One multiplication beyond the paper's is counted: with ``init="identity"``
 (gain 2) a block that does not do the residual add scales its ``N x C`` gate by the gain (a block doing
 the add folds the gain into its ``addcmul``).
+
+Counts are of the size the model really runs at. A model may resize its input before its first
+convolution (a torchvision detector scales every image to its transform's ``min_size``/``max_size`` and
+pads it to a multiple of 32), so that the size asked for is not the one counted; the report then
+names both (`Report.resized_to`) rather than implying the size it was asked for.
 """
 from __future__ import annotations
 
@@ -79,7 +84,8 @@ class Report:
     """Parameters and MACs of a model before and after the SE retrofit.
 
     Attributes:
-        input_size: the full input shape counted (batch first); MACs scale with it.
+        input_size: the full input shape given to the models (batch first); MACs scale with it, unless
+            the model resizes its input itself (``resized_to``).
         params_before / params_after: parameters of the original and of the SE model (shared
             parameters counted once).
         macs_before / macs_after: MACs of one forward pass in eval mode; see `MACS_UNIT`.
@@ -93,6 +99,10 @@ class Report:
         uncalled_blocks: SE blocks that never ran through their own ``__call__`` during the count;
             their MACs read 0 and their convolutions, if run, are attributed to the caller.
         name: what was measured, for the table's title.
+        resized_to: the spatial size the original model's first convolution saw, where the model
+            resized the input to it (a torchvision detector, to its transform's ``min_size`` and
+            ``max_size``): every count is at this size, whatever ``input_size`` says. None where the
+            model ran at ``input_size``.
     """
 
     input_size: tuple[int, ...]
@@ -106,6 +116,7 @@ class Report:
     uncalled_blocks: list[str] = field(default_factory=list)
     name: str | None = None
     unsupported_ops_before: dict[str, int] = field(default_factory=dict)
+    resized_to: tuple[int, ...] | None = None
 
     @property
     def params_delta(self) -> int:
@@ -140,6 +151,7 @@ class Report:
         """Every field plus the derived deltas, in plain JSON types."""
         data = dataclasses.asdict(self)
         data["input_size"] = list(self.input_size)
+        data["resized_to"] = None if self.resized_to is None else list(self.resized_to)
         for block in data["blocks"]:
             if block["input_shape"] is not None:
                 block["input_shape"] = list(block["input_shape"])
@@ -165,6 +177,8 @@ class Report:
 
     def _render(self, markdown: bool) -> str:
         title = f"SE retrofit cost{f' of {self.name}' if self.name else ''} at input {_shape_str(self.input_size)}"
+        if self.resized_to is not None:
+            title += f", resized by the model to {_shape_str(self.resized_to)}"
         totals = _table(
             ["", "before", "after", "delta", "delta %"],
             [
@@ -187,6 +201,8 @@ class Report:
         parts = [f"## {title}" if markdown else title, "", totals, "", self.trainable_summary(), ""]
         parts += [blocks] if self.blocks else ["No SE blocks in the SE model."]
         notes = [MACS_UNIT + "; inside SE blocks the squeeze, gate and rescale count one per element."]
+        if self.resized_to is not None:
+            notes.append(_resized_note(self.input_size, self.resized_to))
         for which, counted in (("original", self.unsupported_ops_before), ("SE model", self.unsupported_ops)):
             if counted:
                 ops = ", ".join(f"{op} x{n}" for op, n in sorted(counted.items()))
@@ -197,6 +213,15 @@ class Report:
             notes.append(f"SE blocks never called during the count (MACs 0): {', '.join(self.uncalled_blocks)}.")
         bullet = "- " if markdown else ""
         return "\n".join(parts + [""] + [bullet + note for note in notes])
+
+
+def _resized_note(input_size: Sequence[int], resized_to: Sequence[int]) -> str:
+    ran = _shape_str(resized_to)
+    return (f"The model resized the {_shape_str(input_size[2:])} input to {ran} before its first convolution, so "
+            f"every count is at {ran}, whatever input size is asked. A torchvision detector does so: it scales each "
+            "image to its transform's min_size and max_size and pads it to a multiple of 32; to count it at another "
+            "size, set those in Python (model.transform.min_size = (S,), model.transform.max_size = M) before "
+            "calling report().")
 
 
 def _feature_map(block: BlockCost) -> str:
@@ -219,7 +244,11 @@ def report(original: nn.Module, se_model: nn.Module, input_size: int | Sequence[
         se_model: the model after it (``se_retrofit.apply(original)``). ``torch.compile`` and
             DataParallel wrappers are looked through: the cost is the network's.
         input_size: the full input shape, batch first (``(1, 3, 224, 224)``); an int ``s`` or a pair
-            ``(h, w)`` is shorthand for one 3-channel image of that size. MACs scale with it.
+            ``(h, w)`` is shorthand for one 3-channel image of that size. MACs scale with it, unless
+            the model resizes its input before its first convolution, as a torchvision detector does
+            (to its transform's ``min_size`` and ``max_size``): the counts are then at the size it ran
+            at, which the report names (`Report.resized_to`) next to this one. The model is counted
+            as it is, not made to run at a size it would not run at in use.
         name: what to call the pair in the table's title.
 
     The count is of the paper's SE block squeezing its own input; the early squeeze
@@ -240,8 +269,10 @@ def report(original: nn.Module, se_model: nn.Module, input_size: int | Sequence[
     blocks = [(n, m) for n, m in se_blocks(se_model) if n not in had]
     seen: dict[str, tuple[int, ...]] = {}
     calls: Counter[str] = Counter()
+    first_convolution: list[tuple[int, ...]] = []
     with _eval_mode(original, se_model):
-        _check_runs(original, shape, "original")
+        with _recording_first_convolution(original, first_convolution):
+            _check_runs(original, shape, "original")
         with _recording_input_shapes(blocks, seen, calls):
             _check_runs(se_model, shape, "SE")
         before = _count(original, shape)
@@ -269,6 +300,7 @@ def report(original: nn.Module, se_model: nn.Module, input_size: int | Sequence[
         unsupported_ops_before=dict(sorted(before.unsupported.items())),
         uncalled_blocks=[n for n, _ in blocks if after.canonical(n) in after.uncalled],
         name=name,
+        resized_to=_resized_to(shape, first_convolution[0] if first_convolution else None),
     )
 
 
@@ -496,6 +528,36 @@ def _recording_input_shapes(blocks: list[tuple[str, nn.Module]], seen: dict[str,
     finally:
         for handle in handles:
             handle.remove()
+
+
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@contextlib.contextmanager
+def _recording_first_convolution(model: nn.Module, seen: list[tuple[int, ...]]) -> Iterator[None]:
+    """Append to ``seen`` the input shape of the first convolution that runs: the size the model's stem
+    really ran at, which is not the size it was given where the model resizes its input itself."""
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not seen and args and isinstance(args[0], torch.Tensor):
+            seen.append(tuple(args[0].shape))
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, _CONVOLUTIONS)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _resized_to(asked: tuple[int, ...], ran: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """The spatial size the first convolution saw, where the model resized its input to it; else None.
+
+    Only a first convolution that sees the input's channels counts as seeing the input: one behind a
+    space-to-depth stem (TResNet) sees other channels at other sizes without anything having been resized.
+    """
+    if ran is None or len(ran) != len(asked) or ran[1] != asked[1] or ran[2:] == asked[2:]:
+        return None
+    return ran[2:]
 
 
 def _percent(part: int, whole: int) -> float:

@@ -91,7 +91,37 @@ def test_se_overhead_short_run_renders_without_page_faults(run_script, gen_bench
     data = written["se_overhead_smoke"]
     assert [r["model"] for r in data["rows"]] == ["retrofitted"], data["rows"]
     assert "base_page_faults_per_forward" not in data, "page faults were counted despite --no-page-faults"
-    assert "page faults" not in _rendered(gen_benchmarks, "se_overhead", data)
+    text = _rendered(gen_benchmarks, "se_overhead", data)
+    assert "page faults" not in text
+    # at 32 px the base ResNet-50's own convolutions leave oneDNN, so the run must say its figures mean nothing
+    assert "--size" in data.get("warning", ""), f"a 32 px run recorded no warning: {sorted(data)}"
+    assert text.startswith("**Not meaningful**"), text
+
+
+@pytest.fixture
+def se_overhead(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import se_overhead
+
+    return se_overhead
+
+
+def test_se_overhead_warns_when_the_base_models_convolutions_leave_onednn(se_overhead):
+    """At small --size the trunk's own convolutions run as _slow_conv2d_forward, which the trunk ops left out
+    of 'SE ops' do not include: their time then counted as SE's (SE / base -14 % and +128 % at 32 px)."""
+    trunk_only = {"aten::mkldnn_convolution": 0.05, "aten::native_batch_norm": 0.01, "aten::add_": 0.001}
+    assert se_overhead.trunk_warning([trunk_only, trunk_only], 224) is None
+    slow = {**trunk_only, "aten::thnn_conv2d": 1e-5, "aten::_slow_conv2d_forward": 0.012}
+    warning = se_overhead.trunk_warning([trunk_only, slow], 32)
+    assert warning is not None, "a base model whose convolutions ran as _slow_conv2d_forward gave no warning"
+    assert "_slow_conv2d_forward" in warning and "32x32" in warning and "--size" in warning, warning
+
+
+def test_committed_se_overhead_results_carry_no_warning(gen_benchmarks):
+    for path in sorted((BENCHMARKS / "results").glob("se_overhead*.json")):
+        data = json.loads(path.read_text())
+        assert "warning" not in data, f"{path.name} says its figures are meaningless: {data['warning']}"
+        assert "Not meaningful" not in _rendered(gen_benchmarks, "se_overhead", data), path.name
 
 
 @pytest.mark.slow

@@ -469,3 +469,58 @@ def test_ops_the_original_leaves_uncosted_are_listed_too():
     assert "aten::add_" not in rep.unsupported_ops, f"fused blocks cost their add: {rep.unsupported_ops}"
     assert "ops of the original" in str(rep) and "aten::add_ x" in str(rep), str(rep)
     assert json.loads(rep.to_json())["unsupported_ops_before"] == rep.unsupported_ops_before
+
+
+def test_a_detector_that_resizes_its_input_says_which_size_was_counted():
+    """A torchvision detector scales every image to its transform's min_size (64 here) and pads it to a
+    multiple of 32: the counts are the same whatever size is asked, so the report must name the size
+    counted; it used to print only the size asked for, as if the counts were at it."""
+    from torchvision.models import detection
+
+    torch.manual_seed(0)
+    original = detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=64,
+                                                 max_size=96).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        se_model = se_retrofit.apply(original, example_input=[torch.rand(3, 64, 96)])
+    small, odd, native = (report(original, se_model, size) for size in (32, (40, 50), 64))
+    assert small.resized_to == (64, 64), f"a 32x32 image runs at 64x64, the report says {small.resized_to}"
+    assert odd.resized_to == (64, 96), f"40x50 runs scaled to 64x80 and padded to 64x96, not {odd.resized_to}"
+    assert native.resized_to is None, f"64x64 is the size the detector runs at, yet resized_to={native.resized_to}"
+    assert small.macs_delta == native.macs_delta, "SE's cost at 32 px should be its cost at 64 px, which it ran at"
+    text = str(small)
+    assert text.splitlines()[0].endswith("at input 1x3x32x32, resized by the model to 64x64"), text.splitlines()[0]
+    assert "every count is at 64x64" in text and "model.transform.min_size" in text, text
+    assert json.loads(small.to_json())["resized_to"] == [64, 64], small.to_json()
+    assert json.loads(native.to_json())["resized_to"] is None
+    assert "resized" not in str(native) and "resized" not in native.to_markdown(), str(native)
+
+
+class _Stem(nn.Module):
+    """A first convolution behind an input transform: fixed-size resizing, or space-to-depth (TResNet)."""
+
+    def __init__(self, resize: bool) -> None:
+        super().__init__()
+        self.resize = resize
+        self.conv = nn.Conv2d(3 if resize else 12, 16, 3, padding=1)
+        self.se = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.interpolate(x, size=(20, 24)) if self.resize else nn.functional.pixel_unshuffle(x, 2)
+        x = self.conv(x)
+        if self.se is not None:
+            x = self.se(x)
+        return x.mean((2, 3))
+
+
+@pytest.mark.parametrize("resize, expected", [(True, (20, 24)), (False, None)])
+def test_resized_to_is_the_first_convolutions_size_only_when_it_sees_the_input(resize, expected):
+    original = _Stem(resize)
+    se_model = _Stem(resize)
+    se_model.load_state_dict(original.state_dict())
+    se_model.se = SEBlock(16, 8)
+    rep = report(original, se_model, (1, 3, 16, 16))
+    assert rep.resized_to == expected, (f"resize={resize}: the first convolution saw "
+                                        f"{'an interpolated' if resize else 'a space-to-depth'} input; "
+                                        f"resized_to={rep.resized_to}, expected {expected}")
+    assert ("resized by the model to 20x24" in str(rep)) == resize, str(rep)

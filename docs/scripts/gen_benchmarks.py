@@ -272,8 +272,9 @@ def se_overhead(data: dict[str, Any]) -> str:
                   "changes between identical runs (see the page-fault section above)."
                   if faults else "")
     headers = ["model", "op time (ms)", "SE ops (ms)", "SE / base"] + (["page faults"] if faults else [])
+    warning = f"**Not meaningful**: {data['warning']}\n\n" if data.get("warning") else ""
     return "\n".join([
-        f"Batch {data.get('batch', '?')}, {data.get('size', '?')}x{data.get('size', '?')} input, eval, "
+        warning + f"Batch {data.get('batch', '?')}, {data.get('size', '?')}x{data.get('size', '?')} input, eval, "
         + (f"{data.get('rounds', '?')} interleaved rounds of one profiled forward per model, medians over rounds "
            "(`benchmarks/se_overhead.py`). " if paired else
            f"{data.get('rounds', '?')} profiled forwards per model, one model after the other "

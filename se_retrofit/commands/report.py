@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("model", metavar="MODEL", help="a timm model name, or torchvision:NAME")
     parser.add_argument("--input-size", type=parse_input_size, default=224, metavar="SIZE",
                         help="S (height and width), HxW, or a full input shape such as 1x3x224x224 (default 224: "
-                             "one image of the model's channels, and a video model's automatic number of frames)")
+                             "one image of the model's channels, and a video model's automatic number of frames). "
+                             "A model that resizes its input (a torchvision detector, to its own min_size) is "
+                             "counted at the size it runs at, which the report names")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     parser.add_argument("--pretrained", action="store_true",
                         help="load the library's pretrained weights (needs a network; costs do not depend on them)")
