@@ -17,6 +17,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -382,20 +383,27 @@ def test_torchrun_verifies_each_image_once_and_every_rank_skips_the_same_broken_
         f"rank 0 should re-raise the warnings of every share, rank 1 none: {built}"
 
 
-def _finetune_own_size(rank: int, port: int, out: Path) -> None:
+def _outcome_of_rank(rank: int, port: int, out: Path, work: Callable[[], object], caught: type[Exception]) -> None:
+    """Run ``work`` as one of two ranks and write to ``out/rank{rank}.txt`` what it ended with: "no error", or
+    the ``caught`` error's message and whether it is rank 0's echo; exit 1 on anything else."""
     try:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
         torch.set_num_threads(1)
         try:
-            finetune(create_model(MODEL), Quadrants(12 + 4 * rank), Quadrants(6, seed=1), batch_size=4, **OPTIONS)
+            work()
             (out / f"rank{rank}.txt").write_text("no error")
-        except ValueError as exc:
+        except caught as exc:
             (out / f"rank{rank}.txt").write_text(f"{exc}|{getattr(exc, 'echo_of_rank0', False)}")
     except BaseException:
         traceback.print_exc()
         os._exit(1)
     os._exit(0)
+
+
+def _finetune_own_size(rank: int, port: int, out: Path) -> None:
+    _outcome_of_rank(rank, port, out, lambda: finetune(create_model(MODEL), Quadrants(12 + 4 * rank),
+                                                       Quadrants(6, seed=1), batch_size=4, **OPTIONS), ValueError)
 
 
 def test_finetune_refuses_processes_with_datasets_of_different_sizes(tmp_path: Path) -> None:
@@ -414,21 +422,10 @@ class _NanImages(Quadrants):
 
 
 def _finetune_nan_on_rank1(rank: int, port: int, out: Path) -> None:
-    try:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-        torch.set_num_threads(1)
-        data = _NanImages(24) if rank == 1 else Quadrants(24)
-        try:
-            finetune(pretrained_like(create_model(MODEL)), data, Quadrants(6, seed=1), out_dir=out / "run",
-                     batch_size=4, **OPTIONS)
-            (out / f"rank{rank}.txt").write_text("no error")
-        except RuntimeError as exc:
-            (out / f"rank{rank}.txt").write_text(f"{exc}|{getattr(exc, 'echo_of_rank0', False)}")
-    except BaseException:
-        traceback.print_exc()
-        os._exit(1)
-    os._exit(0)
+    data = _NanImages(24) if rank == 1 else Quadrants(24)
+    _outcome_of_rank(rank, port, out, lambda: finetune(pretrained_like(create_model(MODEL)), data,
+                                                       Quadrants(6, seed=1), out_dir=out / "run", batch_size=4,
+                                                       **OPTIONS), RuntimeError)
 
 
 def test_a_nan_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
