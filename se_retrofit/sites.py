@@ -591,6 +591,8 @@ def _multi_branch(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list
         fork, readers = found
         return Placement(add.name, "multi-branch", "none", _shape(fork)[1], spatial, fork.name, readers,
                          linear=True)
-    after = _past_constant_adds(g, add)
-    anchor = (_activation_after(g, after) or after) if position == "post" else add
+    anchor = add
+    if position == "post":
+        after = _past_constant_adds(g, add)
+        anchor = _activation_after(g, after) or after
     return Placement(add.name, "multi-branch", "none", shape[1], spatial, anchor.name, None, linear=True)
