@@ -4,7 +4,7 @@
 #     bash benchmarks/gpu_checks.sh OUT_DIR [PART ...]
 #
 # PART is any of: env, finetune, torchrun, throughput, compile, compile-train, cpu-latency, cpu-overhead, cpu-profile,
-# cpu-python, overhead-parts, cpu-latency-compile, train-step, cpu-latency-threads, gpu-tests (default: env finetune torchrun throughput cpu-latency).
+# cpu-python, overhead-parts, cpu-latency-compile, train-step, cpu-latency-threads, gpu-tests, nan-stop (default: env finetune torchrun throughput cpu-latency).
 # LATENCY_MODELS (default: the script's pairs) narrows the cpu-latency part to some base models.
 # Each part appends to OUT_DIR/gpu_checks.log and copies its small results (metrics, JSON) into OUT_DIR.
 # The model weights of the fine-tuning runs stay in a temporary folder: they are large and random-init.
@@ -56,6 +56,24 @@ for part in $PARTS; do
             --epochs 1 --batch-size 64 --image-size 64 --amp --channels-last --workers 2 --no-progress
         mkdir -p "$OUT/finetune_ddp"
         cp "$RUNS/ddp/"{metrics.csv,config.json} "$OUT/finetune_ddp/" 2>/dev/null
+        ;;
+    nan-stop)
+        # The NaN/inf stop under torchrun (nccl): the flag stays on the GPU and the ranks agree through a MIN
+        # all-reduce. lr 1e30 overflows the weights in the first step; the run must fail (torchrun exits 1 when
+        # its worker exits 2), say so, and not print "done:".
+        echo "=== nan-stop ($(date +%T))"
+        "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 \
+            -m se_retrofit.cli convert-and-finetune resnet50 --data digits --out "$RUNS/nan" --no-pretrained \
+            --epochs 2 --batch-size 64 --image-size 64 --lr 1e30 --amp --channels-last --workers 2 --no-progress \
+            > "$OUT/nan_stop.log" 2>&1
+        rc=$?
+        grep -E "NaN or inf|done:" "$OUT/nan_stop.log" | head -3
+        ls "$RUNS/nan"
+        if [ "$rc" -eq 0 ] || ! grep -q "NaN or inf" "$OUT/nan_stop.log" || grep -q "done:" "$OUT/nan_stop.log"; then
+            echo "=== FAILED: nan-stop (exit $rc)"; status=1
+        else
+            echo "=== nan-stop: stopped as expected (exit $rc)"
+        fi
         ;;
     throughput)
         step "$PYTHON" "$HERE/gpu_throughput.py" --rounds 7 --steps 10 && cp "$HERE/results/gpu_throughput.json" "$OUT/"

@@ -16,7 +16,7 @@ from se_retrofit.finetune import finetune
 from se_retrofit.models import create_model
 
 from conftest import make_pretrained_like
-from test_finetune import Quadrants, pretrained_like
+from test_finetune import _Reads, Quadrants, pretrained_like
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -76,3 +76,26 @@ def test_finetune_on_cuda_with_amp_and_channels_last(amp_dtype):
     fc2 = [m.fc2.weight for _, m in se_retrofit.se_blocks(result.model)]
     assert any(w.abs().sum() > 0 for w in fc2), "SE blocks did not train on the GPU"
     assert all(p.dtype == torch.float32 for p in result.model.parameters()), "AMP must keep float32 weights"
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_a_nan_loss_on_cuda_stops_the_run(amp):
+    """The NaN check keeps its flag on the GPU and reads it every few steps: under AMP (float16, whose
+    GradScaler skips steps with inf gradients rather than failing) the run must still stop at the first
+    NaN loss, not train on to "done"."""
+    with pytest.raises(RuntimeError, match=r"NaN or inf at epoch 1/1, step 1 \(of 4\)"):
+        finetune(create_model("resnet10t"), _Reads(8), None, epochs=1, batch_size=2, device="cuda",
+                 verbose=False, progress=False, **({"amp": True, "amp_dtype": "float16"} if amp else {}))
+
+
+def test_weights_overflowed_on_cuda_are_not_saved(tmp_path):
+    """lr 1e30: the step's loss is finite but the weights overflow; the check of the weights before a save
+    runs on the GPU's tensors, and last.pt keeps the last finite weights."""
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=r"trainable weights are NaN or inf at epoch 2/3"):
+        finetune(create_model("resnet10t"), Quadrants(8), Quadrants(4), out_dir=out, epochs=3,
+                 batch_size=8, lr=1e30, opt="sgd", warmup_epochs=0, device="cuda", verbose=False, progress=False)
+    assert not (out / "model.safetensors").exists(), "final weights were written"
+    saved = torch.load(out / "last.pt", weights_only=False, map_location="cpu")["model"]
+    broken = [k for k, v in saved.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    assert not broken, f"last.pt holds non-finite tensors: {broken[:5]}"
