@@ -59,11 +59,16 @@ def code_version() -> dict:
     ``benchmarks/results``, which the benchmarks themselves write).
 
     Tables from different code states sit side by side in the docs; without this only prose could say
-    which is which. A copy without ``.git`` (the GPU machine gets the working tree) takes the commit
-    from ``SE_RETROFIT_COMMIT`` (``SE_RETROFIT_COMMIT=$(git rev-parse HEAD)`` where the copy was made).
+    which is which. A copy made elsewhere (the GPU machine gets the working tree, with a ``.git`` that can
+    be older than it) says so with ``SE_RETROFIT_COMMIT`` (``SE_RETROFIT_COMMIT=$(git rev-parse HEAD)``
+    where the copy was made), which wins over the copy's own git: that git would name its stale commit,
+    with the newer tree as uncommitted changes.
     """
     import subprocess
 
+    given = os.environ.get("SE_RETROFIT_COMMIT")
+    if given:
+        return {"commit": given, "uncommitted_changes": None}
     repo = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
@@ -74,7 +79,7 @@ def code_version() -> dict:
                                     capture_output=True, text=True, timeout=10, check=True).stdout.strip())
         return {"commit": commit, "uncommitted_changes": dirty}
     except (OSError, subprocess.SubprocessError):
-        return {"commit": os.environ.get("SE_RETROFIT_COMMIT"), "uncommitted_changes": None}
+        return {"commit": None, "uncommitted_changes": None}
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
