@@ -131,20 +131,24 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
 
         restart = out is not None and resume and not has_checkpoint and outputs.restartable(out)
 
-        def check_before_writing() -> dict[str, Any] | None:
-            found = None
+        def check_before_writing() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+            found = compared = None
             if out is not None and resume and has_checkpoint:
                 found = state.load(out / outputs.LAST)
                 state.check_world_size(found, ctx.world_size)  # before config.json is rewritten below
-                outputs.check_same_run(found["config"], config, out, run_info_before, run_info is not None)
+                compared = found["config"]
             elif out is not None and resume and not restart:
-                outputs.check_same_run(outputs.read_config(out), config, out, run_info_before, run_info is not None)
+                compared = outputs.read_config(out)
+            if compared is not None:
+                outputs.check_same_run(compared, config, out, run_info_before, run_info is not None)
             check_one_batch(len(train_data), opts.batch_size, ctx.world_size)
             if opts.ema:
                 _check_ema_copies(model)
-            return found
+            return found, compared
 
-        saved = distributed.on_every_rank(check_before_writing, ctx)
+        saved, compared = distributed.on_every_rank(check_before_writing, ctx)
+        if compared is not None:  # a run of an earlier version keeps its record (config.json as last.pt)
+            config = outputs.as_recorded(compared, config, run_info_before)
         # each process shards its own dataset: datasets of different sizes would train on neither
         sizes = (len(train_data), len(val_data) if val_data is not None else 0)
         distributed.same_on_every_rank(sizes, lambda n: f"{n[0]:,} training and {n[1]:,} validation samples", ctx)
