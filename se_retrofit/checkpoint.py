@@ -8,8 +8,10 @@ found on the internet is a pickle, and a pickle may execute arbitrary code while
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import struct
 import tempfile
 import warnings
 from collections import OrderedDict
@@ -214,7 +216,33 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: StrPath,
             raise TypeError(f"safetensors metadata must map str to str; got {bad!r}. "
                             "Convert values with str() or json.dumps().")
     ready = _safetensors_ready(tensors)
-    return _atomic_write(path, lambda tmp: save_file(ready, str(tmp), metadata=metadata))
+
+    def write(tmp: Path) -> None:
+        save_file(ready, str(tmp), metadata=metadata)
+        _sort_metadata(tmp)
+
+    return _atomic_write(path, write)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Put the header's metadata in key order, in place: safetensors writes it from a Rust ``HashMap``,
+    whose order is random in every process, so that two saves of the same tensors and metadata (a
+    finished run's files written again on ``--resume``) would differ in their bytes. The header keeps
+    its length, so nothing else in the file moves; a header this cannot rewrite to the same length is
+    left as it was written."""
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(length)
+        header = json.loads(raw)
+        metadata = header.get("__metadata__")
+        if not isinstance(metadata, dict) or len(metadata) < 2:
+            return
+        header["__metadata__"] = dict(sorted(metadata.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) != len(raw.rstrip(b" ")):
+            return
+        f.seek(8)
+        f.write(text + b" " * (length - len(text)))
 
 
 # --------------------------------------------------------------------------------------------- reading

@@ -22,7 +22,7 @@ from .config import SEConfig
 from .messages import first_line
 from .models import classifier_of, head_modules, num_classes_of, reset_classifier
 from .se_block import se_blocks
-from .training import distributed, outputs, state
+from .training import distributed, naming, outputs, state
 from .training.devices import amp_dtype, resolve_device
 from .training.freeze import new_parameter_names, set_trainable, trains_backbone
 from .training.loop import Trainer, seed_everything
@@ -74,7 +74,8 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
 
     Args:
         model: a timm/torchvision CNN, plain or already retrofitted.
-        train_data, val_data: map-style datasets of ``(image_tensor, class_index)``.
+        train_data, val_data: map-style datasets of ``(image_tensor, class_index)``; ``val_data`` None
+            trains without validation, and so does an empty one, with a warning.
         out_dir: run folder (see ``se_retrofit.training.outputs``); ``None`` writes nothing and
             keeps no checkpoints.
         resume: continue the run in ``out_dir`` (the resolved config must match).
@@ -113,6 +114,8 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
         if out is not None:  # rank 0 holds the folder (one that exists already: a resume, an empty folder)
             held = distributed.main_first(lambda: outputs.hold(out), ctx)
         seed_everything(opts.seed)
+        if ctx.is_main:
+            _warn_empty_validation(val_data, out)
         names = _class_names(class_names, num_classes, train_data)
         n_classes = num_classes if num_classes is not None else (len(names) if names else None)
         if verbose and ctx.is_main and retrofit and not se_blocks(model) and _head_fits(model, n_classes):
@@ -128,20 +131,24 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
 
         restart = out is not None and resume and not has_checkpoint and outputs.restartable(out)
 
-        def check_before_writing() -> dict[str, Any] | None:
-            found = None
+        def check_before_writing() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+            found = compared = None
             if out is not None and resume and has_checkpoint:
                 found = state.load(out / outputs.LAST)
                 state.check_world_size(found, ctx.world_size)  # before config.json is rewritten below
-                outputs.check_same_run(found["config"], config, out, run_info_before, run_info is not None)
+                compared = found["config"]
             elif out is not None and resume and not restart:
-                outputs.check_same_run(outputs.read_config(out), config, out, run_info_before, run_info is not None)
+                compared = outputs.read_config(out)
+            if compared is not None:
+                outputs.check_same_run(compared, config, out, run_info_before, run_info is not None)
             check_one_batch(len(train_data), opts.batch_size, ctx.world_size)
             if opts.ema:
                 _check_ema_copies(model)
-            return found
+            return found, compared
 
-        saved = distributed.on_every_rank(check_before_writing, ctx)
+        saved, compared = distributed.on_every_rank(check_before_writing, ctx)
+        if compared is not None:  # a run of an earlier version keeps its record (config.json as last.pt)
+            config = outputs.as_recorded(compared, config, run_info_before)
         # each process shards its own dataset: datasets of different sizes would train on neither
         sizes = (len(train_data), len(val_data) if val_data is not None else 0)
         distributed.same_on_every_rank(sizes, lambda n: f"{n[0]:,} training and {n[1]:,} validation samples", ctx)
@@ -191,6 +198,19 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
             print(resume_hint or f"resume with finetune(..., out_dir={str(out)!r}, resume=True) and the same "
                                  "arguments", flush=True)
     return result
+
+
+def _warn_empty_validation(val_data: Dataset | None, out: Path | None) -> None:
+    """Say that a ``val_data`` of no samples means a run without validation, as ``build_datasets`` says of
+    an empty validation split: passed on, it trains as ``val_data=None`` does, and a caller who meant to
+    validate learns it only from a history of empty ``val_top1``. The command has warned already, in
+    its own terms (`naming`), and is not told twice."""
+    if val_data is None or naming.names().is_command or len(val_data) > 0:
+        return
+    kept = ", and no best.safetensors is written" if out is not None else ""
+    warnings.warn(f"val_data is empty (no samples): the run trains without validation, so no epoch gets a "
+                  f"val_top1{kept}. Pass a validation dataset that holds samples, or val_data=None to train "
+                  "without validation on purpose.", stacklevel=3)
 
 
 def _se_config(se_config: SEConfig | dict | None, conversion: dict[str, Any]) -> SEConfig | None:

@@ -110,6 +110,21 @@ def test_safetensors_save_handles_shared_and_non_contiguous_tensors(tmp_path):
     assert torch.equal(base, torch.arange(12.0).view(3, 4)), "saving must not modify the caller's tensors"
 
 
+def test_safetensors_saves_of_the_same_tensors_and_metadata_are_the_same_bytes(tmp_path):
+    """safetensors writes the metadata in a random order (a Rust HashMap): a finished run resumed rewrote its
+    adapter with other bytes. Twelve saves of four keys in random order would all agree once in 24**11."""
+    tensors = {"b": torch.arange(3), "a": torch.ones(2, 2)}
+    metadata = {"format": "pt", "epoch": "3", "val_top1": "91.2500", "note": "\u00e9t\u00e9"}
+    saved = set()
+    for i in range(12):
+        path = atomic_save_safetensors(tensors, tmp_path / f"w{i}.safetensors", metadata=metadata)
+        saved.add(path.read_bytes())
+    assert len(saved) == 1, f"{len(saved)} different files from 12 saves of the same tensors and metadata"
+    with safe_open(str(tmp_path / "w0.safetensors"), framework="pt") as f:
+        assert f.metadata() == metadata, f"the metadata did not round-trip: {f.metadata()}"
+    assert torch.equal(load_weights(tmp_path / "w0.safetensors")["b"], torch.arange(3)), "the tensors moved"
+
+
 def test_safetensors_metadata_must_be_strings(tmp_path):
     with pytest.raises(TypeError, match="metadata"):
         atomic_save_safetensors({"w": torch.zeros(1)}, tmp_path / "w.safetensors", metadata={"epoch": 3})

@@ -508,6 +508,47 @@ def test_the_summary_tells_a_run_stopped_in_its_first_epoch_from_one_without_val
     assert "no validation set" in unvalidated.summary(), unvalidated.summary()
 
 
+def test_an_empty_val_data_warns_a_python_caller_naming_the_argument(tmp_path: Path) -> None:
+    """The command warns of an empty validation split (build_datasets); finetune() given an empty val_data
+    trained without validation without a word."""
+    import warnings
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = finetune(pretrained_like(create_model(MODEL)), Quadrants(8), torch.utils.data.Subset(Quadrants(3), []),
+                          out_dir=tmp_path / "run", epochs=1, batch_size=8, verbose=False, progress=False)
+    said = [w for w in caught if "val_data" in str(w.message)]
+    assert len(said) == 1, f"expected one warning naming val_data, got {[str(w.message) for w in caught]}"
+    message = str(said[0].message)
+    assert "empty" in message and "best.safetensors" in message and "val_data=None" in message, message
+    assert Path(said[0].filename).name == "test_finetune.py", f"the warning points at {said[0].filename}"
+    assert result.best_top1 is None and not (tmp_path / "run" / "best.safetensors").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # val_data=None is training without validation on purpose
+        finetune(pretrained_like(create_model(MODEL)), Quadrants(8), None, epochs=1, batch_size=8, verbose=False,
+                 progress=False)
+
+
+def test_the_command_warns_of_an_empty_validation_split_once_in_its_own_terms(tmp_path: Path) -> None:
+    import warnings
+
+    for name, colour in (("a", 0), ("b", 2)):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        pixels = torch.zeros(SIZE, SIZE, 3, dtype=torch.uint8)
+        pixels[..., colour] = 200
+        Image.fromarray(pixels.numpy()).save(tmp_path / "data" / name / "0.png")
+    argv = ["convert-and-finetune", MODEL, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+            "--image-size", str(SIZE), "--batch-size", "2", "--workers", "0", "--epochs", "1", "--no-progress",
+            "--no-pretrained"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_cli(argv) == 0, "the run without validation failed"
+    empty = [str(w.message) for w in caught if "empty" in str(w.message)]
+    assert len(empty) == 1 and "--val-split" in empty[0] and "val_data" not in empty[0], (
+        f"expected the command's one warning of the empty split, got {empty}")
+
+
 def test_no_verify_images_skips_the_scan_and_a_bad_file_stops_the_run_naming_it(tmp_path: Path,
                                                                                  capsys: pytest.CaptureFixture[str]
                                                                                  ) -> None:

@@ -344,3 +344,28 @@ def test_a_resumed_run_checks_its_adapter_against_the_base_it_started_from(tmp_p
     torch.manual_seed(1)
     said = run(create_model(MODEL), resume=True)
     assert not said, f"resuming into a randomly built model warned falsely: {said[0][:200]}"
+
+
+def test_resuming_a_finished_run_leaves_its_files_as_they_were(tmp_path: Path) -> None:
+    """A finished run resumed writes its final files again (to repair a lost one), and must write the same
+    bytes: the adapter's safetensors metadata came out in a random order. Five resumes, so that the old
+    behaviour passes once in 32."""
+    import hashlib
+
+    def digests() -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())}
+
+    out = tmp_path / "run"
+    torch.manual_seed(0)
+    model = pretrained_like(create_model(MODEL))
+    finetune(model, Quadrants(8), Quadrants(6, seed=1), out_dir=out, epochs=1, batch_size=8, train="se",
+             verbose=False, progress=False)
+    before = digests()
+    assert "se_adapter.safetensors" in before and "best.safetensors" in before, f"files: {sorted(before)}"
+    for attempt in range(5):
+        torch.manual_seed(0)
+        finetune(pretrained_like(create_model(MODEL)), Quadrants(8), Quadrants(6, seed=1), out_dir=out, resume=True,
+                 epochs=1, batch_size=8, train="se", verbose=False, progress=False)
+        after = digests()
+        changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+        assert not changed, f"resume {attempt + 1} of a finished run rewrote {changed} with other bytes"

@@ -465,6 +465,30 @@ def test_a_run_folder_that_recorded_no_image_size_resumes_as_before(images: Path
         f"a run of an earlier version was refused with the same options: {capsys.readouterr().err}"
 
 
+def test_a_resumed_run_of_an_earlier_version_keeps_config_json_as_the_checkpoint_records_it(
+        images: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Resumed, a run of 0.1.0 got a config.json in this version's layout (the size used, no val_split) while
+    its last.pt kept the old record until its next save, never for a finished run: a later refusal listed
+    ``data.image_size: None -> 176 ... (see config.json)`` beside a config.json that showed 176."""
+    out = tmp_path / "run"
+    assert run_cli(_default_size_args(images, out)) == 0
+    _edit_data_section(out, image_size=None, val_split=0.1)  # as 0.1.0 wrote it, beside a val folder
+    assert run_cli(_default_size_args(images, out, "--resume")) == 0, \
+        f"a finished run of an earlier version was refused with the same options: {capsys.readouterr().err}"
+    shown = json.loads((out / "config.json").read_text())["data"]
+    saved = torch.load(out / "last.pt", weights_only=True)["config"]["data"]
+    assert {k: shown.get(k) for k in ("image_size", "val_split")} == \
+        {k: saved.get(k) for k in ("image_size", "val_split")}, \
+        f"config.json records {shown} where last.pt, which resume compares with, records {saved}"
+    capsys.readouterr()
+    assert run_cli(_default_size_args(images, out, "--image-size", "176", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "data.image_size: None -> 176" in err and "config.json" in err, err
+    assert shown["image_size"] is None, f"the refusal cites config.json, which records image_size {shown['image_size']}"
+    assert run_cli(_default_size_args(images, out, "--val-split", "0.3", "--resume")) == 2
+    assert "data.val_split: 0.1 -> 0.3" in capsys.readouterr().err, "the earlier version's split was not compared"
+
+
 def test_val_split_is_recorded_and_compared_only_where_it_splits(images: Path, tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture) -> None:
     """With DIR/train and DIR/val the fraction has no effect: ``--val-split 0.2 --resume`` was refused."""

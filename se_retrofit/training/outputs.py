@@ -18,6 +18,7 @@ they always agree with it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import io
 import json
@@ -294,6 +295,29 @@ def check_same_run(saved: dict[str, Any], new: dict[str, Any], out: Path,
         raise ValueError(f"{n.resume}: {out} holds a different run ({shown}). Resume with the {n.options} of that run "
                          f"(see {out / CONFIG}), or choose another {n.out} for a new one"
                          + (f". {run_info}" if run_info else ""))
+
+
+def as_recorded(saved: dict[str, Any], new: dict[str, Any],
+                recorded_before: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``new``, but for the settings ``saved`` records as earlier versions did (``recorded_before``, see
+    `check_same_run`), which keep that record: the config of a resumed run, which ``config.json`` shows
+    at once and ``last.pt`` only from its next save, and never for a finished run. Recorded anew, a later
+    refusal compared with the checkpoint's old record would cite a ``config.json`` that no longer shows it."""
+    if not recorded_before:
+        return new
+    flat_saved, flat_new = _flatten(saved), _flatten(new)
+    old = {key: before for key, before in _flatten(recorded_before).items()
+           if key in flat_saved and flat_saved[key] == before and flat_new.get(key, _UNSET) != before}
+    if not old:
+        return new
+    kept = copy.deepcopy(new)
+    for key, before in old.items():
+        *sections, name = key.split(".")
+        target = kept
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[name] = before
+    return kept
 
 
 def _started_with(saved: dict[str, Any], diffs: list[tuple[str, Any, Any]]
