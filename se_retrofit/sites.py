@@ -393,8 +393,6 @@ def _classify(g: _Graph, add: fx.Node, terms: list[fx.Node], position: str) -> P
     for i, t in enumerate(terms):
         if t.op == "placeholder" and t.target not in g.param_names and not identity[i]:
             return Rejection(add.name, "sums separate inputs of a list argument (multi-input fusion, not a residual)")
-    if any(g.is_sliced(t) for t in terms):
-        return Rejection(add.name, "partial add (an operand is a slice of a larger tensor: a channel split or a crop)")
     convs = [g.convs(e) for e in exclusive]
     light = [g.is_light(e) for e in exclusive]
     # A term with a convolution is "heavy" (a residual branch doing work) when it holds a non-linearity
@@ -403,6 +401,10 @@ def _classify(g: _Graph, add: fx.Node, terms: list[fx.Node], position: str) -> P
     heavy = [i for i in range(len(terms)) if convs[i] >= 1 and not light[i]]
     light_conv = [i for i in range(len(terms)) if convs[i] >= 1 and light[i]]
     zero = [i for i in range(len(terms)) if convs[i] == 0]
+    # only a sum with a convolution could have been a unit: without one, a slice (Swin's crop of its window
+    # padding, a class token cut off) is not why it is left alone, and siblings without it get the same reason
+    if (heavy or light_conv) and any(g.is_sliced(t) for t in terms):
+        return Rejection(add.name, "partial add (an operand is a slice of a larger tensor: a channel split or a crop)")
     if len(heavy) >= 2:
         # an SE block already on one operand (apply after position="identity") is the reason that matters
         return _attention_rejection(g, add, exclusive, group) or \
