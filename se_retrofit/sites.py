@@ -393,8 +393,6 @@ def _classify(g: _Graph, add: fx.Node, terms: list[fx.Node], position: str) -> P
     for i, t in enumerate(terms):
         if t.op == "placeholder" and t.target not in g.param_names and not identity[i]:
             return Rejection(add.name, "sums separate inputs of a list argument (multi-input fusion, not a residual)")
-    if any(g.is_sliced(t) for t in terms):
-        return Rejection(add.name, "partial add (an operand is a slice of a larger tensor: a channel split or a crop)")
     convs = [g.convs(e) for e in exclusive]
     light = [g.is_light(e) for e in exclusive]
     # A term with a convolution is "heavy" (a residual branch doing work) when it holds a non-linearity
@@ -403,6 +401,10 @@ def _classify(g: _Graph, add: fx.Node, terms: list[fx.Node], position: str) -> P
     heavy = [i for i in range(len(terms)) if convs[i] >= 1 and not light[i]]
     light_conv = [i for i in range(len(terms)) if convs[i] >= 1 and light[i]]
     zero = [i for i in range(len(terms)) if convs[i] == 0]
+    # only a sum with a convolution could have been a unit: without one, a slice (Swin's crop of its window
+    # padding, a class token cut off) is not why it is left alone, and siblings without it get the same reason
+    if (heavy or light_conv) and any(g.is_sliced(t) for t in terms):
+        return Rejection(add.name, "partial add (an operand is a slice of a larger tensor: a channel split or a crop)")
     if len(heavy) >= 2:
         # an SE block already on one operand (apply after position="identity") is the reason that matters
         return _attention_rejection(g, add, exclusive, group) or \
@@ -521,10 +523,26 @@ def _attention_rejection(g: _Graph, add: fx.Node, exclusive: list[set[fx.Node]],
 
 
 def _through_identities(g: _Graph, node: fx.Node) -> fx.Node:
-    """What a chain of ``nn.Identity`` calls passes on (timm's ``self.shortcut = nn.Identity()``)."""
-    while node.op == "call_module" and isinstance(g.module(node), nn.Identity) and g.tensor_input(node) is not None:
-        node = g.tensor_input(node)
-    return node
+    """What a chain of ``nn.Identity`` calls (timm's ``self.shortcut = nn.Identity()``) and additions of a
+    constant passes on: in ``beta + x + branch(x)`` the constant is a bias on the sum that Python's
+    left-to-right grouping happens to add to ``x`` first, and the shortcut is still ``x`` itself."""
+    while True:
+        source = g.tensor_input(node)
+        if source is None:
+            return node
+        if node.op == "call_module" and isinstance(g.module(node), nn.Identity):
+            node = source
+        elif is_add(node) and _shape(node) == _shape(source) and _adds_only_constants(g, node, source):
+            node = source
+        else:
+            return node
+
+
+def _adds_only_constants(g: _Graph, add: fx.Node, source: fx.Node) -> bool:
+    """Whether every operand of ``add`` but ``source`` is a constant: a Python number, a parameter, a buffer."""
+    operands = list(add.args[:2]) + ([add.kwargs["other"]] if "other" in add.kwargs else [])
+    rest = [op for op in operands if op is not source]
+    return len(rest) == 1 and (not isinstance(rest[0], fx.Node) or g.is_constant(rest[0]))
 
 
 def _residual(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list[set[fx.Node]],
@@ -532,9 +550,10 @@ def _residual(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list[set
     branch = terms[b]
     others = [i for i in range(len(terms)) if i != b]
     shortcut = "projection"
-    if len(others) == 1 and (identity[others[0]] or _through_identities(g, terms[others[0]]) in g.ancestors[branch]):
+    source = _through_identities(g, terms[others[0]]) if len(others) == 1 else None
+    if source is not None and (identity[others[0]] or source in g.ancestors[branch]):
         shortcut = "identity"
-    elif len(others) == 1 and terms[others[0]].op == "placeholder":
+    elif source is not None and source.op == "placeholder":
         shortcut = "argument"
     rejection = _unit_rejection(g, add, g.layouts.get(branch), exclusive, group)
     if rejection:

@@ -16,7 +16,7 @@ from se_retrofit import SEBlock, SERetrofitWarning
 
 from conftest import assert_original_state_kept, make_pretrained_like
 from models_custom import (AddSpelling, CalledTwice, FunctionalDropoutBlock, InPlaceInputNet, Net, NotResidual,
-                           ParallelConvs, PlainNet, ShortcutArgNet)
+                           ParallelConvs, PlainNet, ShortcutArgBlock, ShortcutArgNet)
 
 X = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
 
@@ -779,6 +779,48 @@ def test_a_residual_summed_with_a_constant_in_one_expression_gets_se():
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(se_model(x), net(x)), "identity init changed the output"
+
+
+class _BiasedShortcut(_BiasAfterSum):
+    """A residual whose bias Python's grouping adds to the shortcut first; forms 3 and 4 have a real projection."""
+
+    def __init__(self, channels: int, form: int) -> None:
+        super().__init__(channels, form)
+        self.proj = torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 1), torch.nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch = self.b(self.a(x))
+        return [lambda: self.beta + x + branch, lambda: x + self.beta + branch, lambda: branch + (x + 1.0),
+                lambda: self.proj(x) + branch, lambda: self.beta + self.proj(x) + branch][self.form]()
+
+
+@pytest.mark.parametrize("position", ["standard", "post", "pre", "identity"])
+def test_a_bias_added_to_the_shortcut_first_leaves_it_an_identity(position):
+    """``beta + x + branch(x)`` sums ``(beta + x)`` and the branch: its shortcut was labelled a projection,
+    though it is ``x`` itself; a constant is no linear map of the input."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 1, 1), *[_BiasedShortcut(16, form) for form in range(5)])
+    plan = se_retrofit.find_sites(net.eval(), position=position)
+    found = {s.block: s.shortcut for s in plan.sites}
+    assert found == {"1": "identity", "2": "identity", "3": "identity", "4": "projection", "5": "projection"}, \
+        f"wrong shortcut labels with a bias on the shortcut:\n{plan}"
+
+
+def test_a_bias_added_to_a_shortcut_argument_first_leaves_it_an_argument():
+    """``beta + shortcut + branch(x)`` with ``shortcut`` handed in by the caller: labelled a projection."""
+    class Block(ShortcutArgBlock):
+        def __init__(self, channels: int) -> None:
+            super().__init__(channels)
+            self.beta = torch.nn.Parameter(torch.randn(1, channels, 1, 1))
+
+        def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
+            shortcut = x if shortcut is None else shortcut
+            return torch.relu(self.beta + shortcut + self.conv2(torch.relu(self.conv1(x))))
+
+    net = ShortcutArgNet()
+    net.a, net.b = Block(16), Block(16)
+    plan = se_retrofit.find_sites(net.eval())
+    found = [(s.se_name, s.shortcut) for s in plan.sites]
+    assert found == [("a.se", "argument"), ("b.se", "identity")], f"wrong shortcut labels:\n{plan}"
 
 
 def test_position_post_goes_after_a_bias_added_to_the_sum_and_its_activation():

@@ -332,6 +332,36 @@ def test_a_crop_that_keeps_every_channel_is_not_a_partial_add():
     assert not sliced.sites and any("partial add" in s.reason for s in sliced.skipped), sliced
 
 
+class _WindowCropBlock(nn.Module):
+    """Swin-like (timm's ``SwinTransformerBlock``): channels-last tokens padded to whole windows, mixed by a linear
+    layer, the padding cropped off (``x[:, :H, :W, :]``), rolled back in a shifted block, and added to the input."""
+
+    def __init__(self, c: int = 16, window: int = 4, shift: int = 0) -> None:
+        super().__init__()
+        self.window, self.shift = window, shift
+        self.mix = nn.Linear(c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h, w, _ = x.shape
+        pad_h, pad_w = (-h) % self.window, (-w) % self.window
+        out = self.mix(nn.functional.pad(x, (0, 0, 0, pad_w, 0, pad_h)))
+        out = out[:, :h, :w, :]
+        return x + (torch.roll(out, (self.shift, self.shift), (1, 2)) if self.shift else out)
+
+
+@pytest.mark.parametrize("size", [8, 6], ids=["no_padding", "padding"])
+def test_a_token_residual_with_a_window_crop_is_reported_as_having_no_convolution(size):
+    """Swin's unshifted blocks crop their window padding before the residual add; they were reported as a
+    "partial add" (a channel split or a crop of a larger tensor), even where the crop removes nothing, while
+    the shifted blocks, whose roll follows the crop, said what they all are."""
+    model = nn.Sequential(_WindowCropBlock(), _WindowCropBlock(shift=2)).eval()
+    plan = se_retrofit.find_sites(model, example_input=torch.randn(2, size, size, 16))
+    reasons = {s.block: s.reason for s in plan.skipped}
+    expected = "no convolution on any operand (token or MLP residual)"
+    assert not plan.sites and reasons == {"0": expected, "1": expected}, \
+        f"a token residual with a crop is not reported as having no convolution:\n{plan}"
+
+
 class _GroupNormConv(nn.Module):
     """A projection helper normalising with a function call, as timm's GroupNormAct and MixedConv2d do."""
 
