@@ -398,6 +398,7 @@ SUFFIXES = {"cold": "each op after a convolution, as in the forward",
             "resnet50_tiny_input": "ResNet-50 at batch 1 and 32x32, where only the per-op overhead is left",
             "resnet50_settled_malloc_kept": "ResNet-50, settled, glibc malloc keeping freed memory",
             "resnet50_base_and_retrofit": "ResNet-50, base model and retrofit only",
+            "resnet50_base_and_retrofit_201rounds": "ResNet-50, base model and retrofit only, 201 rounds",
             "resnet50_base_and_retrofit_41rounds": "ResNet-50, base model and retrofit only, 41 rounds",
             "resnet50_base_and_retrofit_malloc_kept": "ResNet-50, base model and retrofit only, glibc malloc keeping "
                                                       "freed memory"}
