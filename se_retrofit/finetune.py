@@ -205,7 +205,7 @@ def _warn_empty_validation(val_data: Dataset | None, out: Path | None) -> None:
     an empty validation split: passed on, it trains as ``val_data=None`` does, and a caller who meant to
     validate learns it only from a history of empty ``val_top1``. The command has warned already, in
     its own terms (`naming`), and is not told twice."""
-    if val_data is None or naming.names().is_command or len(val_data) > 0:
+    if val_data is None or naming.names().is_command or not hasattr(val_data, "__len__") or len(val_data) > 0:
         return
     kept = ", and no best.safetensors is written" if out is not None else ""
     warnings.warn(f"val_data is empty (no samples): the run trains without validation, so no epoch gets a "
