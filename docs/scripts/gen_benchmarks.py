@@ -384,6 +384,9 @@ SUFFIXES = {"cold": "each op after a convolution, as in the forward",
                                                              "only, 16 threads, at `2dab483`",
             "h100_host_base_and_retrofit_2threads": "on the H100 machine's CPU, base model and retrofit only, "
                                                     "2 threads on 2 of its otherwise idle cores (`taskset`)",
+            "h100_host_base_and_retrofit_2threads_rerun": "on the H100 machine's CPU, base model and retrofit only, "
+                                                          "2 threads on 2 of its otherwise idle cores, a second, "
+                                                          "shorter run on another machine of that kind",
             "h100_host_16threads_rerun": "on the H100 machine's CPU, 16 threads, a later session's run",
             "after_conv_h100_host_16threads": "each call right after a convolution, as in a forward, on the H100 "
                                               "machine's CPU at 16 threads",
