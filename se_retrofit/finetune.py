@@ -328,14 +328,15 @@ def _resolved_config(model: nn.Module, train_data: Dataset, val_data: Dataset | 
 
 def _start_outputs(out: Path, config: dict[str, Any], original: nn.Module | None, model: nn.Module,
                    train_data: Dataset, name: str | None, restart: bool = False, new_run: bool = False) -> None:
-    """The config and the report; a resumed run keeps its report, a run started over gets a new one.
+    """The config and the report; a resumed run keeps its report (both files, or one lost since comes back),
+    a run started over gets a new one.
 
     The config is written every time: a resumed run's matched the saved one (`check_same_run`), and
     rewriting it repairs a ``config.json`` torn or edited since.
     """
     outputs.make_out_dir(out)
     outputs.write_config(out, config, new_run=new_run)
-    if original is None or (not restart and (out / "report.md").exists()):
+    if original is None or (not restart and (out / "report.md").exists() and (out / "report.json").exists()):
         return
     shape = tuple(getattr(train_data[0][0], "shape", ()))
     if len(shape) != 3:

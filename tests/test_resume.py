@@ -369,3 +369,19 @@ def test_resuming_a_finished_run_leaves_its_files_as_they_were(tmp_path: Path) -
         after = digests()
         changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
         assert not changed, f"resume {attempt + 1} of a finished run rewrote {changed} with other bytes"
+
+
+@pytest.mark.parametrize("lost", ["report.json", "report.md", "se_adapter.safetensors", "metrics.csv"])
+def test_a_file_deleted_from_a_finished_run_comes_back_on_resume_as_it_was(tmp_path: Path, lost: str) -> None:
+    """The guide promises that a finished run resumed writes its final files again, one deleted since coming
+    back byte for byte; report.json was written only when report.md was missing too."""
+    out = tmp_path / "run"
+    args = dict(out_dir=out, epochs=1, batch_size=8, train="se", verbose=False, progress=False)
+    torch.manual_seed(0)
+    finetune(pretrained_like(create_model(MODEL)), Quadrants(8), Quadrants(6, seed=1), **args)
+    before = (out / lost).read_bytes()
+    (out / lost).unlink()
+    torch.manual_seed(0)
+    finetune(pretrained_like(create_model(MODEL)), Quadrants(8), Quadrants(6, seed=1), resume=True, **args)
+    assert (out / lost).exists(), f"{lost}, deleted from a finished run, did not come back on --resume"
+    assert (out / lost).read_bytes() == before, f"{lost} came back with other bytes"
