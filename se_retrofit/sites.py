@@ -12,9 +12,11 @@ channels-last adds, partial-channel adds, fusions of separate inputs) is reporte
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Iterable
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -532,17 +534,28 @@ def _through_identities(g: _Graph, node: fx.Node) -> fx.Node:
             return node
         if node.op == "call_module" and isinstance(g.module(node), nn.Identity):
             node = source
-        elif is_add(node) and _shape(node) == _shape(source) and _adds_only_constants(g, node, source):
+        elif ((is_add(node) or _is_sub(node)) and _shape(node) == _shape(source)
+              and _adds_only_constants(g, node, source)):
             node = source
         else:
             return node
 
 
+def _is_sub(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in (operator.sub, torch.sub, torch.Tensor.sub)
+    return node.op == "call_method" and node.target in ("sub", "__sub__")
+
+
 def _adds_only_constants(g: _Graph, add: fx.Node, source: fx.Node) -> bool:
-    """Whether every operand of ``add`` but ``source`` is a constant: a Python number, a parameter, a buffer."""
+    """Whether ``add`` is ``source`` plus or minus a constant (a Python number, a parameter, a buffer), with
+    ``source`` itself unscaled: ``torch.add(beta, x, alpha=-1)`` is ``beta - x``, whose shortcut is ``-x``."""
     operands = list(add.args[:2]) + ([add.kwargs["other"]] if "other" in add.kwargs else [])
+    scale = add.kwargs.get("alpha", add.args[2] if len(add.args) > 2 else 1)
     rest = [op for op in operands if op is not source]
-    return len(rest) == 1 and (not isinstance(rest[0], fx.Node) or g.is_constant(rest[0]))
+    if len(rest) != 1 or len(operands) != 2 or (operands[0] is not source and (scale != 1 or _is_sub(add))):
+        return False
+    return not isinstance(rest[0], fx.Node) or g.is_constant(rest[0])
 
 
 def _residual(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list[set[fx.Node]],
