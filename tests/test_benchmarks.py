@@ -148,3 +148,24 @@ def test_overhead_parts_runs_and_renders(run_script, gen_benchmarks):
     assert data["machine"]["torch_threads"] is None, "the thread count belongs to each table, not the machine"
     text = _rendered(gen_benchmarks, "overhead_parts", data)
     assert "1 threads, 2 rounds" in text, text
+
+
+def test_the_commit_a_copy_is_named_by_wins_over_its_stale_git_and_says_so(monkeypatch):
+    """On the GPU machine the tree arrives with an older .git: its HEAD named the old commit, with the new tree
+    as uncommitted changes. SE_RETROFIT_COMMIT names the tree sent; where it is this clone's own HEAD, git's
+    word on uncommitted changes still counts."""
+    import subprocess
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import _common
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    if not head:
+        pytest.skip("not a git clone")
+    other = "0" * 40
+    monkeypatch.setenv("SE_RETROFIT_COMMIT", other)
+    assert _common.code_version() == {"commit": other, "uncommitted_changes": None,
+                                      "commit_source": "SE_RETROFIT_COMMIT"}, _common.code_version()
+    monkeypatch.setenv("SE_RETROFIT_COMMIT", head)
+    own = _common.code_version()
+    assert own["commit"] == head and own["uncommitted_changes"] is not None and "commit_source" not in own, own

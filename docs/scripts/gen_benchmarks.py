@@ -72,7 +72,10 @@ def machine_line(data: dict[str, Any], path: Path | None = None) -> str:
     parts.append(f"torch {m.get('torch', '?')}" + (f", timm {m['timm']}" if m.get("timm") else "")
                  + f", Python {m.get('python', '?')}")
     if m.get("commit"):
-        parts.append(f"code at commit `{m['commit'][:7]}`" + (" with uncommitted changes" if m.get("uncommitted_changes") else ""))
+        parts.append(f"code at commit `{m['commit'][:7]}`" + (" with uncommitted changes" if m.get("uncommitted_changes") else "")
+                     + (f" ({m['commit_note']})" if m.get("commit_note") else
+                        " (as named to the run by `SE_RETROFIT_COMMIT`: a copy of the tree sent to another machine)"
+                        if m.get("commit_source") == "SE_RETROFIT_COMMIT" else ""))
     # a result moved to another file keeps the commit that first committed it
     elif sha := m.get("committed_in") or (path is not None and committed_in(path)):
         parts.append(f"code not recorded (the result was committed in `{sha}`, so measured with that commit's code "
