@@ -652,7 +652,10 @@ def test_apply_from_several_threads_takes_turns():
 
     import timm
 
-    models = [timm.create_model("resnet10t", pretrained=False, num_classes=5).eval() for _ in range(4)]
+    # pretrained-like: a fresh timm ResNet zeroes each branch's last BN, so the identity check below would
+    # compare branches that output 0 whatever the gate is
+    models = [make_pretrained_like(timm.create_model("resnet10t", pretrained=False, num_classes=5)).eval()
+              for _ in range(4)]
     x = torch.randn(1, 3, 32, 32)
     results: list = [None] * len(models)
 
