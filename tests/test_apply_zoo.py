@@ -64,8 +64,8 @@ def test_identity_init_keeps_outputs(case):
     with torch.no_grad():
         a, b = model(x), se_model(x)
     assert a.shape == b.shape, f"{spec}: output shape {tuple(b.shape)} != {tuple(a.shape)}"
-    diff = (a - b).abs().max().item()
-    assert diff <= 1e-5, f"{spec}: identity init changed the outputs by {diff}"
+    # exact: the gate is exactly 1 under identity init and x * 1 is exact (a tolerance let a gate of 1 + 5e-7 through)
+    assert torch.equal(a, b), f"{spec}: identity init changed the outputs by {(a - b).abs().max().item()}"
 
 
 def test_original_state_preserved_and_class_kept(case):
