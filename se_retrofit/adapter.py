@@ -351,6 +351,8 @@ def load(path: str | os.PathLike, base_model: nn.Module, *, strict: bool = True,
 
     With ``strict`` (the default) every SE block name and every saved key must match the rebuilt
     model; ``strict=False`` loads what matches and warns about the rest. Shapes must always match.
+    Saved tensors of the base model outside the SE blocks and the recorded ``extra_modules`` are
+    never loaded (a strict load refuses the file): an adapter must not silently replace base weights.
     ``example_input`` is passed on to ``apply``, for models that do not take a batch of images.
     """
     import se_retrofit
@@ -424,12 +426,20 @@ def load(path: str | os.PathLike, base_model: nn.Module, *, strict: bool = True,
         raise ValueError(f"adapter {weights_path} does not fit this base model: shape mismatch for "
                          f"{few(mismatched, 3)}. Was it trained on a different variant or with another reduction? "
                          "Pass the base model it was saved for.")
+    foreign = [k for k in weights if k in own and k not in wanted]
+    if foreign:
+        refuse_or_note(f"adapter {weights_path} holds base-model tensors outside its SE blocks and extra_modules "
+                       f"({few(foreign, 3)}): loading them would silently replace the base model's own weights, "
+                       "which an adapter never does (save_adapter writes only the SE blocks and the modules named in "
+                       "extra_modules). Re-save the adapter from the fine-tuned model, with the modules that were "
+                       "trained in extra_modules, or load the whole fine-tuned model.",
+                       "load the SE blocks and extra_modules without them")
     if unexpected or missing:
         message = (f"adapter {weights_path} and the rebuilt model disagree: keys not in the model: "
                    f"{few(unexpected) or 'none'}; keys the adapter lacks: {few(missing) or 'none'}. "
                    "Re-save the adapter.")
         refuse_or_note(message, "load what matches")
-    model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
+    model.load_state_dict({k: v for k, v in weights.items() if k in wanted}, strict=False)
     if problems:
         warnings.warn("loaded with strict=False despite:\n" + "\n".join(problems), stacklevel=2)
     return model

@@ -391,6 +391,31 @@ def test_the_same_weights_saved_again_still_load(saved, base):
     load(with_head, base, example_input=SMALL)
 
 
+def test_a_base_tensor_in_the_adapter_file_is_never_loaded(saved, base, tuned, tmp_path):
+    """A base weight outside the SE blocks and extra_modules (a hand-edited file, or a save that wrote one) was
+    loaded silently over the base's, the weights digest agreeing: the model ran with a changed backbone."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from se_retrofit.adapter import _digest
+
+    _, with_head = saved
+    folder = shutil.copytree(with_head, tmp_path / "adapter")
+    tensors = load_file(str(folder / WEIGHTS_NAME))
+    tensors["conv1.0.weight"] = torch.zeros_like(base.conv1[0].weight)
+    save_file(tensors, str(folder / WEIGHTS_NAME))
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    (folder / CONFIG_NAME).write_text(json.dumps({**meta, "weights_sha256": _digest(tensors)}))
+    with pytest.raises(ValueError, match=r"holds base-model tensors outside its SE blocks and extra_modules "
+                                         r"\(conv1.0.weight\).*extra_modules.*strict=False"):
+        load(folder, base, example_input=SMALL)
+    with pytest.warns(UserWarning, match=r"(?s)strict=False despite.*\(conv1.0.weight\)"):
+        loaded = load(folder, base, strict=False, example_input=SMALL)
+    assert torch.equal(loaded.conv1[0].weight, base.conv1[0].weight), "strict=False loaded a base weight"
+    assert torch.equal(outputs(loaded), outputs(tuned)), "strict=False should still load the SE blocks and the head"
+
+
 def test_a_head_swapped_for_other_parameter_names_is_named_at_save_and_load(tmp_path) -> None:
     """``model.fc = nn.Sequential(nn.Dropout(), nn.Linear())`` after apply changes the head's keys: compared only
     where a key existed before and after, it was not seen, save_adapter said nothing and load blamed the SE

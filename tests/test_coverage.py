@@ -259,10 +259,16 @@ def test_committed_page_is_rendered_from_the_committed_json():
 def test_first_models_of_each_zoo(zoo: str, tmp_path: Path):
     out = tmp_path / "cov.json"
     assert main(["coverage", "--zoo", zoo, "--limit", "8", "--out", str(out)]) == 0
-    for row in json.loads(out.read_text()):
+    rows = json.loads(out.read_text())
+    assert len(rows) == 8 and len({row["model"] for row in rows}) == 8, \
+        f"--limit 8 should give 8 rows of distinct models, got {[row['model'] for row in rows]}"
+    assert any(row["inserted"] for row in rows), f"no {zoo} model among the first 8 got SE: the checks below are empty"
+    for row in rows:
         assert row["error"] is None, f"{row['model']}: {row['error']}"
+        # exact: the gate is exactly 1 under identity init and x * 1 is exact; a model with no SE is a copy
+        assert row["identity_max_diff"] == 0.0, f"{row['model']}: identity init changed the outputs: {row}"
         if row["inserted"]:
-            assert row["identity_max_diff"] <= 1e-5 and row["backward_ok"], row
+            assert row["backward_ok"], f"{row['model']}: a new SE block got no gradient: {row}"
 
 
 def torchvision_resnet18() -> torch.nn.Module:
