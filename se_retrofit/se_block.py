@@ -27,6 +27,9 @@ from .hooks import hooked
 from .recording import recording
 
 _CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+# ``gate[...]`` with these: the (N, C) gate as (N, C, 1, ...), by indexing rather than ``view(shape + ones)``,
+# whose size arithmetic a tracer records as a tensor add (FX quantization put an observer on it)
+_SPATIAL_ONES = {dims: (Ellipsis,) + (None,) * dims for dims in _CONV_BY_DIMS}
 
 
 class SEBlock(nn.Module):
@@ -72,7 +75,7 @@ class SEBlock(nn.Module):
         """
         if gate is None:
             gate = self._gate(x)
-        gate = gate.view(gate.shape + (1,) * self.spatial_dims)
+        gate = gate[_SPATIAL_ONES[self.spatial_dims]]
         if residual is None:
             return x * (gate * self.gain if self.gain != 1.0 else gate)
         if not inplace:
