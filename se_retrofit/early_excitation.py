@@ -17,7 +17,11 @@ registered parameters or buffers (a parametrization, a plain attribute) are not 
 writes that bypass the version counter (in place through ``.data``, through a NumPy array or another
 tensor sharing the storage without its version counter, as ``vector_to_parameters`` leaves them, and
 ``torch.distributed`` collectives such as ``broadcast`` into a parameter) bypass autograd's checks
-too: made in eval mode, they are not seen until the next ``model.train()`` / ``model.eval()`` pair;
+too: made in eval mode, they are not seen until the next ``model.train()`` / ``model.eval()`` pair.
+CPU tensors in shared memory (``share_memory()``, which Hogwild training with ``torch.multiprocessing``
+uses) are never folded, since other processes write them unseen; CUDA tensors shared between processes
+cannot be told apart from others (``is_shared()`` is always true for them), and their writes in another
+process are missed in the same way;
 `SEConfig(early_squeeze=False)` avoids the fold altogether. `gate_through` goes on to the gate, so
 that all of SE's small kernels run before ``conv``, in one place.
 

@@ -109,9 +109,13 @@ class Fold:
     def make(cls, z: torch.Tensor, conv: nn.Module, norm: nn.Module, se: SEBlock,
              tensors: tuple[torch.Tensor | None, ...]) -> Fold | None:
         """Fold now; None where ``conv`` does not widen (averaging its input would read no less) or the
-        tensors cannot be tracked for changes."""
+        tensors cannot be tracked for changes: among them tensors in shared memory (``share_memory()``,
+        ``torch.multiprocessing``, Hogwild training), which other processes write without moving this
+        one's version counters. Moving a tensor there gives it a new address, so a fold made before
+        ``share_memory()`` is dropped at the next call."""
         conv_weight = tensors[2]
-        if conv_weight.shape[0] <= conv_weight.shape[1] or tensors[0] is None or tensors[8] is None:
+        if (conv_weight.shape[0] <= conv_weight.shape[1] or tensors[0] is None or tensors[8] is None
+                or any(t is not None and t.device.type == "cpu" and t.is_shared() for t in tensors)):
             return None
         try:
             records = tuple(None if t is None else Record(t) for t in tensors)

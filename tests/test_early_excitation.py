@@ -454,3 +454,34 @@ def test_a_model_that_ran_pickles_and_deep_copies_without_the_cache():
                               _reference(z, twin["conv"], twin["norm"], twin["se"]), rtol=1e-12, atol=1e-12)
         assert torch.equal(fc1_through(z, conv, norm, se), want), "changing a deep copy changed the original"
 
+
+
+def _shared_memory_writer(norm: nn.Module) -> None:
+    with torch.no_grad():
+        norm.running_var.mul_(4.0)
+
+
+@pytest.mark.parametrize("share", ["before the first call", "after a cached call"])
+def test_tensors_in_shared_memory_are_not_folded(share):
+    """Hogwild: ``share_memory()`` and other processes training the model. Their writes never move this
+    process's version counters, so a fold kept the old map and gave a stale gate, silently."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs the fork start method")
+    conv, norm, se, z = _parts(cin=8, cout=64)
+    with torch.no_grad():
+        se.fc2.weight.normal_(0, 0.5)
+        if share == "after a cached call":
+            assert gate_through(z, conv, norm, se) is not None, "the early gate declined before sharing"
+        for module in (conv, norm, se):
+            module.share_memory()
+        first = gate_through(z, conv, norm, se)
+        process = torch.multiprocessing.get_context("fork").Process(target=_shared_memory_writer, args=(norm,))
+        process.start()
+        process.join()
+        assert process.exitcode == 0, "the writer process failed"
+        got, want = gate_through(z, conv, norm, se), _gate_reference(z, conv, norm, se)
+    assert first is None or not torch.equal(first, want), "the other process's write changed nothing: vacuous"
+    assert got is None or torch.allclose(got, want, rtol=1e-12, atol=1e-12), \
+        f"stale gate after another process wrote a shared tensor (off by {(got - want).abs().max():.2e})"
