@@ -558,12 +558,23 @@ def _adds_only_constants(g: _Graph, add: fx.Node, source: fx.Node) -> bool:
     return not isinstance(rest[0], fx.Node) or g.is_constant(rest[0])
 
 
+def _scaled_operand(add: fx.Node) -> fx.Node | None:
+    """The operand ``torch.add(a, b, alpha=s)`` multiplies by ``s`` (``b``), where ``s`` is not 1."""
+    if not is_add(add):
+        return None
+    scale = add.kwargs.get("alpha", add.args[2] if len(add.args) > 2 else 1)
+    operand = add.kwargs.get("other", add.args[1] if len(add.args) > 1 else None)
+    return operand if scale != 1 and isinstance(operand, fx.Node) else None
+
+
 def _residual(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list[set[fx.Node]],
               identity: list[bool], b: int, group: list[fx.Node], position: str) -> Placement | Rejection:
     branch = terms[b]
     others = [i for i in range(len(terms)) if i != b]
     shortcut = "projection"
     source = _through_identities(g, terms[others[0]]) if len(others) == 1 else None
+    if source is not None and any(_scaled_operand(node) is terms[others[0]] for node in (add, *group)):
+        source = None  # torch.add(branch, x, alpha=0.5): the shortcut is 0.5 x, a scaling of x
     if source is not None and (identity[others[0]] or source in g.ancestors[branch]):
         shortcut = "identity"
     elif source is not None and source.op == "placeholder":

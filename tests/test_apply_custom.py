@@ -800,19 +800,21 @@ class _BiasedShortcut(_BiasAfterSum):
         return [lambda: self.beta + x + branch, lambda: x + self.beta + branch, lambda: branch + (x + 1.0),
                 lambda: self.proj(x) + branch, lambda: self.beta + self.proj(x) + branch,
                 lambda: x - self.beta + branch, lambda: torch.add(self.beta, x, alpha=-1) + branch,
-                lambda: torch.sub(self.beta, x) + branch][self.form]()
+                lambda: torch.sub(self.beta, x) + branch, lambda: torch.add(x, branch, alpha=0.5),
+                lambda: torch.add(branch, x, alpha=0.5)][self.form]()
 
 
 @pytest.mark.parametrize("position", ["standard", "post", "pre", "identity"])
 def test_a_bias_added_to_the_shortcut_first_leaves_it_an_identity(position):
     """``beta + x + branch(x)`` sums ``(beta + x)`` and the branch: its shortcut was labelled a projection,
     though it is ``x`` itself; a constant is no linear map of the input."""
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 1, 1), *[_BiasedShortcut(16, form) for form in range(8)])
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 1, 1), *[_BiasedShortcut(16, form) for form in range(10)])
     plan = se_retrofit.find_sites(net.eval(), position=position)
     found = {s.block: s.shortcut for s in plan.sites}
-    # x - beta is x plus a constant too; beta - x (torch.add with alpha=-1, or torch.sub) is -x, not x itself
+    # x - beta is x plus a constant too; beta - x (torch.add with alpha=-1, or torch.sub) is -x, not x itself;
+    # torch.add(branch, x, alpha=0.5) scales the shortcut, torch.add(x, branch, alpha=0.5) the branch
     assert found == {"1": "identity", "2": "identity", "3": "identity", "4": "projection", "5": "projection",
-                     "6": "identity", "7": "projection", "8": "projection"}, \
+                     "6": "identity", "7": "projection", "8": "projection", "9": "identity", "10": "projection"}, \
         f"wrong shortcut labels with a bias on the shortcut:\n{plan}"
 
 
