@@ -169,3 +169,26 @@ def test_the_commit_a_copy_is_named_by_wins_over_its_stale_git_and_says_so(monke
     monkeypatch.setenv("SE_RETROFIT_COMMIT", head)
     own = _common.code_version()
     assert own["commit"] == head and own["uncommitted_changes"] is not None and "commit_source" not in own, own
+
+
+def _base_and_retrofit_run(base: list[float], retro: list[float], threads: int = 2) -> dict:
+    machine = {"cpu": "CPU", "logical_cpus": 2, "torch_threads": threads, "commit": "0" * 40}
+    return {"machine": machine, "batch": 8, "size": 224,
+            "rows": [{"model": "resnet50", "mode": "eager", "times_s": {"base": base, "retrofitted": retro}}]}
+
+
+def test_pooled_runs_pool_the_rounds_of_every_run_and_refuse_mixed_machines(gen_benchmarks, tmp_path):
+    runs = gen_benchmarks.POOLED_RUNS
+    ratios = [[1.0, 1.0, 1.0], [1.1, 1.1, 1.1, 1.1, 1.1], [1.3]]  # pooled median 1.1; each run's its own
+    for stem, r in zip(runs, ratios):
+        (tmp_path / f"{stem}.json").write_text(json.dumps(_base_and_retrofit_run([2.0] * len(r), [2.0 * x for x in r])))
+    text = gen_benchmarks.pooled_runs(tmp_path)
+    pooled = next(line for line in text.splitlines() if line.startswith("| all rounds pooled"))
+    assert "| 9 | 1.100 (" in pooled, f"the pooled row is not 9 rounds with median ratio 1.100:\n{text}"
+    assert "| 1 | 1.300 (" in text, f"a run's own row is missing:\n{text}"
+
+    (tmp_path / f"{runs[-1]}.json").write_text(json.dumps(_base_and_retrofit_run([2.0], [2.6], threads=16)))
+    with pytest.raises(SystemExit, match="different machines"):
+        gen_benchmarks.pooled_runs(tmp_path)
+    (tmp_path / f"{runs[-1]}.json").unlink()
+    assert gen_benchmarks.pooled_runs(tmp_path) == "", "a missing run must drop the pooled section, not pool the rest"
