@@ -573,3 +573,17 @@ def test_epoch_lines_and_the_resume_of_a_finished_run_read_as_what_happened(tmp_
              progress=False)
     printed = capsys.readouterr().out
     assert "at complete" not in printed and f"the run in {out} is complete (1 epoch(s), step 2)" in printed, printed
+
+
+def test_a_folder_with_another_tools_last_pt_is_not_called_a_run(tmp_path):
+    """A user's own training folder often holds a ``last.pt``: without a run config of ours beside it, the
+    refusal must not tell the user to "continue that run" as if it were one of se_retrofit's."""
+    out = tmp_path / "my_training"
+    out.mkdir()
+    torch.save({"model": {}}, out / "last.pt")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError) as info:
+        outputs.prepare_out_dir(out, resume=False)
+    message = str(info.value)
+    assert "continue that run" not in message and "whose config.json was lost" in message, message
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt", "notes.txt"], "the user's folder was changed"

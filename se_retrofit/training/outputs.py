@@ -110,9 +110,12 @@ def prepare_out_dir(out: Path, resume: bool) -> bool:
             _check_writable(out)
             return LAST in entries
         if entries:
-            if not is_run_config(out) and LAST not in entries:
+            if not is_run_config(out):
+                # a last.pt beside no run config of ours may be another tool's (a training folder's own last.pt)
+                maybe_ours = (f"If its {LAST} is from an se_retrofit run whose {CONFIG} was lost, pass {n.resume} to "
+                              "continue it; otherwise choose" if LAST in entries else "Choose")
                 raise FileExistsError(f"{n.folder(out)} {_describe_run(out, entries)}; refusing to overwrite it. "
-                                      f"Choose another {n.out} (a new run needs a missing or empty folder)")
+                                      f"{maybe_ours} another {n.out} (a new run needs a missing or empty folder)")
             again = (f"; it stopped before its first checkpoint, so {n.resume} starts it over" if restartable(out)
                      else "")
             raise FileExistsError(f"{n.folder(out)} {_describe_run(out, entries)}; refusing to overwrite it. Pass "
