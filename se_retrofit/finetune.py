@@ -161,10 +161,11 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
                   flush=True)
         set_trainable(model, new_names, trains_backbone(opts.train, stage=1))
         if out is not None:
+            if held is None:  # a new run's folder: made and held before its config claims it, so that a --resume
+                # started in between (which a config.json alone would let start the run over) is refused as in use
+                held = distributed.main_first(lambda: outputs.hold(outputs.make_out_dir(out)), ctx)
             distributed.main_first(lambda: _start_outputs(out, config, original, model, train_data, base_model,
                                                            restart, new_run=not resume), ctx)
-            if held is None:  # a new run's folder, made just now
-                held = distributed.main_first(lambda: outputs.hold(out), ctx)
 
         trainer = Trainer(model=model, train_data=train_data, val_data=val_data, options=opts, device=device,
                           dtype=dtype, ctx=ctx, new_names=new_names, head_names=heads,

@@ -587,3 +587,25 @@ def test_a_folder_with_another_tools_last_pt_is_not_called_a_run(tmp_path):
     message = str(info.value)
     assert "continue that run" not in message and "whose config.json was lost" in message, message
     assert sorted(p.name for p in out.iterdir()) == ["last.pt", "notes.txt"], "the user's folder was changed"
+
+
+def test_a_new_runs_folder_is_held_before_its_config_is_written(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A --resume started after a new run's config.json appears, but before the run held its folder, found a
+    run that "stopped before its first checkpoint", started it over and trained beside it (review r19c)."""
+    out = tmp_path / "run"
+    write_config, seen = outputs.write_config, []
+
+    def resume_arrives_now(folder: Path, config: dict, new_run: bool = False) -> None:
+        if not seen:
+            try:
+                outputs.release(outputs.hold(folder))  # what the other process's --resume would take
+                seen.append("the folder was free when the config was written")
+            except FileExistsError:
+                seen.append("held")
+        write_config(folder, config, new_run=new_run)
+
+    monkeypatch.setattr(outputs, "write_config", resume_arrives_now)
+    finetune(create_model(MODEL, num_classes=3), Quadrants(8), None, out_dir=out, epochs=1, batch_size=8,
+             verbose=False, progress=False)
+    assert seen == ["held"], seen

@@ -173,12 +173,13 @@ def restartable(out: Path) -> bool:
     return LAST not in names and CONFIG in names and names <= set(_STARTED) and is_run_config(out)
 
 
-def make_out_dir(out: Path) -> None:
+def make_out_dir(out: Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PermissionError(f"cannot create {names().folder(out)}: {exc.strerror or exc}; choose a writable "
                               "folder") from exc
+    return out
 
 
 def _existing_ancestor(path: Path) -> Path:
