@@ -174,7 +174,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: 
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no SE blocks, so there is no adapter to save; "
                          "save the model returned by se_retrofit.apply(model).")
-    config = config or se_retrofit.get_config(model)
+    recorded = se_retrofit.get_config(model)
+    if config is not None and recorded is not None and config != recorded:
+        raise ValueError(f"config= differs from the SEConfig apply recorded for this model ({config} against "
+                         f"{recorded}); load() rebuilds the blocks from the saved config, and these blocks were made "
+                         "with the recorded one. Leave config= out for a model apply made.")
+    config = config or recorded
     if config is None:
         raise ValueError("the model has SE blocks but no recorded SEConfig, so load() could not rebuild it; "
                          "pass config=SEConfig(...) with the options the blocks were made with.")

@@ -238,6 +238,7 @@ def _check_model(model: Any) -> None:
 
 
 _CONFIG_KEYWORDS = ("reduction", "init", "position", "include", "exclude")
+_SECONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(SEConfig))
 
 
 def _config_or_keywords(function: Callable[..., T]) -> Callable[..., T]:
@@ -248,6 +249,11 @@ def _config_or_keywords(function: Callable[..., T]) -> Callable[..., T]:
     """
     @functools.wraps(function)
     def checked(model: nn.Module, config: SEConfig | None = None, **keywords: Any) -> T:
+        config_only = sorted(k for k in keywords if k in _SECONFIG_FIELDS and k not in _CONFIG_KEYWORDS)
+        if config_only:
+            raise TypeError(f"{function.__name__}() takes {', '.join(config_only)} only in an SEConfig (the keywords "
+                            f"are {', '.join(_CONFIG_KEYWORDS)}); pass {function.__name__}(model, "
+                            f"SEConfig({config_only[0]}=...)), with any other options in that SEConfig too")
         given = sorted(k for k in _CONFIG_KEYWORDS if keywords.get(k) is not None)
         if config is not None and given:
             raise ValueError(f"pass options either in config or as keywords, not both (got config and {given}); "
@@ -601,7 +607,7 @@ def _retrofit(model: nn.Module, config: SEConfig, previous: SEConfig | None, inp
     if previous is None:  # a second call inserts nothing (above): the first call's record describes the model
         target._se_retrofit_plan = plan  # says why, also where nothing was inserted
         if done:  # a call that inserted nothing leaves no SE block: the model is not retrofitted (get_config None)
-            setattr(target, CONFIG_ATTR, config)
+            setattr(target, CONFIG_ATTR, dataclasses.replace(config))  # its own: an edit of plan.config is the plan's
             target.__dict__[DIGESTS_ATTR] = tensor_digests(target, [s.se_name for s in done])
     return target, plan, done
 
@@ -635,8 +641,12 @@ def _second_apply_message(model: nn.Module, previous: SEConfig, plan: SitePlan) 
 
 
 def get_config(model: nn.Module) -> SEConfig | None:
-    """The `SEConfig` that `apply` used on ``model``, or None if it was not retrofitted."""
-    return getattr(model, CONFIG_ATTR, None)
+    """A copy of the `SEConfig` that `apply` used on ``model``, or None if it was not retrofitted.
+
+    A copy: the record describes the SE blocks the model holds, and `save_adapter` writes it for `load` to
+    rebuild them; an edit to the returned object (``get_config(m).reduction = 4``) must not change it."""
+    config = getattr(model, CONFIG_ATTR, None)
+    return None if config is None else dataclasses.replace(config)
 
 
 def get_plan(model: nn.Module) -> SitePlan | None:

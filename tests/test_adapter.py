@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -171,6 +172,16 @@ def test_save_errors(tmp_path, base):
     with pytest.raises(ValueError, match="config="):
         save_adapter(hand_built, tmp_path)
     assert not (tmp_path / WEIGHTS_NAME).exists(), "nothing may be written when saving fails"
+
+
+def test_a_config_that_differs_from_the_record_is_refused_at_save(tuned, tmp_path):
+    """load() rebuilds the blocks from the saved config: one other than apply's wrote an adapter no model could
+    load ("shape mismatch", blaming the base) (review r19a)."""
+    other = dataclasses.replace(se_retrofit.get_config(tuned), reduction=se_retrofit.get_config(tuned).reduction * 2)
+    with pytest.raises(ValueError, match="config= differs from the SEConfig apply recorded"):
+        save_adapter(tuned, tmp_path, config=other)
+    assert not any(tmp_path.iterdir()), "nothing may be written when saving fails"
+    save_adapter(tuned, tmp_path, config=se_retrofit.get_config(tuned))  # the recorded one, given again: fine
 
 
 def test_backbone_changes_since_apply_are_named_at_save_and_in_loads_refusal(base, tmp_path):

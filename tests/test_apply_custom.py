@@ -242,6 +242,29 @@ def test_config_object_and_keywords_do_not_mix():
         se_retrofit.apply(net, {"reduction": 8})
 
 
+def test_options_only_an_seconfig_takes_say_so_as_keywords():
+    net = Net([AddSpelling(16, "plus")])
+    for call in (se_retrofit.apply, se_retrofit.find_sites):
+        with pytest.raises(TypeError, match=r"takes fuse_add only in an SEConfig.*SEConfig\(fuse_add=\.\.\.\)"):
+            call(net, fuse_add=False)
+    with pytest.raises(TypeError, match="takes divisor, min_hidden only in an SEConfig"):
+        se_retrofit.apply(net, min_hidden=4, divisor=4)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'reductoin'"):  # a misspelling stays Python's
+        se_retrofit.apply(net, reductoin=8)
+
+
+def test_get_config_is_a_copy_an_edit_cannot_change_the_record():
+    """``save_adapter`` writes the record for ``load`` to rebuild the blocks: an edited record wrote an
+    adapter that no model could load (review r19a)."""
+    se_model = se_retrofit.apply(Net([AddSpelling(16, "plus")]), reduction=8)
+    edited = se_retrofit.get_config(se_model)
+    edited.reduction = 2
+    assert se_retrofit.get_config(se_model).reduction == 8, "editing get_config's result changed the model's record"
+    assert se_retrofit.get_config(se_model) is not se_retrofit.get_config(se_model)
+    se_retrofit.get_plan(se_model).config.reduction = 2
+    assert se_retrofit.get_config(se_model).reduction == 8, "editing the plan's config changed the model's record"
+
+
 def test_reduction_and_floor_set_the_hidden_width():
     _, se_model = retrofit(Net([AddSpelling(64, "plus")], channels=64), reduction=4)
     assert se_model.blocks[0].se.hidden == 16
@@ -695,7 +718,7 @@ def test_the_model_keeps_its_own_copy_of_the_config(tmp_path):
     config.position, config.reduction = "post", 8
     recorded = se_retrofit.get_config(se_model)
     assert (recorded.position, recorded.reduction) == ("standard", 4), f"the recorded config followed: {recorded}"
-    assert se_retrofit.get_plan(se_model).config is recorded, "the plan and get_config disagree"
+    assert se_retrofit.get_plan(se_model).config == recorded, "the plan and get_config disagree"
     for block in se_retrofit.se_blocks(se_model):
         torch.nn.init.normal_(block[1].fc2.weight)
     se_retrofit.save_adapter(se_model, tmp_path / "adapter")
