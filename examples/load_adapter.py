@@ -43,8 +43,9 @@ def main() -> None:
             block.fc2.weight.normal_(std=0.05)
 
     with tempfile.TemporaryDirectory() as tmp:
+        head = se_model.pretrained_cfg["classifier"]   # the classifier's module name: "fc", "head.fc", ...
         folder = se_retrofit.save_adapter(se_model, Path(tmp) / "adapter", base_model=args.model,
-                                          extra_modules=["fc"])
+                                          extra_modules=[head])
         meta = json.loads((folder / "se_adapter_config.json").read_text())
         adapter_bytes = (folder / "se_adapter.safetensors").stat().st_size
         full_bytes = sum(t.numel() * t.element_size() for t in se_model.state_dict().values())

@@ -105,8 +105,9 @@ def test_report_tiny() -> None:
     assert "SE retrofit cost of resnet10t at input 1x3x64x64" in out and "4 SE blocks add" in out, out
 
 
-def test_load_adapter_tiny() -> None:
-    out = run_example("load_adapter.py", *TINY)
+@pytest.mark.parametrize("model", ["resnet10t", "mobilenetv3_small_050"])  # the head: fc, classifier
+def test_load_adapter_tiny(model: str) -> None:
+    out = run_example("load_adapter.py", "--model", model)
     assert "10-class head" in out and "the base model is unchanged" in out, out
 
 
