@@ -80,7 +80,7 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
             keeps no checkpoints.
         resume: continue the run in ``out_dir`` (the resolved config must match).
         num_classes / class_names: the data's classes; by default ``train_data.classes`` (also
-            through ``Subset``), else the model's head is kept as is.
+            through ``Subset``), else the model's head is kept as is, with a warning.
         se_config: conversion options, or pass them as keywords (``reduction=8``, ``init=...``).
         retrofit: set False to train a model without SE blocks (a baseline; needs ``train="all"``).
         base_model: name recorded in the adapter config (the CLI passes the MODEL argument).
@@ -118,6 +118,8 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
             _warn_empty_validation(val_data, out)
         names = _class_names(class_names, num_classes, train_data)
         n_classes = num_classes if num_classes is not None else (len(names) if names else None)
+        if n_classes is None and ctx.is_main:
+            _warn_head_kept(model)
         if verbose and ctx.is_main and retrofit and not se_blocks(model) and _head_fits(model, n_classes):
             print(f"keeping the model's classifier head: it has {n_classes} outputs, as the data has classes "
                   "(they must be the classes it was trained on, in the same order: sorted folder names for an "
@@ -199,6 +201,17 @@ def finetune(model: nn.Module, train_data: Dataset, val_data: Dataset | None = N
             print(resume_hint or f"resume with finetune(..., out_dir={str(out)!r}, resume=True) and the same "
                                  "arguments", flush=True)
     return result
+
+
+def _warn_head_kept(model: nn.Module) -> None:
+    """Say that the head stays as it is when nothing gives the data's classes: a ``TensorDataset`` of 3
+    classes then trains a 1000-way ImageNet head without a word (loss ~6.9, accuracy 0)."""
+    outputs_now = num_classes_of(model)
+    if outputs_now is not None:
+        warnings.warn(f"the training data has no .classes and neither num_classes= nor class_names= was given, so "
+                      f"the model keeps its {outputs_now}-output head: its outputs must be the data's labels. Pass "
+                      f"num_classes= (the data's number of classes) for a new head, or num_classes={outputs_now} to "
+                      "keep this one without this warning.", stacklevel=3)
 
 
 def _warn_empty_validation(val_data: Dataset | None, out: Path | None) -> None:

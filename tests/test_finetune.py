@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from se_retrofit.finetune import finetune
-from se_retrofit.models import create_model
+from se_retrofit.models import create_model, num_classes_of
 from se_retrofit.se_block import se_blocks
 from se_retrofit.training.freeze import (freeze_batchnorm, new_parameter_names, parameter_groups, set_trainable,
                                          stage_of)
@@ -759,3 +760,19 @@ def test_ema_refusal_of_a_filled_levit_cache_says_what_clears_it() -> None:
     assert "model.train()" in str(info.value), f"the hint does not say what clears the cache: {info.value}"
     model.train()
     _check_ema_copies(model)
+
+
+def test_data_without_classes_keeps_the_head_with_a_warning_that_says_how_to_choose():
+    """A TensorDataset has no .classes: the model's 1000-way head used to be trained on 3 labels without a
+    word (review r19a). num_classes= equal to the head keeps it quietly; the data's count gives a new head."""
+    from torch.utils.data import TensorDataset
+
+    source = Quadrants(8)
+    data = TensorDataset(source.images, torch.tensor(source.targets))
+    options = dict(epochs=1, batch_size=8, verbose=False, progress=False)
+    with pytest.warns(UserWarning, match=r"no \.classes.*keeps its 1000-output head.*num_classes=1000"):
+        finetune(create_model(MODEL), data, None, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = finetune(create_model(MODEL), data, None, num_classes=3, **options)
+    assert num_classes_of(result.model) == 3, "num_classes=3 must give the data's head"
