@@ -31,7 +31,7 @@ from .nesting import branch_calls, on_a_branch
 from .rewrite import free_name, rewrite_block
 from .se_block import SEBlock, hidden_width
 from .sites import NESTED_REASON, Placement, analyze, tensor_adds
-from .trace_effects import is_tracer_constant
+from .trace_effects import is_tracer_constant, preserved_tensors
 from .tracing import (TraceFailure, bind_call, cached_trace, checkpoints, clear_cache, propagate_shapes,
                       state_reads, trace_forward)
 from .wrappers import unwrapped
@@ -475,13 +475,16 @@ def _make_se(site: Site, config: SEConfig, like: nn.Module) -> SEBlock:
 
 
 def _verify(module: nn.Module, call: Call, identity: bool) -> str | None:
-    """Run the rewritten block on its recorded input: same output under the identity init, same shapes otherwise."""
+    """Run the rewritten block on its recorded input: same output under the identity init, same shapes otherwise.
+
+    The block's buffers are put back afterwards: the model apply returns keeps them as they were.
+    """
     from torch.utils._pytree import tree_flatten
 
     from .tracing import same_outputs
 
     args, kwargs = call.fresh_args()
-    with preserved_modes(module), torch.no_grad():
+    with preserved_modes(module), preserved_tensors(module), torch.no_grad():
         module.eval()
         try:
             out = module.forward(*args, **kwargs)  # as recorded: what forward saw and returned, hooks aside
@@ -532,7 +535,8 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     To find the residual additions and check each rewritten block, ``apply`` (as ``find_sites``) runs
     one eval-mode forward without gradients on a copy of ``example_input`` (the caller's tensors are
     never changed) or a random batch. A hook that collects activations or statistics into the user's
-    objects sees that forward too. The returned model (``inplace=False``) is a deep copy, and so are
+    objects sees that forward too. A buffer a forward updates even in eval mode (an EMA) is put back after
+    each forward ``apply`` runs; a forward that writes a parameter in place raises RuntimeError. The returned model (``inplace=False``) is a deep copy, and so are
     its hooks: a plain function or closure still writes where it did, but a hook that is a bound
     method (``obj.hook``) is bound to a copy of its object, so ``obj`` sees nothing of the new model.
     Register such hooks on the model ``apply`` returns, after ``apply``.

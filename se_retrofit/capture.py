@@ -2,7 +2,8 @@
 
 Tracing a block on its own needs the arguments its parent passes it (a DLA tree gets its shortcut
 from the caller, HRNet a list), and checking a rewrite needs the block's true output. Both are
-recorded here in one forward, in eval mode and without gradients so that no BatchNorm statistic moves.
+recorded here in one forward, in eval mode and without gradients so that no BatchNorm statistic moves;
+a buffer the forward updates all the same (an EMA) is put back afterwards (`preserved_tensors`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from .messages import first_line
+from .trace_effects import ParameterWritten, preserved_tensors
 
 _DEFAULT_SIZES = (64, 224, 299)
 _BATCH = 2  # batch 2, so that a (1, C, H, W) parameter never looks like a feature map
@@ -173,7 +175,7 @@ def _same(x: Any, y: Any) -> bool:
 
 def _record(model: nn.Module, modules: dict[str, nn.Module], args: tuple, kwargs: dict) -> dict[str, Call]:
     """One eval-mode, no-grad forward with hooks that keep each module's first call and note later
-    calls with other constants.
+    calls with other constants; the model's buffers are as before afterwards, even where it fails.
 
     The pre-hook runs after the user's pre-hooks and the forward hook before the user's forward
     hooks, so that the call recorded is the one ``forward`` itself saw and made.
@@ -204,7 +206,7 @@ def _record(model: nn.Module, modules: dict[str, nn.Module], args: tuple, kwargs
         handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
         handles.append(module.register_forward_hook(post_hook(name), with_kwargs=True, prepend=True))
     try:
-        with preserved_modes(model), torch.no_grad(), _small_detection_transforms(model):
+        with preserved_modes(model), preserved_tensors(model), torch.no_grad(), _small_detection_transforms(model):
             model.eval()
             model(*args, **kwargs)
     finally:
@@ -280,6 +282,8 @@ def capture_calls(model: nn.Module, modules: dict[str, nn.Module], example_input
     for args, kwargs in candidates:
         try:
             return _record(model, modules, *_private_copy(args, kwargs)), (args, kwargs)
+        except ParameterWritten:  # no other input would undo it
+            raise
         except Exception as exc:  # any failure means "try the next input"; all are reported below
             errors.append(f"input {describe(args, kwargs)}: {first_line(exc, 300)}")
     raise NoExampleInput(type(model).__name__, errors)

@@ -13,15 +13,21 @@ earlier call filled becomes a constant. A branch on global autograd or autocast 
 here, undone (the random generators and the modules' state are put back as they were), and reported, so
 that the module is skipped with the reason instead of rewritten into something else (the last two only
 when it would be rewritten: the graph still shows what the forward computed while traced).
+
+`apply` also runs real forwards (the example forward, each graph's replay, the check of a rewritten block), in
+eval mode under no_grad; a module may still update a buffer there (an EMA, a running-mean normaliser for test-time
+adaptation, a call counter). `preserved_tensors` puts the buffers back after each, with the tensor snapshots
+that undo a traced write.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import re
 import sys
 import types
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.utils.checkpoint
@@ -326,8 +332,7 @@ def _restore_value(value: Any, snap: tuple | None) -> None:
     kind, copy, inner = snap
     if kind == "tensor":
         if inner is not None:
-            with torch.no_grad():
-                value.copy_(inner)
+            _put_back(value, inner)
     elif kind == "dict":
         value.clear()
         value.update(copy)
@@ -346,3 +351,73 @@ def _restore_value(value: Any, snap: tuple | None) -> None:
         attrs.update(copy)
         for k, v in copy.items():
             _restore_value(v, inner[k])
+
+
+def _put_back(t: torch.Tensor, saved: torch.Tensor) -> None:
+    """Copy ``saved`` into ``t`` itself, so that references to ``t`` held elsewhere see it; a tensor resized
+    in place takes ``saved``'s storage instead, and an inference tensor is written inside ``torch.inference_mode``."""
+    with torch.inference_mode() if t.is_inference() else torch.no_grad():
+        if t.shape == saved.shape:
+            t.copy_(saved)
+        else:
+            t.set_(saved)
+
+
+class ParameterWritten(RuntimeError):
+    """A forward that `apply` ran wrote a parameter in place, which `preserved_tensors` cannot put back."""
+
+
+@contextlib.contextmanager
+def preserved_tensors(module: nn.Module) -> Iterator[None]:
+    """Context: every buffer of ``module`` and its submodules as it was on entry, whatever happened inside;
+    on a normal exit, `ParameterWritten` if a parameter's version counter moved.
+
+    `apply` promises every original buffer bit-identical, and each replay of a forward must see the state
+    the example forward was recorded with. A value is copied back into the tensor object itself (a
+    reference held elsewhere stays valid) where its version counter or its value moved (a write through
+    ``.data`` moves no counter); a buffer or parameter the forward rebound, deleted or registered is put
+    back in its module's table. Parameters are not copied (that would cost the model's memory once more),
+    only checked; a meta tensor has no value to put back.
+    """
+    tables = [(m, dict(m._buffers), dict(m._parameters), set(m._non_persistent_buffers_set))
+              for m in module.modules()]
+    saved: dict[int, tuple[torch.Tensor, int | None, torch.Tensor]] = {}
+    for _, buffers, _, _ in tables:
+        for t in buffers.values():
+            if t is not None and id(t) not in saved and not t.is_meta:
+                saved[id(t)] = (t, _version(t), t.detach().clone())
+    versions = [(name, p, _version(p)) for name, p in module.named_parameters()]
+    try:
+        yield
+    finally:
+        for m, buffers, parameters, non_persistent in tables:
+            _put_table(m._buffers, buffers)
+            _put_table(m._parameters, parameters)
+            if m._non_persistent_buffers_set != non_persistent:
+                m._non_persistent_buffers_set.clear()
+                m._non_persistent_buffers_set.update(non_persistent)
+        for t, version, copy in saved.values():
+            if _moved(t, version, copy):
+                _put_back(t, copy)
+    written = [name for name, p, version in versions if version is not None and _version(p) != version]
+    if written:
+        raise ParameterWritten(
+            f"a forward that se_retrofit ran (eval mode, under torch.no_grad) wrote parameter {written[0]!r} of "
+            f"{type(module).__name__} in place, which apply cannot undo: the model it works on (yours with "
+            "inplace=True) no longer has its original weights. Keep state that the forward updates in a buffer "
+            "(register_buffer), which apply puts back after each of its forwards, or update it outside forward.")
+
+
+def _put_table(now: dict[str, Any], then: dict[str, Any]) -> None:
+    if now.keys() != then.keys() or any(now[k] is not v for k, v in then.items()):
+        now.clear()
+        now.update(then)
+
+
+def _moved(t: torch.Tensor, version: int | None, saved: torch.Tensor) -> bool:
+    if _version(t) != version:
+        return True
+    try:
+        return not torch.equal(t, saved)
+    except Exception:  # a tensor torch.equal cannot compare (some subclasses): its version counter has to do
+        return False

@@ -27,7 +27,7 @@ from .augmented import AugmentedProxy
 from .capture import Call, preserved_modes
 from .early_excitation import gate_through
 from .messages import first_line
-from .trace_effects import Checkpoints, RandomDraws, StateReads, StateWrites
+from .trace_effects import Checkpoints, RandomDraws, StateReads, StateWrites, preserved_tensors
 
 
 class TraceFailure(Exception):
@@ -371,7 +371,8 @@ def propagate_shapes(module: nn.Module, graph: fx.Graph, call: Call, check_outpu
     """Run ``graph`` on the recorded arguments, storing ``tensor_meta`` on every node.
 
     With ``check_output`` the result must equal the recorded output of the real forward; a graph
-    that does not is refused (TraceFailure), because rewriting it would change the model.
+    that does not is refused (TraceFailure), because rewriting it would change the model. The submodules
+    run for real: a buffer they update is put back, so that every replay starts from the recorded state.
     """
     try:
         gm = _graph_module(module, graph)
@@ -379,7 +380,7 @@ def propagate_shapes(module: nn.Module, graph: fx.Graph, call: Call, check_outpu
         raise TraceFailure(f"fx cannot generate code for its forward ({first_line(exc)[:240]})") from None
     args, kwargs = call.fresh_args()
     flat = _flatten_for_graph(module, graph, args, kwargs)
-    with preserved_modes(module), torch.no_grad():
+    with preserved_modes(module), preserved_tensors(module), torch.no_grad():
         gm.eval()
         try:
             out = _ShapeProp(gm).propagate(*flat)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import functools
 import itertools
 import pickle
 import warnings
@@ -286,6 +287,158 @@ def test_input_model_is_untouched():
     assert model.training and all(m.training for m in model.modules()), "apply changed the caller's train mode"
     assert [type(m) for m in model.modules()] == classes
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+
+class _RunningCenter(torch.nn.Module):
+    """Subtracts a running mean of its input that it updates on every call, in eval mode too (test-time
+    adaptation): in place, through ``.data`` (which moves no version counter) or by rebinding the buffer."""
+
+    def __init__(self, channels: int, update: str) -> None:
+        super().__init__()
+        self.update = update
+        self.register_buffer("mean", torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch_mean = x.detach().mean((0, 2, 3))
+        if self.update == "in place":
+            with torch.no_grad():
+                self.mean.mul_(0.9).add_(batch_mean, alpha=0.1)
+        elif self.update == ".data":
+            self.mean.data.mul_(0.9).add_(batch_mean, alpha=0.1)
+        else:
+            self.mean = self.mean * 0.9 + batch_mean * 0.1
+        return x - self.mean[:, None, None]
+
+
+class _CenteredBlock(torch.nn.Module):
+    """A residual block whose branch runs a `_RunningCenter`."""
+
+    def __init__(self, channels: int, update: str) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm = _RunningCenter(channels, update)
+        self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv2(torch.relu(self.norm(self.conv1(x)))) + x)
+
+
+class _EmaBlock(torch.nn.Module):
+    """A residual block that keeps an EMA of its branch's output in a buffer of its own (so it is skipped:
+    the generated forward would not repeat the write)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.register_buffer("ema", torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(torch.relu(self.conv1(x)))
+        self.ema.mul_(0.9).add_(out.detach().mean((0, 2, 3)), alpha=0.1)
+        return torch.relu(out + x)
+
+
+class _BufferNet(torch.nn.Module):
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.b = block
+        self.fc = torch.nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.b(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+_BUFFER_BLOCKS = {"ema": lambda: _EmaBlock(16), **{f"child, {u}": functools.partial(_CenteredBlock, 16, u)
+                                                      for u in ("in place", ".data", "rebound")}}
+
+
+@pytest.mark.parametrize("block", list(_BUFFER_BLOCKS))
+@pytest.mark.parametrize("inplace", [False, True])
+def test_buffers_a_forward_updates_in_eval_mode_come_back_as_they_were(inplace, block):
+    """apply's own forwards (the example forward, the graph's replay, the check of a rewritten block) may
+    move a buffer even in eval mode: each puts it back, bit-identical and in the same tensor object, so the
+    caller's model (inplace=True) is not changed and the retrofit's state_dict is the original's."""
+    model = _BufferNet(_BUFFER_BLOCKS[block]()).eval()
+    original = copy.deepcopy(model)
+    buffers = {name: t for name, t in model.named_buffers()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SERetrofitWarning)
+        se_model = se_retrofit.apply(model, inplace=inplace)
+    assert_original_state_kept(original, model)
+    assert_original_state_kept(original, se_model)
+    if inplace:
+        moved = [name for name, t in model.named_buffers() if t is not buffers[name]]
+        assert not moved, f"apply left other tensor objects as the caller's buffers {moved}"
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(original(x), se_model(x)), "the retrofit's next output differs from the original's"
+
+
+@pytest.mark.parametrize("update", ["in place", ".data", "rebound"])
+def test_a_block_running_a_buffer_updating_module_on_its_branch_gets_se_and_computes_the_same(update):
+    """The replay of the traced graph and the check of the rewritten block start from the buffers the example
+    forward was recorded with, so the block is not refused as control flow fx cannot follow; the retrofit
+    computes what the original does, in eval and train mode, and updates the buffer alike."""
+    model = make_pretrained_like(_BufferNet(_CenteredBlock(16, update))).eval()
+    original = copy.deepcopy(model)
+    se_model = se_retrofit.apply(model)
+    plan = se_retrofit.get_plan(se_model)
+    assert [s.se_name for s in plan.sites] == ["b.se"], f"no SE in the block: {plan}"
+    for mode in ("eval", "train"):
+        original.train(mode == "train")
+        se_model.train(mode == "train")
+        for step in range(3):
+            x = torch.randn(2, 3, 16, 16)
+            with torch.no_grad():
+                out, se_out = original(x), se_model(x)
+            assert torch.equal(out, se_out), f"{mode} mode, call {step}: outputs differ"
+            assert torch.equal(original.b.norm.mean, se_model.b.norm.mean), f"{mode} mode, call {step}: buffers differ"
+
+
+def test_an_example_input_that_fails_midway_leaves_no_buffer_moved():
+    """A candidate input that fails after a buffer moved (only 224 px run here) is followed by the next one
+    from the same state: the recorded call and the returned model see the buffer as it was."""
+    class OnlyLarge(_BufferNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.b(torch.relu(self.stem(x)))
+            if x.shape[-1] != 224:
+                raise ValueError("this model takes 224 px images")
+            return self.fc(out.mean((2, 3)))
+
+    model = make_pretrained_like(OnlyLarge(_CenteredBlock(16, "in place"))).eval()
+    original = copy.deepcopy(model)
+    se_retrofit.apply(model, inplace=True)
+    assert "224" in se_retrofit.get_plan(model).example_input
+    assert [s.se_name for s in se_retrofit.get_plan(model).sites] == ["b.se"], se_retrofit.get_plan(model)
+    assert_original_state_kept(original, model)
+
+
+def test_a_forward_that_writes_a_parameter_is_refused_and_the_callers_model_kept():
+    """Parameters are not copied (that would cost the model's memory again) but checked: a write apply
+    cannot undo is an error, not a retrofit whose weights silently differ."""
+    class ScaleDecay(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(16))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                self.scale.mul_(0.99)
+            return x * self.scale[:, None, None]
+
+    class Block(_CenteredBlock):
+        def __init__(self) -> None:
+            super().__init__(16, "in place")
+            self.norm = ScaleDecay()
+
+    model = _BufferNet(Block()).eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match=r"wrote parameter 'b\.norm\.scale'.*register_buffer"):
+        se_retrofit.apply(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "apply changed the caller's model"
 
 
 @pytest.mark.parametrize("inplace", [False, True])
