@@ -22,6 +22,7 @@ from torch.nn.parameter import is_lazy
 from . import catalog, layout
 from .capture import Call, capture_calls, describe, preserved_modes
 from .codegen import original_class
+from .compiled import adds_tensors, is_compiled
 from .config import SEConfig
 from .fingerprint import DIGESTS_ATTR, tensor_digests
 from .fusion import fused_calls
@@ -161,8 +162,11 @@ def _is_candidate(module: nn.Module) -> bool:
 
     A norm is no block either, though timm's norm + activation layers hold their activation as a child;
     the frozen one's ``x * scale + bias`` would be reported, norm by norm, as an addition of a constant.
+    Nor is a TorchScript module or anything in it (`compiled`): compiled code, which fx cannot trace and
+    which refuses the hooks that record calls; its parent calls it as it is.
     """
-    if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict, SEBlock, fx.GraphModule)):
+    if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict, SEBlock, fx.GraphModule)) or \
+            is_compiled(module):
         return False
     if catalog.is_conv(module) or catalog.is_channel_attention(module) or catalog.is_channel_first_norm(module):
         return False
@@ -175,6 +179,20 @@ _NO_ADDITIONS = ("no tensor addition in any traced module, so no residual branch
 _GRAPH_MODULE_REASON = ("module skipped: an fx GraphModule regenerates its forward from its graph (recompile, "
                         "and the train/eval switch of torchvision's feature extractors), which would drop inserted "
                         "SE blocks; retrofit the model before tracing it with fx")
+
+_COMPILED_REASON = ("module skipped: a TorchScript module (torch.jit.script or torch.jit.trace), whose forward is "
+                    "compiled code that se_retrofit cannot trace or rewrite; it is called as it is. For SE inside it, "
+                    "apply to the eager module before scripting or tracing it")
+
+
+def _compiled_with_adds(model: nn.Module) -> list[Skipped]:
+    """The outermost TorchScript modules whose compiled code adds two tensors: additions the plan would
+    otherwise not mention (a model whose blocks are all scripted would seem to have none)."""
+    found: list[Skipped] = []
+    for name, m in model.named_modules():
+        if is_compiled(m) and not any(name.startswith(f"{s.block}.") for s in found) and adds_tensors(m):
+            found.append(Skipped(name, None, _COMPILED_REASON))
+    return found
 
 
 _CHECKPOINT_REASON = ("module skipped: its forward calls torch.utils.checkpoint, which the traced graph inlines: the "
@@ -399,6 +417,7 @@ def _plan(model: nn.Module, config: SEConfig, example_input: Any) -> tuple[SiteP
     plan = SitePlan(type(model).__name__, config, example_input=describe(*used))
     plan.skipped.extend(Skipped(name, None, _GRAPH_MODULE_REASON) for name, m in model.named_modules()
                         if isinstance(m, fx.GraphModule) and tensor_adds(m.graph))
+    plan.skipped.extend(_compiled_with_adds(model))
     blocks: list[_BlockPlan] = []
     units: dict[str, list[frozenset[int]]] = {}  # block -> the modules each of its residual units runs on its branch
     try:

@@ -130,7 +130,18 @@ def is_elementwise_leaf(module: nn.Module) -> bool:
 
 
 def count_convs(module: nn.Module) -> int:
-    return sum(1 for m in module.modules() if is_conv(m))
+    """Convolutions in ``module``'s tree; a TorchScript module's are counted in its compiled graph, where
+    a scripted ``nn.Conv2d`` is no ``nn.Conv2d`` any more."""
+    from .compiled import conv_count, is_compiled
+
+    total, compiled = 0, set()
+    for m in module.modules():  # parents first: a compiled module's graph holds its submodules' code
+        if is_compiled(m) and id(m) not in compiled:
+            total += conv_count(m)
+            compiled.update(id(sub) for sub in m.modules())
+        elif not is_compiled(m) and is_conv(m):
+            total += 1
+    return total
 
 
 def _computing_children(module: nn.Module) -> Iterator[nn.Module]:

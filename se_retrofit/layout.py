@@ -5,12 +5,14 @@ residual, but an SE block there would squeeze the wrong axis. So the channel axi
 from a shape: a convolution (module or function) fixes it at 1, and it is carried through ops whose
 effect on axes is known (elementwise ops, norms, ``permute``/``transpose``, ``nn.Linear`` on the last
 axis). Anything else makes it unknown. Leaf modules that are not known by type are traced in turn
-(a ``Sequential`` of conv, ``Permute``, ``LayerNorm``, ``Linear``, ``Permute`` ends channel-first).
+(a ``Sequential`` of conv, ``Permute``, ``LayerNorm``, ``Linear``, ``Permute`` ends channel-first), and
+TorchScript modules are read from their compiled graph (`compiled`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
@@ -61,6 +63,10 @@ def module_layout(module: nn.Module, inp: Layout | None, ndim: int | None, depth
         for child in module:
             layout = module_layout(child, layout, layout.ndim if layout else ndim, depth + 1)
         return layout
+    if isinstance(module, torch.jit.ScriptModule):  # compiled code: read from its TorchScript graph
+        from .compiled import layout
+
+        return layout(module, inp, ndim)
     if depth >= _MAX_DEPTH:
         return None
     return _traced_module_layout(module, inp, ndim, depth)

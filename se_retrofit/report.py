@@ -259,8 +259,9 @@ def report(original: nn.Module, se_model: nn.Module, input_size: int | Sequence[
 
     Raises:
         TypeError: a model is not an ``nn.Module``.
-        ValueError: the input size is malformed, a model cannot run on it or is on the meta device,
-            the two models are one object, or only ``original`` has SE blocks (swapped arguments).
+        ValueError: the input size is malformed, a model cannot run on it, is on the meta device or holds
+            a TorchScript module, the two models are one object, or only ``original`` has SE blocks
+            (swapped arguments).
         RuntimeError: fvcore's TorchScript tracer could not trace a model that runs eagerly.
     """
     original, se_model = _check_pair(original, se_model)
@@ -321,6 +322,11 @@ def _check_pair(original: nn.Module, se_model: nn.Module) -> tuple[nn.Module, nn
         if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
             raise ValueError(f"{label} is on the meta device, which fvcore's tracer cannot run. The weights do "
                              "not change the counts: materialise it with model.to_empty(device='cpu') first.")
+        compiled = next((name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
+        if compiled is not None:
+            raise ValueError(f"{label} holds a TorchScript module ('{compiled}'): fvcore hooks every module to count "
+                             "each one's MACs, and TorchScript modules refuse hooks. Report on the eager model and "
+                             "its retrofit, built before any part of it is scripted or traced.")
     return original, se_model
 
 

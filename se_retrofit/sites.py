@@ -21,6 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import catalog
+from .compiled import is_compiled, is_linear
 from .layout import Layout, expects_channel_first, merge_layouts
 from .mutation import moved_read_problem
 from .se_block import SEBlock
@@ -242,7 +243,9 @@ def light_module(module: nn.Module, depth: int = 0) -> bool:
     """Whether ``module`` is a linear map of its input: no activation and no unknown op, in its leaves and
     in the forwards of the modules that hold them, which can call functions no leaf shows (a
     ``ConvBNReLU`` helper whose forward calls ``F.relu``). A forward fx cannot trace, or nested deeper
-    than a few levels, counts as not linear: an unknown op."""
+    than a few levels, counts as not linear: an unknown op. A TorchScript module's compiled graph tells."""
+    if is_compiled(module):
+        return is_linear(module)
     if not catalog.is_light_module(module):
         return False
     if catalog.is_leaf_like(module):
@@ -506,6 +509,12 @@ def _unit_rejection(g: _Graph, add: fx.Node, lay: Layout | None, exclusive: list
                     group: list[fx.Node]) -> Rejection | None:
     """The checks every residual unit must pass: a conv-fixed NC* layout, and no channel attention yet."""
     problem = _layout_problem(lay)
+    unit = set().union(*exclusive) if lay is None else set()
+    compiled = [".".join(filter(None, (n.target, name))) for n in g.graph.nodes if n in unit and n.op == "call_module"
+                for name, m in g.module(n).named_modules() if is_compiled(m)]
+    if compiled:  # the likely cause: code se_retrofit reads only in part
+        problem += (f"; the branch runs '{compiled[0]}', a TorchScript module whose compiled code is followed only "
+                    "through convolutions, norms and elementwise ops")
     if problem:
         return Rejection(add.name, problem)
     return _attention_rejection(g, add, exclusive, group)

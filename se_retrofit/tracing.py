@@ -278,8 +278,10 @@ def cached_trace(module: nn.Module) -> tuple[fx.Graph, bool]:
     cache = _CACHE.by_id
     key = id(module)
     if key not in cache:
-        names = [p for p in inspect.signature(type(module).forward).parameters][1:]
         try:
+            if isinstance(module, torch.jit.ScriptModule):  # compiled code: inspect cannot even read its forward
+                raise TraceFailure("a TorchScript module: its forward is compiled code, which fx cannot trace")
+            names = [p for p in inspect.signature(type(module).forward).parameters][1:]
             cache[key] = trace_forward(module, {}, names, training=False)
         except TraceFailure as exc:
             cache[key] = exc

@@ -244,3 +244,20 @@ class InPlaceInputNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.act(x))
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two conv + norm layers on the branch, a 1x1 conv + norm projection where the
+    shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = conv_bn(cin, cout, stride)
+        self.conv2 = conv_bn(cout, cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.down is None else self.down(x)
+        return F.relu(self.conv2(F.relu(self.conv1(x))) + shortcut)

@@ -5,6 +5,7 @@ import collections
 import copy
 import dataclasses
 import functools
+import io
 import itertools
 import pickle
 import warnings
@@ -16,8 +17,8 @@ import se_retrofit
 from se_retrofit import SEBlock, SERetrofitWarning
 
 from conftest import assert_original_state_kept, make_pretrained_like
-from models_custom import (AddSpelling, CalledTwice, FunctionalDropoutBlock, InPlaceInputNet, Net, NotResidual,
-                           ParallelConvs, PlainNet, ShortcutArgBlock, ShortcutArgNet)
+from models_custom import (AddSpelling, BasicBlock, CalledTwice, FunctionalDropoutBlock, InPlaceInputNet, Net,
+                           NotResidual, ParallelConvs, PlainNet, ShortcutArgBlock, ShortcutArgNet, conv_bn)
 
 X = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
 
@@ -104,6 +105,110 @@ def test_a_scripted_model_is_refused_with_the_eager_one_asked_for():
             call(scripted)
         # scripting the result fails (its generated forwards call Python): the hint must not suggest it
         assert "torch.jit.trace" in str(info.value) and "script or export" not in str(info.value), str(info.value)
+
+
+def _compiled(kind, module):
+    """``module`` as TorchScript: scripted, or traced on a 16-channel map."""
+    if kind == "script":
+        return torch.jit.script(module)
+    return torch.jit.trace(module.eval(), torch.rand(1, 16, 8, 8))
+
+
+def _resnet_like():
+    """Two basic blocks, the second with a projection shortcut, with norms that are not identities."""
+    torch.manual_seed(0)
+    return make_pretrained_like(Net([BasicBlock(16, 16), BasicBlock(16, 16, stride=2)])).eval()
+
+
+# which part of `_resnet_like` is compiled
+_COMPILED_PARTS = {
+    "a leaf conv on the branch": lambda m, c: m.blocks[0].conv2.__setitem__(0, c(m.blocks[0].conv2[0])),
+    "a conv + norm Sequential on the branch": lambda m, c: setattr(m.blocks[0], "conv2", c(m.blocks[0].conv2)),
+    "every conv of the branch": lambda m, c: [setattr(m.blocks[0], n, c(getattr(m.blocks[0], n)))
+                                              for n in ("conv1", "conv2")],
+    "the projection shortcut": lambda m, c: setattr(m.blocks[1], "down", c(m.blocks[1].down)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.(script|trace)")
+@pytest.mark.parametrize("kind", ["script", "trace"])
+@pytest.mark.parametrize("part", list(_COMPILED_PARTS))
+def test_a_torchscript_layer_in_a_block_is_called_as_it_is_and_the_block_gets_se(part, kind):
+    """A TorchScript submodule is an opaque leaf read from its compiled graph: the find_sites/apply of
+    such a model crashed inside the layout analysis (a scripted conv), or the example forward failed on
+    the hooks TorchScript modules refuse, blamed on the input (a compiled module with children)."""
+    model = _resnet_like()
+    _COMPILED_PARTS[part](model, functools.partial(_compiled, kind))
+    assert [s.se_name for s in se_retrofit.find_sites(model, example_input=X).sites] == \
+        ["blocks.0.se", "blocks.1.se"], f"{kind}d {part}: find_sites"
+    se_model = se_retrofit.apply(model, example_input=X)
+    plan = se_retrofit.get_plan(se_model)
+    assert [s.se_name for s in plan.sites] == ["blocks.0.se", "blocks.1.se"] and not plan.skipped, \
+        f"{kind}d {part}: both blocks should get SE as in the eager model:\n{plan}"
+    compiled = [n for n, m in se_model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    assert compiled == [n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)], \
+        f"{kind}d {part}: the compiled modules should be kept as they are, got {compiled}"
+    assert_same_outputs(model, se_model, f"{kind}d {part}, eval mode")
+    model.train()
+    se_model.train()
+    with torch.no_grad():
+        assert torch.equal(model(X), se_model(X)), f"{kind}d {part}: outputs differ in train mode"
+    saved = io.BytesIO()
+    torch.save(se_model.state_dict(), saved)
+    saved.seek(0)
+    rebuilt = se_retrofit.apply(model, se_retrofit.get_config(se_model), example_input=X)
+    rebuilt.load_state_dict(torch.load(saved))
+    assert_same_outputs(se_model, rebuilt, f"{kind}d {part}, state_dict saved and loaded into a new retrofit")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.(script|trace)")
+@pytest.mark.parametrize("kind", ["script", "trace"])
+def test_a_torchscript_block_is_left_alone_with_the_reason(kind):
+    model = _resnet_like()
+    model.blocks[0] = _compiled(kind, model.blocks[0])
+    se_model = se_retrofit.apply(model, example_input=X)  # NoExampleInput before: the hooks on it failed
+    plan = se_retrofit.get_plan(se_model)
+    assert [s.se_name for s in plan.sites] == ["blocks.1.se"], f"{kind}d block: {plan}"
+    assert [(s.block, s.reason.split(",")[0]) for s in plan.skipped] == \
+        [("blocks.0", "module skipped: a TorchScript module (torch.jit.script or torch.jit.trace)")], \
+        f"{kind}d block: the plan should say why it has no SE:\n{plan}"
+    assert "apply to the eager module before scripting or tracing it" in plan.skipped[0].reason
+    assert_same_outputs(model, se_model, f"{kind}d block")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script")
+def test_a_scripted_channel_attention_on_the_branch_gets_no_se_beside_it():
+    """The compiled graph is followed through convolutions, norms and elementwise ops only: a squeeze
+    (a mean) makes the branch's channel axis unknown, so no second SE block, and the reason says where."""
+    from timm.layers import SqueezeExcite
+
+    model = _resnet_like()
+    model.blocks[0].conv2.append(torch.jit.script(SqueezeExcite(16)))
+    plan = se_retrofit.find_sites(model, example_input=X)
+    assert [s.se_name for s in plan.sites] == ["blocks.1.se"], f"SE beside a scripted SE module:\n{plan}"
+    reasons = [s.reason for s in plan.skipped if s.block == "blocks.0"]
+    assert any("channel axis unknown" in r and "'conv2.2'" in r and "TorchScript" in r for r in reasons), reasons
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script")
+def test_a_scripted_stem_does_not_hide_the_input_channels():
+    """The first *eager* convolution (16 input channels, after the stem) told the example input's channels."""
+    model = _resnet_like()
+    model.stem = torch.jit.script(model.stem)
+    plan = se_retrofit.find_sites(model)
+    assert plan.example_input.startswith("Tensor(2, 3,"), plan.example_input
+    assert len(plan.sites) == 2, plan
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script")
+def test_tracing_a_torchscript_module_is_a_trace_failure():
+    """The layout pass traces leaves it does not know; a compiled one raised AttributeError from inspect."""
+    from se_retrofit.tracing import TraceFailure, cached_trace, clear_cache
+
+    clear_cache()
+    with pytest.raises(TraceFailure, match="TorchScript module"):
+        cached_trace(torch.jit.script(conv_bn(3, 8)))
+    clear_cache()
 
 
 def test_multi_branch_sum_gets_one_se_after_the_sum():

@@ -286,6 +286,16 @@ def test_meta_models_are_refused_with_a_hint():
         report(original, se_model, input_size=8)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script")
+def test_models_holding_a_torchscript_module_are_refused_with_a_hint():
+    """fvcore hooks every module, which a TorchScript module refuses: its error blamed the tracer."""
+    original, se_model = tiny_pair()
+    for model in (original, se_model):
+        model.conv = torch.jit.script(model.conv)
+    with pytest.raises(ValueError, match=r"original holds a TorchScript module \('conv'\).*eager model"):
+        report(original, se_model, input_size=8)
+
+
 def test_compiled_and_data_parallel_wrappers_count_the_network_inside():
     original, se_model = tiny_pair()
     plain = report(original, se_model, input_size=8).to_dict()
