@@ -379,11 +379,12 @@ def preserved_tensors(module: nn.Module) -> Iterator[None]:
     back in its module's table. Parameters are not copied (that would cost the model's memory once more),
     only checked; a meta tensor has no value to put back.
     """
+    # a TorchScript module's tables are its compiled code's own (no rebinding there): only values are put back
     tables = [(m, dict(m._buffers), dict(m._parameters), set(m._non_persistent_buffers_set))
-              for m in module.modules()]
+              for m in module.modules() if not isinstance(m, torch.jit.ScriptModule)]
     saved: dict[int, tuple[torch.Tensor, int | None, torch.Tensor]] = {}
-    for _, buffers, _, _ in tables:
-        for t in buffers.values():
+    for m in module.modules():
+        for t in m._buffers.values():
             if t is not None and id(t) not in saved and not t.is_meta:
                 saved[id(t)] = (t, _version(t), t.detach().clone())
     versions = [(name, p, _version(p)) for name, p in module.named_parameters()]
