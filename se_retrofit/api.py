@@ -61,7 +61,8 @@ class Site:
         block: qualified name of the module whose forward holds the addition ('' for the model itself).
         se_name: qualified name of the new SE module (``layer1.0.se``).
         kind: ``"residual"``, or ``"multi-branch"`` for a sum of parallel linear branches (RepVGG).
-        shortcut: ``"identity"``, ``"projection"``, ``"argument"`` (handed in by the caller) or ``"none"``.
+        shortcut: ``"identity"``, ``"projection"`` (a linear map), ``"activation"`` (one without a
+            convolution: ``F.relu(x) + branch(x)``), ``"argument"`` (handed in by the caller) or ``"none"``.
         position: the config's position.
         channels: channels the block gates; hidden: its bottleneck width.
         spatial_dims: 1, 2 or 3 (``NCL``, ``NCHW``, ``NCTHW``).

@@ -33,7 +33,7 @@ class Placement:
 
     add: str
     kind: str                 # "residual" or "multi-branch"
-    shortcut: str             # "identity", "projection", "argument" or "none"
+    shortcut: str             # "identity", "projection", "activation", "argument" or "none"
     channels: int
     spatial_dims: int
     after: str                # the SE block takes this node's value...
@@ -205,6 +205,16 @@ class _Graph:
             return False
         return True
 
+    def holds_activation(self, nodes: Iterable[fx.Node], depth: int = 0) -> bool:
+        """An activation among ``nodes``, a module's or a function: what makes a shortcut without a
+        convolution (``F.relu(x) + branch(x)``) no linear map of the input."""
+        for n in nodes:
+            if n.op == "call_module" and activation_module(self.module(n), depth):
+                return True
+            if n.op in ("call_function", "call_method") and catalog.is_activation_function_name(self.name(n)):
+                return True
+        return False
+
     def attention_in(self, nodes: Iterable[fx.Node]) -> str | None:
         """A description of channel attention among ``nodes`` (a module, or a functional gate), if any."""
         for n in nodes:
@@ -262,6 +272,27 @@ def light_module(module: nn.Module, depth: int = 0) -> bool:
         return False
     # only what the output is computed from: a shape check (``_assert(x.ndim == 4)``) is not an op on the map
     return _Graph(graph, module, {}, (), ancestors=False).is_light(_output_ancestors(graph), depth + 1)
+
+
+def activation_module(module: nn.Module, depth: int = 0) -> bool:
+    """Whether ``module`` holds an activation: a leaf of it, or a function the forward of a module of the
+    user's calls (as in `light_module`). A forward fx cannot trace, or nested deeper than a few levels,
+    is not looked into."""
+    if any(catalog.is_activation(m) for m in module.modules()):
+        return True
+    if depth >= _MAX_LIGHT_DEPTH:
+        return False
+    if type(module) is nn.Sequential:
+        return any(activation_module(child, depth + 1) for child in module)
+    if type(module).__module__.startswith("torch."):  # torch's layers but its activations call none
+        return False
+    from .tracing import TraceFailure, cached_trace
+
+    try:
+        graph, _ = cached_trace(module)
+    except TraceFailure:
+        return False
+    return _Graph(graph, module, {}, (), ancestors=False).holds_activation(_output_ancestors(graph), depth + 1)
 
 
 def _output_ancestors(graph: fx.Graph) -> list[fx.Node]:
@@ -533,21 +564,59 @@ def _attention_rejection(g: _Graph, add: fx.Node, exclusive: list[set[fx.Node]],
                      frozenset(n.name for n in set().union(*exclusive)))
 
 
-def _through_identities(g: _Graph, node: fx.Node) -> fx.Node:
-    """What a chain of ``nn.Identity`` calls (timm's ``self.shortcut = nn.Identity()``) and additions of a
-    constant passes on: in ``beta + x + branch(x)`` the constant is a bias on the sum that Python's
-    left-to-right grouping happens to add to ``x`` first, and the shortcut is still ``x`` itself."""
+def _through_identities(g: _Graph, node: fx.Node, depth: int = 0) -> fx.Node:
+    """What a chain of identities and additions of a constant passes on. Identities are modules that return
+    their input (timm's ``self.shortcut = nn.Identity()``, the empty ``nn.Sequential()`` of CIFAR ResNets)
+    and copies of the value (``x.clone()``, ``x.detach()``) that nothing else reads, so no in-place write
+    can make them differ from it. In ``beta + x + branch(x)`` the constant is a bias on the sum that
+    Python's left-to-right grouping happens to add to ``x`` first, and the shortcut is still ``x`` itself."""
     while True:
         source = g.tensor_input(node)
         if source is None:
             return node
-        if node.op == "call_module" and isinstance(g.module(node), nn.Identity):
-            node = source
-        elif ((is_add(node) or _is_sub(node)) and _shape(node) == _shape(source)
-              and _adds_only_constants(g, node, source)):
-            node = source
-        else:
+        if node.op == "call_module":
+            if not (node.args == (source,) and not node.kwargs and _shape(node) == _shape(source)
+                    and identity_module(g.module(node), depth)):
+                return node
+        elif node.op in ("call_function", "call_method") and g.name(node) in _COPIES:
+            if node.args[:1] != (source,) or len(node.users) != 1:
+                return node
+        elif not ((is_add(node) or _is_sub(node)) and _shape(node) == _shape(source)
+                  and _adds_only_constants(g, node, source)):
             return node
+        node = source
+
+
+# Calls that return their input's value (a copy or the tensor itself), whatever their other arguments
+# (``memory_format``): a shortcut read through them is the input.
+_COPIES = {"clone", "detach", "contiguous"}
+
+
+def identity_module(module: nn.Module, depth: int = 0) -> bool:
+    """Whether ``module`` returns its input: ``nn.Identity``, an ``nn.Sequential`` of such modules (the
+    empty one included), or a module of the user's whose forward hands back its argument through
+    identities (`_through_identities`). A forward fx cannot trace, or nested deeper than a few levels,
+    does not count."""
+    if isinstance(module, nn.Identity):
+        return True
+    if depth >= _MAX_LIGHT_DEPTH:
+        return False
+    if type(module) is nn.Sequential:
+        return all(identity_module(child, depth + 1) for child in module)
+    if type(module).__module__.startswith("torch."):  # torch's own layers compute something
+        return False
+    from .tracing import TraceFailure, cached_trace
+
+    try:
+        graph, _ = cached_trace(module)
+    except TraceFailure:
+        return False
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    returned = next(n for n in graph.nodes if n.op == "output").args[0]
+    if not placeholders or not isinstance(returned, fx.Node):
+        return False
+    sub = _Graph(graph, module, {}, (), ancestors=False)
+    return _through_identities(sub, returned, depth + 1) is placeholders[0]
 
 
 def _is_sub(node: fx.Node) -> bool:
@@ -588,6 +657,8 @@ def _residual(g: _Graph, add: fx.Node, terms: list[fx.Node], exclusive: list[set
         shortcut = "identity"
     elif source is not None and source.op == "placeholder":
         shortcut = "argument"
+    elif g.holds_activation(set().union(*(exclusive[i] for i in others))):
+        shortcut = "activation"  # F.relu(x) + branch(x): no convolution (else it would carry work), not linear
     rejection = _unit_rejection(g, add, g.layouts.get(branch), exclusive, group)
     if rejection:
         return rejection

@@ -407,3 +407,86 @@ def test_a_crop_written_with_an_ellipsis_is_a_crop():
     plan = se_retrofit.find_sites(nn.Sequential(nn.Conv1d(16, 16, 1), _EllipsisTrim()),
                                   example_input=torch.randn(2, 16, 50))
     assert [(s.kind, s.shortcut) for s in plan.sites] == [("residual", "identity")], plan
+
+
+class _ReturnsInput(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class _CallsRelu(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.relu(x)
+
+
+_SHORTCUT_MODULES = {"empty_sequential": nn.Sequential,
+                     "sequential_of_identities": lambda: nn.Sequential(nn.Identity()),
+                     "module_returning_its_input": _ReturnsInput, "relu_module": nn.ReLU,
+                     "relu_in_sequential": lambda: nn.Sequential(nn.ReLU()), "module_calling_relu": _CallsRelu}
+
+
+class _ShortcutForm(nn.Module):
+    """A basic block whose shortcut is written as ``form`` (a module's name in `_SHORTCUT_MODULES`, or a call)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.shortcut = _SHORTCUT_MODULES.get(form, nn.Identity)()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        if self.form == "added_twice":  # out + 2x
+            out = out + x
+            return torch.relu(out + x)
+        if self.form == "clone_written":  # a copy scaled in place before the add reads it
+            shortcut = x.clone()
+            shortcut.mul_(2)
+            return torch.relu(out + shortcut)
+        calls = {"plain": lambda: x, "clone": x.clone, "torch_clone": lambda: torch.clone(x), "detach": x.detach,
+                 "contiguous": x.contiguous, "clone_detach": lambda: x.clone().detach(),
+                 "relu": lambda: torch.relu(x), "functional_relu": lambda: nn.functional.relu(x)}
+        shortcut = calls[self.form]() if self.form in calls else self.shortcut(x)
+        return torch.relu(out + shortcut)
+
+
+def _shortcut_net(form: str) -> nn.Module:
+    torch.manual_seed(0)
+    return perturb_norms(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _ShortcutForm(form))).eval()
+
+
+@pytest.mark.parametrize("position", ["standard", "pre", "post", "identity"])
+@pytest.mark.parametrize("form", ["clone", "torch_clone", "detach", "contiguous", "clone_detach", "empty_sequential",
+                                  "sequential_of_identities", "module_returning_its_input"])
+def test_a_shortcut_that_passes_the_input_on_is_an_identity(form, position):
+    """``x.clone()``, an empty ``nn.Sequential()`` (CIFAR ResNets' shortcut where no projection is needed) or
+    a module whose forward returns ``x`` hand on ``x`` itself: they were labelled projection. Only the label
+    differs from the plain ``x + branch(x)``: SE goes to the same place and the outputs are the same bits."""
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    config = se_retrofit.SEConfig(position=position, init="paper")
+    plan = se_retrofit.find_sites(_shortcut_net(form), config)
+    assert [(s.kind, s.shortcut) for s in plan.sites] == [("residual", "identity")], f"{form}/{position}:\n{plan}"
+    plain = se_retrofit.apply(_shortcut_net("plain"), config)
+    se_model = se_retrofit.apply(_shortcut_net(form), config)
+    se_model.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        assert torch.equal(se_model(x), plain(x)), f"{form}/{position}: not the plain identity block's output"
+
+
+@pytest.mark.parametrize("position", ["standard", "pre", "post", "identity"])
+@pytest.mark.parametrize("form", ["relu", "functional_relu", "relu_module", "relu_in_sequential",
+                                  "module_calling_relu"])
+def test_an_activation_alone_on_the_shortcut_is_labelled_activation(form, position):
+    """``F.relu(x) + branch(x)`` is a residual (its shortcut has no convolution, so carries no work of its own),
+    but its shortcut is not a projection, which the docs define as linear."""
+    plan = se_retrofit.find_sites(_shortcut_net(form), position=position)
+    assert [(s.kind, s.shortcut) for s in plan.sites] == [("residual", "activation")], f"{form}/{position}:\n{plan}"
+
+
+@pytest.mark.parametrize("form", ["added_twice", "clone_written"])
+def test_a_shortcut_scaled_by_adding_it_twice_or_in_place_is_a_projection(form):
+    """``out + x + x`` is one unit whose shortcut is ``2 x``, a scaling like ``torch.add(out, x, alpha=2)``;
+    a copy multiplied in place before the add reads it is no longer ``x``."""
+    plan = se_retrofit.find_sites(_shortcut_net(form))
+    assert [(s.kind, s.shortcut) for s in plan.sites] == [("residual", "projection")], f"{form}:\n{plan}"
