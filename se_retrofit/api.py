@@ -556,9 +556,10 @@ def apply(model: nn.Module, config: SEConfig | None = None, *, reduction: float 
     one eval-mode forward without gradients on a copy of ``example_input`` (the caller's tensors are
     never changed) or a random batch. A hook that collects activations or statistics into the user's
     objects sees that forward too. A buffer a forward updates even in eval mode (an EMA) is put back after
-    each forward ``apply`` runs; a forward that writes a parameter in place raises RuntimeError. The returned model (``inplace=False``) is a deep copy, and so are
-    its hooks: a plain function or closure still writes where it did, but a hook that is a bound
-    method (``obj.hook``) is bound to a copy of its object, so ``obj`` sees nothing of the new model.
+    each forward ``apply`` runs; a forward that writes a parameter in place raises RuntimeError. The
+    returned model (``inplace=False``) is a deep copy, and so are its hooks: a plain function or closure
+    still writes where it did, but a hook that is a bound method (``obj.hook``) is bound to a copy of its
+    object, so ``obj`` sees nothing of the new model.
     Register such hooks on the model ``apply`` returns, after ``apply``.
 
     Calls of ``apply`` and `find_sites` from several threads take turns (one lock). Other code must not run

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from .compiled import conv_count
+from .compiled import conv_count, is_compiled
 from .messages import first_line
 from .trace_effects import ParameterWritten, preserved_tensors
 
@@ -79,7 +79,7 @@ def _first_conv(model: nn.Module) -> nn.Module | None:
     """The first convolution module, or None where a TorchScript module with convolutions comes first: a
     scripted stem is no ``nn.Conv2d``, and the layer after it would tell the wrong input channels."""
     for m in model.modules():
-        if isinstance(m, torch.jit.ScriptModule) and conv_count(m):
+        if is_compiled(m) and conv_count(m):
             return None
         if isinstance(m, nn.modules.conv._ConvNd):
             return m
