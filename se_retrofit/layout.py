@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
@@ -63,10 +62,10 @@ def module_layout(module: nn.Module, inp: Layout | None, ndim: int | None, depth
         for child in module:
             layout = module_layout(child, layout, layout.ndim if layout else ndim, depth + 1)
         return layout
-    if isinstance(module, torch.jit.ScriptModule):  # compiled code: read from its TorchScript graph
-        from .compiled import layout
+    from .compiled import is_compiled, layout as compiled_layout  # compiled reads layouts: imported here
 
-        return layout(module, inp, ndim)
+    if is_compiled(module):  # compiled code: read from its TorchScript graph
+        return compiled_layout(module, inp, ndim)
     if depth >= _MAX_DEPTH:
         return None
     return _traced_module_layout(module, inp, ndim, depth)

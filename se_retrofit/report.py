@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .compiled import is_compiled
 from .se_block import se_blocks
 from .wrappers import unwrapped
 
@@ -322,7 +323,7 @@ def _check_pair(original: nn.Module, se_model: nn.Module) -> tuple[nn.Module, nn
         if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
             raise ValueError(f"{label} is on the meta device, which fvcore's tracer cannot run. The weights do "
                              "not change the counts: materialise it with model.to_empty(device='cpu') first.")
-        compiled = next((name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
+        compiled = next((name for name, m in model.named_modules() if is_compiled(m)), None)
         if compiled is not None:
             raise ValueError(f"{label} holds a TorchScript module ('{compiled}'): fvcore hooks every module to count "
                              "each one's MACs, and TorchScript modules refuse hooks. Report on the eager model and "

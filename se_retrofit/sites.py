@@ -264,14 +264,20 @@ def light_module(module: nn.Module, depth: int = 0) -> bool:
         return False
     if type(module) is nn.Sequential:
         return all(light_module(child, depth + 1) for child in module)
+    g = _forward_graph(module)
+    # only what the output is computed from: a shape check (``_assert(x.ndim == 4)``) is not an op on the map
+    return g is not None and g.is_light(_output_ancestors(g.graph), depth + 1)
+
+
+def _forward_graph(module: nn.Module) -> _Graph | None:
+    """The traced forward of a module of the user's, to look into; None where fx cannot trace it."""
     from .tracing import TraceFailure, cached_trace
 
     try:
         graph, _ = cached_trace(module)
     except TraceFailure:
-        return False
-    # only what the output is computed from: a shape check (``_assert(x.ndim == 4)``) is not an op on the map
-    return _Graph(graph, module, {}, (), ancestors=False).is_light(_output_ancestors(graph), depth + 1)
+        return None
+    return _Graph(graph, module, {}, (), ancestors=False)
 
 
 def activation_module(module: nn.Module, depth: int = 0) -> bool:
@@ -286,13 +292,8 @@ def activation_module(module: nn.Module, depth: int = 0) -> bool:
         return any(activation_module(child, depth + 1) for child in module)
     if type(module).__module__.startswith("torch."):  # torch's layers but its activations call none
         return False
-    from .tracing import TraceFailure, cached_trace
-
-    try:
-        graph, _ = cached_trace(module)
-    except TraceFailure:
-        return False
-    return _Graph(graph, module, {}, (), ancestors=False).holds_activation(_output_ancestors(graph), depth + 1)
+    g = _forward_graph(module)
+    return g is not None and g.holds_activation(_output_ancestors(g.graph), depth + 1)
 
 
 def _output_ancestors(graph: fx.Graph) -> list[fx.Node]:
@@ -605,18 +606,14 @@ def identity_module(module: nn.Module, depth: int = 0) -> bool:
         return all(identity_module(child, depth + 1) for child in module)
     if type(module).__module__.startswith("torch."):  # torch's own layers compute something
         return False
-    from .tracing import TraceFailure, cached_trace
-
-    try:
-        graph, _ = cached_trace(module)
-    except TraceFailure:
+    g = _forward_graph(module)
+    if g is None:
         return False
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    returned = next(n for n in graph.nodes if n.op == "output").args[0]
+    placeholders = [n for n in g.graph.nodes if n.op == "placeholder"]
+    returned = next(n for n in g.graph.nodes if n.op == "output").args[0]
     if not placeholders or not isinstance(returned, fx.Node):
         return False
-    sub = _Graph(graph, module, {}, (), ancestors=False)
-    return _through_identities(sub, returned, depth + 1) is placeholders[0]
+    return _through_identities(g, returned, depth + 1) is placeholders[0]
 
 
 def _is_sub(node: fx.Node) -> bool:

@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_flatten
 
 from .augmented import AugmentedProxy
 from .capture import Call, preserved_modes
+from .compiled import is_compiled
 from .early_excitation import gate_through
 from .messages import first_line
 from .trace_effects import Checkpoints, RandomDraws, StateReads, StateWrites, preserved_tensors
@@ -279,7 +280,7 @@ def cached_trace(module: nn.Module) -> tuple[fx.Graph, bool]:
     key = id(module)
     if key not in cache:
         try:
-            if isinstance(module, torch.jit.ScriptModule):  # compiled code: inspect cannot even read its forward
+            if is_compiled(module):  # compiled code: inspect cannot even read its forward
                 raise TraceFailure("a TorchScript module: its forward is compiled code, which fx cannot trace")
             names = [p for p in inspect.signature(type(module).forward).parameters][1:]
             cache[key] = trace_forward(module, {}, names, training=False)
